@@ -1,0 +1,142 @@
+//! The destination's page reading API: an urgent lane and a bulk lane per session.
+//!
+//! The urgent lane serves faults: one page or a short run, synchronously, at the lowest latency the
+//! backend has. The bulk lane serves pre-paging: many runs in flight, completed in any order.
+//! Backends keep the two apart (separate connections, rings or queue pairs) so an urgent read never
+//! waits behind bulk reads. Each lane is owned by one thread (the fault thread, the pre-pager).
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+
+use crate::error::Result;
+use crate::layout::{MemoryLayout, PageRun};
+use crate::wire::{SessionId, ZeroMask};
+
+/// Alignment of [`PageBuf`]: enough for O_DIRECT and for RDMA registration.
+pub const PAGE_BUF_ALIGN: usize = 4096;
+
+/// An owned, page-aligned, zero-initialised byte buffer that bulk reads fill.
+pub struct PageBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: PageBuf uniquely owns its allocation, like Vec<u8>.
+unsafe impl Send for PageBuf {}
+// SAFETY: shared access only yields &[u8], like Vec<u8>.
+unsafe impl Sync for PageBuf {}
+
+impl PageBuf {
+    pub fn new(len: usize) -> Self {
+        let len = len.max(1);
+        let layout = Layout::from_size_align(len, PAGE_BUF_ALIGN).expect("page buffer size overflows");
+        // SAFETY: layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        PageBuf { ptr, len }
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl std::ops::Deref for PageBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is a live allocation of len initialised bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for PageBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.len, PAGE_BUF_ALIGN).expect("validated in new");
+        // SAFETY: allocated in new() with this very layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+impl std::fmt::Debug for PageBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PageBuf({} bytes)", self.len)
+    }
+}
+
+/// A bulk read: fill `buf` (at least the run's size) with `run`. `tag` comes back on completion.
+#[derive(Debug)]
+pub struct BulkRead {
+    pub run: PageRun,
+    pub buf: PageBuf,
+    pub tag: u64,
+}
+
+/// A completed bulk read. Pages marked in `zero` are all zero in `buf`.
+#[derive(Debug)]
+pub struct BulkDone {
+    pub run: PageRun,
+    pub buf: PageBuf,
+    pub tag: u64,
+    pub zero: ZeroMask,
+}
+
+/// Low-latency reads for faults.
+pub trait UrgentLane: Send {
+    /// Reads `run` into `dst[..run bytes]`. Pages marked in the returned mask are zero in `dst`;
+    /// a backend may also return zero pages unmarked.
+    fn read(&mut self, run: PageRun, dst: &mut [u8]) -> Result<ZeroMask>;
+}
+
+/// Pipelined reads for pre-paging.
+pub trait BulkLane: Send {
+    /// Most reads that may be in flight at once.
+    fn depth(&self) -> usize;
+    fn in_flight(&self) -> usize;
+    /// Starts a read. Fails with `LaneFull` when `depth` reads are in flight: complete one first.
+    fn submit(&mut self, read: BulkRead) -> Result<()>;
+    /// Waits for one read to complete; `None` when nothing is in flight.
+    fn complete(&mut self) -> Result<Option<BulkDone>>;
+}
+
+/// Both lanes of one session with a source, as the destination holds them.
+pub struct PageSource {
+    pub session: SessionId,
+    pub layout: MemoryLayout,
+    pub urgent: Box<dyn UrgentLane>,
+    pub bulk: Box<dyn BulkLane>,
+}
+
+impl std::fmt::Debug for PageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageSource").field("session", &self.session).field("layout", &self.layout).finish()
+    }
+}
+
+/// Checks a destination buffer against a run, shared by every backend.
+pub(crate) fn run_dst<'a>(layout: &MemoryLayout, run: PageRun, dst: &'a mut [u8]) -> Result<&'a mut [u8]> {
+    layout.check_run(run)?;
+    let (_, len) = layout.run_bytes(run);
+    let got = dst.len();
+    dst.get_mut(..len).ok_or(crate::error::TransportError::BufferSize { need: len, got })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_buf_is_aligned_and_zeroed() {
+        let mut b = PageBuf::new(3 * 4096 + 5);
+        assert_eq!(b.as_mut_ptr() as usize % PAGE_BUF_ALIGN, 0);
+        assert!(b.iter().all(|&x| x == 0));
+        b[3 * 4096 + 4] = 9;
+        assert_eq!(b.len(), 3 * 4096 + 5);
+    }
+}

@@ -1,0 +1,28 @@
+//! `ferry-transport` moves guest memory pages and control messages between the two hosts of a
+//! migration. It owns the wire protocol (framed, versioned, length-capped messages and an
+//! HMAC-authenticated handshake that binds a session id and the guest memory layout), the
+//! destination's two-lane page reading API ([`UrgentLane`] for faults, [`BulkLane`] for
+//! pre-paging), and the backends that implement it: [`tcp`] (a page server on the source),
+//! [`local`] (same host: the source's sealed memfds mapped read-only, so a read costs the source
+//! nothing) and [`snapshot`] (a checksummed memory image written and read through io_uring).
+//! Raw memory and syscalls are confined to `memory`, `lane::PageBuf`, and the small
+//! `unsafe` helpers of each backend; everything above them is safe Rust.
+
+pub mod auth;
+pub mod error;
+pub mod handshake;
+pub mod lane;
+pub mod layout;
+pub mod local;
+pub mod memory;
+pub mod pattern;
+pub mod snapshot;
+pub mod tcp;
+pub mod wire;
+
+pub use auth::PreSharedKey;
+pub use error::{Result, TransportError};
+pub use lane::{BulkDone, BulkLane, BulkRead, PageBuf, PageSource, UrgentLane};
+pub use layout::{MemoryLayout, PageRun, RegionLayout};
+pub use memory::{Backing, GuestMemory, RegionMapping};
+pub use wire::{Lane, SessionId, ZeroMask};

@@ -1,0 +1,312 @@
+//! Guest memory as the transport sees it: one host mapping per region of a [`MemoryLayout`].
+//!
+//! This module is one of the crate's raw-memory places. A mapping is either created here
+//! (anonymous, memfd, hugetlbfs memfd; unmapped on drop) or adopted from a VMM through the
+//! `unsafe` [`RegionMapping::from_raw`]. Guest memory may change under us while a guest runs, so it
+//! is never exposed as a Rust slice: bytes leave and enter it only through copies made here.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+
+use crate::error::{Result, TransportError};
+use crate::layout::{MemoryLayout, PageRun};
+
+/// How a region's memory is backed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory (userfaultfd MISSING mode at a destination).
+    Anonymous,
+    /// A sealed memfd, shareable with another process (local transport, MINOR mode).
+    Memfd,
+    /// A sealed memfd on 2 MiB hugetlbfs pages.
+    HugetlbMemfd,
+}
+
+/// One region's host mapping.
+#[derive(Debug)]
+pub struct RegionMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    fd: Option<OwnedFd>,
+    /// Whether dropping this value unmaps the memory (false for adopted mappings).
+    owns_mapping: bool,
+    writable: bool,
+}
+
+// SAFETY: a RegionMapping is a pointer to process-wide shared memory; every access goes through
+// copies in this module that tolerate concurrent writers, so sharing between threads is sound.
+unsafe impl Send for RegionMapping {}
+// SAFETY: as above; no method hands out references into the mapping.
+unsafe impl Sync for RegionMapping {}
+
+impl RegionMapping {
+    /// Maps `len` bytes of fresh memory with the given backing, read-write.
+    pub fn create(len: usize, backing: Backing) -> Result<Self> {
+        match backing {
+            Backing::Anonymous => {
+                let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+                let ptr = mmap(len, libc::PROT_READ | libc::PROT_WRITE, flags, None)?;
+                Ok(RegionMapping { ptr, len, fd: None, owns_mapping: true, writable: true })
+            }
+            Backing::Memfd | Backing::HugetlbMemfd => {
+                let hugetlb = backing == Backing::HugetlbMemfd;
+                let fd = memfd_create(len, hugetlb)?;
+                let ptr = mmap(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, Some(fd.as_fd()))?;
+                Ok(RegionMapping { ptr, len, fd: Some(fd), owns_mapping: true, writable: true })
+            }
+        }
+    }
+
+    /// Maps a peer's memfd read-only, after checking that it is at least `len` bytes and sealed
+    /// against shrinking: a peer that could shrink it could make our reads fault with SIGBUS.
+    pub fn map_shared_readonly(fd: OwnedFd, len: usize) -> Result<Self> {
+        let size = fd_size(fd.as_fd())?;
+        if size < len as u64 {
+            return Err(TransportError::BadSharedMemory(format!("memfd of {size} bytes for a region of {len}")));
+        }
+        // SAFETY: fcntl on a valid owned fd; F_GET_SEALS takes no argument and only reads state.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 {
+            return Err(TransportError::BadSharedMemory(format!(
+                "not a sealable memfd: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        if seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(TransportError::BadSharedMemory("memfd is not sealed against shrinking".into()));
+        }
+        let ptr = mmap(len, libc::PROT_READ, libc::MAP_SHARED, Some(fd.as_fd()))?;
+        Ok(RegionMapping { ptr, len, fd: Some(fd), owns_mapping: true, writable: false })
+    }
+
+    /// Adopts memory a VMM already mapped. `fd` is its backing file, if any.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be a single readable mapping (writable too if `writable`) that stays
+    /// mapped, and is not remapped, for as long as the returned value lives. If `fd` is given it
+    /// must be the file backing exactly that range from offset 0.
+    pub unsafe fn from_raw(ptr: NonNull<u8>, len: usize, fd: Option<OwnedFd>, writable: bool) -> Self {
+        RegionMapping { ptr, len, fd, owns_mapping: false, writable }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Host address of the mapping, for VMM registration (KVM memory slots, userfaultfd, RDMA).
+    pub fn host_addr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(|f| f.as_fd())
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<usize> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.len as u64 => Ok(offset as usize),
+            _ => Err(TransportError::OutOfRange(format!("{len} bytes at {offset} in a region of {}", self.len))),
+        }
+    }
+
+    /// Copies bytes out of the region.
+    pub fn read(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        let off = self.check(offset, dst.len())?;
+        // SAFETY: check() proved off..off+len lies inside the mapping, which lives as long as self;
+        // dst is a distinct Rust buffer, so the ranges cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    /// Copies bytes into the region.
+    pub fn write(&self, offset: u64, src: &[u8]) -> Result<()> {
+        if !self.writable {
+            return Err(TransportError::OutOfRange("write to a read-only mapping".into()));
+        }
+        let off = self.check(offset, src.len())?;
+        // SAFETY: in bounds as above, and the mapping is writable (checked).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len()) };
+        Ok(())
+    }
+
+    /// Whether `len` bytes at `offset` are all zero. Reads with volatile loads: the guest may be
+    /// writing, and the answer only has to be right for a paused guest.
+    pub fn is_zero(&self, offset: u64, len: usize) -> Result<bool> {
+        let off = self.check(offset, len)?;
+        if off % 8 != 0 || len % 64 != 0 {
+            return Err(TransportError::OutOfRange("zero check needs 8-byte aligned, 64-byte multiple ranges".into()));
+        }
+        // SAFETY: in bounds (checked) and 8-byte aligned (the mapping is page aligned and off % 8 == 0).
+        let base = unsafe { self.ptr.as_ptr().add(off) }.cast::<u64>();
+        for line in 0..len / 64 {
+            let mut acc = 0u64;
+            for w in 0..8 {
+                // SAFETY: line * 8 + w < len / 8 words, all inside the checked range.
+                acc |= unsafe { base.add(line * 8 + w).read_volatile() };
+            }
+            if acc != 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Raw pointer to `offset` after a bounds check, for syscalls that read guest memory directly
+    /// (writev, io_uring). The pointer is valid for `len` bytes while `self` lives.
+    pub(crate) fn raw_range(&self, offset: u64, len: usize) -> Result<*const u8> {
+        let off = self.check(offset, len)?;
+        // SAFETY: off is inside the mapping (checked).
+        Ok(unsafe { self.ptr.as_ptr().add(off) })
+    }
+}
+
+impl Drop for RegionMapping {
+    fn drop(&mut self) {
+        if self.owns_mapping {
+            // SAFETY: we created this mapping with exactly ptr/len and nobody else unmaps it.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        }
+    }
+}
+
+/// All of a guest's regions, matching a layout one to one.
+#[derive(Debug)]
+pub struct GuestMemory {
+    layout: MemoryLayout,
+    regions: Vec<RegionMapping>,
+}
+
+impl GuestMemory {
+    /// Pairs a layout with its mappings; each mapping must be exactly its region's size.
+    pub fn new(layout: MemoryLayout, regions: Vec<RegionMapping>) -> Result<Self> {
+        if regions.len() != layout.regions().len() {
+            return Err(TransportError::InvalidLayout(format!(
+                "{} mappings for {} regions",
+                regions.len(),
+                layout.regions().len()
+            )));
+        }
+        for (i, (m, r)) in regions.iter().zip(layout.regions()).enumerate() {
+            if m.len() as u64 != r.size {
+                return Err(TransportError::InvalidLayout(format!("mapping {i} has {} bytes, region {}", m.len(), r.size)));
+            }
+        }
+        Ok(GuestMemory { layout, regions })
+    }
+
+    /// Fresh memory for every region of `layout`.
+    pub fn create(layout: MemoryLayout, backing: Backing) -> Result<Self> {
+        let regions = layout
+            .regions()
+            .iter()
+            .map(|r| RegionMapping::create(r.size as usize, backing))
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(layout, regions)
+    }
+
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    pub fn regions(&self) -> &[RegionMapping] {
+        &self.regions
+    }
+
+    pub fn region(&self, index: u32) -> Option<&RegionMapping> {
+        self.regions.get(index as usize)
+    }
+
+    /// Copies a checked run of pages into `dst`.
+    pub fn read_run(&self, run: PageRun, dst: &mut [u8]) -> Result<()> {
+        self.layout.check_run(run)?;
+        let (offset, len) = self.layout.run_bytes(run);
+        let got = dst.len();
+        let dst = dst.get_mut(..len).ok_or(TransportError::BufferSize { need: len, got })?;
+        self.regions[run.region as usize].read(offset, dst)
+    }
+}
+
+fn mmap(len: usize, prot: i32, flags: i32, fd: Option<BorrowedFd<'_>>) -> Result<NonNull<u8>> {
+    if len == 0 {
+        return Err(TransportError::InvalidLayout("empty mapping".into()));
+    }
+    let raw_fd = fd.map_or(-1, |f| f.as_raw_fd());
+    // SAFETY: a fresh mapping at a kernel-chosen address; it aliases no Rust object.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, raw_fd, 0) };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(NonNull::new(p.cast()).expect("mmap never returns null on success"))
+}
+
+fn memfd_create(len: usize, hugetlb: bool) -> Result<OwnedFd> {
+    let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    if hugetlb {
+        flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+    }
+    // SAFETY: the name is a NUL-terminated literal; memfd_create has no other pointer arguments.
+    let raw = unsafe { libc::memfd_create(c"ferry-guest".as_ptr(), flags) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: raw is a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ftruncate on a valid fd we own.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // Fixed size from here on: a peer mapping it can never see it shrink under its reads.
+    // SAFETY: fcntl F_ADD_SEALS on a valid fd with an integer argument.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(fd)
+}
+
+fn fd_size(fd: BorrowedFd<'_>) -> Result<u64> {
+    // SAFETY: libc::stat is plain old data; all-zero is a valid value to be overwritten.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes only into st, which is a valid, exclusively borrowed stat.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(st.st_size as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_writes_and_bounds() {
+        let m = RegionMapping::create(1 << 20, Backing::Anonymous).unwrap();
+        assert!(m.is_zero(0, 1 << 20).unwrap());
+        m.write(4096, &[7u8; 4096]).unwrap();
+        let mut b = [0u8; 4096];
+        m.read(4096, &mut b).unwrap();
+        assert_eq!(b, [7u8; 4096]);
+        assert!(!m.is_zero(4096, 4096).unwrap());
+        assert!(m.read((1 << 20) - 100, &mut b).is_err());
+        assert!(m.read(u64::MAX, &mut b).is_err());
+    }
+
+    #[test]
+    fn shared_memfd_is_checked_and_readonly() {
+        let m = RegionMapping::create(1 << 20, Backing::Memfd).unwrap();
+        m.write(0, b"hello").unwrap();
+        let dup = m.fd().unwrap().try_clone_to_owned().unwrap();
+        let ro = RegionMapping::map_shared_readonly(dup, 1 << 20).unwrap();
+        let mut b = [0u8; 5];
+        ro.read(0, &mut b).unwrap();
+        assert_eq!(&b, b"hello");
+        assert!(ro.write(0, b"x").is_err());
+        let dup = m.fd().unwrap().try_clone_to_owned().unwrap();
+        assert!(matches!(RegionMapping::map_shared_readonly(dup, 2 << 20), Err(TransportError::BadSharedMemory(_))));
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        assert!(matches!(RegionMapping::map_shared_readonly(file.into(), 4096), Err(TransportError::BadSharedMemory(_))));
+    }
+}

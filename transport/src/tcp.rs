@@ -1,0 +1,445 @@
+//! The `tcp` backend: a page server on the source and two connections per session at the
+//! destination, one urgent (`TCP_NODELAY`, one request at a time) and one bulk (pipelined).
+//!
+//! The server answers each request with one `writev` whose data iovecs point straight into guest
+//! memory, so a page is copied once, by the kernel. All-zero pages cross as a bit in the reply's
+//! zero mask. Reads are idempotent and carry the session id in the handshake, so a destination
+//! whose connection broke reconnects with [`resume`] and asks again.
+
+use std::collections::VecDeque;
+use std::io::{BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::auth::PreSharedKey;
+use crate::error::{Result, TransportError};
+use crate::handshake::{client_handshake, server_handshake};
+use crate::lane::{run_dst, BulkDone, BulkLane, BulkRead, PageSource, UrgentLane};
+use crate::layout::{MemoryLayout, PageRun};
+use crate::memory::GuestMemory;
+use crate::wire::{Lane, ReadReply, ReadRequest, ReadStatus, SessionId, ZeroMask, READ_REQUEST_FRAME_LEN};
+
+/// Tunables shared by the server and the client.
+#[derive(Clone, Debug)]
+pub struct TcpOptions {
+    /// How long a handshake may take, and how long a lane waits for a reply before it reports the
+    /// peer as gone.
+    pub io_timeout: Duration,
+    /// Bulk reads in flight on the bulk connection.
+    pub bulk_depth: usize,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions { io_timeout: Duration::from_secs(10), bulk_depth: 32 }
+    }
+}
+
+/// Counters a page server keeps, readable while it runs.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub requests: AtomicU64,
+    pub data_pages: AtomicU64,
+    pub zero_pages: AtomicU64,
+    pub refused_reads: AtomicU64,
+    pub failed_handshakes: AtomicU64,
+}
+
+struct Shared {
+    memory: Arc<GuestMemory>,
+    key: PreSharedKey,
+    session: SessionId,
+    options: TcpOptions,
+    stop: AtomicBool,
+    stats: ServerStats,
+    connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
+}
+
+/// Serves reads of a guest's memory to authenticated destinations until shut down.
+pub struct TcpPageServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept_thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for TcpPageServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpPageServer").field("addr", &self.addr).field("session", &self.shared.session).finish()
+    }
+}
+
+impl TcpPageServer {
+    /// Binds `addr` and starts serving `memory` under a new session id.
+    pub fn start(addr: impl ToSocketAddrs, memory: Arc<GuestMemory>, key: PreSharedKey, options: TcpOptions) -> Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            memory,
+            key,
+            session: SessionId::random()?,
+            options,
+            stop: AtomicBool::new(false),
+            stats: ServerStats::default(),
+            connections: Mutex::new(Vec::new()),
+        });
+        let accept_shared = shared.clone();
+        let accept_thread = std::thread::Builder::new()
+            .name("ferry-tcp-accept".into())
+            .spawn(move || accept_loop(listener, accept_shared))?;
+        Ok(TcpPageServer { addr, shared, accept_thread: Some(accept_thread) })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn session(&self) -> SessionId {
+        self.shared.session
+    }
+
+    pub fn stats(&self) -> &ServerStats {
+        &self.shared.stats
+    }
+
+    /// Drops every connection (destinations see their lanes fail and may [`resume`] against
+    /// another server of the same session), keeping the server accepting new ones. Used to test
+    /// and to force reconnection.
+    pub fn drop_connections(&self) {
+        let conns = std::mem::take(&mut *self.shared.connections.lock().expect("connection list poisoned"));
+        for (stream, thread) in conns {
+            let _ = stream.shutdown(Shutdown::Both);
+            let _ = thread.join();
+        }
+    }
+
+    /// Stops accepting, closes every connection and joins every thread.
+    pub fn shutdown(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept(); failure means the listener is already gone.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+        self.drop_connections();
+    }
+}
+
+impl Drop for TcpPageServer {
+    fn drop(&mut self) {
+        if self.accept_thread.is_some() {
+            self.stop_all();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    for stream in listener.incoming() {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        let Ok(handle) = stream.try_clone() else { continue };
+        let conn_shared = shared.clone();
+        let spawned = std::thread::Builder::new().name("ferry-tcp-serve".into()).spawn(move || {
+            if let Err(TransportError::AuthFailed(_) | TransportError::Refused { .. }) = serve_connection(stream, &conn_shared) {
+                conn_shared.stats.failed_handshakes.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let mut conns = shared.connections.lock().expect("connection list poisoned");
+        conns.retain(|(_, t)| !t.is_finished());
+        if let Ok(thread) = spawned {
+            conns.push((handle, thread));
+        }
+    }
+}
+
+fn serve_connection(mut stream: TcpStream, shared: &Shared) -> Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(shared.options.io_timeout))?;
+    stream.set_write_timeout(Some(shared.options.io_timeout))?;
+    let memory = &shared.memory;
+    let layout = memory.layout();
+    let lane = server_handshake(&mut stream, &shared.key, shared.session, layout)?;
+    if lane == Lane::Control {
+        return Err(TransportError::Unexpected { expected: "an urgent or bulk lane", got: 0 });
+    }
+    // A destination may be idle for a long time between faults: wait for requests indefinitely,
+    // but never block forever on a peer that stopped reading replies.
+    stream.set_read_timeout(None)?;
+    let fd = stream.as_raw_fd();
+    let mut requests = BufReader::with_capacity(16 * 1024, stream);
+    let mut frame = [0u8; READ_REQUEST_FRAME_LEN];
+    let mut prefix = Vec::with_capacity(ReadReply::prefix_len(crate::layout::MAX_RUN_PAGES));
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(crate::layout::MAX_RUN_PAGES as usize + 1);
+    let page_size = layout.page_size();
+    loop {
+        match requests.read_exact(&mut frame) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let req = ReadRequest::decode(&frame)?;
+        shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut reply = ReadReply { id: req.id, status: ReadStatus::Ok, pages: req.run.pages, zero: ZeroMask::default() };
+        // A refused run still gets a well-formed reply sized for its page count, so the count
+        // itself must be bounded before we build one.
+        if req.run.pages == 0 || req.run.pages > crate::layout::MAX_RUN_PAGES {
+            return Err(TransportError::malformed("read request", format!("{} pages", req.run.pages)));
+        }
+        iov.clear();
+        if layout.check_run(req.run).is_err() {
+            reply.status = ReadStatus::OutOfRange;
+            shared.stats.refused_reads.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let region = memory.region(req.run.region).expect("check_run proved the region exists");
+            let (base, _) = layout.run_bytes(req.run);
+            for p in 0..req.run.pages {
+                if region.is_zero(base + u64::from(p) * u64::from(page_size), page_size as usize)? {
+                    reply.zero.set(p);
+                }
+            }
+            let zero = reply.zero.count();
+            shared.stats.zero_pages.fetch_add(u64::from(zero), Ordering::Relaxed);
+            shared.stats.data_pages.fetch_add(u64::from(req.run.pages - zero), Ordering::Relaxed);
+            let mut err = None;
+            reply.zero.for_each_data_run(req.run.pages, |first, count| {
+                let off = base + u64::from(first) * u64::from(page_size);
+                let len = count as usize * page_size as usize;
+                match region.raw_range(off, len) {
+                    Ok(ptr) => iov.push(libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len }),
+                    Err(e) => err = Some(e),
+                }
+            });
+            if let Some(e) = err {
+                return Err(e);
+            }
+        }
+        reply.encode_prefix(page_size, &mut prefix);
+        iov.insert(0, libc::iovec { iov_base: prefix.as_ptr() as *mut libc::c_void, iov_len: prefix.len() });
+        // SAFETY: iov[0] points at `prefix`, alive across the call; the others point into guest
+        // memory ranges bounds-checked by raw_range, kept mapped by `memory`, which outlives the call.
+        unsafe { writev_all(fd, &mut iov)? };
+    }
+}
+
+/// Writes every byte the iovecs describe, looping over partial writes and IOV_MAX.
+///
+/// # Safety
+/// Every iovec must describe memory readable for its length until this function returns.
+unsafe fn writev_all(fd: RawFd, mut iov: &mut [libc::iovec]) -> std::io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    while !iov.is_empty() {
+        let count = iov.len().min(IOV_MAX);
+        // SAFETY: the caller guarantees the iovecs are readable; count <= iov.len().
+        let written = unsafe { libc::writev(fd, iov.as_ptr(), count as libc::c_int) };
+        if written < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut left = written as usize;
+        while let Some(first) = iov.first_mut() {
+            if left >= first.iov_len {
+                left -= first.iov_len;
+                iov = &mut iov[1..];
+            } else {
+                // SAFETY: left < iov_len, so the advanced pointer stays inside the same buffer.
+                first.iov_base = unsafe { first.iov_base.cast::<u8>().add(left) }.cast();
+                first.iov_len -= left;
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens a new session with the page server at `addr`: an urgent and a bulk connection.
+/// With `expected_layout`, a server with any other layout is refused.
+pub fn connect(
+    addr: impl ToSocketAddrs,
+    key: &PreSharedKey,
+    expected_layout: Option<&MemoryLayout>,
+    options: &TcpOptions,
+) -> Result<PageSource> {
+    open_lanes(addr, key, SessionId::NEW, expected_layout, options)
+}
+
+/// Reopens both lanes of an existing session after its connections broke. Reads that were in
+/// flight are simply asked again.
+pub fn resume(
+    addr: impl ToSocketAddrs,
+    key: &PreSharedKey,
+    session: SessionId,
+    layout: &MemoryLayout,
+    options: &TcpOptions,
+) -> Result<PageSource> {
+    open_lanes(addr, key, session, Some(layout), options)
+}
+
+fn open_lanes(
+    addr: impl ToSocketAddrs,
+    key: &PreSharedKey,
+    session: SessionId,
+    expected_layout: Option<&MemoryLayout>,
+    options: &TcpOptions,
+) -> Result<PageSource> {
+    let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
+    let (urgent, first) = open_lane(&addrs, key, Lane::Urgent, session, expected_layout, options)?;
+    let (bulk, _) = open_lane(&addrs, key, Lane::Bulk, first.session, Some(&first.layout), options)?;
+    let layout = first.layout;
+    Ok(PageSource {
+        session: first.session,
+        layout: layout.clone(),
+        urgent: Box::new(TcpUrgent { conn: Conn::new(urgent, layout.clone()), next_id: 1 }),
+        bulk: Box::new(TcpBulk {
+            conn: Conn::new(bulk, layout),
+            depth: options.bulk_depth.max(1),
+            in_flight: VecDeque::new(),
+            unsent: Vec::new(),
+            next_id: 1,
+        }),
+    })
+}
+
+fn open_lane(
+    addrs: &[SocketAddr],
+    key: &PreSharedKey,
+    lane: Lane,
+    session: SessionId,
+    expected_layout: Option<&MemoryLayout>,
+    options: &TcpOptions,
+) -> Result<(TcpStream, crate::handshake::ClientSession)> {
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(a, options.io_timeout) {
+            Ok(mut s) => {
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(options.io_timeout))?;
+                s.set_write_timeout(Some(options.io_timeout))?;
+                let cs = client_handshake(&mut s, key, lane, session, expected_layout)?;
+                return Ok((s, cs));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.map_or_else(|| TransportError::OutOfRange("no address to connect to".into()), TransportError::Io))
+}
+
+/// One client connection: the socket and a small read buffer so a reply's prefix and a small
+/// page arrive in one receive.
+struct Conn {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+    layout: MemoryLayout,
+    prefix: [u8; 12 + 16 + 8 * crate::wire::ZERO_MASK_WORDS],
+}
+
+impl Conn {
+    fn new(stream: TcpStream, layout: MemoryLayout) -> Self {
+        let reader = BufReader::with_capacity(16 * 1024, stream.try_clone().expect("dup of a connected socket"));
+        Conn { writer: stream, reader, layout, prefix: [0; 12 + 16 + 8 * crate::wire::ZERO_MASK_WORDS] }
+    }
+
+    /// Receives the reply to `req` into `dst` (exactly the run's bytes).
+    fn receive(&mut self, req: &ReadRequest, dst: &mut [u8]) -> Result<ZeroMask> {
+        let page_size = self.layout.page_size();
+        let plen = ReadReply::prefix_len(req.run.pages);
+        self.reader.read_exact(&mut self.prefix[..plen]).map_err(TransportError::from_read)?;
+        let reply = ReadReply::decode_prefix(&self.prefix[..plen], req, page_size)?;
+        if reply.status == ReadStatus::OutOfRange {
+            return Err(TransportError::OutOfRange(format!("the source refused {:?}", req.run)));
+        }
+        let ps = page_size as usize;
+        let mut result = Ok(());
+        reply.zero.for_each_data_run(req.run.pages, |first, count| {
+            if result.is_ok() {
+                let range = first as usize * ps..(first + count) as usize * ps;
+                result = self.reader.read_exact(&mut dst[range]).map_err(TransportError::from_read);
+            }
+        });
+        result?;
+        for p in (0..req.run.pages).filter(|&p| reply.zero.is_zero(p)) {
+            dst[p as usize * ps..(p as usize + 1) * ps].fill(0);
+        }
+        Ok(reply.zero)
+    }
+}
+
+struct TcpUrgent {
+    conn: Conn,
+    next_id: u64,
+}
+
+impl UrgentLane for TcpUrgent {
+    fn read(&mut self, run: PageRun, dst: &mut [u8]) -> Result<ZeroMask> {
+        let dst = run_dst(&self.conn.layout, run, dst)?;
+        let req = ReadRequest { id: self.next_id, run };
+        self.next_id += 1;
+        self.conn.writer.write_all(&req.encode())?;
+        self.conn.receive(&req, dst)
+    }
+}
+
+struct TcpBulk {
+    conn: Conn,
+    depth: usize,
+    in_flight: VecDeque<(ReadRequest, BulkRead)>,
+    /// Requests not yet written: sent in batches to save a syscall per run.
+    unsent: Vec<u8>,
+    next_id: u64,
+}
+
+impl TcpBulk {
+    const SEND_BATCH: usize = 8;
+
+    fn flush(&mut self) -> Result<()> {
+        if !self.unsent.is_empty() {
+            self.conn.writer.write_all(&self.unsent)?;
+            self.unsent.clear();
+        }
+        Ok(())
+    }
+}
+
+impl BulkLane for TcpBulk {
+    fn depth(&self) -> usize {
+        self.depth
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    fn submit(&mut self, mut read: BulkRead) -> Result<()> {
+        if self.in_flight.len() >= self.depth {
+            return Err(TransportError::LaneFull(self.in_flight.len()));
+        }
+        run_dst(&self.conn.layout, read.run, &mut read.buf)?;
+        let req = ReadRequest { id: self.next_id, run: read.run };
+        self.next_id += 1;
+        self.unsent.extend_from_slice(&req.encode());
+        self.in_flight.push_back((req, read));
+        if self.unsent.len() >= Self::SEND_BATCH * READ_REQUEST_FRAME_LEN {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self) -> Result<Option<BulkDone>> {
+        self.flush()?;
+        let Some((req, mut read)) = self.in_flight.pop_front() else { return Ok(None) };
+        let (_, len) = self.conn.layout.run_bytes(req.run);
+        let zero = self.conn.receive(&req, &mut read.buf[..len])?;
+        Ok(Some(BulkDone { run: read.run, buf: read.buf, tag: read.tag, zero }))
+    }
+}
