@@ -68,7 +68,9 @@ impl LocalPageServer {
                 let spawned = std::thread::Builder::new()
                     .name("ferry-local-serve".into())
                     .spawn(move || {
-                        let _ = serve(stream, &memory, &key, session);
+                        let _ = serve(&stream, &memory, &key, session);
+                        // The accept loop holds a duplicate of this socket: close it explicitly.
+                        let _ = stream.shutdown(std::net::Shutdown::Both);
                     });
                 let mut conns = conns2.lock().expect("connection list poisoned");
                 conns.retain(|(_, t): &(UnixStream, JoinHandle<()>)| !t.is_finished());
@@ -108,17 +110,17 @@ impl Drop for LocalPageServer {
     }
 }
 
-fn serve(mut stream: UnixStream, memory: &GuestMemory, key: &PreSharedKey, session: SessionId) -> Result<()> {
+fn serve(stream: &UnixStream, memory: &GuestMemory, key: &PreSharedKey, session: SessionId) -> Result<()> {
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    server_handshake(&mut stream, key, session, memory.layout())?;
+    server_handshake(&mut &*stream, key, session, memory.layout())?;
     let fds: Vec<BorrowedFd<'_>> = memory.regions().iter().filter_map(|r| r.fd()).collect();
-    send_fds(&stream, &fds)?;
+    send_fds(stream, &fds)?;
     // The destination holds the connection open while it uses the mappings; its end marks the
     // moment the source may release the memory.
     stream.set_read_timeout(None)?;
     let mut byte = [0u8; 1];
-    while stream.read(&mut byte)? != 0 {}
+    while (&mut &*stream).read(&mut byte)? != 0 {}
     Ok(())
 }
 

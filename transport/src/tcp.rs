@@ -149,9 +149,11 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let Ok(handle) = stream.try_clone() else { continue };
         let conn_shared = shared.clone();
         let spawned = std::thread::Builder::new().name("ferry-tcp-serve".into()).spawn(move || {
-            if let Err(TransportError::AuthFailed(_) | TransportError::Refused { .. }) = serve_connection(stream, &conn_shared) {
+            if let Err(TransportError::AuthFailed(_) | TransportError::Refused { .. }) = serve_connection(&stream, &conn_shared) {
                 conn_shared.stats.failed_handshakes.fetch_add(1, Ordering::Relaxed);
             }
+            // The accept loop holds a duplicate of this socket: close the connection explicitly.
+            let _ = stream.shutdown(Shutdown::Both);
         });
         let mut conns = shared.connections.lock().expect("connection list poisoned");
         conns.retain(|(_, t)| !t.is_finished());
@@ -161,13 +163,13 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn serve_connection(mut stream: TcpStream, shared: &Shared) -> Result<()> {
+fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(shared.options.io_timeout))?;
     stream.set_write_timeout(Some(shared.options.io_timeout))?;
     let memory = &shared.memory;
     let layout = memory.layout();
-    let lane = server_handshake(&mut stream, &shared.key, shared.session, layout)?;
+    let lane = server_handshake(&mut &*stream, &shared.key, shared.session, layout)?;
     if lane == Lane::Control {
         return Err(TransportError::Unexpected { expected: "an urgent or bulk lane", got: 0 });
     }

@@ -1,0 +1,84 @@
+//! Snapshot images that are corrupt, truncated, foreign or of another layout are refused with
+//! a typed error; a flipped byte in page data is caught by that page's checksum.
+
+use std::io::{Seek, SeekFrom, Write};
+
+use ferry_transport::pattern::{check_page, fill_memory};
+use ferry_transport::snapshot::{write_image, SnapshotImage};
+use ferry_transport::{Backing, GuestMemory, MemoryLayout, PageRun, TransportError};
+
+fn image(name: &str) -> (std::path::PathBuf, MemoryLayout) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("snap-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let layout = MemoryLayout::single(8 << 20).unwrap();
+    let memory = GuestMemory::create(layout.clone(), Backing::Anonymous).unwrap();
+    fill_memory(&memory, 3).unwrap();
+    let path = dir.join("image");
+    write_image(&path, &memory).unwrap();
+    (path, layout)
+}
+
+fn poke(path: &std::path::Path, offset: u64, byte: u8) {
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(&[byte]).unwrap();
+}
+
+#[test]
+fn a_good_image_reads_back_on_both_lanes() {
+    let (path, layout) = image("good");
+    let img = SnapshotImage::open(&path, Some(&layout)).unwrap();
+    let mut src = img.page_source(4).unwrap();
+    let mut buf = vec![0u8; 8 * 4096];
+    // An unaligned destination takes the buffered path; the data must be the same.
+    let zero = src.urgent.read(PageRun::new(0, 0, 7), &mut buf[1..]).unwrap();
+    for i in 0..7 {
+        assert!(check_page(&buf[1 + i * 4096..1 + (i + 1) * 4096], i as u64, 3));
+    }
+    assert!(zero.is_zero(3), "page 3 of the pattern is a zero page");
+}
+
+#[test]
+fn a_flipped_data_byte_fails_that_page_checksum() {
+    let (path, layout) = image("flip");
+    let img = SnapshotImage::open(&path, Some(&layout)).unwrap();
+    let data_offset = std::fs::metadata(&path).unwrap().len() - layout.total_bytes();
+    drop(img);
+    poke(&path, data_offset + 11 * 4096 + 17, 0xAA);
+    let img = SnapshotImage::open(&path, Some(&layout)).unwrap();
+    let mut src = img.page_source(4).unwrap();
+    let mut buf = vec![0u8; 4096];
+    src.urgent.read(PageRun::new(0, 10, 1), &mut buf).unwrap();
+    let err = src.urgent.read(PageRun::new(0, 11, 1), &mut buf).unwrap_err();
+    assert!(matches!(err, TransportError::Checksum { region: 0, page: 11 }), "{err:?}");
+}
+
+#[test]
+fn corrupt_header_metadata_or_truncation_is_refused() {
+    let (path, layout) = image("corrupt");
+    poke(&path, 30, 0x55);
+    assert!(matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("header")));
+
+    let (path, _) = image("meta");
+    poke(&path, 8192 + 40, 0x55);
+    assert!(matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("corrupt")));
+
+    let (path, _) = image("trunc");
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 4096).unwrap();
+    assert!(matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("truncated")));
+
+    let (path, _) = image("magic");
+    poke(&path, 0, b'X');
+    assert!(matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("magic")));
+
+    let (path, _) = image("layout");
+    let other = MemoryLayout::single(16 << 20).unwrap();
+    assert!(matches!(SnapshotImage::open(&path, Some(&other)), Err(TransportError::LayoutMismatch(_))));
+    assert!(SnapshotImage::open(&path, Some(&layout)).is_ok());
+
+    let tiny = path.with_extension("tiny");
+    std::fs::write(&tiny, b"short").unwrap();
+    assert!(matches!(SnapshotImage::open(&tiny, None), Err(TransportError::Snapshot { .. })));
+}
