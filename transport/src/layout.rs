@@ -43,7 +43,10 @@ impl MemoryLayout {
         let mut spans = Vec::with_capacity(regions.len());
         for (i, r) in regions.iter().enumerate() {
             if r.size == 0 || r.size % ps != 0 || r.guest_phys_addr % ps != 0 {
-                return bad(format!("region {i} ({:#x}+{:#x}) is empty or not page aligned", r.guest_phys_addr, r.size));
+                return bad(format!(
+                    "region {i} ({:#x}+{:#x}) is empty or not page aligned",
+                    r.guest_phys_addr, r.size
+                ));
             }
             let Some(end) = r.guest_phys_addr.checked_add(r.size) else {
                 return bad(format!("region {i} wraps the address space"));

@@ -34,8 +34,11 @@ pub struct LocalPageServer {
     session: SessionId,
     stop: Arc<AtomicBool>,
     accept_thread: Option<JoinHandle<()>>,
-    connections: Arc<Mutex<Vec<(UnixStream, JoinHandle<()>)>>>,
+    connections: Arc<Mutex<Vec<Connection>>>,
 }
+
+/// A served destination: a handle to close its socket, and the thread serving it.
+type Connection = (UnixStream, JoinHandle<()>);
 
 impl std::fmt::Debug for LocalPageServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -65,15 +68,13 @@ impl LocalPageServer {
                 let Ok(stream) = stream else { continue };
                 let Ok(handle) = stream.try_clone() else { continue };
                 let (memory, key) = (memory.clone(), key.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("ferry-local-serve".into())
-                    .spawn(move || {
-                        let _ = serve(&stream, &memory, &key, session);
-                        // The accept loop holds a duplicate of this socket: close it explicitly.
-                        let _ = stream.shutdown(std::net::Shutdown::Both);
-                    });
+                let spawned = std::thread::Builder::new().name("ferry-local-serve".into()).spawn(move || {
+                    let _ = serve(&stream, &memory, &key, session);
+                    // The accept loop holds a duplicate of this socket: close it explicitly.
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                });
                 let mut conns = conns2.lock().expect("connection list poisoned");
-                conns.retain(|(_, t): &(UnixStream, JoinHandle<()>)| !t.is_finished());
+                conns.retain(|(_, t): &Connection| !t.is_finished());
                 if let Ok(t) = spawned {
                     conns.push((handle, t));
                 }
@@ -125,7 +126,12 @@ fn serve(stream: &UnixStream, memory: &GuestMemory, key: &PreSharedKey, session:
 }
 
 /// Opens a session with the local page server at `path` and maps the source's memory.
-pub fn connect(path: impl AsRef<Path>, key: &PreSharedKey, expected_layout: Option<&MemoryLayout>, bulk_depth: usize) -> Result<PageSource> {
+pub fn connect(
+    path: impl AsRef<Path>,
+    key: &PreSharedKey,
+    expected_layout: Option<&MemoryLayout>,
+    bulk_depth: usize,
+) -> Result<PageSource> {
     let mut stream = UnixStream::connect(path)?;
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;

@@ -192,7 +192,11 @@ impl GuestMemory {
         }
         for (i, (m, r)) in regions.iter().zip(layout.regions()).enumerate() {
             if m.len() as u64 != r.size {
-                return Err(TransportError::InvalidLayout(format!("mapping {i} has {} bytes, region {}", m.len(), r.size)));
+                return Err(TransportError::InvalidLayout(format!(
+                    "mapping {i} has {} bytes, region {}",
+                    m.len(),
+                    r.size
+                )));
             }
         }
         Ok(GuestMemory { layout, regions })
@@ -307,6 +311,9 @@ mod tests {
         let dup = m.fd().unwrap().try_clone_to_owned().unwrap();
         assert!(matches!(RegionMapping::map_shared_readonly(dup, 2 << 20), Err(TransportError::BadSharedMemory(_))));
         let file = std::fs::File::open("/proc/self/exe").unwrap();
-        assert!(matches!(RegionMapping::map_shared_readonly(file.into(), 4096), Err(TransportError::BadSharedMemory(_))));
+        assert!(matches!(
+            RegionMapping::map_shared_readonly(file.into(), 4096),
+            Err(TransportError::BadSharedMemory(_))
+        ));
     }
 }

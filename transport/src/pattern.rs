@@ -38,7 +38,8 @@ pub fn check_page(page: &[u8], global_page: u64, seed: u64) -> bool {
     }
     let base = mix(seed ^ global_page.wrapping_mul(0x2545_f491_4f6c_dd1d));
     page.chunks_exact(8).enumerate().all(|(i, w)| {
-        u64::from_le_bytes(w.try_into().expect("8 bytes")) == base.wrapping_add(i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+        u64::from_le_bytes(w.try_into().expect("8 bytes"))
+            == base.wrapping_add(i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
     })
 }
 

@@ -55,7 +55,8 @@ impl Sections {
         let table_offset = HEADER_LEN;
         let bitmap_offset = table_offset + (total_pages * 4).next_multiple_of(ALIGN);
         let data_align = ALIGN.max(u64::from(layout.page_size()));
-        let data_offset = (bitmap_offset + total_pages.div_ceil(8).next_multiple_of(ALIGN)).next_multiple_of(data_align);
+        let data_offset =
+            (bitmap_offset + total_pages.div_ceil(8).next_multiple_of(ALIGN)).next_multiple_of(data_align);
         let file_len = data_offset + layout.total_bytes();
         Sections { total_pages, table_offset, bitmap_offset, data_offset, file_len }
     }
@@ -331,7 +332,8 @@ impl SnapshotImage {
             return Err(snap_err(path, "checksum table or zero map is corrupt"));
         }
         let n = sections.total_pages as usize;
-        let checksums = metadata[..n * 4].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        let checksums =
+            metadata[..n * 4].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
         let bitmap_at = (sections.bitmap_offset - sections.table_offset) as usize;
         let zero = metadata[bitmap_at..bitmap_at + n.div_ceil(8)].to_vec();
         let mut region_base = Vec::with_capacity(layout.regions().len());
@@ -430,7 +432,13 @@ fn decode_header(h: &[u8], path: &Path) -> Result<(MemoryLayout, Sections, u32)>
     }
     let metadata_crc = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
     let word = |i: usize| u64::from_le_bytes(h[16 + i * 8..24 + i * 8].try_into().expect("8 bytes"));
-    let stored = Sections { total_pages: word(0), table_offset: word(1), bitmap_offset: word(2), data_offset: word(3), file_len: word(4) };
+    let stored = Sections {
+        total_pages: word(0),
+        table_offset: word(1),
+        bitmap_offset: word(2),
+        data_offset: word(3),
+        file_len: word(4),
+    };
     let layout = crate::wire::decode_layout_bytes(&h[56..HEADER_LEN as usize - 4])
         .map_err(|e| snap_err(path, format!("layout: {e}")))?;
     let expected = Sections::of(&layout);
@@ -441,7 +449,8 @@ fn decode_header(h: &[u8], path: &Path) -> Result<(MemoryLayout, Sections, u32)>
 }
 
 fn read_exact_at(ring: &mut IoUring, file: &File, buf: &mut PageBuf, offset: u64, path: &Path) -> Result<()> {
-    let entry = opcode::Read::new(types::Fd(file.as_raw_fd()), buf.as_mut_ptr(), buf.len() as u32).offset(offset).build();
+    let entry =
+        opcode::Read::new(types::Fd(file.as_raw_fd()), buf.as_mut_ptr(), buf.len() as u32).offset(offset).build();
     // SAFETY: buf outlives the call and we wait for the completion before returning.
     unsafe { ring.submission().push(&entry) }.map_err(|_| snap_err(path, "submission queue full"))?;
     ring.submit_and_wait(1)?;
@@ -465,9 +474,15 @@ impl UrgentLane for SnapshotUrgent {
         let dst = run_dst(&self.image.layout, run, dst)?;
         let entry = self.image.read_entry(run, dst);
         // SAFETY: dst is exclusively borrowed until we have reaped this read's completion below.
-        unsafe { self.ring.submission().push(&entry) }.map_err(|_| snap_err(&self.image.path, "submission queue full"))?;
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| snap_err(&self.image.path, "submission queue full"))?;
         self.ring.submit_and_wait(1)?;
-        let res = self.ring.completion().next().map(|c| c.result()).ok_or_else(|| snap_err(&self.image.path, "no completion"))?;
+        let res = self
+            .ring
+            .completion()
+            .next()
+            .map(|c| c.result())
+            .ok_or_else(|| snap_err(&self.image.path, "no completion"))?;
         self.image.verify(run, dst, res)
     }
 }
@@ -479,6 +494,10 @@ struct SnapshotBulk {
     /// Reads in flight, indexed by their user_data; the kernel writes into their buffers.
     slots: Vec<Option<BulkRead>>,
     free: Vec<usize>,
+}
+
+impl SnapshotBulk {
+    const SUBMIT_BATCH: usize = 4;
 }
 
 impl BulkLane for SnapshotBulk {
@@ -497,10 +516,14 @@ impl BulkLane for SnapshotBulk {
         // SAFETY: the buffer moves into slots[slot] below (moving a PageBuf does not move its heap
         // allocation) and stays there until this read's completion is reaped; Drop reaps every
         // outstanding read before the buffers are freed. The ring has at least depth entries.
-        unsafe { self.ring.submission().push(&entry) }.map_err(|_| snap_err(&self.image.path, "submission queue full"))?;
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| snap_err(&self.image.path, "submission queue full"))?;
         self.free.pop();
         self.slots[slot] = Some(read);
-        self.ring.submit()?;
+        // Submissions ride along with the next wait unless enough pile up to be worth a syscall.
+        if self.ring.submission().len() >= Self::SUBMIT_BATCH {
+            self.ring.submit()?;
+        }
         Ok(())
     }
 
@@ -512,10 +535,18 @@ impl BulkLane for SnapshotBulk {
             if let Some(c) = self.ring.completion().next() {
                 break c;
             }
+            // Also submits whatever submit() queued.
             self.ring.submit_and_wait(1)?;
         };
+        if !self.ring.submission().is_empty() {
+            self.ring.submit()?;
+        }
         let slot = cqe.user_data() as usize;
-        let mut read = self.slots.get_mut(slot).and_then(Option::take).ok_or_else(|| snap_err(&self.image.path, "completion for no read"))?;
+        let mut read = self
+            .slots
+            .get_mut(slot)
+            .and_then(Option::take)
+            .ok_or_else(|| snap_err(&self.image.path, "completion for no read"))?;
         self.free.push(slot);
         let (_, len) = self.image.layout.run_bytes(read.run);
         let zero = self.image.verify(read.run, &mut read.buf[..len], cqe.result())?;

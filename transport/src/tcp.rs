@@ -74,7 +74,12 @@ impl std::fmt::Debug for TcpPageServer {
 
 impl TcpPageServer {
     /// Binds `addr` and starts serving `memory` under a new session id.
-    pub fn start(addr: impl ToSocketAddrs, memory: Arc<GuestMemory>, key: PreSharedKey, options: TcpOptions) -> Result<Self> {
+    pub fn start(
+        addr: impl ToSocketAddrs,
+        memory: Arc<GuestMemory>,
+        key: PreSharedKey,
+        options: TcpOptions,
+    ) -> Result<Self> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -149,7 +154,9 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let Ok(handle) = stream.try_clone() else { continue };
         let conn_shared = shared.clone();
         let spawned = std::thread::Builder::new().name("ferry-tcp-serve".into()).spawn(move || {
-            if let Err(TransportError::AuthFailed(_) | TransportError::Refused { .. }) = serve_connection(&stream, &conn_shared) {
+            if let Err(TransportError::AuthFailed(_) | TransportError::Refused { .. }) =
+                serve_connection(&stream, &conn_shared)
+            {
                 conn_shared.stats.failed_handshakes.fetch_add(1, Ordering::Relaxed);
             }
             // The accept loop holds a duplicate of this socket: close the connection explicitly.
@@ -190,7 +197,8 @@ fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<()> {
         }
         let req = ReadRequest::decode(&frame)?;
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let mut reply = ReadReply { id: req.id, status: ReadStatus::Ok, pages: req.run.pages, zero: ZeroMask::default() };
+        let mut reply =
+            ReadReply { id: req.id, status: ReadStatus::Ok, pages: req.run.pages, zero: ZeroMask::default() };
         // A refused run still gets a well-formed reply sized for its page count, so the count
         // itself must be bounded before we build one.
         if req.run.pages == 0 || req.run.pages > crate::layout::MAX_RUN_PAGES {
@@ -396,13 +404,17 @@ struct TcpBulk {
     conn: Conn,
     depth: usize,
     in_flight: VecDeque<(ReadRequest, BulkRead)>,
-    /// Requests not yet written: sent in batches to save a syscall per run.
+    /// Requests not yet written: sent in batches to save a syscall and a server wakeup per run.
     unsent: Vec<u8>,
     next_id: u64,
 }
 
 impl TcpBulk {
     const SEND_BATCH: usize = 8;
+
+    fn unsent_requests(&self) -> usize {
+        self.unsent.len() / READ_REQUEST_FRAME_LEN
+    }
 
     fn flush(&mut self) -> Result<()> {
         if !self.unsent.is_empty() {
@@ -438,7 +450,12 @@ impl BulkLane for TcpBulk {
     }
 
     fn complete(&mut self) -> Result<Option<BulkDone>> {
-        self.flush()?;
+        // Send what is queued when the server is about to run dry (or the read we wait for has not
+        // been sent); otherwise keep batching, so steady state costs one send per several runs.
+        let sent = self.in_flight.len() - self.unsent_requests();
+        if sent <= self.depth / 2 {
+            self.flush()?;
+        }
         let Some((req, mut read)) = self.in_flight.pop_front() else { return Ok(None) };
         let (_, len) = self.conn.layout.run_bytes(req.run);
         let zero = self.conn.receive(&req, &mut read.buf[..len])?;

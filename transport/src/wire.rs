@@ -267,8 +267,8 @@ impl Control {
         let msg = match kind {
             MessageKind::Hello => {
                 let lane_raw = d.u8()?;
-                let lane =
-                    Lane::from_u8(lane_raw).ok_or_else(|| TransportError::malformed("hello", format!("lane {lane_raw}")))?;
+                let lane = Lane::from_u8(lane_raw)
+                    .ok_or_else(|| TransportError::malformed("hello", format!("lane {lane_raw}")))?;
                 let session = SessionId(d.array()?);
                 let nonce = d.array()?;
                 let layout = match d.u8()? {
@@ -558,7 +558,10 @@ impl<'a> Decoder<'a> {
 
     fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.buf.len() < n {
-            return Err(TransportError::malformed(self.what, format!("truncated: needs {n} more bytes, has {}", self.buf.len())));
+            return Err(TransportError::malformed(
+                self.what,
+                format!("truncated: needs {n} more bytes, has {}", self.buf.len()),
+            ));
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;

@@ -44,7 +44,12 @@ struct Verifier {
 
 impl Verifier {
     fn new(layout: &MemoryLayout) -> Self {
-        Verifier { layout: layout.clone(), bases: region_bases(layout), seen: vec![false; layout.total_pages() as usize], zero_marked: 0 }
+        Verifier {
+            layout: layout.clone(),
+            bases: region_bases(layout),
+            seen: vec![false; layout.total_pages() as usize],
+            zero_marked: 0,
+        }
     }
 
     fn check(&mut self, run: PageRun, data: &[u8], zero: &ferry_transport::ZeroMask) {
@@ -141,7 +146,8 @@ fn tcp_moves_1gib_sequentially_and_randomly() {
     random_pass(&mut src);
     let total = memory.layout().total_pages();
     let stats = server.stats();
-    let served = stats.data_pages.load(std::sync::atomic::Ordering::Relaxed) + stats.zero_pages.load(std::sync::atomic::Ordering::Relaxed);
+    let served = stats.data_pages.load(std::sync::atomic::Ordering::Relaxed)
+        + stats.zero_pages.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(served, 2 * total, "two passes serve each page twice, no more");
     assert_eq!(stats.zero_pages.load(std::sync::atomic::Ordering::Relaxed), 2 * zero_pages);
 }

@@ -30,28 +30,32 @@ fn small_layout() -> MemoryLayout {
 }
 
 fn arb_layout() -> impl Strategy<Value = MemoryLayout> {
-    (prop_oneof![Just(4096u32), Just(2 << 20)], prop::collection::vec((0u64..1000, 1u64..64), 1..8)).prop_map(|(ps, regions)| {
-        let regions = regions
-            .into_iter()
-            .enumerate()
-            .map(|(i, (off, pages))| RegionLayout {
-                guest_phys_addr: ((i as u64) << 40) + off * u64::from(ps),
-                size: pages * u64::from(ps),
-            })
-            .collect();
-        MemoryLayout::new(ps, regions).unwrap()
-    })
+    (prop_oneof![Just(4096u32), Just(2 << 20)], prop::collection::vec((0u64..1000, 1u64..64), 1..8)).prop_map(
+        |(ps, regions)| {
+            let regions = regions
+                .into_iter()
+                .enumerate()
+                .map(|(i, (off, pages))| RegionLayout {
+                    guest_phys_addr: ((i as u64) << 40) + off * u64::from(ps),
+                    size: pages * u64::from(ps),
+                })
+                .collect();
+            MemoryLayout::new(ps, regions).unwrap()
+        },
+    )
 }
 
 fn arb_control() -> impl Strategy<Value = Control> {
     let lane = prop_oneof![Just(Lane::Control), Just(Lane::Urgent), Just(Lane::Bulk)];
     prop_oneof![
-        (lane, any::<[u8; 16]>(), any::<[u8; 32]>(), prop::option::of(arb_layout())).prop_map(|(lane, s, nonce, layout)| {
-            Control::Hello(Hello { lane, session: SessionId(s), nonce, layout })
-        }),
-        (any::<[u8; 16]>(), any::<[u8; 32]>(), any::<[u8; 32]>(), arb_layout()).prop_map(|(s, nonce, proof, layout)| {
-            Control::Challenge(Challenge { session: SessionId(s), nonce, proof, layout })
-        }),
+        (lane, any::<[u8; 16]>(), any::<[u8; 32]>(), prop::option::of(arb_layout())).prop_map(
+            |(lane, s, nonce, layout)| { Control::Hello(Hello { lane, session: SessionId(s), nonce, layout }) }
+        ),
+        (any::<[u8; 16]>(), any::<[u8; 32]>(), any::<[u8; 32]>(), arb_layout()).prop_map(
+            |(s, nonce, proof, layout)| {
+                Control::Challenge(Challenge { session: SessionId(s), nonce, proof, layout })
+            }
+        ),
         any::<[u8; 32]>().prop_map(Control::Proof),
         Just(Control::Welcome),
         ("[a-z ]{0,200}").prop_map(|detail| Control::Reject { reason: RejectReason::Layout, detail }),
@@ -204,7 +208,9 @@ fn forged_client_proof_is_refused() {
 #[test]
 fn other_protocol_version_is_refused_on_both_sides() {
     let (server, client) = handshake_pair(key_a(), small_layout(), SessionId::random().unwrap(), |mut c| {
-        let mut frame = Control::Hello(Hello { lane: Lane::Urgent, session: SessionId::NEW, nonce: [1; 32], layout: None }).encode();
+        let mut frame =
+            Control::Hello(Hello { lane: Lane::Urgent, session: SessionId::NEW, nonce: [1; 32], layout: None })
+                .encode();
         frame[4..6].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
         c.write_all(&frame).unwrap();
         read_control(&mut c)
@@ -250,7 +256,8 @@ fn unknown_session_is_refused() {
 #[test]
 fn a_peer_that_vanishes_mid_handshake_is_an_error() {
     let (server, client) = handshake_pair(key_a(), small_layout(), SessionId::random().unwrap(), |mut c| {
-        let frame = Control::Hello(Hello { lane: Lane::Urgent, session: SessionId::NEW, nonce: [1; 32], layout: None }).encode();
+        let frame = Control::Hello(Hello { lane: Lane::Urgent, session: SessionId::NEW, nonce: [1; 32], layout: None })
+            .encode();
         c.write_all(&frame[..HEADER_LEN + 3]).unwrap();
     });
     assert!(matches!(server, Err(TransportError::PeerClosed)), "{server:?}");
@@ -298,8 +305,11 @@ fn server_refuses_reads_outside_its_regions_and_keeps_serving() {
 #[test]
 fn server_drops_a_connection_that_sends_garbage_and_serves_others() {
     let (server, _memory) = tcp_server();
-    for garbage in [vec![0u8; READ_REQUEST_FRAME_LEN], ReadRequest { id: 1, run: PageRun::new(0, 0, 0) }.encode().to_vec(),
-                    ReadRequest { id: 1, run: PageRun::new(0, 0, 5000) }.encode().to_vec()] {
+    for garbage in [
+        vec![0u8; READ_REQUEST_FRAME_LEN],
+        ReadRequest { id: 1, run: PageRun::new(0, 0, 0) }.encode().to_vec(),
+        ReadRequest { id: 1, run: PageRun::new(0, 0, 5000) }.encode().to_vec(),
+    ] {
         let mut s = raw_lane(&server);
         s.write_all(&garbage).unwrap();
         let mut buf = [0u8; 64];
@@ -320,7 +330,9 @@ fn client_checks_runs_and_buffers_before_sending() {
     assert!(matches!(src.urgent.read(PageRun::new(0, 1024, 1), &mut small), Err(TransportError::OutOfRange(_))));
     let depth = src.bulk.depth();
     for i in 0..depth {
-        src.bulk.submit(BulkRead { run: PageRun::new(0, i as u64, 1), buf: PageBuf::new(4096), tag: i as u64 }).unwrap();
+        src.bulk
+            .submit(BulkRead { run: PageRun::new(0, i as u64, 1), buf: PageBuf::new(4096), tag: i as u64 })
+            .unwrap();
     }
     let over = src.bulk.submit(BulkRead { run: PageRun::new(0, 0, 1), buf: PageBuf::new(4096), tag: 0 });
     assert!(matches!(over, Err(TransportError::LaneFull(n)) if n == depth));
@@ -341,7 +353,8 @@ fn lanes_resume_after_the_connection_breaks() {
     server.drop_connections();
     assert!(src.urgent.read(PageRun::new(0, 6, 1), &mut page).is_err(), "a broken lane reports an error");
     assert!(src.bulk.complete().is_err());
-    let mut resumed = tcp::resume(server.local_addr(), &key_a(), src.session, &src.layout, &TcpOptions::default()).unwrap();
+    let mut resumed =
+        tcp::resume(server.local_addr(), &key_a(), src.session, &src.layout, &TcpOptions::default()).unwrap();
     assert_eq!(resumed.session, src.session);
     resumed.urgent.read(PageRun::new(0, 6, 1), &mut page).unwrap();
     assert!(ferry_transport::pattern::check_page(&page, 6, 1));

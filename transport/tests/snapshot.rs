@@ -58,20 +58,28 @@ fn a_flipped_data_byte_fails_that_page_checksum() {
 fn corrupt_header_metadata_or_truncation_is_refused() {
     let (path, layout) = image("corrupt");
     poke(&path, 30, 0x55);
-    assert!(matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("header")));
+    assert!(
+        matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("header"))
+    );
 
     let (path, _) = image("meta");
     poke(&path, 8192 + 40, 0x55);
-    assert!(matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("corrupt")));
+    assert!(
+        matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("corrupt"))
+    );
 
     let (path, _) = image("trunc");
     let len = std::fs::metadata(&path).unwrap().len();
     std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 4096).unwrap();
-    assert!(matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("truncated")));
+    assert!(
+        matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("truncated"))
+    );
 
     let (path, _) = image("magic");
     poke(&path, 0, b'X');
-    assert!(matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("magic")));
+    assert!(
+        matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("magic"))
+    );
 
     let (path, _) = image("layout");
     let other = MemoryLayout::single(16 << 20).unwrap();
