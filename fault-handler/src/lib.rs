@@ -1,1 +1,20 @@
-//! placeholder
+//! `ferry-fault-handler` is the destination half of post-copy below the policy: it registers guest
+//! memory with userfaultfd (MISSING mode with UFFDIO_COPY/ZEROPAGE for anonymous memory; MISSING
+//! and MINOR mode with UFFDIO_CONTINUE for memfd and hugetlbfs memory, filled through an alias
+//! mapping so no page is copied on the host), keeps every page's state in atomic bitmaps so a page
+//! is requested once and installed once, serves faults on the transport's urgent lane, and feeds
+//! faulting pages to the pre-pager through a bounded lock-free queue. The raw ioctls live in
+//! [`uffd`], the crate's only syscall place.
+
+pub mod error;
+pub mod handler;
+pub mod install;
+pub mod state;
+pub mod stats;
+pub mod uffd;
+
+pub use error::{FaultError, Result};
+pub use handler::{run_fault_loop, FaultQueue};
+pub use install::{DestinationMemory, InstallMode};
+pub use state::{Claim, PageStates};
+pub use stats::{FaultStats, Histogram};

@@ -79,6 +79,44 @@ impl RegionMapping {
         Ok(RegionMapping { ptr, len, fd: Some(fd), owns_mapping: true, writable: false })
     }
 
+    /// Maps this region's backing file a second time, read-write and shared: the alias through
+    /// which a post-copy destination fills pages that userfaultfd then maps into the guest
+    /// mapping with UFFDIO_CONTINUE, without a host copy.
+    pub fn alias(&self) -> Result<Self> {
+        let fd = self.fd().ok_or_else(|| TransportError::BadSharedMemory("anonymous memory has no alias".into()))?;
+        let fd = fd.try_clone_to_owned()?;
+        let ptr = mmap(self.len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, Some(fd.as_fd()))?;
+        Ok(RegionMapping { ptr, len: self.len, fd: Some(fd), owns_mapping: true, writable: true })
+    }
+
+    /// A mutable view of `len` bytes at `offset`, for receiving data straight into the mapping.
+    ///
+    /// # Safety
+    /// For the lifetime of the returned slice nothing else may read or write these bytes: no other
+    /// thread through this mapping or another mapping of the same memory, and no guest vCPU.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, offset: u64, len: usize) -> Result<&mut [u8]> {
+        if !self.writable {
+            return Err(TransportError::OutOfRange("mutable view of a read-only mapping".into()));
+        }
+        let off = self.check(offset, len)?;
+        // SAFETY: in bounds (checked), writable (checked); exclusivity is the caller's promise.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(off), len) })
+    }
+
+    /// Allocates zeroed backing pages for `offset..offset+len` of the file (memfd backings only),
+    /// so MINOR-mode zero pages can be mapped with UFFDIO_CONTINUE without writing them.
+    pub fn allocate_zeroed(&self, offset: u64, len: usize) -> Result<()> {
+        self.check(offset, len)?;
+        let fd = self.fd().ok_or_else(|| TransportError::BadSharedMemory("anonymous memory has no file".into()))?;
+        // SAFETY: fallocate on a valid fd with in-bounds integer arguments; mode 0 only allocates
+        // (already allocated pages keep their contents).
+        if unsafe { libc::fallocate(fd.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) } < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(())
+    }
+
     /// Adopts memory a VMM already mapped. `fd` is its backing file, if any.
     ///
     /// # Safety

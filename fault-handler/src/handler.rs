@@ -1,0 +1,100 @@
+//! The fault thread: reads userfaultfd events, serves each fault at once on the urgent lane, and
+//! hands every faulting page to the pre-pager as a pivot through a bounded lock-free queue.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use ferry_transport::{PageBuf, UrgentLane};
+
+use crate::error::{FaultError, Result};
+use crate::install::DestinationMemory;
+use crate::stats::FaultStats;
+use crate::uffd::Event;
+
+/// Pivots waiting for the pre-pager. When full the oldest pivot is dropped: the newest faults say
+/// most about where the guest is working now.
+#[derive(Debug)]
+pub struct FaultQueue(ArrayQueue<u64>);
+
+impl FaultQueue {
+    pub fn new(capacity: usize) -> Self {
+        FaultQueue(ArrayQueue::new(capacity.max(1)))
+    }
+
+    pub fn push(&self, page: u64) {
+        self.0.force_push(page);
+    }
+
+    pub fn pop(&self) -> Option<u64> {
+        self.0.pop()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Most fault latency samples kept for exact percentiles (the histogram counts all of them).
+const MAX_SAMPLES: usize = 1 << 22;
+
+/// Serves faults until `stop` is set or every page is present. Returns the service time of each
+/// network fault, for percentiles.
+pub fn run_fault_loop(
+    memory: &DestinationMemory,
+    urgent: &mut dyn UrgentLane,
+    queue: &FaultQueue,
+    stats: &FaultStats,
+    stop: &AtomicBool,
+) -> Result<Vec<Duration>> {
+    let mut events = [Event::Other(0); 64];
+    let mut staging = PageBuf::new(memory.page_size() as usize);
+    let mut samples = Vec::new();
+    let states = memory.states();
+    while !stop.load(Ordering::Acquire) && !states.all_present() {
+        let n = memory.read_events(&mut events, 20)?;
+        for event in &events[..n] {
+            match *event {
+                Event::PageFault { address, minor, .. } => {
+                    let t0 = Instant::now();
+                    FaultStats::add(&stats.faults, 1);
+                    let page = memory.page_of(address).ok_or(FaultError::OutsideGuest(address))?;
+                    queue.push(page);
+                    if let Some(claim) = states.claim(page) {
+                        let run = states.to_run(&claim);
+                        if !memory.fill_in_place(&claim, stats, |dst| urgent.read(run, dst))? {
+                            let zero = urgent.read(run, &mut staging)?;
+                            memory.install(&claim, &staging, &zero, stats)?;
+                        }
+                        let took = t0.elapsed();
+                        FaultStats::add(&stats.network_faults, 1);
+                        FaultStats::add(&stats.urgent_pages, 1);
+                        FaultStats::add(&stats.blocktime_ns, took.as_nanos() as u64);
+                        stats.fault_latency.record(took);
+                        if samples.len() < MAX_SAMPLES {
+                            samples.push(took);
+                        }
+                    } else if states.is_present(page) {
+                        memory.resolve_present(page, minor)?;
+                        FaultStats::add(&stats.local_faults, 1);
+                    } else {
+                        // In flight on the bulk lane: its install wakes this fault.
+                        FaultStats::add(&stats.inflight_faults, 1);
+                    }
+                }
+                Event::Remove { start, end } => {
+                    if let Some((first, count)) = memory.removed_pages(start, end) {
+                        let fresh = states.discard(first, count);
+                        FaultStats::add(&stats.discarded_pages, fresh);
+                    }
+                }
+                Event::Other(_) => {}
+            }
+        }
+    }
+    Ok(samples)
+}

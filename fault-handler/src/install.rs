@@ -1,0 +1,246 @@
+//! Destination guest memory under userfaultfd: registration, fault addresses to pages, and
+//! installing claimed pages.
+//!
+//! Anonymous memory is registered MISSING and filled with UFFDIO_COPY / UFFDIO_ZEROPAGE from a
+//! staging buffer. Memfd and hugetlbfs memory is registered MISSING and MINOR and has an alias
+//! mapping of the same file: data is received straight into the alias (page cache), then mapped
+//! into the guest with UFFDIO_CONTINUE, so no page is copied on the host.
+
+use ferry_transport::{GuestMemory, RegionMapping, ZeroMask};
+
+use crate::error::{FaultError, Result};
+use crate::state::{Claim, PageStates};
+use crate::stats::FaultStats;
+use crate::uffd::{self, Event, Outcome, Userfault};
+
+/// How pages get into the guest mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstallMode {
+    /// Anonymous memory: UFFDIO_COPY from a buffer.
+    Copy,
+    /// Memfd or hugetlbfs memory: fill the alias mapping, then UFFDIO_CONTINUE.
+    Continue,
+}
+
+/// A destination guest's memory, registered with its own userfaultfd, and the state of its pages.
+#[derive(Debug)]
+pub struct DestinationMemory {
+    guest: GuestMemory,
+    alias: Option<Vec<RegionMapping>>,
+    uffd: Userfault,
+    states: PageStates,
+    page_size: u64,
+}
+
+impl DestinationMemory {
+    /// Registers every region of `guest`, which must not have been touched yet (touched pages are
+    /// present and never fault). All regions must share one backing: all anonymous or all memfd.
+    pub fn register(guest: GuestMemory) -> Result<Self> {
+        let page_size = u64::from(guest.layout().page_size());
+        let with_fd = guest.regions().iter().filter(|r| r.fd().is_some()).count();
+        let mode = match with_fd {
+            0 => InstallMode::Copy,
+            n if n == guest.regions().len() => InstallMode::Continue,
+            _ => return Err(FaultError::InvalidMemory("regions mix anonymous and memfd backings".into())),
+        };
+        let hugetlb = page_size > 4096;
+        let features = uffd::FEATURE_EVENT_REMOVE
+            | match (mode, hugetlb) {
+                (InstallMode::Copy, _) => 0,
+                (InstallMode::Continue, false) => uffd::FEATURE_MISSING_SHMEM | uffd::FEATURE_MINOR_SHMEM,
+                (InstallMode::Continue, true) => uffd::FEATURE_MISSING_HUGETLBFS | uffd::FEATURE_MINOR_HUGETLBFS,
+            };
+        let uffd = Userfault::open(features)?;
+        let modes = match mode {
+            InstallMode::Copy => uffd::MODE_MISSING,
+            InstallMode::Continue => uffd::MODE_MISSING | uffd::MODE_MINOR,
+        };
+        for r in guest.regions() {
+            // SAFETY: GuestMemory never exposes its regions as Rust references (every access is a
+            // raw copy), and `guest` lives inside the returned value with the userfaultfd, so the
+            // range stays mapped while the kernel may write it.
+            unsafe { uffd.register(r.host_addr().as_ptr() as u64, r.len() as u64, modes)? };
+        }
+        let alias = match mode {
+            InstallMode::Copy => None,
+            InstallMode::Continue => {
+                Some(guest.regions().iter().map(RegionMapping::alias).collect::<Result<Vec<_>, _>>()?)
+            }
+        };
+        let states = PageStates::new(guest.layout());
+        Ok(DestinationMemory { guest, alias, uffd, states, page_size })
+    }
+
+    pub fn mode(&self) -> InstallMode {
+        if self.alias.is_some() {
+            InstallMode::Continue
+        } else {
+            InstallMode::Copy
+        }
+    }
+
+    pub fn guest(&self) -> &GuestMemory {
+        &self.guest
+    }
+
+    pub fn states(&self) -> &PageStates {
+        &self.states
+    }
+
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// Global page index of a faulting address, or `None` outside guest memory.
+    pub fn page_of(&self, addr: u64) -> Option<u64> {
+        self.guest.regions().iter().enumerate().find_map(|(i, r)| {
+            let start = r.host_addr().as_ptr() as u64;
+            (addr >= start && addr < start + r.len() as u64)
+                .then(|| self.states.global(i as u32, (addr - start) / self.page_size))
+        })
+    }
+
+    /// Region, host address, offset in region and byte length of a claim in the guest mapping.
+    fn span(&self, claim: &Claim) -> (u32, u64, u64, usize) {
+        assert!(claim.issued_by(&self.states), "a claim from another destination's page states");
+        let run = self.states.to_run(claim);
+        let region = &self.guest.regions()[run.region as usize];
+        let offset = run.first_page * self.page_size;
+        (
+            run.region,
+            region.host_addr().as_ptr() as u64 + offset,
+            offset,
+            claim.count() as usize * self.page_size as usize,
+        )
+    }
+
+    /// Receives a claim's bytes straight into the alias mapping with `fill`, then maps them into
+    /// the guest. Only in [`InstallMode::Continue`]; returns `Ok(false)` in copy mode.
+    pub fn fill_in_place(
+        &self,
+        claim: &Claim,
+        stats: &FaultStats,
+        fill: impl FnOnce(&mut [u8]) -> ferry_transport::Result<ZeroMask>,
+    ) -> Result<bool> {
+        let Some(alias) = &self.alias else { return Ok(false) };
+        let (region, _, offset, len) = self.span(claim);
+        // SAFETY: `claim` came from this memory's PageStates, which hands out each page in exactly
+        // one claim; until the CONTINUE below maps them, the guest cannot reach these pages (a
+        // vCPU touching them blocks in a fault), so this view is the only access to the bytes.
+        let dst = unsafe { alias[region as usize].slice_mut(offset, len)? };
+        let zero = fill(dst)?;
+        FaultStats::add(&stats.zero_pages, u64::from(zero.count()));
+        self.map_claim(claim)?;
+        Ok(true)
+    }
+
+    /// Installs a claim whose bytes are in `data` (pages marked in `zero` are zero).
+    pub fn install(&self, claim: &Claim, data: &[u8], zero: &ZeroMask, stats: &FaultStats) -> Result<()> {
+        let (region, addr, offset, len) = self.span(claim);
+        let data = &data[..len];
+        FaultStats::add(&stats.zero_pages, u64::from(zero.count()));
+        if let Some(alias) = &self.alias {
+            alias[region as usize].write(offset, data)?;
+            return self.map_claim(claim);
+        }
+        if zero.count() == claim.count() {
+            self.retrying("UFFDIO_ZEROPAGE", addr, len, |a, l| self.uffd.zeropage(a, l, true))?;
+        } else {
+            self.retrying("UFFDIO_COPY", addr, len, |a, l| {
+                let start = (a - addr) as usize;
+                self.uffd.copy(a, &data[start..start + l as usize], true)
+            })?;
+        }
+        self.states.mark_present(claim);
+        Ok(())
+    }
+
+    /// Installs a claim as zero pages without any data (free pages, discarded pages).
+    pub fn install_zero(&self, claim: &Claim) -> Result<()> {
+        let (region, addr, offset, len) = self.span(claim);
+        match &self.alias {
+            Some(alias) => {
+                alias[region as usize].allocate_zeroed(offset, len)?;
+                self.map_claim(claim)
+            }
+            None => {
+                self.retrying("UFFDIO_ZEROPAGE", addr, len, |a, l| self.uffd.zeropage(a, l, true))?;
+                self.states.mark_present(claim);
+                Ok(())
+            }
+        }
+    }
+
+    fn map_claim(&self, claim: &Claim) -> Result<()> {
+        let (_, addr, _, len) = self.span(claim);
+        self.retrying("UFFDIO_CONTINUE", addr, len, |a, l| self.uffd.continue_range(a, l, true))?;
+        self.states.mark_present(claim);
+        Ok(())
+    }
+
+    /// Runs an install ioctl over `addr..addr+len`: on EAGAIN retries the rest, on EEXIST skips the
+    /// page that exists (a racing install or a page the guest re-populated) and goes on.
+    fn retrying(
+        &self,
+        _what: &'static str,
+        addr: u64,
+        len: usize,
+        mut op: impl FnMut(u64, u64) -> Outcome,
+    ) -> Result<()> {
+        let end = addr + len as u64;
+        let mut at = addr;
+        let mut again = 0;
+        while at < end {
+            match op(at, end - at) {
+                Outcome::Done => return Ok(()),
+                Outcome::Exists(done) => at += done + self.page_size,
+                Outcome::Again(done) => {
+                    at += done;
+                    again += 1;
+                    if again > 1000 {
+                        return Err(FaultError::Install { addr: at, errno: libc::EAGAIN });
+                    }
+                    std::thread::yield_now();
+                }
+                Outcome::Failed(errno) => return Err(FaultError::Install { addr: at, errno }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves a fault on a page this side already considers present (installed meanwhile, or
+    /// discarded by the guest): map what the page cache has (MINOR), else a zero page; a page that
+    /// exists already only needs its waiters woken.
+    pub fn resolve_present(&self, page: u64, minor: bool) -> Result<()> {
+        let claim = self.states.present_page(page);
+        let (_, addr, _, len) = self.span(&claim);
+        let outcome = if minor {
+            self.uffd.continue_range(addr, len as u64, true)
+        } else {
+            self.uffd.zeropage(addr, len as u64, true)
+        };
+        match outcome {
+            Outcome::Done => Ok(()),
+            Outcome::Exists(_) | Outcome::Again(_) => Ok(self.uffd.wake(addr, len as u64)?),
+            Outcome::Failed(errno) => Err(FaultError::Install { addr, errno }),
+        }
+    }
+
+    /// Waits up to `timeout_ms` for userfaultfd events.
+    pub fn read_events(&self, out: &mut [Event], timeout_ms: i32) -> Result<usize> {
+        self.uffd.read_events(out, timeout_ms)
+    }
+
+    /// Global pages covered by a removed host range, clipped to guest memory.
+    pub fn removed_pages(&self, start: u64, end: u64) -> Option<(u64, u64)> {
+        self.guest.regions().iter().enumerate().find_map(|(i, r)| {
+            let base = r.host_addr().as_ptr() as u64;
+            let (s, e) = (start.max(base), end.min(base + r.len() as u64));
+            (s < e).then(|| {
+                let first = (s - base).div_ceil(self.page_size);
+                let last = (e - base) / self.page_size;
+                (self.states.global(i as u32, first), last.saturating_sub(first))
+            })
+        })
+    }
+}

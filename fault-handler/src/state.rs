@@ -1,0 +1,273 @@
+//! Page state across all regions of a guest: absent -> in flight (claimed) -> present, one atomic
+//! bitmap per state. Whoever sets a page's claimed bit (the fault thread or the pre-pager) is the
+//! only one that reads and installs it, so a page is requested once and installed once.
+//!
+//! Pages are numbered globally: region 0's pages first, then region 1's, and so on. A claim never
+//! crosses a region boundary.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ferry_transport::{MemoryLayout, PageRun};
+
+/// A run of pages this caller has claimed and must install. Only [`PageStates`] creates claims,
+/// and it hands out each page in at most one; a claim remembers which `PageStates` issued it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Claim {
+    first: u64,
+    count: u32,
+    owner: usize,
+}
+
+impl Claim {
+    pub fn first(&self) -> u64 {
+        self.first
+    }
+
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// `(first, count)`, for comparisons in tests and logs.
+    pub fn span(&self) -> (u64, u32) {
+        (self.first, self.count)
+    }
+
+    pub(crate) fn issued_by(&self, states: &PageStates) -> bool {
+        self.owner == states as *const PageStates as usize
+    }
+}
+
+#[derive(Debug)]
+struct Bitmap(Box<[AtomicU64]>);
+
+impl Bitmap {
+    fn new(bits: u64) -> Self {
+        Bitmap((0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// Sets the bit; true if this call set it.
+    fn set(&self, i: u64) -> bool {
+        let mask = 1 << (i % 64);
+        self.0[(i / 64) as usize].fetch_or(mask, Ordering::AcqRel) & mask == 0
+    }
+
+    fn get(&self, i: u64) -> bool {
+        self.0[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+
+    /// First clear bit in `from..to`.
+    fn next_clear(&self, from: u64, to: u64) -> Option<u64> {
+        let mut i = from;
+        while i < to {
+            let word = self.0[(i / 64) as usize].load(Ordering::Acquire) | ((1u64 << (i % 64)) - 1);
+            if word != u64::MAX {
+                let bit = (i / 64) * 64 + u64::from(word.trailing_ones());
+                return (bit < to).then_some(bit);
+            }
+            i = (i / 64 + 1) * 64;
+        }
+        None
+    }
+}
+
+/// Per-page state of a guest whose memory is arriving.
+#[derive(Debug)]
+pub struct PageStates {
+    pages: u64,
+    /// Global index of each region's first page, plus the total at the end.
+    bounds: Vec<u64>,
+    claimed: Bitmap,
+    present: Bitmap,
+    discarded: Bitmap,
+    present_count: AtomicU64,
+    installed_twice: AtomicU64,
+}
+
+impl PageStates {
+    pub fn new(layout: &MemoryLayout) -> Self {
+        let mut bounds = vec![0];
+        for i in 0..layout.regions().len() as u32 {
+            bounds.push(bounds.last().copied().unwrap_or(0) + layout.region_pages(i).expect("region in range"));
+        }
+        let pages = layout.total_pages();
+        PageStates {
+            pages,
+            bounds,
+            claimed: Bitmap::new(pages),
+            present: Bitmap::new(pages),
+            discarded: Bitmap::new(pages),
+            present_count: AtomicU64::new(0),
+            installed_twice: AtomicU64::new(0),
+        }
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// The global page range `start..end` of the region holding `page`.
+    pub fn region_span(&self, page: u64) -> (u64, u64) {
+        let i = self.bounds.partition_point(|&b| b <= page) - 1;
+        (self.bounds[i], self.bounds[i + 1])
+    }
+
+    /// Converts a claim (which never crosses a region) to a transport run.
+    pub fn to_run(&self, claim: &Claim) -> PageRun {
+        let i = self.bounds.partition_point(|&b| b <= claim.first) - 1;
+        PageRun::new(i as u32, claim.first - self.bounds[i], claim.count)
+    }
+
+    /// Global index of a region's page.
+    pub fn global(&self, region: u32, page: u64) -> u64 {
+        self.bounds[region as usize] + page
+    }
+
+    /// Claims one page; `None` if it was already claimed.
+    pub fn claim(&self, page: u64) -> Option<Claim> {
+        (page < self.pages && self.claimed.set(page)).then(|| self.issue(page, 1))
+    }
+
+    /// Claims up to `max` consecutive pages upward from `start`, stopping at the first page already
+    /// claimed or at the end of `start`'s region.
+    pub fn claim_up(&self, start: u64, max: u32) -> Option<Claim> {
+        if start >= self.pages {
+            return None;
+        }
+        let (_, end) = self.region_span(start);
+        let mut n = 0;
+        while n < max && start + u64::from(n) < end && self.claimed.set(start + u64::from(n)) {
+            n += 1;
+        }
+        (n > 0).then(|| self.issue(start, n))
+    }
+
+    /// Claims up to `max` consecutive pages downward from `start` (inclusive), stopping at the
+    /// first page already claimed or at the start of `start`'s region.
+    pub fn claim_down(&self, start: u64, max: u32) -> Option<Claim> {
+        if start >= self.pages {
+            return None;
+        }
+        let (begin, _) = self.region_span(start);
+        let mut n = 0u32;
+        while n < max && start >= begin + u64::from(n) && self.claimed.set(start - u64::from(n)) {
+            n += 1;
+        }
+        (n > 0).then(|| self.issue(start + 1 - u64::from(n), n))
+    }
+
+    fn issue(&self, first: u64, count: u32) -> Claim {
+        Claim { first, count, owner: self as *const PageStates as usize }
+    }
+
+    /// A view of one page that claims nothing, for resolving faults on pages already present.
+    pub(crate) fn present_page(&self, page: u64) -> Claim {
+        self.issue(page, 1)
+    }
+
+    pub fn is_claimed(&self, page: u64) -> bool {
+        self.claimed.get(page)
+    }
+
+    pub fn is_present(&self, page: u64) -> bool {
+        self.present.get(page)
+    }
+
+    pub fn is_discarded(&self, page: u64) -> bool {
+        self.discarded.get(page)
+    }
+
+    /// First unclaimed page at or after `from`, in any region.
+    pub fn next_unclaimed(&self, from: u64) -> Option<u64> {
+        self.claimed.next_clear(from, self.pages)
+    }
+
+    /// Records a claim as installed. A page installed twice is counted, never hidden.
+    pub fn mark_present(&self, claim: &Claim) {
+        let mut fresh = 0;
+        for p in claim.first..claim.first + u64::from(claim.count) {
+            if self.present.set(p) {
+                fresh += 1;
+            } else {
+                self.installed_twice.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.present_count.fetch_add(fresh, Ordering::AcqRel);
+    }
+
+    /// Marks pages the guest discarded: they read as zero and must never be filled from the source.
+    /// Returns how many of them were not claimed yet.
+    pub fn discard(&self, first: u64, count: u64) -> u64 {
+        let mut unclaimed = 0;
+        for p in first..(first + count).min(self.pages) {
+            self.discarded.set(p);
+            if self.claimed.set(p) {
+                unclaimed += 1;
+            }
+            if self.present.set(p) {
+                self.present_count.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        unclaimed
+    }
+
+    pub fn present_count(&self) -> u64 {
+        self.present_count.load(Ordering::Acquire)
+    }
+
+    pub fn all_present(&self) -> bool {
+        self.present_count() == self.pages
+    }
+
+    pub fn installed_twice(&self) -> u64 {
+        self.installed_twice.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_transport::RegionLayout;
+
+    fn two_regions() -> PageStates {
+        let l = MemoryLayout::new(
+            4096,
+            vec![
+                RegionLayout { guest_phys_addr: 0, size: 100 * 4096 },
+                RegionLayout { guest_phys_addr: 1 << 30, size: 50 * 4096 },
+            ],
+        )
+        .unwrap();
+        PageStates::new(&l)
+    }
+
+    #[test]
+    fn claims_are_exclusive_and_stop_at_claimed_pages_and_regions() {
+        let s = two_regions();
+        assert_eq!(s.claim(10).map(|c| c.span()), Some((10, 1)));
+        assert_eq!(s.claim(10), None);
+        assert_eq!(s.claim_up(5, 100).map(|c| c.span()), Some((5, 5)));
+        assert_eq!(s.claim_down(20, 100).map(|c| c.span()), Some((11, 10)));
+        assert_eq!(s.claim_up(95, 100).map(|c| c.span()), Some((95, 5)), "stops at region 0's end");
+        let c = s.claim_down(101, 100).unwrap();
+        assert_eq!(c.span(), (100, 2), "stops at region 1's start");
+        assert_eq!(s.to_run(&c), PageRun::new(1, 0, 2));
+        assert_eq!(s.next_unclaimed(0), Some(0));
+        assert_eq!(s.next_unclaimed(5), Some(21));
+        assert_eq!(s.claim_up(150, 1), None);
+    }
+
+    #[test]
+    fn presence_counts_and_double_installs_are_seen() {
+        let s = two_regions();
+        let c = s.claim_up(0, 150).unwrap();
+        assert_eq!(c.count, 100);
+        s.mark_present(&c);
+        assert_eq!(s.present_count(), 100);
+        s.mark_present(&s.present_page(0));
+        assert_eq!(s.installed_twice(), 1);
+        assert_eq!(s.discard(100, 50), 50);
+        assert!(s.all_present());
+        assert!(s.is_discarded(120));
+        assert_eq!(s.next_unclaimed(0), None);
+    }
+}
