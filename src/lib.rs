@@ -1,5 +1,20 @@
-//! `ferry` builds migration sessions (post-copy, pre-copy, hybrid, back-and-forth, fault-tolerant
-//! primary/backup) from the transport, fault handler and pre-pager crates. The sessions land with
-//! the post-copy engine (issue 3); until then this crate re-exports the transport.
+//! `ferry` builds live-migration sessions from its parts: [`ferry_transport`] moves pages,
+//! [`ferry_fault_handler`] traps and installs them, [`ferry_prepager`] decides what comes next.
+//! This crate holds the sessions themselves: post-copy today ([`postcopy`]: the handoff of state
+//! and free pages, a destination that resumes at once and pulls memory behind the running guest,
+//! the source's side and both reports), with pre-copy, hybrid, back-and-forth and fault tolerance
+//! to follow on the same parts. [`toucher`] is a guest stand-in that verifies every page it
+//! touches, for tests, benchmarks and demos without KVM.
 
+pub mod error;
+pub mod freepages;
+pub mod handoff;
+pub mod postcopy;
+pub mod toucher;
+
+pub use error::{MigrationError, Result};
+pub use ferry_fault_handler as fault_handler;
+pub use ferry_prepager as prepager;
 pub use ferry_transport as transport;
+pub use freepages::FreePages;
+pub use postcopy::{run_source, DestinationConfig, DestinationReport, PostcopyDestination, SourceReport};

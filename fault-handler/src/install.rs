@@ -226,6 +226,16 @@ impl DestinationMemory {
         }
     }
 
+    /// Unregisters guest memory once every page is present: from then on the kernel handles the
+    /// guest's faults itself (a page it discards and touches again is simply a zero page), and any
+    /// thread still waiting on a fault is woken.
+    pub fn release(&self) -> Result<()> {
+        for r in self.guest.regions() {
+            self.uffd.unregister(r.host_addr().as_ptr() as u64, r.len() as u64)?;
+        }
+        Ok(())
+    }
+
     /// Waits up to `timeout_ms` for userfaultfd events.
     pub fn read_events(&self, out: &mut [Event], timeout_ms: i32) -> Result<usize> {
         self.uffd.read_events(out, timeout_ms)

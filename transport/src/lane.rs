@@ -119,6 +119,24 @@ impl std::fmt::Debug for PageSource {
     }
 }
 
+/// An authenticated connection for a session's own messages (handoff, progress, done).
+pub trait ControlStream: std::io::Read + std::io::Write + Send + std::fmt::Debug {
+    /// Sets how long a read may wait (`None`: forever).
+    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()>;
+}
+
+impl ControlStream for std::net::TcpStream {
+    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+        std::net::TcpStream::set_read_timeout(self, timeout)
+    }
+}
+
+impl ControlStream for std::os::unix::net::UnixStream {
+    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+        std::os::unix::net::UnixStream::set_read_timeout(self, timeout)
+    }
+}
+
 /// Checks a destination buffer against a run, shared by every backend.
 pub(crate) fn run_dst<'a>(layout: &MemoryLayout, run: PageRun, dst: &'a mut [u8]) -> Result<&'a mut [u8]> {
     layout.check_run(run)?;

@@ -15,6 +15,7 @@ pub mod lane;
 pub mod layout;
 pub mod local;
 pub mod memory;
+mod pagebits;
 pub mod pattern;
 pub mod snapshot;
 pub mod tcp;
@@ -22,7 +23,7 @@ pub mod wire;
 
 pub use auth::PreSharedKey;
 pub use error::{Result, TransportError};
-pub use lane::{BulkDone, BulkLane, BulkRead, PageBuf, PageSource, UrgentLane};
+pub use lane::{BulkDone, BulkLane, BulkRead, ControlStream, PageBuf, PageSource, UrgentLane};
 pub use layout::{MemoryLayout, PageRun, RegionLayout};
 pub use memory::{Backing, GuestMemory, RegionMapping};
 pub use wire::{Lane, SessionId, ZeroMask};

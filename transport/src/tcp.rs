@@ -47,6 +47,9 @@ pub struct ServerStats {
     pub zero_pages: AtomicU64,
     pub refused_reads: AtomicU64,
     pub failed_handshakes: AtomicU64,
+    /// Pages served more than once in this session (a resumed read whose reply was lost, or a
+    /// destination that asks twice). Post-copy keeps this at zero.
+    pub pages_served_twice: AtomicU64,
 }
 
 struct Shared {
@@ -57,6 +60,9 @@ struct Shared {
     stop: AtomicBool,
     stats: ServerStats,
     connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
+    /// One bit per global page: served at least once.
+    served: crate::pagebits::PageBits,
+    control_tx: std::sync::mpsc::SyncSender<TcpStream>,
 }
 
 /// Serves reads of a guest's memory to authenticated destinations until shut down.
@@ -64,6 +70,7 @@ pub struct TcpPageServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
     accept_thread: Option<JoinHandle<()>>,
+    control_rx: Mutex<std::sync::mpsc::Receiver<TcpStream>>,
 }
 
 impl std::fmt::Debug for TcpPageServer {
@@ -82,6 +89,8 @@ impl TcpPageServer {
     ) -> Result<Self> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
+        let (control_tx, control_rx) = std::sync::mpsc::sync_channel(4);
+        let served = crate::pagebits::PageBits::new(memory.layout());
         let shared = Arc::new(Shared {
             memory,
             key,
@@ -90,12 +99,27 @@ impl TcpPageServer {
             stop: AtomicBool::new(false),
             stats: ServerStats::default(),
             connections: Mutex::new(Vec::new()),
+            served,
+            control_tx,
         });
         let accept_shared = shared.clone();
         let accept_thread = std::thread::Builder::new()
             .name("ferry-tcp-accept".into())
             .spawn(move || accept_loop(listener, accept_shared))?;
-        Ok(TcpPageServer { addr, shared, accept_thread: Some(accept_thread) })
+        Ok(TcpPageServer { addr, shared, accept_thread: Some(accept_thread), control_rx: Mutex::new(control_rx) })
+    }
+
+    /// Waits up to `timeout` for a destination to open the session's control lane.
+    pub fn accept_control(&self, timeout: Duration) -> Result<TcpStream> {
+        let rx = self.control_rx.lock().expect("control receiver poisoned");
+        let stream = rx.recv_timeout(timeout).map_err(|_| {
+            TransportError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no destination opened a control lane",
+            ))
+        })?;
+        stream.set_read_timeout(None)?;
+        Ok(stream)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -154,10 +178,12 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let Ok(handle) = stream.try_clone() else { continue };
         let conn_shared = shared.clone();
         let spawned = std::thread::Builder::new().name("ferry-tcp-serve".into()).spawn(move || {
-            if let Err(TransportError::AuthFailed(_) | TransportError::Refused { .. }) =
-                serve_connection(&stream, &conn_shared)
-            {
-                conn_shared.stats.failed_handshakes.fetch_add(1, Ordering::Relaxed);
+            match serve_connection(&stream, &conn_shared) {
+                Ok(Served::Control) => return,
+                Err(TransportError::AuthFailed(_) | TransportError::Refused { .. }) => {
+                    conn_shared.stats.failed_handshakes.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Served::Closed) | Err(_) => {}
             }
             // The accept loop holds a duplicate of this socket: close the connection explicitly.
             let _ = stream.shutdown(Shutdown::Both);
@@ -170,7 +196,15 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<()> {
+/// How a connection ended.
+enum Served {
+    /// The page lane closed.
+    Closed,
+    /// A control lane, handed to the session owner through `accept_control`.
+    Control,
+}
+
+fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<Served> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(shared.options.io_timeout))?;
     stream.set_write_timeout(Some(shared.options.io_timeout))?;
@@ -178,7 +212,11 @@ fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<()> {
     let layout = memory.layout();
     let lane = server_handshake(&mut &*stream, &shared.key, shared.session, layout)?;
     if lane == Lane::Control {
-        return Err(TransportError::Unexpected { expected: "an urgent or bulk lane", got: 0 });
+        let handle = stream.try_clone()?;
+        return match shared.control_tx.try_send(handle) {
+            Ok(()) => Ok(Served::Control),
+            Err(_) => Err(TransportError::Unexpected { expected: "at most a few control lanes", got: 0 }),
+        };
     }
     // A destination may be idle for a long time between faults: wait for requests indefinitely,
     // but never block forever on a peer that stopped reading replies.
@@ -192,7 +230,7 @@ fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<()> {
     loop {
         match requests.read_exact(&mut frame) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Served::Closed),
             Err(e) => return Err(e.into()),
         }
         let req = ReadRequest::decode(&frame)?;
@@ -215,6 +253,10 @@ fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<()> {
                 if region.is_zero(base + u64::from(p) * u64::from(page_size), page_size as usize)? {
                     reply.zero.set(p);
                 }
+            }
+            let twice = shared.served.set_run(req.run);
+            if twice > 0 {
+                shared.stats.pages_served_twice.fetch_add(twice, Ordering::Relaxed);
             }
             let zero = reply.zero.count();
             shared.stats.zero_pages.fetch_add(u64::from(zero), Ordering::Relaxed);
@@ -282,6 +324,21 @@ pub fn connect(
     options: &TcpOptions,
 ) -> Result<PageSource> {
     open_lanes(addr, key, SessionId::NEW, expected_layout, options)
+}
+
+/// Opens a new session's control lane, then its urgent and bulk lanes: what a post-copy
+/// destination holds for the whole migration.
+pub fn connect_session(
+    addr: impl ToSocketAddrs,
+    key: &PreSharedKey,
+    expected_layout: Option<&MemoryLayout>,
+    options: &TcpOptions,
+) -> Result<(PageSource, TcpStream)> {
+    let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
+    let (control, cs) = open_lane(&addrs, key, Lane::Control, SessionId::NEW, expected_layout, options)?;
+    control.set_read_timeout(None)?;
+    let source = open_lanes(&addrs[..], key, cs.session, Some(&cs.layout), options)?;
+    Ok((source, control))
 }
 
 /// Reopens both lanes of an existing session after its connections broke. Reads that were in

@@ -37,6 +37,8 @@ pub enum MessageKind {
     Proof = 3,
     Welcome = 4,
     Reject = 5,
+    /// A migration session's own message; its payload belongs to the layer above the transport.
+    Session = 8,
     ReadRequest = 16,
     ReadReply = 17,
 }
@@ -49,6 +51,7 @@ impl MessageKind {
             3 => Self::Proof,
             4 => Self::Welcome,
             5 => Self::Reject,
+            8 => Self::Session,
             16 => Self::ReadRequest,
             17 => Self::ReadReply,
             _ => return None,
@@ -295,7 +298,7 @@ impl Control {
                 let detail = String::from_utf8_lossy(d.bytes(len)?).into_owned();
                 Control::Reject { reason, detail }
             }
-            MessageKind::ReadRequest | MessageKind::ReadReply => {
+            MessageKind::ReadRequest | MessageKind::ReadReply | MessageKind::Session => {
                 return Err(TransportError::Unexpected { expected: "a control message", got: kind as u16 })
             }
         };
@@ -352,12 +355,49 @@ pub fn read_control(r: &mut impl Read) -> Result<Control> {
     let mut h = [0u8; HEADER_LEN];
     r.read_exact(&mut h).map_err(TransportError::from_read)?;
     let header = parse_header(&h)?;
-    if matches!(header.kind, MessageKind::ReadRequest | MessageKind::ReadReply) {
+    if matches!(header.kind, MessageKind::ReadRequest | MessageKind::ReadReply | MessageKind::Session) {
         return Err(TransportError::Unexpected { expected: "a control message", got: header.kind as u16 });
     }
     let mut payload = vec![0u8; header.len as usize];
     r.read_exact(&mut payload).map_err(TransportError::from_read)?;
     Control::decode(header.kind, &payload)
+}
+
+/// Longest session message payload.
+pub const MAX_SESSION_PAYLOAD: usize = MAX_CONTROL_PAYLOAD as usize;
+
+/// Writes one session message.
+pub fn write_session<W: Write + ?Sized>(w: &mut W, payload: &[u8]) -> Result<()> {
+    if payload.len() > MAX_SESSION_PAYLOAD {
+        return Err(TransportError::FrameTooLarge {
+            kind: MessageKind::Session as u16,
+            len: payload.len() as u32,
+            cap: MAX_CONTROL_PAYLOAD,
+        });
+    }
+    let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
+    frame.extend_from_slice(&encode_header(MessageKind::Session, payload.len() as u32));
+    frame.extend_from_slice(payload);
+    w.write_all(&frame)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one session message. A `Reject` from the peer becomes [`TransportError::Refused`].
+pub fn read_session<R: Read + ?Sized>(r: &mut R) -> Result<Vec<u8>> {
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h).map_err(TransportError::from_read)?;
+    let header = parse_header(&h)?;
+    let mut payload = vec![0u8; header.len as usize];
+    r.read_exact(&mut payload).map_err(TransportError::from_read)?;
+    match header.kind {
+        MessageKind::Session => Ok(payload),
+        MessageKind::Reject => match Control::decode(MessageKind::Reject, &payload)? {
+            Control::Reject { reason, detail } => Err(TransportError::Refused { reason, detail }),
+            _ => unreachable!("decoded a reject frame"),
+        },
+        other => Err(TransportError::Unexpected { expected: "a session message", got: other as u16 }),
+    }
 }
 
 pub fn write_control(w: &mut impl Write, msg: &Control) -> Result<()> {

@@ -1,0 +1,18 @@
+/// Errors of a migration session.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("transport: {0}")]
+    Transport(#[from] ferry_transport::TransportError),
+    #[error("fault handler: {0}")]
+    Fault(#[from] ferry_fault_handler::FaultError),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("the VMM's resume callback failed: {0}")]
+    Resume(String),
+    #[error("the peer aborted the migration: {0}")]
+    PeerAborted(String),
+    #[error("a session thread panicked")]
+    ThreadPanicked,
+}
+
+pub type Result<T, E = MigrationError> = std::result::Result<T, E>;

@@ -1,0 +1,91 @@
+//! Pages the guest reported free (the paper's dynamic self-ballooning): they never cross the
+//! network and appear at the destination as zero pages.
+
+/// One bit per global page.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FreePages {
+    words: Vec<u64>,
+    pages: u64,
+}
+
+impl FreePages {
+    pub fn new(pages: u64) -> Self {
+        FreePages { words: vec![0; pages.div_ceil(64) as usize], pages }
+    }
+
+    /// Rebuilds a bitmap received from a peer; `None` if its size does not fit `pages` or it
+    /// marks pages past the end.
+    pub fn from_words(words: Vec<u64>, pages: u64) -> Option<Self> {
+        if words.len() as u64 != pages.div_ceil(64) {
+            return None;
+        }
+        let tail = pages % 64;
+        if tail != 0 && words.last().is_some_and(|w| w >> tail != 0) {
+            return None;
+        }
+        Some(FreePages { words, pages })
+    }
+
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    pub fn set(&mut self, page: u64) {
+        if page < self.pages {
+            self.words[(page / 64) as usize] |= 1 << (page % 64);
+        }
+    }
+
+    pub fn set_range(&mut self, first: u64, count: u64) {
+        for p in first..first.saturating_add(count).min(self.pages) {
+            self.set(p);
+        }
+    }
+
+    pub fn is_free(&self, page: u64) -> bool {
+        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Maximal runs `(first, count)` of free pages.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut runs = Vec::new();
+        let mut p = 0;
+        while p < self.pages {
+            if !self.is_free(p) {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < self.pages && self.is_free(p) {
+                p += 1;
+            }
+            runs.push((start, p - start));
+        }
+        runs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_and_bounds() {
+        let mut f = FreePages::new(130);
+        f.set_range(3, 4);
+        f.set_range(127, 10);
+        assert_eq!(f.runs(), vec![(3, 4), (127, 3)]);
+        assert_eq!(f.count(), 7);
+        assert!(FreePages::from_words(f.words().to_vec(), 130).is_some());
+        assert!(FreePages::from_words(vec![0; 2], 130).is_none());
+        assert!(FreePages::from_words(vec![0, 0, 1 << 5], 130).is_none(), "bits past the end");
+    }
+}

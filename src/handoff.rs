@@ -1,0 +1,159 @@
+//! The session messages of a post-copy handoff, carried in the transport's `Session` frames:
+//!
+//! ```text
+//! source                                      destination
+//!   Handoff{state_len, total_pages}      ->
+//!   Chunk{stream, offset, bytes}...      ->   (the state blob, then the free-page bitmap)
+//!                                        <-   Resumed            (vCPUs run: downtime ends)
+//!                                        <-   Done{counters}     (every page present)
+//!   Abort{reason} either way on failure
+//! ```
+//! Every field is bounds-checked: a peer cannot make us allocate more than `MAX_STATE_BYTES` plus
+//! the bitmap its layout implies, and chunks must arrive in order.
+
+use ferry_transport::wire::{read_session, write_session, MAX_SESSION_PAYLOAD};
+use ferry_transport::ControlStream;
+
+use crate::error::{MigrationError, Result};
+use crate::freepages::FreePages;
+
+/// Largest vCPU and device state blob a destination accepts.
+pub const MAX_STATE_BYTES: u64 = 256 << 20;
+const CHUNK_DATA: usize = MAX_SESSION_PAYLOAD - 32;
+
+const HANDOFF: u8 = 1;
+const CHUNK: u8 = 2;
+const RESUMED: u8 = 3;
+const DONE: u8 = 4;
+const ABORT: u8 = 5;
+
+const STREAM_STATE: u8 = 1;
+const STREAM_FREE: u8 = 2;
+
+/// What the destination tells the source when every page is present.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DoneCounters {
+    pub pages_present: u64,
+    pub network_faults: u64,
+    pub urgent_pages: u64,
+    pub bulk_pages: u64,
+    pub skipped_free_pages: u64,
+}
+
+fn protocol(why: impl Into<String>) -> MigrationError {
+    MigrationError::Protocol(why.into())
+}
+
+fn u64_at(b: &[u8], i: usize) -> Result<u64> {
+    b.get(i..i + 8)
+        .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
+        .ok_or_else(|| protocol("truncated session message"))
+}
+
+/// Source side: sends the state blob and free-page bitmap.
+pub fn send_handoff(control: &mut dyn ControlStream, state: &[u8], free: &FreePages) -> Result<()> {
+    let mut msg = vec![HANDOFF];
+    msg.extend_from_slice(&(state.len() as u64).to_le_bytes());
+    msg.extend_from_slice(&free.pages().to_le_bytes());
+    write_session(control, &msg)?;
+    send_stream(control, STREAM_STATE, state)?;
+    let bitmap: Vec<u8> = free.words().iter().flat_map(|w| w.to_le_bytes()).collect();
+    send_stream(control, STREAM_FREE, &bitmap)
+}
+
+fn send_stream(control: &mut dyn ControlStream, stream: u8, bytes: &[u8]) -> Result<()> {
+    for (i, chunk) in bytes.chunks(CHUNK_DATA).enumerate() {
+        let mut msg = Vec::with_capacity(10 + chunk.len());
+        msg.push(CHUNK);
+        msg.push(stream);
+        msg.extend_from_slice(&((i * CHUNK_DATA) as u64).to_le_bytes());
+        msg.extend_from_slice(chunk);
+        write_session(control, &msg)?;
+    }
+    Ok(())
+}
+
+/// Destination side: receives the handoff for a guest of `total_pages` pages.
+pub fn receive_handoff(control: &mut dyn ControlStream, total_pages: u64) -> Result<(Vec<u8>, FreePages)> {
+    let msg = read_message(control)?;
+    if msg.first() != Some(&HANDOFF) || msg.len() != 17 {
+        return Err(protocol("expected a handoff"));
+    }
+    let state_len = u64_at(&msg, 1)?;
+    let pages = u64_at(&msg, 9)?;
+    if state_len > MAX_STATE_BYTES {
+        return Err(protocol(format!("state blob of {state_len} bytes (at most {MAX_STATE_BYTES})")));
+    }
+    if pages != total_pages {
+        return Err(protocol(format!("handoff for {pages} pages, this guest has {total_pages}")));
+    }
+    let state = receive_stream(control, STREAM_STATE, state_len as usize)?;
+    let bitmap = receive_stream(control, STREAM_FREE, pages.div_ceil(64) as usize * 8)?;
+    let words = bitmap.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+    let free =
+        FreePages::from_words(words, pages).ok_or_else(|| protocol("free-page bitmap marks pages past the end"))?;
+    Ok((state, free))
+}
+
+fn receive_stream(control: &mut dyn ControlStream, stream: u8, len: usize) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let msg = read_message(control)?;
+        if msg.len() < 10 || msg[0] != CHUNK || msg[1] != stream {
+            return Err(protocol("expected a chunk of the handoff"));
+        }
+        if u64_at(&msg, 2)? != out.len() as u64 || out.len() + msg.len() - 10 > len {
+            return Err(protocol("handoff chunk out of order or past its stream's end"));
+        }
+        out.extend_from_slice(&msg[10..]);
+    }
+    Ok(out)
+}
+
+pub fn send_resumed(control: &mut dyn ControlStream) -> Result<()> {
+    Ok(write_session(control, &[RESUMED])?)
+}
+
+pub fn send_done(control: &mut dyn ControlStream, c: &DoneCounters) -> Result<()> {
+    let mut msg = vec![DONE];
+    for v in [c.pages_present, c.network_faults, c.urgent_pages, c.bulk_pages, c.skipped_free_pages] {
+        msg.extend_from_slice(&v.to_le_bytes());
+    }
+    Ok(write_session(control, &msg)?)
+}
+
+pub fn send_abort(control: &mut dyn ControlStream, reason: &str) {
+    let mut msg = vec![ABORT];
+    msg.extend_from_slice(&reason.as_bytes()[..reason.len().min(1024)]);
+    let _ = write_session(control, &msg);
+}
+
+pub fn expect_resumed(control: &mut dyn ControlStream) -> Result<()> {
+    match read_message(control)?.as_slice() {
+        [RESUMED] => Ok(()),
+        _ => Err(protocol("expected resumed")),
+    }
+}
+
+pub fn expect_done(control: &mut dyn ControlStream) -> Result<DoneCounters> {
+    let msg = read_message(control)?;
+    if msg.first() != Some(&DONE) || msg.len() != 41 {
+        return Err(protocol("expected done"));
+    }
+    Ok(DoneCounters {
+        pages_present: u64_at(&msg, 1)?,
+        network_faults: u64_at(&msg, 9)?,
+        urgent_pages: u64_at(&msg, 17)?,
+        bulk_pages: u64_at(&msg, 25)?,
+        skipped_free_pages: u64_at(&msg, 33)?,
+    })
+}
+
+/// Reads a session message, turning the peer's `Abort` into an error.
+fn read_message(control: &mut dyn ControlStream) -> Result<Vec<u8>> {
+    let msg = read_session(control)?;
+    if msg.first() == Some(&ABORT) {
+        return Err(MigrationError::PeerAborted(String::from_utf8_lossy(&msg[1..]).into_owned()));
+    }
+    Ok(msg)
+}

@@ -1,0 +1,185 @@
+//! A guest stand-in for tests, benchmarks and demos without KVM: threads that touch guest memory
+//! in a pattern and verify every byte of each page they touch. Page contents come from
+//! [`ferry_transport::pattern`], so any page can be checked anywhere without a copy of the source.
+
+use std::time::{Duration, Instant};
+
+use ferry_transport::pattern::{check_page, fill_page};
+use ferry_transport::{GuestMemory, Result};
+
+use crate::freepages::FreePages;
+
+/// Bytes a free page holds at the source: anything but zero, so a free page that crossed would
+/// show at the destination.
+pub const FREE_PAGE_FILL: u8 = 0xEE;
+
+/// How the workload walks memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// Every page once, in address order.
+    Sequential,
+    /// Pages drawn uniformly at random.
+    Random,
+    /// 90% of touches in a hot set of 1/16 of memory (four contiguous stretches), 10% anywhere.
+    HotSet,
+}
+
+impl Pattern {
+    pub const ALL: [Pattern; 3] = [Pattern::Sequential, Pattern::Random, Pattern::HotSet];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::Sequential => "seq",
+            Pattern::Random => "random",
+            Pattern::HotSet => "hot-set",
+        }
+    }
+}
+
+impl std::str::FromStr for Pattern {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Pattern::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("unknown pattern {s:?}: seq, random or hot-set"))
+    }
+}
+
+/// What a workload saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TouchReport {
+    pub touches: u64,
+    pub mismatches: u64,
+    pub elapsed: Duration,
+}
+
+impl TouchReport {
+    pub fn rate(&self) -> f64 {
+        self.touches as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Fills the source: every page with its pattern, free pages with [`FREE_PAGE_FILL`].
+pub fn prepare_source(memory: &GuestMemory, seed: u64, free: &FreePages) -> Result<()> {
+    ferry_transport::pattern::fill_memory(memory, seed)?;
+    let ps = memory.layout().page_size() as usize;
+    let junk = vec![FREE_PAGE_FILL; ps];
+    for (first, count) in free.runs() {
+        for g in first..first + count {
+            let (region, offset) = locate(memory, g);
+            memory.regions()[region].write(offset, &junk)?;
+        }
+    }
+    Ok(())
+}
+
+fn locate(memory: &GuestMemory, global: u64) -> (usize, u64) {
+    let ps = u64::from(memory.layout().page_size());
+    let mut g = global;
+    for (i, r) in memory.regions().iter().enumerate() {
+        let pages = r.len() as u64 / ps;
+        if g < pages {
+            return (i, g * ps);
+        }
+        g -= pages;
+    }
+    panic!("page {global} outside guest memory");
+}
+
+fn page_ok(page: &[u8], global: u64, seed: u64, free: &FreePages) -> bool {
+    if free.is_free(global) {
+        page.iter().all(|&b| b == 0)
+    } else {
+        check_page(page, global, seed)
+    }
+}
+
+/// A small fast generator: the workload must cost far less than a page fault.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Touches `touches` pages of `memory` in `pattern` (starting at `start` for sequential), reading
+/// each whole page and checking it: the destination's guest, or a local baseline.
+pub fn touch(
+    memory: &GuestMemory,
+    pattern: Pattern,
+    seed: u64,
+    free: &FreePages,
+    touches: u64,
+    start: u64,
+) -> Result<TouchReport> {
+    let pages = memory.layout().total_pages();
+    let ps = memory.layout().page_size() as usize;
+    let mut buf = vec![0u8; ps];
+    let mut rng = XorShift(seed | 1);
+    let hot_len = (pages / 16).max(1);
+    let hot_stretch = (hot_len / 4).max(1);
+    let hot_starts: Vec<u64> = (0..4).map(|i| (pages / 4) * i + (pages / 4 - hot_stretch.min(pages / 4)) / 2).collect();
+    let mut report = TouchReport::default();
+    let t0 = Instant::now();
+    for i in 0..touches {
+        let g = match pattern {
+            Pattern::Sequential => (start + i) % pages,
+            Pattern::Random => rng.next() % pages,
+            Pattern::HotSet => {
+                let r = rng.next();
+                if r % 10 == 0 || pages < 64 {
+                    (r >> 8) % pages
+                } else {
+                    hot_starts[(r >> 4) as usize % 4] + (r >> 8) % hot_stretch
+                }
+            }
+        };
+        let (region, offset) = locate(memory, g);
+        memory.regions()[region].read(offset, &mut buf)?;
+        if !page_ok(&buf, g, seed, free) {
+            report.mismatches += 1;
+        }
+        report.touches += 1;
+    }
+    report.elapsed = t0.elapsed();
+    Ok(report)
+}
+
+/// Checks every page of `memory`: the count of pages that differ from what the source held.
+pub fn verify_all(memory: &GuestMemory, seed: u64, free: &FreePages) -> Result<u64> {
+    let ps = memory.layout().page_size() as usize;
+    let mut buf = vec![0u8; ps];
+    let mut bad = 0;
+    let mut g = 0;
+    for r in memory.regions() {
+        for off in (0..r.len()).step_by(ps) {
+            r.read(off as u64, &mut buf)?;
+            if !page_ok(&buf, g, seed, free) {
+                bad += 1;
+            }
+            g += 1;
+        }
+    }
+    Ok(bad)
+}
+
+/// Writes the source pattern for `global` into `page` (for tests that build pages by hand).
+pub fn expected_page(page: &mut [u8], global: u64, seed: u64) {
+    fill_page(page, global, seed);
+}
+
+/// The free pages the demos and tests report: one eighth of memory in one stretch (a guest that
+/// freed a large buffer) plus every 97th page (scattered frees).
+pub fn demo_free_pages(pages: u64) -> FreePages {
+    let mut free = FreePages::new(pages);
+    free.set_range(pages / 2, pages / 8);
+    for p in (0..pages).step_by(97) {
+        free.set(p);
+    }
+    free
+}
