@@ -101,7 +101,7 @@ proptest! {
         let s = states(pages);
         let mut policy = kind.build();
         let mut owner = vec![0u32; pages as usize];
-        let mut take = |c: Claim, owner: &mut Vec<u32>| {
+        let take = |c: Claim, owner: &mut Vec<u32>| {
             for p in c.first()..c.first() + u64::from(c.count()) {
                 owner[p as usize] += 1;
             }
