@@ -43,7 +43,7 @@ fn faults_over(backing: Backing) {
     assert_eq!(FaultStats::get(&stats.network_faults), touched.len() as u64, "one network fault per page touched");
     assert_eq!(dest.states().present_count(), touched.len() as u64);
     assert_eq!(dest.states().installed_twice(), 0);
-    assert!(queue.len() > 0, "faults become pivots");
+    assert!(!queue.is_empty(), "faults become pivots");
 }
 
 #[test]
