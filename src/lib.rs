@@ -9,6 +9,7 @@
 pub mod error;
 pub mod freepages;
 pub mod handoff;
+pub mod loopback;
 pub mod postcopy;
 pub mod toucher;
 

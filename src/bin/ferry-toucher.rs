@@ -1,0 +1,255 @@
+//! `ferry-toucher`: post-copy migration of a process workload between two processes, no KVM
+//! needed. The source fills guest memory with a verifiable pattern, runs a toucher on it, pauses
+//! it and hands it over; the destination resumes the toucher at once while memory arrives, then
+//! verifies every byte.
+//!
+//! ```text
+//! ferry-toucher demo   [--mem-mib 1024] [--pattern seq|random|hot-set] [--policy demand|push|bubbling]
+//!                      [--backing anon|memfd|hugetlb] [--touches N] [--json]
+//! ferry-toucher source --listen ADDR [--mem-mib N] [--page-size 4096|2097152]
+//! ferry-toucher dest   --connect ADDR [--mem-mib N] [--page-size ...] [--pattern ...] [--policy ...]
+//!                      [--backing ...] [--touches N] [--json]
+//! ```
+//! The pre-shared key comes from the environment variable `FERRY_KEY` (hex); `demo` makes one.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry::fault_handler::DestinationMemory;
+use ferry::prepager::PolicyKind;
+use ferry::toucher::{demo_free_pages, prepare_source, touch, verify_all, Pattern, Walk};
+use ferry::transport::tcp::{self, TcpOptions, TcpPageServer};
+use ferry::transport::{Backing, GuestMemory, MemoryLayout, PreSharedKey};
+use ferry::{run_source, DestinationConfig, PostcopyDestination};
+use serde_json::json;
+
+const SEED: u64 = 0xfe55_1234;
+
+struct Args {
+    role: String,
+    addr: String,
+    mem_mib: u64,
+    page_size: u32,
+    pattern: Pattern,
+    policy: PolicyKind,
+    backing: Backing,
+    touches: Option<u64>,
+    json: bool,
+}
+
+fn parse() -> Result<Args> {
+    let mut raw = std::env::args().skip(1);
+    let role = raw.next().ok_or_else(|| anyhow!("usage: ferry-toucher demo|source|dest [options]"))?;
+    let mut a = Args {
+        role,
+        addr: "127.0.0.1:0".into(),
+        mem_mib: 1024,
+        page_size: 4096,
+        pattern: Pattern::HotSet,
+        policy: PolicyKind::Bubbling,
+        backing: Backing::Anonymous,
+        touches: None,
+        json: false,
+    };
+    while let Some(flag) = raw.next() {
+        let mut value = || raw.next().ok_or_else(|| anyhow!("{flag} needs a value"));
+        match flag.as_str() {
+            "--listen" | "--connect" => a.addr = value()?,
+            "--mem-mib" => a.mem_mib = value()?.parse()?,
+            "--page-size" => a.page_size = value()?.parse()?,
+            "--pattern" => a.pattern = value()?.parse().map_err(|e: String| anyhow!(e))?,
+            "--policy" => a.policy = value()?.parse().map_err(|e: String| anyhow!(e))?,
+            "--backing" => {
+                a.backing = match value()?.as_str() {
+                    "anon" => Backing::Anonymous,
+                    "memfd" => Backing::Memfd,
+                    "hugetlb" => Backing::HugetlbMemfd,
+                    other => bail!("unknown backing {other:?}: anon, memfd or hugetlb"),
+                }
+            }
+            "--touches" => a.touches = Some(value()?.parse()?),
+            "--json" => a.json = true,
+            other => bail!("unknown option {other}"),
+        }
+    }
+    if a.backing == Backing::HugetlbMemfd {
+        a.page_size = 2 << 20;
+    }
+    Ok(a)
+}
+
+fn key() -> Result<PreSharedKey> {
+    let hex = std::env::var("FERRY_KEY").context("FERRY_KEY (hex pre-shared key) is not set")?;
+    Ok(PreSharedKey::from_hex(&hex)?)
+}
+
+fn layout(a: &Args) -> Result<MemoryLayout> {
+    Ok(MemoryLayout::new(
+        a.page_size,
+        vec![ferry::transport::RegionLayout { guest_phys_addr: 0, size: a.mem_mib << 20 }],
+    )?)
+}
+
+fn main() -> Result<()> {
+    let a = parse()?;
+    match a.role.as_str() {
+        "source" => source(&a),
+        "dest" => dest(&a),
+        "demo" => demo(&a),
+        other => bail!("unknown role {other:?}: demo, source or dest"),
+    }
+}
+
+/// State the toucher carries across the migration: where its walk is.
+fn encode_state(position: u64) -> Vec<u8> {
+    [SEED.to_le_bytes(), position.to_le_bytes()].concat()
+}
+
+fn source(a: &Args) -> Result<()> {
+    let layout = layout(a)?;
+    let free = demo_free_pages(layout.total_pages());
+    let memory = Arc::new(GuestMemory::create(layout, Backing::Anonymous)?);
+    prepare_source(&memory, SEED, &free)?;
+    let server = TcpPageServer::start(a.addr.as_str(), memory.clone(), key()?, TcpOptions::default())?;
+    println!("listening {}", server.local_addr());
+    std::io::stdout().flush()?;
+    let mut control = server.accept_control(Duration::from_secs(60))?;
+    // The workload runs until the migration starts; its position travels in the state blob.
+    let before = touch(&memory, Walk::new(a.pattern), SEED, &free, 4096)?;
+    let paused_at = Instant::now();
+    let report = run_source(&mut control, paused_at, &encode_state(before.touches), &free)?;
+    let stats = server.stats();
+    let served_twice = stats.pages_served_twice.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "{}",
+        json!({
+            "role": "source",
+            "downtime_ms": ms(report.downtime),
+            "total_ms": ms(report.total),
+            "pages_present": report.done.pages_present,
+            "pages_served_twice": served_twice,
+            "data_pages_served": stats.data_pages.load(std::sync::atomic::Ordering::Relaxed),
+            "zero_pages_served": stats.zero_pages.load(std::sync::atomic::Ordering::Relaxed),
+            "rate_before": before.rate(),
+        })
+    );
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn dest(a: &Args) -> Result<()> {
+    let layout = layout(a)?;
+    let pages = layout.total_pages();
+    let free = demo_free_pages(pages);
+    let (lanes, control) = tcp::connect_session(a.addr.as_str(), &key()?, Some(&layout), &TcpOptions::default())?;
+    let memory = Arc::new(DestinationMemory::register(GuestMemory::create(layout, a.backing)?)?);
+    let mut position = 0;
+    let session = PostcopyDestination::start(
+        Box::new(control),
+        memory.clone(),
+        lanes,
+        &DestinationConfig { policy: a.policy, ..DestinationConfig::default() },
+        |state| {
+            let seed = state.get(..8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes);
+            let pos = state.get(8..16).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes);
+            match (seed, pos) {
+                (Some(SEED), Some(p)) => {
+                    position = p;
+                    Ok(())
+                }
+                _ => Err("state blob is not this toucher's".to_string()),
+            }
+        },
+    )?;
+    let touches = a.touches.unwrap_or(match a.pattern {
+        Pattern::Sequential => pages,
+        _ => pages / 4,
+    });
+    // The walk goes on where the source's stopped; a second walk with the same seed after the
+    // migration, over memory that is all local, is the baseline the first is compared with.
+    let walk = Walk { pattern: a.pattern, seed: SEED ^ position, start: position };
+    let during = touch(memory.guest(), walk, SEED, &free, touches)?;
+    session.finish();
+    let report = session.wait()?;
+    let after = touch(memory.guest(), walk, SEED, &free, touches)?;
+    let mismatches = during.mismatches + after.mismatches + verify_all(memory.guest(), SEED, &free)?;
+    let out = json!({
+        "role": "dest",
+        "policy": report.policy,
+        "pattern": a.pattern.name(),
+        "backing": format!("{:?}", a.backing),
+        "pages_total": report.pages_total,
+        "total_ms": ms(report.total),
+        "resume_ms": ms(report.resume_latency),
+        "faults": report.faults,
+        "network_faults": report.network_faults,
+        "inflight_faults": report.inflight_faults,
+        "local_faults": report.local_faults,
+        "urgent_pages": report.urgent_pages,
+        "bulk_pages": report.bulk_pages,
+        "zero_pages": report.zero_pages,
+        "skipped_free_pages": report.skipped_free_pages,
+        "pages_installed_twice": report.pages_installed_twice,
+        "fault_p50_us": report.fault_p50.as_secs_f64() * 1e6,
+        "fault_p99_us": report.fault_p99.as_secs_f64() * 1e6,
+        "fault_max_us": report.fault_max.as_secs_f64() * 1e6,
+        "fault_histogram_pow2_us": report.fault_histogram_us,
+        "blocktime_ms": ms(report.blocktime),
+        "rate_during": during.rate(),
+        "rate_after": after.rate(),
+        "guest_mismatches": mismatches,
+    });
+    println!("{out}");
+    if mismatches > 0 {
+        bail!("{mismatches} pages differ from the source");
+    }
+    Ok(())
+}
+
+/// Runs the source as a child process of this binary and the destination here.
+fn demo(a: &Args) -> Result<()> {
+    let key_hex: String = match std::env::var("FERRY_KEY") {
+        Ok(k) => k,
+        Err(_) => {
+            let mut bytes = [0u8; 32];
+            std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+    };
+    std::env::set_var("FERRY_KEY", &key_hex);
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args([
+            "source",
+            "--listen",
+            "127.0.0.1:0",
+            "--mem-mib",
+            &a.mem_mib.to_string(),
+            "--page-size",
+            &a.page_size.to_string(),
+        ])
+        .args(["--pattern", a.pattern.name()])
+        .env("FERRY_KEY", &key_hex)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("no child stdout"))?).lines();
+    let first = lines.next().ok_or_else(|| anyhow!("source exited before listening"))??;
+    let addr = first.strip_prefix("listening ").ok_or_else(|| anyhow!("source said {first:?}"))?.to_string();
+    let dest_args = Args { addr, role: "dest".into(), ..*a };
+    let result = dest(&dest_args);
+    for line in lines {
+        println!("{}", line?);
+    }
+    let status = child.wait()?;
+    result?;
+    if !status.success() {
+        bail!("source process failed: {status}");
+    }
+    Ok(())
+}
