@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ferry_fault_handler::{run_fault_loop, Claim, DestinationMemory, FaultQueue, FaultStats};
 use ferry_prepager::{BatchSizer, Policy, PolicyKind, Push};
-use ferry_transport::{BulkLane, BulkRead, ControlStream, PageBuf, PageSource};
+use ferry_transport::{BulkLane, BulkRead, BulkTarget, ControlStream, PageBuf, PageSource};
 
 use crate::error::{MigrationError, Result};
 use crate::freepages::FreePages;
@@ -316,10 +316,14 @@ fn run_prepager(
         while bulk.in_flight() < bulk.depth() {
             let Some(claim) = policy.next(states, sizer.pages()) else { break };
             let bytes = claim.count() as usize * page_size as usize;
-            let buf = match pool.iter().position(|b| b.len() >= bytes) {
-                Some(i) => pool.swap_remove(i),
-                None => PageBuf::new(bytes.next_power_of_two().min(max_pages as usize * page_size as usize)),
-            };
+            // Straight into the guest's page cache where the backing allows it, else a buffer.
+            let buf = memory.mapped_target(&claim).unwrap_or_else(|| {
+                match pool.iter().position(|b| b.len() >= bytes) {
+                    Some(i) => pool.swap_remove(i),
+                    None => PageBuf::new(bytes.next_power_of_two().min(max_pages as usize * page_size as usize)),
+                }
+                .into()
+            });
             let run = states.to_run(&claim);
             if bulk.in_flight() == 0 {
                 last_completion = Instant::now();
@@ -341,9 +345,14 @@ fn run_prepager(
         let now = Instant::now();
         sizer.record(bytes, now - last_completion);
         last_completion = now;
-        memory.install(&claim, &done.buf, &done.zero, stats)?;
+        match done.buf {
+            BulkTarget::Mapped(_) => memory.map_filled(&claim, &done.zero, stats)?,
+            BulkTarget::Buffer(buf) => {
+                memory.install(&claim, &buf, &done.zero, stats)?;
+                pool.push(buf);
+            }
+        }
         FaultStats::add(&stats.bulk_pages, u64::from(claim.count()));
-        pool.push(done.buf);
     }
     Ok(())
 }

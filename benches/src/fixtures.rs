@@ -97,17 +97,17 @@ pub fn bulk_stream(source: &mut PageSource, spare: &mut Vec<PageBuf>, run_pages:
     for i in 0..runs {
         if source.bulk.in_flight() == source.bulk.depth() {
             let done = source.bulk.complete()?.expect("reads in flight");
-            spare.push(done.buf);
+            spare.extend(done.buf.into_buffer());
         }
         if next_page + u64::from(run_pages) > region_pages {
             next_page = 0;
         }
         let buf = spare.pop().expect("a buffer per read in flight");
-        source.bulk.submit(BulkRead { run: PageRun::new(0, next_page, run_pages), buf, tag: i })?;
+        source.bulk.submit(BulkRead { run: PageRun::new(0, next_page, run_pages), buf: buf.into(), tag: i })?;
         next_page += u64::from(run_pages);
     }
     while let Some(done) = source.bulk.complete()? {
-        spare.push(done.buf);
+        spare.extend(done.buf.into_buffer());
     }
     Ok(start.elapsed())
 }

@@ -146,3 +146,49 @@ pub fn io_uring_page_reads(path: &Path, offset: u64, len: u64, n: usize) -> Resu
     })?;
     Ok(lat)
 }
+
+/// Guest-side latency of userfaultfd faults resolved from local memory: a thread reads pages of a
+/// registered region in a pseudo-random order while a handler thread answers each fault with
+/// UFFDIO_COPY from a buffer. The floor under any post-copy fault on this machine.
+pub fn uffd_local_faults(n: usize) -> Result<Latencies> {
+    use ferry_fault_handler::uffd::{Event, Outcome, Userfault, MODE_MISSING};
+    use ferry_transport::{Backing, RegionMapping};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let pages = n as u64 * 2;
+    let region = Arc::new(RegionMapping::create(pages as usize * 4096, Backing::Anonymous)?);
+    let uffd = Arc::new(Userfault::open(0)?);
+    let base = region.host_addr().as_ptr() as u64;
+    // SAFETY: the region is this function's own fresh mapping, reached only through raw copies,
+    // and it outlives the handler thread, which is joined before it is dropped.
+    unsafe { uffd.register(base, pages * 4096, MODE_MISSING)? };
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler = {
+        let (uffd, stop) = (uffd.clone(), stop.clone());
+        std::thread::spawn(move || -> Result<()> {
+            let page = vec![7u8; 4096];
+            let mut events = [Event::Other(0); 16];
+            while !stop.load(Ordering::Acquire) {
+                let n = uffd.read_events(&mut events, 20)?;
+                for e in &events[..n] {
+                    if let Event::PageFault { address, .. } = *e {
+                        match uffd.copy(address & !4095, &page, true) {
+                            Outcome::Done | Outcome::Exists(_) => {}
+                            other => bail!("raw UFFDIO_COPY: {other:?}"),
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    };
+    let mut buf = [0u8; 4096];
+    let result = Latencies::measure(0, n, |i| {
+        let p = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) % pages;
+        region.read(p * 4096, &mut buf)
+    });
+    stop.store(true, Ordering::Release);
+    handler.join().expect("raw uffd handler thread")?;
+    Ok(result?)
+}

@@ -6,7 +6,7 @@
 //! mapping of the same file: data is received straight into the alias (page cache), then mapped
 //! into the guest with UFFDIO_CONTINUE, so no page is copied on the host.
 
-use ferry_transport::{GuestMemory, RegionMapping, ZeroMask};
+use ferry_transport::{BulkTarget, GuestMemory, MappedRange, RegionMapping, ZeroMask};
 
 use crate::error::{FaultError, Result};
 use crate::state::{Claim, PageStates};
@@ -132,6 +132,27 @@ impl DestinationMemory {
         FaultStats::add(&stats.zero_pages, u64::from(zero.count()));
         self.map_claim(claim)?;
         Ok(true)
+    }
+
+    /// In [`InstallMode::Continue`], the claim's range of the alias mapping as a bulk-read target,
+    /// so the read lands in the guest's page cache directly; finish with [`Self::map_filled`].
+    pub fn mapped_target(&self, claim: &Claim) -> Option<BulkTarget> {
+        let alias = self.alias.as_ref()?;
+        let (region, _, offset, len) = self.span(claim);
+        let ptr = alias[region as usize].raw_range_mut(offset, len).ok()?;
+        // Best effort: without it the receive takes one page fault per page.
+        let _ = alias[region as usize].populate_write(offset, len);
+        // SAFETY: the claim is this memory's, and PageStates hands each page to one claim only; the
+        // guest cannot reach the pages before map_filled's CONTINUE (a vCPU touching them blocks in
+        // a fault), and the alias mapping lives as long as `self`, which outlives the session's
+        // reads (the pre-pager holds an Arc of it until its lane is drained).
+        Some(BulkTarget::Mapped(unsafe { MappedRange::new(ptr, len) }))
+    }
+
+    /// Maps a claim whose bytes a bulk read put in place through [`Self::mapped_target`].
+    pub fn map_filled(&self, claim: &Claim, zero: &ZeroMask, stats: &FaultStats) -> Result<()> {
+        FaultStats::add(&stats.zero_pages, u64::from(zero.count()));
+        self.map_claim(claim)
     }
 
     /// Installs a claim whose bytes are in `data` (pages marked in `zero` are zero).

@@ -70,11 +70,75 @@ impl std::fmt::Debug for PageBuf {
     }
 }
 
+/// Memory outside any Rust object that one bulk read may fill: a range of a post-copy
+/// destination's alias mapping, so pages land in the guest's page cache without a host copy.
+#[derive(Debug)]
+pub struct MappedRange {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a MappedRange is an exclusive claim on its bytes (see `new`), like a `&mut [u8]`.
+unsafe impl Send for MappedRange {}
+
+impl MappedRange {
+    /// # Safety
+    /// `ptr..ptr+len` must be mapped writable until this value is dropped, and nothing else may
+    /// read or write those bytes meanwhile: it is lent to the lane as if it were `&mut [u8]`.
+    pub unsafe fn new(ptr: NonNull<u8>, len: usize) -> Self {
+        MappedRange { ptr, len }
+    }
+}
+
+/// Where a bulk read lands: an owned buffer, or a mapped range of guest memory.
+#[derive(Debug)]
+pub enum BulkTarget {
+    Buffer(PageBuf),
+    Mapped(MappedRange),
+}
+
+impl BulkTarget {
+    /// The buffer back, for reuse; `None` for a mapped range.
+    pub fn into_buffer(self) -> Option<PageBuf> {
+        match self {
+            BulkTarget::Buffer(b) => Some(b),
+            BulkTarget::Mapped(_) => None,
+        }
+    }
+}
+
+impl From<PageBuf> for BulkTarget {
+    fn from(b: PageBuf) -> Self {
+        BulkTarget::Buffer(b)
+    }
+}
+
+impl std::ops::Deref for BulkTarget {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            BulkTarget::Buffer(b) => b,
+            // SAFETY: MappedRange::new's contract: mapped, and ours alone until dropped.
+            BulkTarget::Mapped(m) => unsafe { std::slice::from_raw_parts(m.ptr.as_ptr(), m.len) },
+        }
+    }
+}
+
+impl std::ops::DerefMut for BulkTarget {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            BulkTarget::Buffer(b) => b,
+            // SAFETY: as in deref, with &mut self for exclusivity.
+            BulkTarget::Mapped(m) => unsafe { std::slice::from_raw_parts_mut(m.ptr.as_ptr(), m.len) },
+        }
+    }
+}
+
 /// A bulk read: fill `buf` (at least the run's size) with `run`. `tag` comes back on completion.
 #[derive(Debug)]
 pub struct BulkRead {
     pub run: PageRun,
-    pub buf: PageBuf,
+    pub buf: BulkTarget,
     pub tag: u64,
 }
 
@@ -82,7 +146,7 @@ pub struct BulkRead {
 #[derive(Debug)]
 pub struct BulkDone {
     pub run: PageRun,
-    pub buf: PageBuf,
+    pub buf: BulkTarget,
     pub tag: u64,
     pub zero: ZeroMask,
 }

@@ -23,7 +23,7 @@ pub mod wire;
 
 pub use auth::PreSharedKey;
 pub use error::{Result, TransportError};
-pub use lane::{BulkDone, BulkLane, BulkRead, ControlStream, PageBuf, PageSource, UrgentLane};
+pub use lane::{BulkDone, BulkLane, BulkRead, BulkTarget, ControlStream, MappedRange, PageBuf, PageSource, UrgentLane};
 pub use layout::{MemoryLayout, PageRun, RegionLayout};
 pub use memory::{Backing, GuestMemory, RegionMapping};
 pub use wire::{Lane, SessionId, ZeroMask};

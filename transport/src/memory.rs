@@ -104,6 +104,33 @@ impl RegionMapping {
         Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(off), len) })
     }
 
+    /// Raw pointer to `offset` for `len` bytes of a writable mapping, for targets handed to
+    /// syscalls or lanes under a caller's exclusivity guarantee.
+    pub fn raw_range_mut(&self, offset: u64, len: usize) -> Result<NonNull<u8>> {
+        if !self.writable {
+            return Err(TransportError::OutOfRange("mutable range of a read-only mapping".into()));
+        }
+        let off = self.check(offset, len)?;
+        // SAFETY: off is inside the mapping (checked), so the pointer is in bounds and non-null.
+        Ok(unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(off)) })
+    }
+
+    /// Allocates and maps `offset..offset+len` writable in one call (MADV_POPULATE_WRITE), so data
+    /// received there next does not take a page fault per page.
+    pub fn populate_write(&self, offset: u64, len: usize) -> Result<()> {
+        if !self.writable {
+            return Err(TransportError::OutOfRange("populating a read-only mapping".into()));
+        }
+        let off = self.check(offset, len)?;
+        // SAFETY: an in-bounds range of our own writable mapping; populating only allocates and
+        // maps pages (existing contents are kept), it writes no data.
+        let rc = unsafe { libc::madvise(self.ptr.as_ptr().add(off).cast(), len, libc::MADV_POPULATE_WRITE) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(())
+    }
+
     /// Allocates zeroed backing pages for `offset..offset+len` of the file (memfd backings only),
     /// so MINOR-mode zero pages can be mapped with UFFDIO_CONTINUE without writing them.
     pub fn allocate_zeroed(&self, offset: u64, len: usize) -> Result<()> {

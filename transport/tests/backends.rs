@@ -89,7 +89,7 @@ fn sequential_pass(src: &mut PageSource, run_pages: u32) -> Verifier {
                 drain_one(src, &mut v);
             }
             let run = PageRun::new(region, p, n);
-            src.bulk.submit(BulkRead { run, buf: PageBuf::new(n as usize * ps), tag: p }).unwrap();
+            src.bulk.submit(BulkRead { run, buf: PageBuf::new(n as usize * ps).into(), tag: p }).unwrap();
             p += u64::from(n);
         }
     }
@@ -124,7 +124,7 @@ fn random_pass(src: &mut PageSource) -> Verifier {
             if src.bulk.in_flight() == src.bulk.depth() {
                 drain_one(src, &mut v);
             }
-            src.bulk.submit(BulkRead { run, buf: PageBuf::new(run.pages as usize * ps), tag: 0 }).unwrap();
+            src.bulk.submit(BulkRead { run, buf: PageBuf::new(run.pages as usize * ps).into(), tag: 0 }).unwrap();
         }
     }
     while src.bulk.in_flight() > 0 {

@@ -331,10 +331,10 @@ fn client_checks_runs_and_buffers_before_sending() {
     let depth = src.bulk.depth();
     for i in 0..depth {
         src.bulk
-            .submit(BulkRead { run: PageRun::new(0, i as u64, 1), buf: PageBuf::new(4096), tag: i as u64 })
+            .submit(BulkRead { run: PageRun::new(0, i as u64, 1), buf: PageBuf::new(4096).into(), tag: i as u64 })
             .unwrap();
     }
-    let over = src.bulk.submit(BulkRead { run: PageRun::new(0, 0, 1), buf: PageBuf::new(4096), tag: 0 });
+    let over = src.bulk.submit(BulkRead { run: PageRun::new(0, 0, 1), buf: PageBuf::new(4096).into(), tag: 0 });
     assert!(matches!(over, Err(TransportError::LaneFull(n)) if n == depth));
     for i in 0..depth {
         let done = src.bulk.complete().unwrap().unwrap();
@@ -349,7 +349,7 @@ fn lanes_resume_after_the_connection_breaks() {
     let mut src = tcp::connect(server.local_addr(), &key_a(), None, &TcpOptions::default()).unwrap();
     let mut page = vec![0u8; 4096];
     src.urgent.read(PageRun::new(0, 5, 1), &mut page).unwrap();
-    src.bulk.submit(BulkRead { run: PageRun::new(0, 100, 4), buf: PageBuf::new(4 * 4096), tag: 9 }).unwrap();
+    src.bulk.submit(BulkRead { run: PageRun::new(0, 100, 4), buf: PageBuf::new(4 * 4096).into(), tag: 9 }).unwrap();
     server.drop_connections();
     assert!(src.urgent.read(PageRun::new(0, 6, 1), &mut page).is_err(), "a broken lane reports an error");
     assert!(src.bulk.complete().is_err());
@@ -358,7 +358,7 @@ fn lanes_resume_after_the_connection_breaks() {
     assert_eq!(resumed.session, src.session);
     resumed.urgent.read(PageRun::new(0, 6, 1), &mut page).unwrap();
     assert!(ferry_transport::pattern::check_page(&page, 6, 1));
-    resumed.bulk.submit(BulkRead { run: PageRun::new(0, 100, 4), buf: PageBuf::new(4 * 4096), tag: 9 }).unwrap();
+    resumed.bulk.submit(BulkRead { run: PageRun::new(0, 100, 4), buf: PageBuf::new(4 * 4096).into(), tag: 9 }).unwrap();
     let done = resumed.bulk.complete().unwrap().unwrap();
     for i in 0..4 {
         assert!(ferry_transport::pattern::check_page(&done.buf[i * 4096..(i + 1) * 4096], 100 + i as u64, 1));

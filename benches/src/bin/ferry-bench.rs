@@ -2,10 +2,15 @@
 //!
 //! ```text
 //! ferry-bench transport [--json] [--mem-mib N] [--total-mib N] [--samples N] [--reps N] [--dir DIR]
+//! ferry-bench postcopy  [--json] [--mem-mib N] [--samples N]
 //! ```
-//! Prints, for each backend, urgent-lane latency beside the raw round trip of one 4 KiB page and
-//! bulk-lane bandwidth beside the raw bulk limit, with their ratios. `--json` prints one JSON
-//! object per backend per line.
+//! `transport` prints, for each backend, urgent-lane latency beside the raw round trip of one
+//! 4 KiB page and bulk-lane bandwidth beside the raw bulk limit, with their ratios.
+//! `postcopy` migrates a guest of `--mem-mib` (default 1024 here: pass it) for every pre-pager x
+//! access pattern and prints network faults, total time and guest-side fault latency beside the
+//! raw limits (a userfaultfd fault resolved from local memory, a TCP round trip), then the
+//! pre-pager's install bandwidth beside the transport's bulk bandwidth. `--json` prints one JSON
+//! object per line.
 
 use std::path::PathBuf;
 
@@ -49,8 +54,9 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("transport") => transport(&parse(&args[1..])?),
+        Some("postcopy") => postcopy(&parse(&args[1..])?),
         _ => {
-            eprintln!("usage: ferry-bench transport [--json] [--mem-mib N] [--total-mib N] [--samples N] [--reps N] [--dir DIR]");
+            eprintln!("usage: ferry-bench transport|postcopy [--json] [--mem-mib N] [--total-mib N] [--samples N] [--reps N] [--dir DIR]");
             std::process::exit(2);
         }
     }
@@ -224,6 +230,111 @@ fn transport(o: &Options) -> Result<()> {
             run_bytes: run,
         }
         .print(o.json);
+    }
+    Ok(())
+}
+
+fn postcopy(o: &Options) -> Result<()> {
+    use ferry::loopback::{migrate, LoopbackConfig};
+    use ferry::prepager::PolicyKind;
+    use ferry::toucher::Pattern;
+    use ferry_transport::MemoryLayout;
+
+    let mem = o.mem_mib << 20;
+    let layout = MemoryLayout::single(mem)?;
+    let pages = layout.total_pages();
+    let mut raw_fault = raw::uffd_local_faults(o.samples.min(20_000))?;
+    let mut raw_rtt = raw::tcp_round_trips(o.samples)?;
+    let (raw_fault_p50, raw_rtt_p50) = (raw_fault.quantile_us(0.5), raw_rtt.quantile_us(0.5));
+    let mut network_faults = std::collections::HashMap::new();
+    for policy in PolicyKind::ALL {
+        for pattern in Pattern::ALL {
+            let touches = if pattern == Pattern::Sequential { pages } else { pages / 4 };
+            let config =
+                LoopbackConfig { layout: layout.clone(), dest_backing: Backing::Anonymous, pattern, policy, touches };
+            let out = migrate(&config)?;
+            if out.verify_mismatches + out.during.mismatches > 0 {
+                bail!("{policy:?}/{pattern:?}: guest memory differs from the source");
+            }
+            let mut blocked = Latencies::default();
+            for d in &out.during.blocked {
+                blocked.record(*d);
+            }
+            let (f50, f99) = (blocked.quantile_us(0.5), blocked.quantile_us(0.99));
+            let d = &out.dest;
+            network_faults.insert((policy.name(), pattern.name()), d.network_faults);
+            let row = json!({
+                "policy": policy.name(), "pattern": pattern.name(), "transport": "tcp",
+                "pages_total": d.pages_total, "touches": touches,
+                "network_faults": d.network_faults, "inflight_faults": d.inflight_faults, "faults": d.faults,
+                "urgent_pages": d.urgent_pages, "bulk_pages": d.bulk_pages, "skipped_free_pages": d.skipped_free_pages,
+                "total_ms": round(d.total.as_secs_f64() * 1e3), "downtime_ms": round(out.source.downtime.as_secs_f64() * 1e3),
+                "fault_p50_us": round(f50), "fault_p99_us": round(f99),
+                "service_p50_us": round(d.fault_p50.as_secs_f64() * 1e6), "service_p99_us": round(d.fault_p99.as_secs_f64() * 1e6),
+                "raw_fault_p50_us": round(raw_fault_p50), "raw_rtt_p50_us": round(raw_rtt_p50),
+                "fault_over_raw_p50": round(f50 / (raw_fault_p50 + raw_rtt_p50)),
+                "blocktime_ms": round(d.blocktime.as_secs_f64() * 1e3),
+                "pages_sent_twice": out.served_twice + d.pages_installed_twice,
+                "rate_during": round(out.during.rate()), "rate_after": round(out.after.rate()),
+                "rate_during_over_after": round(out.during.rate() / out.after.rate()),
+                "max_rss_mib": round(max_rss_mib()),
+            });
+            if o.json {
+                println!("{row}");
+            } else {
+                println!(
+                    "{:<8} {:<7} net faults {:>6} / {:>7} pages | total {:>7.1} ms downtime {:>5.2} ms | fault p50 {:>6.1} us p99 {:>7.1} us (raw {:.1} + {:.1}) | rate during/after {:.2} | sent twice {}",
+                    policy.name(), pattern.name(), d.network_faults, d.pages_total, d.total.as_secs_f64() * 1e3,
+                    out.source.downtime.as_secs_f64() * 1e3, f50, f99, raw_fault_p50, raw_rtt_p50,
+                    out.during.rate() / out.after.rate(), out.served_twice + d.pages_installed_twice
+                );
+            }
+        }
+    }
+    // Bulk install: an idle guest pulled by active push, beside the transport's bulk bandwidth;
+    // anonymous memory (UFFDIO_COPY from a buffer) and memfd memory (received in place, CONTINUE).
+    let install = |dest_backing, layout: &MemoryLayout| -> Result<f64> {
+        let idle = migrate(&LoopbackConfig {
+            layout: layout.clone(),
+            dest_backing,
+            pattern: Pattern::Sequential,
+            policy: PolicyKind::Push,
+            touches: 0,
+        })?;
+        let moved = (idle.dest.bulk_pages + idle.dest.urgent_pages) * u64::from(layout.page_size());
+        Ok(gbps(moved, idle.dest.total))
+    };
+    let copy_gbps = install(Backing::Anonymous, &layout)?;
+    let memfd_gbps = install(Backing::Memfd, &layout)?;
+    // 2 MiB hugetlbfs pages: one page-table update per 2 MiB instead of per 4 KiB. Needs
+    // `mem / 2 MiB` free hugepages (scripts/setup.sh reserves them).
+    let huge_layout =
+        MemoryLayout::new(2 << 20, vec![ferry_transport::RegionLayout { guest_phys_addr: 0, size: mem }])?;
+    let huge_gbps = install(Backing::HugetlbMemfd, &huge_layout).unwrap_or(f64::NAN);
+    let install_gbps = huge_gbps;
+    let memory = filled_memory(mem, Backing::Anonymous)?;
+    let mut fx = Fixture::tcp(memory, 32)?;
+    let mut pool = Vec::new();
+    let transport_gbps = gbps(mem, bulk_stream(fx.source(), &mut pool, 64, mem)?);
+    let ratio = |p: &str| network_faults[&("bubbling", p)] as f64 / network_faults[&("demand", p)].max(1) as f64;
+    let summary = json!({
+        "summary": "postcopy",
+        "bubbling_over_demand_network_faults_seq": round(ratio("seq")),
+        "bubbling_over_demand_network_faults_hot_set": round(ratio("hot-set")),
+        "install_gbps": round(install_gbps), "install_what": "hugetlbfs 2 MiB pages received in place, UFFDIO_CONTINUE",
+        "install_copy_gbps": round(copy_gbps), "install_memfd_4k_gbps": round(memfd_gbps),
+        "transport_bulk_gbps": round(transport_gbps),
+        "install_over_transport": round(install_gbps / transport_gbps),
+        "install_copy_over_transport": round(copy_gbps / transport_gbps),
+    });
+    if o.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "bubbling/demand network faults: seq {:.3}, hot-set {:.3}\nbulk install: in place on 2 MiB hugetlbfs {:.2} GB/s ({:.0}%), in place on 4 KiB memfd {:.2} GB/s ({:.0}%), by UFFDIO_COPY {:.2} GB/s ({:.0}%); transport bulk {:.2} GB/s",
+            ratio("seq"), ratio("hot-set"), install_gbps, 100.0 * install_gbps / transport_gbps, memfd_gbps,
+            100.0 * memfd_gbps / transport_gbps, copy_gbps, 100.0 * copy_gbps / transport_gbps, transport_gbps
+        );
     }
     Ok(())
 }
