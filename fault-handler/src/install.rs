@@ -27,7 +27,9 @@ pub enum InstallMode {
 pub struct DestinationMemory {
     guest: GuestMemory,
     alias: Option<Vec<RegionMapping>>,
-    uffd: Userfault,
+    /// Closed on drop only once every page is present or memory was released (see Drop).
+    uffd: std::mem::ManuallyDrop<Userfault>,
+    released: std::sync::atomic::AtomicBool,
     states: PageStates,
     page_size: u64,
 }
@@ -68,7 +70,14 @@ impl DestinationMemory {
             }
         };
         let states = PageStates::new(guest.layout());
-        Ok(DestinationMemory { guest, alias, uffd, states, page_size })
+        Ok(DestinationMemory {
+            guest,
+            alias,
+            uffd: std::mem::ManuallyDrop::new(uffd),
+            released: std::sync::atomic::AtomicBool::new(false),
+            states,
+            page_size,
+        })
     }
 
     pub fn mode(&self) -> InstallMode {
@@ -254,6 +263,7 @@ impl DestinationMemory {
         for r in self.guest.regions() {
             self.uffd.unregister(r.host_addr().as_ptr() as u64, r.len() as u64)?;
         }
+        self.released.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -273,5 +283,17 @@ impl DestinationMemory {
                 (self.states.global(i as u32, first), last.saturating_sub(first))
             })
         })
+    }
+}
+
+impl Drop for DestinationMemory {
+    fn drop(&mut self) {
+        if self.released.load(std::sync::atomic::Ordering::Acquire) || self.states.all_present() {
+            // SAFETY: dropped exactly once, here, and never used again.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.uffd) };
+        }
+        // Otherwise pages are missing: closing the userfaultfd would let the kernel serve every
+        // blocked and future fault with a zero page, a silently corrupted guest. The fd is leaked
+        // instead, so such threads stay blocked (and fault for good once the memory is unmapped).
     }
 }
