@@ -2,8 +2,18 @@
 # Prepares this machine for ferry's tests and benchmarks. Idempotent; run as root.
 # - 2 MiB hugepages: hugetlbfs-backed guest memory (1 GiB test guests need 512 of them).
 # - userfaultfd, io_uring and /dev/kvm are kernel features: checked and reported, not installed.
-# ferry builds with cargo alone: no -sys crate needs a C toolchain or libclang.
+# No -sys crate needs libclang: ferry's Rust builds with cargo alone.
 set -euo pipefail
+
+# The C ABI tests build examples/c-embed with the system C compiler and pkg-config.
+missing=()
+command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
 
 want_huge=${FERRY_HUGEPAGES:-640}
 have_huge=$(cat /proc/sys/vm/nr_hugepages 2>/dev/null || echo 0)

@@ -1,0 +1,93 @@
+//! The C ABI as a C program sees it: `scripts/install-c.sh` installs the library, header and
+//! pkg-config file into a scratch prefix; the system C compiler builds `examples/c-embed` against
+//! them (shared through pkg-config, and static); the programs migrate memory between two of their
+//! processes and walk the error paths.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root")
+}
+
+/// Installs once per test run (the dev build, which `cargo test` has just made).
+fn prefix() -> &'static Path {
+    static PREFIX: OnceLock<PathBuf> = OnceLock::new();
+    PREFIX.get_or_init(|| {
+        let prefix = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c-prefix");
+        let status = Command::new("bash")
+            .arg(root().join("scripts/install-c.sh"))
+            .arg(&prefix)
+            .env("PROFILE", "debug")
+            .status()
+            .expect("run scripts/install-c.sh");
+        assert!(status.success(), "install-c.sh failed");
+        prefix
+    })
+}
+
+fn pkg_config(flag: &str) -> Vec<String> {
+    let out = Command::new("pkg-config")
+        .arg(flag)
+        .arg("ferry")
+        .env("PKG_CONFIG_PATH", prefix().join("lib/pkgconfig"))
+        .output()
+        .expect("run pkg-config");
+    assert!(out.status.success(), "pkg-config {flag} ferry: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().split_whitespace().map(str::to_owned).collect()
+}
+
+/// Compiles one example; `static_link` links libferry.a instead of the shared library.
+fn compile(name: &str, static_link: bool) -> PathBuf {
+    let source = root().join(format!("examples/c-embed/{name}.c"));
+    let out = prefix().join(format!("{name}{}", if static_link { "-static" } else { "" }));
+    let mut cc = Command::new("cc");
+    cc.args(["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror"])
+        .args(pkg_config("--cflags"))
+        .arg(&source)
+        .arg("-o")
+        .arg(&out);
+    if static_link {
+        cc.arg(prefix().join("lib/libferry.a")).args(["-lpthread", "-ldl", "-lm"]);
+    } else {
+        cc.args(pkg_config("--libs")).arg(format!("-Wl,-rpath,{}", prefix().join("lib").display()));
+    }
+    let result = cc.output().expect("run cc");
+    assert!(result.status.success(), "cc {name}.c failed:\n{}", String::from_utf8_lossy(&result.stderr));
+    out
+}
+
+fn run(program: &Path, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().expect("run the C program");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed:\n{stdout}\n{}",
+        program.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn c_program_migrates_its_memory_post_copy() {
+    let program = compile("migrate", false);
+    for backing in ["anon", "memfd"] {
+        let out = run(&program, &[backing]);
+        assert!(out.contains("c-embed: PASS"), "{out}");
+        assert!(out.contains("0 words wrong"), "{out}");
+    }
+}
+
+#[test]
+fn c_program_links_the_static_library() {
+    let out = run(&compile("migrate", true), &["anon"]);
+    assert!(out.contains("c-embed: PASS"), "{out}");
+}
+
+#[test]
+fn c_error_paths_return_documented_statuses() {
+    let out = run(&compile("errors", false), &[]);
+    assert!(out.trim_end().ends_with(" 0 failed"), "{out}");
+}
