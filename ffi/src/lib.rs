@@ -9,7 +9,7 @@
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -220,7 +220,7 @@ unsafe fn adopt(regions: &[FerryRegion], page_size: u32) -> Result<GuestMemory, 
         };
         let size = usize::try_from(r.size).map_err(|_| invalid(format!("region {i}: size")))?;
         // SAFETY: the caller's contract above is exactly from_raw's.
-        mappings.push(unsafe { RegionMapping::from_raw(ptr, size, fd.map(OwnedFd::from), true) });
+        mappings.push(unsafe { RegionMapping::from_raw(ptr, size, fd, true) });
     }
     GuestMemory::new(layout, mappings).map_err(|e| invalid(e.to_string()))
 }
