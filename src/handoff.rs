@@ -96,7 +96,8 @@ pub fn receive_handoff(control: &mut dyn ControlStream, total_pages: u64) -> Res
 }
 
 fn receive_stream(control: &mut dyn ControlStream, stream: u8, len: usize) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(len);
+    // Grows as chunks arrive: an announced length is not allocated before its bytes come.
+    let mut out = Vec::new();
     while out.len() < len {
         let msg = read_message(control)?;
         if msg.len() < 10 || msg[0] != CHUNK || msg[1] != stream {

@@ -49,6 +49,10 @@ struct Sections {
     file_len: u64,
 }
 
+/// Largest guest an image may describe. Bounds the metadata a (possibly hostile, possibly sparse)
+/// image can make the reader allocate: 4 bytes and 1 bit per page, 1.1 GiB at this size.
+pub const MAX_IMAGE_GUEST_BYTES: u64 = 1 << 40;
+
 impl Sections {
     fn of(layout: &MemoryLayout) -> Self {
         let total_pages = layout.total_pages();
@@ -441,6 +445,12 @@ fn decode_header(h: &[u8], path: &Path) -> Result<(MemoryLayout, Sections, u32)>
     };
     let layout = crate::wire::decode_layout_bytes(&h[56..HEADER_LEN as usize - 4])
         .map_err(|e| snap_err(path, format!("layout: {e}")))?;
+    if layout.total_bytes() > MAX_IMAGE_GUEST_BYTES {
+        return Err(snap_err(
+            path,
+            format!("a guest of {} bytes (at most {MAX_IMAGE_GUEST_BYTES})", layout.total_bytes()),
+        ));
+    }
     let expected = Sections::of(&layout);
     if stored != expected {
         return Err(snap_err(path, "section offsets do not match the layout"));

@@ -367,9 +367,9 @@ fn open_lanes(
     Ok(PageSource {
         session: first.session,
         layout: layout.clone(),
-        urgent: Box::new(TcpUrgent { conn: Conn::new(urgent, layout.clone()), next_id: 1 }),
+        urgent: Box::new(TcpUrgent { conn: Conn::new(urgent, layout.clone())?, next_id: 1 }),
         bulk: Box::new(TcpBulk {
-            conn: Conn::new(bulk, layout),
+            conn: Conn::new(bulk, layout)?,
             depth: options.bulk_depth.max(1),
             in_flight: VecDeque::new(),
             unsent: Vec::new(),
@@ -399,7 +399,9 @@ fn open_lane(
             Err(e) => last = Some(e),
         }
     }
-    Err(last.map_or_else(|| TransportError::OutOfRange("no address to connect to".into()), TransportError::Io))
+    Err(TransportError::Io(
+        last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the address resolved to nothing")),
+    ))
 }
 
 /// One client connection: the socket and a small read buffer so a reply's prefix and a small
@@ -412,9 +414,9 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: TcpStream, layout: MemoryLayout) -> Self {
-        let reader = BufReader::with_capacity(16 * 1024, stream.try_clone().expect("dup of a connected socket"));
-        Conn { writer: stream, reader, layout, prefix: [0; 12 + 16 + 8 * crate::wire::ZERO_MASK_WORDS] }
+    fn new(stream: TcpStream, layout: MemoryLayout) -> Result<Self> {
+        let reader = BufReader::with_capacity(16 * 1024, stream.try_clone()?);
+        Ok(Conn { writer: stream, reader, layout, prefix: [0; 12 + 16 + 8 * crate::wire::ZERO_MASK_WORDS] })
     }
 
     /// Receives the reply to `req` into `dst` (exactly the run's bytes).
