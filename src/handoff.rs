@@ -158,3 +158,72 @@ fn read_message(control: &mut dyn ControlStream) -> Result<Vec<u8>> {
     }
     Ok(msg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    /// Sends `messages` as session frames from one end and runs `receive_handoff` on the other.
+    fn receive(messages: Vec<Vec<u8>>, pages: u64) -> Result<(Vec<u8>, FreePages)> {
+        let (mut tx, mut rx) = UnixStream::pair().unwrap();
+        let sender = std::thread::spawn(move || {
+            for m in messages {
+                let _ = write_session(&mut tx, &m);
+            }
+        });
+        let result = receive_handoff(&mut rx, pages);
+        sender.join().unwrap();
+        result
+    }
+
+    fn handoff(state_len: u64, pages: u64) -> Vec<u8> {
+        [&[HANDOFF][..], &state_len.to_le_bytes(), &pages.to_le_bytes()].concat()
+    }
+
+    fn chunk(stream: u8, offset: u64, data: &[u8]) -> Vec<u8> {
+        [&[CHUNK, stream][..], &offset.to_le_bytes(), data].concat()
+    }
+
+    #[test]
+    fn a_good_handoff_round_trips() {
+        let (mut tx, mut rx) = UnixStream::pair().unwrap();
+        let mut free = FreePages::new(100);
+        free.set_range(10, 5);
+        let state = vec![7u8; 40_000];
+        let (s2, f2) = (state.clone(), free.clone());
+        let sender = std::thread::spawn(move || send_handoff(&mut tx, &s2, &f2).unwrap());
+        let (got_state, got_free) = receive_handoff(&mut rx, 100).unwrap();
+        sender.join().unwrap();
+        assert_eq!(got_state, state);
+        assert_eq!(got_free, free);
+    }
+
+    #[test]
+    fn hostile_handoffs_are_protocol_errors() {
+        let bitmap = vec![0u8; 16];
+        let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
+            ("oversized state", vec![handoff(MAX_STATE_BYTES + 1, 100)]),
+            ("other page count", vec![handoff(0, 99)]),
+            ("not a handoff", vec![vec![RESUMED]]),
+            ("chunk out of order", vec![handoff(8, 100), chunk(STREAM_STATE, 4, &[1; 4])]),
+            ("chunk past the end", vec![handoff(4, 100), chunk(STREAM_STATE, 0, &[1; 8])]),
+            ("wrong stream", vec![handoff(4, 100), chunk(STREAM_FREE, 0, &[1; 4])]),
+            (
+                "bits past the last page",
+                vec![
+                    handoff(0, 100),
+                    chunk(STREAM_FREE, 0, &[&bitmap[..8], &[0, 0, 0, 0, 0x10, 0, 0, 0][..]].concat()),
+                ],
+            ),
+        ];
+        for (what, messages) in cases {
+            let err = receive(messages, 100).unwrap_err();
+            assert!(matches!(err, MigrationError::Protocol(_)), "{what}: {err:?}");
+        }
+        let err = receive(vec![[&[ABORT][..], b"source gave up"].concat()], 100).unwrap_err();
+        assert!(matches!(err, MigrationError::PeerAborted(ref why) if why == "source gave up"), "{err:?}");
+        let err = receive(vec![], 100).unwrap_err();
+        assert!(matches!(err, MigrationError::Transport(ferry_transport::TransportError::PeerClosed)), "{err:?}");
+    }
+}
