@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn hostile_handoffs_are_protocol_errors() {
-        let bitmap = vec![0u8; 16];
+        let bitmap = [0u8; 16];
         let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
             ("oversized state", vec![handoff(MAX_STATE_BYTES + 1, 100)]),
             ("other page count", vec![handoff(0, 99)]),
