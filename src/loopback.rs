@@ -1,4 +1,5 @@
-//! A whole post-copy migration inside one process, over loopback TCP: a source page server, a
+//! A whole post-copy migration inside one process, over loopback TCP or the same-host `local`
+//! transport: a source page server, a
 //! destination registered with userfaultfd, and a toucher thread as the guest. Tests and the
 //! `ferry-bench postcopy` driver run migrations through this; `ferry-toucher` runs the same
 //! session between two processes.
@@ -9,17 +10,37 @@ use std::time::{Duration, Instant};
 
 use ferry_fault_handler::DestinationMemory;
 use ferry_prepager::PolicyKind;
+use ferry_transport::local::{self, LocalPageServer};
 use ferry_transport::tcp::{self, TcpOptions, TcpPageServer};
-use ferry_transport::{Backing, GuestMemory, MemoryLayout, PreSharedKey};
+use ferry_transport::{Backing, ControlStream, GuestMemory, MemoryLayout, PreSharedKey};
 
 use crate::error::{MigrationError, Result};
+use crate::freepages::FreePages;
 use crate::postcopy::{run_source, DestinationConfig, DestinationReport, PostcopyDestination, SourceReport};
 use crate::toucher::{demo_free_pages, prepare_source, touch, verify_all, Pattern, TouchReport, Walk};
 
 const SEED: u64 = 77;
 
+/// The page transport a loopback migration uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoopbackTransport {
+    Tcp,
+    /// Same host: the source's memfds mapped by the destination; reads are one-sided.
+    Local,
+}
+
+impl LoopbackTransport {
+    pub fn name(self) -> &'static str {
+        match self {
+            LoopbackTransport::Tcp => "tcp",
+            LoopbackTransport::Local => "local",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct LoopbackConfig {
+    pub transport: LoopbackTransport,
     pub layout: MemoryLayout,
     pub dest_backing: Backing,
     pub pattern: Pattern,
@@ -38,9 +59,10 @@ pub struct LoopbackOutcome {
     pub after: TouchReport,
     /// Pages that differ from the source after the migration (a full pass).
     pub verify_mismatches: u64,
-    /// Pages the source served (data and zero markers).
-    pub served_pages: u64,
-    pub served_twice: u64,
+    /// Pages the source served (data and zero markers), and of them those served before; `None`
+    /// over `local`, where reads are one-sided and the source sees none of them.
+    pub served_pages: Option<u64>,
+    pub served_twice: Option<u64>,
     pub free_pages: u64,
 }
 
@@ -50,21 +72,40 @@ pub fn migrate(config: &LoopbackConfig) -> Result<LoopbackOutcome> {
     let key = PreSharedKey::generate()?;
     let layout = &config.layout;
     let free = demo_free_pages(layout.total_pages());
-    let source_mem = Arc::new(GuestMemory::create(layout.clone(), Backing::Anonymous)?);
-    prepare_source(&source_mem, SEED, &free)?;
-    let server = Arc::new(TcpPageServer::start("127.0.0.1:0", source_mem, key.clone(), TcpOptions::default())?);
-    let source = {
-        let (server, free) = (server.clone(), free.clone());
-        std::thread::spawn(move || -> Result<SourceReport> {
-            let mut control = server.accept_control(Duration::from_secs(30))?;
-            run_source(&mut control, Instant::now(), &SEED.to_le_bytes(), &free)
-        })
+    let source_backing = match config.transport {
+        LoopbackTransport::Tcp => Backing::Anonymous,
+        LoopbackTransport::Local => Backing::Memfd,
     };
-    let (lanes, control) = tcp::connect_session(server.local_addr(), &key, Some(layout), &TcpOptions::default())?;
+    let source_mem = Arc::new(GuestMemory::create(layout.clone(), source_backing)?);
+    prepare_source(&source_mem, SEED, &free)?;
+    let paused = move |mut control: Box<dyn ControlStream>, free: FreePages| -> Result<SourceReport> {
+        run_source(control.as_mut(), Instant::now(), &SEED.to_le_bytes(), &free)
+    };
+    let (server, source, lanes, control): (Server, _, _, Box<dyn ControlStream>) = match config.transport {
+        LoopbackTransport::Tcp => {
+            let server = Arc::new(TcpPageServer::start("127.0.0.1:0", source_mem, key.clone(), TcpOptions::default())?);
+            let source = {
+                let (server, free) = (server.clone(), free.clone());
+                std::thread::spawn(move || paused(Box::new(server.accept_control(Duration::from_secs(30))?), free))
+            };
+            let (lanes, control) = tcp::connect_session(server.local_addr(), &key, Some(layout), &TcpOptions::default())?;
+            (Server::Tcp(server), source, lanes, Box::new(control))
+        }
+        LoopbackTransport::Local => {
+            let path = std::env::temp_dir().join(format!("ferry-loopback-{}-{}.sock", std::process::id(), next_id()));
+            let server = Arc::new(LocalPageServer::start(&path, source_mem, key.clone())?);
+            let source = {
+                let (server, free) = (server.clone(), free.clone());
+                std::thread::spawn(move || paused(Box::new(server.accept_control(Duration::from_secs(30))?), free))
+            };
+            let (lanes, control) = local::connect_session(&path, &key, Some(layout), 32)?;
+            (Server::Local(server), source, lanes, Box::new(control))
+        }
+    };
     let memory = Arc::new(DestinationMemory::register(GuestMemory::create(layout.clone(), config.dest_backing)?)?);
     let mut seed = 0;
     let session = PostcopyDestination::start(
-        Box::new(control),
+        control,
         memory.clone(),
         lanes,
         &DestinationConfig { policy: config.policy, ..DestinationConfig::default() },
@@ -80,15 +121,35 @@ pub fn migrate(config: &LoopbackConfig) -> Result<LoopbackOutcome> {
     let after = touch(memory.guest(), walk, seed, &free, config.touches)?;
     let verify_mismatches = verify_all(memory.guest(), seed, &free)?;
     let source = source.join().map_err(|_| MigrationError::ThreadPanicked)??;
-    let stats = server.stats();
+    let (served_pages, served_twice) = match &server {
+        Server::Tcp(server) => {
+            let stats = server.stats();
+            (
+                Some(stats.data_pages.load(Ordering::Relaxed) + stats.zero_pages.load(Ordering::Relaxed)),
+                Some(stats.pages_served_twice.load(Ordering::Relaxed)),
+            )
+        }
+        Server::Local(_) => (None, None),
+    };
     Ok(LoopbackOutcome {
         dest,
         source,
         during,
         after,
         verify_mismatches,
-        served_pages: stats.data_pages.load(Ordering::Relaxed) + stats.zero_pages.load(Ordering::Relaxed),
-        served_twice: stats.pages_served_twice.load(Ordering::Relaxed),
+        served_pages,
+        served_twice,
         free_pages: free.count(),
     })
+}
+
+/// Keeps the source's server alive until the migration is over.
+enum Server {
+    Tcp(Arc<TcpPageServer>),
+    Local(#[allow(dead_code)] Arc<LocalPageServer>),
+}
+
+fn next_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }

@@ -55,3 +55,40 @@ fn anonymous_memory_faults_are_served_with_copy() {
 fn memfd_memory_faults_are_served_in_place_with_continue() {
     faults_over(Backing::Memfd);
 }
+
+#[test]
+fn discarded_pages_are_never_fetched_and_read_as_zero() {
+    let layout = MemoryLayout::single(16 << 20).unwrap();
+    let source = Arc::new(GuestMemory::create(layout.clone(), Backing::Anonymous).unwrap());
+    fill_memory(&source, 9).unwrap();
+    let server = TcpPageServer::start("127.0.0.1:0", source, key(), TcpOptions::default()).unwrap();
+    let mut lanes = tcp::connect(server.local_addr(), &key(), Some(&layout), &TcpOptions::default()).unwrap();
+    let dest = Arc::new(DestinationMemory::register(GuestMemory::create(layout, Backing::Anonymous).unwrap()).unwrap());
+    let stats = Arc::new(FaultStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler = {
+        let (dest, stats, stop) = (dest.clone(), stats.clone(), stop.clone());
+        std::thread::spawn(move || run_fault_loop(&dest, lanes.urgent.as_mut(), &FaultQueue::new(8), &stats, &stop))
+    };
+    let region = &dest.guest().regions()[0];
+    // The guest discards pages 100..200 before touching them, as a balloon inflating would.
+    let base = region.host_addr().as_ptr();
+    // SAFETY: MADV_DONTNEED on a page-aligned range of this test's own guest mapping only drops
+    // pages; the kernel reports it to the fault thread as UFFD_EVENT_REMOVE before returning.
+    let rc = unsafe { libc::madvise(base.add(100 * 4096).cast(), 100 * 4096, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    let mut page = vec![0u8; 4096];
+    for p in 100..200u64 {
+        page.fill(0xAA);
+        region.read(p * 4096, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0), "discarded page {p} must read as zero");
+    }
+    region.read(50 * 4096, &mut page).unwrap();
+    assert!(check_page(&page, 50, 9), "a page outside the discarded range still arrives");
+    stop.store(true, Ordering::Release);
+    handler.join().unwrap().unwrap();
+    assert_eq!(FaultStats::get(&stats.discarded_pages), 100);
+    assert_eq!(FaultStats::get(&stats.network_faults), 1, "only page 50 crossed the network");
+    assert_eq!(FaultStats::get(&stats.local_faults), 100);
+    assert_eq!(server.stats().data_pages.load(Ordering::Relaxed) + server.stats().zero_pages.load(Ordering::Relaxed), 1);
+}

@@ -3,6 +3,9 @@
 //! and the destination maps them read-only. A read is then a one-sided copy out of the shared
 //! mapping: the source's CPU does no work at all, which is the property RDMA READ gives across hosts.
 //!
+//! A destination opens a bulk lane to receive the fds, and for a migration session a control lane
+//! first, which the server hands to its owner through [`LocalPageServer::accept_control`].
+//!
 //! The destination checks every fd it receives (a sealed memfd, at least the region's size) before
 //! mapping it, so a hostile source cannot make its reads fault.
 
@@ -35,6 +38,7 @@ pub struct LocalPageServer {
     stop: Arc<AtomicBool>,
     accept_thread: Option<JoinHandle<()>>,
     connections: Arc<Mutex<Vec<Connection>>>,
+    control_rx: Mutex<std::sync::mpsc::Receiver<UnixStream>>,
 }
 
 /// A served destination: a handle to close its socket, and the thread serving it.
@@ -60,6 +64,7 @@ impl LocalPageServer {
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Mutex::new(Vec::new()));
         let (stop2, conns2) = (stop.clone(), connections.clone());
+        let (control_tx, control_rx) = std::sync::mpsc::sync_channel(4);
         let accept_thread = std::thread::Builder::new().name("ferry-local-accept".into()).spawn(move || {
             for stream in listener.incoming() {
                 if stop2.load(Ordering::SeqCst) {
@@ -67,9 +72,13 @@ impl LocalPageServer {
                 }
                 let Ok(stream) = stream else { continue };
                 let Ok(handle) = stream.try_clone() else { continue };
-                let (memory, key) = (memory.clone(), key.clone());
+                let (memory, key, control_tx) = (memory.clone(), key.clone(), control_tx.clone());
                 let spawned = std::thread::Builder::new().name("ferry-local-serve".into()).spawn(move || {
-                    let _ = serve(&stream, &memory, &key, session);
+                    if let Ok(Some(control)) = serve(&stream, &memory, &key, session) {
+                        if control_tx.try_send(control).is_ok() {
+                            return;
+                        }
+                    }
                     // The accept loop holds a duplicate of this socket: close it explicitly.
                     let _ = stream.shutdown(std::net::Shutdown::Both);
                 });
@@ -80,7 +89,24 @@ impl LocalPageServer {
                 }
             }
         })?;
-        Ok(LocalPageServer { path, session, stop, accept_thread: Some(accept_thread), connections })
+        Ok(LocalPageServer {
+            path,
+            session,
+            stop,
+            accept_thread: Some(accept_thread),
+            connections,
+            control_rx: Mutex::new(control_rx),
+        })
+    }
+
+    /// Waits up to `timeout` for a destination to open the session's control lane.
+    pub fn accept_control(&self, timeout: Duration) -> Result<UnixStream> {
+        let rx = self.control_rx.lock().expect("control receiver poisoned");
+        let stream = rx.recv_timeout(timeout).map_err(|_| {
+            TransportError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no destination opened a control lane"))
+        })?;
+        stream.set_read_timeout(None)?;
+        Ok(stream)
     }
 
     pub fn path(&self) -> &Path {
@@ -111,10 +137,13 @@ impl Drop for LocalPageServer {
     }
 }
 
-fn serve(stream: &UnixStream, memory: &GuestMemory, key: &PreSharedKey, session: SessionId) -> Result<()> {
+/// Serves one connection: a bulk lane gets the memfds; a control lane is returned for the session.
+fn serve(stream: &UnixStream, memory: &GuestMemory, key: &PreSharedKey, session: SessionId) -> Result<Option<UnixStream>> {
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    server_handshake(&mut &*stream, key, session, memory.layout())?;
+    if server_handshake(&mut &*stream, key, session, memory.layout())? == Lane::Control {
+        return Ok(Some(stream.try_clone()?));
+    }
     let fds: Vec<BorrowedFd<'_>> = memory.regions().iter().filter_map(|r| r.fd()).collect();
     send_fds(stream, &fds)?;
     // The destination holds the connection open while it uses the mappings; its end marks the
@@ -122,7 +151,7 @@ fn serve(stream: &UnixStream, memory: &GuestMemory, key: &PreSharedKey, session:
     stream.set_read_timeout(None)?;
     let mut byte = [0u8; 1];
     while (&mut &*stream).read(&mut byte)? != 0 {}
-    Ok(())
+    Ok(None)
 }
 
 /// Opens a session with the local page server at `path` and maps the source's memory.
@@ -132,10 +161,38 @@ pub fn connect(
     expected_layout: Option<&MemoryLayout>,
     bulk_depth: usize,
 ) -> Result<PageSource> {
+    map_lanes(path.as_ref(), key, SessionId::NEW, expected_layout, bulk_depth)
+}
+
+/// Opens a session's control lane, then maps the source's memory for its lanes: what a post-copy
+/// destination on the same host holds for the whole migration.
+pub fn connect_session(
+    path: impl AsRef<Path>,
+    key: &PreSharedKey,
+    expected_layout: Option<&MemoryLayout>,
+    bulk_depth: usize,
+) -> Result<(PageSource, UnixStream)> {
+    let path = path.as_ref();
+    let mut control = UnixStream::connect(path)?;
+    control.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    control.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let cs = client_handshake(&mut control, key, Lane::Control, SessionId::NEW, expected_layout)?;
+    control.set_read_timeout(None)?;
+    let source = map_lanes(path, key, cs.session, Some(&cs.layout), bulk_depth)?;
+    Ok((source, control))
+}
+
+fn map_lanes(
+    path: &Path,
+    key: &PreSharedKey,
+    session: SessionId,
+    expected_layout: Option<&MemoryLayout>,
+    bulk_depth: usize,
+) -> Result<PageSource> {
     let mut stream = UnixStream::connect(path)?;
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    let cs = client_handshake(&mut stream, key, Lane::Control, SessionId::NEW, expected_layout)?;
+    let cs = client_handshake(&mut stream, key, Lane::Bulk, session, expected_layout)?;
     let fds = recv_fds(&stream, cs.layout.regions().len())?;
     let mappings = fds
         .into_iter()

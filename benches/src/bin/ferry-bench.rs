@@ -235,7 +235,7 @@ fn transport(o: &Options) -> Result<()> {
 }
 
 fn postcopy(o: &Options) -> Result<()> {
-    use ferry::loopback::{migrate, LoopbackConfig};
+    use ferry::loopback::{migrate, LoopbackConfig, LoopbackTransport};
     use ferry::prepager::PolicyKind;
     use ferry::toucher::Pattern;
     use ferry_transport::MemoryLayout;
@@ -251,7 +251,7 @@ fn postcopy(o: &Options) -> Result<()> {
         for pattern in Pattern::ALL {
             let touches = if pattern == Pattern::Sequential { pages } else { pages / 4 };
             let config =
-                LoopbackConfig { layout: layout.clone(), dest_backing: Backing::Anonymous, pattern, policy, touches };
+                LoopbackConfig { transport: LoopbackTransport::Tcp, layout: layout.clone(), dest_backing: Backing::Anonymous, pattern, policy, touches };
             let out = migrate(&config)?;
             if out.verify_mismatches + out.during.mismatches > 0 {
                 bail!("{policy:?}/{pattern:?}: guest memory differs from the source");
@@ -274,7 +274,7 @@ fn postcopy(o: &Options) -> Result<()> {
                 "raw_fault_p50_us": round(raw_fault_p50), "raw_rtt_p50_us": round(raw_rtt_p50),
                 "fault_over_raw_p50": round(f50 / (raw_fault_p50 + raw_rtt_p50)),
                 "blocktime_ms": round(d.blocktime.as_secs_f64() * 1e3),
-                "pages_sent_twice": out.served_twice + d.pages_installed_twice,
+                "pages_sent_twice": out.served_twice.unwrap_or(0) + d.pages_installed_twice,
                 "rate_during": round(out.during.rate()), "rate_after": round(out.after.rate()),
                 "rate_during_over_after": round(out.during.rate() / out.after.rate()),
                 "max_rss_mib": round(max_rss_mib()),
@@ -286,7 +286,7 @@ fn postcopy(o: &Options) -> Result<()> {
                     "{:<8} {:<7} net faults {:>6} / {:>7} pages | total {:>7.1} ms downtime {:>5.2} ms | fault p50 {:>6.1} us p99 {:>7.1} us (raw {:.1} + {:.1}) | rate during/after {:.2} | sent twice {}",
                     policy.name(), pattern.name(), d.network_faults, d.pages_total, d.total.as_secs_f64() * 1e3,
                     out.source.downtime.as_secs_f64() * 1e3, f50, f99, raw_fault_p50, raw_rtt_p50,
-                    out.during.rate() / out.after.rate(), out.served_twice + d.pages_installed_twice
+                    out.during.rate() / out.after.rate(), out.served_twice.unwrap_or(0) + d.pages_installed_twice
                 );
             }
         }
@@ -295,6 +295,7 @@ fn postcopy(o: &Options) -> Result<()> {
     // anonymous memory (UFFDIO_COPY from a buffer) and memfd memory (received in place, CONTINUE).
     let install = |dest_backing, layout: &MemoryLayout| -> Result<f64> {
         let idle = migrate(&LoopbackConfig {
+            transport: LoopbackTransport::Tcp,
             layout: layout.clone(),
             dest_backing,
             pattern: Pattern::Sequential,
