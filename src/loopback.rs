@@ -88,7 +88,8 @@ pub fn migrate(config: &LoopbackConfig) -> Result<LoopbackOutcome> {
                 let (server, free) = (server.clone(), free.clone());
                 std::thread::spawn(move || paused(Box::new(server.accept_control(Duration::from_secs(30))?), free))
             };
-            let (lanes, control) = tcp::connect_session(server.local_addr(), &key, Some(layout), &TcpOptions::default())?;
+            let (lanes, control) =
+                tcp::connect_session(server.local_addr(), &key, Some(layout), &TcpOptions::default())?;
             (Server::Tcp(server), source, lanes, Box::new(control))
         }
         LoopbackTransport::Local => {

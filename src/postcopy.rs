@@ -167,6 +167,18 @@ impl PostcopyDestination {
         &self.stats
     }
 
+    /// The live counters, shareable with threads that outlive a borrow of this session.
+    pub fn stats_handle(&self) -> Arc<FaultStats> {
+        self.stats.clone()
+    }
+
+    /// A handle that stops the session from any thread: the fault thread and the pre-pager stop,
+    /// `wait` then reports the pages still missing and tells the source. Guest threads faulting on
+    /// missing pages stay blocked: stop the vCPUs.
+    pub fn canceller(&self) -> Canceller {
+        Canceller { abort: self.abort.clone(), stop_faults: self.stop_faults.clone() }
+    }
+
     /// Fetches everything still missing in address order, whatever the policy (a `demand`
     /// session otherwise never completes on pages the guest does not touch).
     pub fn finish(&self) {
@@ -254,6 +266,20 @@ impl Drop for PostcopyDestination {
         if let Some(t) = self.fault_thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Stops a running [`PostcopyDestination`] from any thread.
+#[derive(Clone, Debug)]
+pub struct Canceller {
+    abort: Arc<AtomicBool>,
+    stop_faults: Arc<AtomicBool>,
+}
+
+impl Canceller {
+    pub fn cancel(&self) {
+        self.abort.store(true, Ordering::Release);
+        self.stop_faults.store(true, Ordering::Release);
     }
 }
 

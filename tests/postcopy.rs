@@ -50,8 +50,11 @@ fn every_policy_and_pattern_over_tcp() {
 fn every_policy_over_the_local_transport() {
     for policy in PolicyKind::ALL {
         for dest in [Backing::Anonymous, Backing::Memfd] {
-            let o = migrate(&LoopbackConfig { transport: LoopbackTransport::Local, ..config(Pattern::HotSet, policy, dest) })
-                .unwrap();
+            let o = migrate(&LoopbackConfig {
+                transport: LoopbackTransport::Local,
+                ..config(Pattern::HotSet, policy, dest)
+            })
+            .unwrap();
             check(&o);
             assert_eq!(o.served_pages, None, "local reads are one-sided: the source serves nothing");
         }

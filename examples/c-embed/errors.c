@@ -50,6 +50,11 @@ static uint16_t closed_port(void) {
     return ntohs(a.sin_port);
 }
 
+static int32_t accept_resume(const uint8_t *state, size_t len, void *user) {
+    (void)state, (void)len, (void)user;
+    return 0;
+}
+
 static int32_t refuse_resume(const uint8_t *state, size_t len, void *user) {
     (void)state, (void)len, (void)user;
     return -1;
@@ -119,6 +124,39 @@ int main(void) {
     expect("source vanished before handoff", ferry_destination_start(dst, NULL, NULL), FERRY_STATUS_ERR_INVALID_ARGUMENT);
     FerryStatus st = ferry_destination_start(dst, refuse_resume, NULL);
     expect("source vanished before handoff", st, FERRY_STATUS_ERR_PEER);
+    expect("cancel before start", ferry_destination_cancel(dst), FERRY_STATUS_ERR_STATE);
+    ferry_destination_free(dst);
+    expect("cancel null", ferry_destination_cancel(NULL), FERRY_STATUS_ERR_INVALID_ARGUMENT);
+
+    /* A destination cancelled after its guest resumed: wait reports the pages still missing, and
+       the source's handoff hears that the destination gave up. */
+    if (pipe(port_pipe) != 0) return 1;
+    fflush(stdout);
+    child = fork();
+    if (child == 0) {
+        FerrySource *s = NULL;
+        FerryRegion r = fresh_region(MEM);
+        if (ferry_source_start(&r, 1, PAGE, "127.0.0.1:0", KEY_A, 32, &s) != FERRY_STATUS_OK) _exit(1);
+        uint16_t p = 0;
+        ferry_source_port(s, &p);
+        if (write(port_pipe[1], &p, sizeof p) != sizeof p) _exit(1);
+        _exit(ferry_source_handoff(s, NULL, 0, NULL, 0, 10000, NULL) == FERRY_STATUS_ERR_PEER ? 0 : 1);
+    }
+    if (read(port_pipe[0], &port, sizeof port) != sizeof port) return 1;
+    snprintf(addr, sizeof addr, "127.0.0.1:%u", port);
+    FerryRegion d3 = fresh_region(MEM);
+    expect("connect", ferry_destination_connect(&d3, 1, PAGE, addr, KEY_A, 32, FERRY_PREPAGER_DEMAND, &dst), FERRY_STATUS_OK);
+    expect("start", ferry_destination_start(dst, accept_resume, NULL), FERRY_STATUS_OK);
+    expect("cancel", ferry_destination_cancel(dst), FERRY_STATUS_OK);
+    expect("wait after cancel", ferry_destination_wait(dst, NULL), FERRY_STATUS_ERR_PEER);
+    int status = 0;
+    waitpid(child, &status, 0);
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+        passed++;
+    } else {
+        failed++;
+        fprintf(stderr, "FAIL the source was not told the destination cancelled\n");
+    }
     ferry_destination_free(dst);
 
     printf("%d passed, %d failed\n", passed, failed);

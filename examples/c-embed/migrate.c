@@ -5,7 +5,10 @@
  * fault and are served by ferry; it checks every byte against the source's pattern. Pages the
  * source reports free hold junk there and must read as zero here.
  *
- *   ./migrate [anon|memfd]     exit 0 and "c-embed: PASS" on success
+ *   ./migrate [anon|memfd] [tcp|unix]     exit 0 and "c-embed: PASS" on success
+ *
+ * With "unix" the two processes use ferry's local transport: the source's memory is a memfd the
+ * destination maps, so its reads cost the source nothing.
  */
 #define _GNU_SOURCE
 #include <ferry.h>
@@ -14,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -40,8 +44,20 @@ static int fail(const char *what, FerryStatus status) {
     return 1;
 }
 
+static char unix_addr[64]; /* "unix:PATH" when the local transport is used */
+
 static int source(int port_pipe) {
-    uint64_t *mem = mmap(NULL, MEM, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    int fd = -1;
+    uint64_t *mem;
+    if (unix_addr[0]) {
+        fd = memfd_create("c-embed-source", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        if (fd < 0 || ftruncate(fd, MEM) != 0) return 1;
+        /* The destination maps this memory: seal its size so it can never shrink under it. */
+        if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0) return 1;
+        mem = mmap(NULL, MEM, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    } else {
+        mem = mmap(NULL, MEM, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    }
     if (mem == MAP_FAILED) return 1;
     for (uint64_t p = 0; p < PAGES; p++) {
         if (is_free(p)) {
@@ -50,12 +66,12 @@ static int source(int port_pipe) {
         }
         for (uint64_t w = 0; w < WORDS_PER_PAGE; w++) mem[p * WORDS_PER_PAGE + w] = expected(p, w);
     }
-    FerryRegion region = {.guest_phys_addr = 0, .host_addr = mem, .size = MEM, .fd = -1};
+    FerryRegion region = {.guest_phys_addr = 0, .host_addr = mem, .size = MEM, .fd = fd};
     FerrySource *src = NULL;
-    FerryStatus st = ferry_source_start(&region, 1, PAGE, "127.0.0.1:0", KEY, sizeof KEY, &src);
+    FerryStatus st = ferry_source_start(&region, 1, PAGE, unix_addr[0] ? unix_addr : "127.0.0.1:0", KEY, sizeof KEY, &src);
     if (st != FERRY_STATUS_OK) return fail("ferry_source_start", st);
     uint16_t port = 0;
-    if ((st = ferry_source_port(src, &port)) != FERRY_STATUS_OK) return fail("ferry_source_port", st);
+    if (!unix_addr[0] && (st = ferry_source_port(src, &port)) != FERRY_STATUS_OK) return fail("ferry_source_port", st);
     if (write(port_pipe, &port, sizeof port) != sizeof port) return 1;
     close(port_pipe);
 
@@ -90,8 +106,11 @@ static int destination(uint16_t port, int use_memfd) {
     }
     if (mem == MAP_FAILED) return 1;
     FerryRegion region = {.guest_phys_addr = 0, .host_addr = mem, .size = MEM, .fd = fd};
-    char addr[32];
-    snprintf(addr, sizeof addr, "127.0.0.1:%u", port);
+    char addr[64];
+    if (unix_addr[0])
+        snprintf(addr, sizeof addr, "%s", unix_addr);
+    else
+        snprintf(addr, sizeof addr, "127.0.0.1:%u", port);
     FerryDestination *dst = NULL;
     FerryStatus st = ferry_destination_connect(&region, 1, PAGE, addr, KEY, sizeof KEY, FERRY_PREPAGER_BUBBLING, &dst);
     if (st != FERRY_STATUS_OK) return fail("ferry_destination_connect", st);
@@ -117,6 +136,8 @@ static int destination(uint16_t port, int use_memfd) {
 
 int main(int argc, char **argv) {
     int use_memfd = argc > 1 && strcmp(argv[1], "memfd") == 0;
+    if (argc > 2 && strcmp(argv[2], "unix") == 0)
+        snprintf(unix_addr, sizeof unix_addr, "unix:/tmp/ferry-c-embed-%d.sock", (int)getpid());
     if (ferry_abi_version() != FERRY_ABI_VERSION) {
         fprintf(stderr, "c-embed: library ABI %u, header ABI %u\n", ferry_abi_version(), FERRY_ABI_VERSION);
         return 1;

@@ -90,5 +90,8 @@ fn discarded_pages_are_never_fetched_and_read_as_zero() {
     assert_eq!(FaultStats::get(&stats.discarded_pages), 100);
     assert_eq!(FaultStats::get(&stats.network_faults), 1, "only page 50 crossed the network");
     assert_eq!(FaultStats::get(&stats.local_faults), 100);
-    assert_eq!(server.stats().data_pages.load(Ordering::Relaxed) + server.stats().zero_pages.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        server.stats().data_pages.load(Ordering::Relaxed) + server.stats().zero_pages.load(Ordering::Relaxed),
+        1
+    );
 }

@@ -73,7 +73,8 @@ typedef enum FerryPrepager {
 } FerryPrepager;
 
 /**
- * A post-copy destination, from connection to completion.
+ * A post-copy destination, from connection to completion. Every entry point takes it by shared
+ * reference; what changes lives behind locks, so the documented concurrent calls are sound.
  */
 typedef struct FerryDestination FerryDestination;
 
@@ -149,7 +150,9 @@ const char *ferry_last_error(void);
 
 /**
  * Starts a post-copy source: serves the guest memory in `regions` to an authenticated destination
- * on TCP address `listen_addr` (for example "0.0.0.0:7070", or port 0 for any free port).
+ * on TCP address `listen_addr` (for example "0.0.0.0:7070", or port 0 for any free port), or, as
+ * "unix:PATH", on a Unix socket for a destination on this host (local transport: the destination
+ * maps the memory itself, so every region needs an fd).
  * The guest should be paused before ferry_source_handoff; pages are read while it is.
  * Thread safety: any thread; the handle may then be used from one thread at a time, except
  * ferry_source_cancel, which any thread may call.
@@ -167,7 +170,8 @@ enum FerryStatus ferry_source_start(const struct FerryRegion *regions,
                                     struct FerrySource **out);
 
 /**
- * The TCP port the source listens on. Thread safety: any thread.
+ * The TCP port the source listens on (FERRY_STATUS_ERR_STATE for a unix: source).
+ * Thread safety: any thread.
  *
  * # Safety
  * `source` is a live handle; `port` is writable.
@@ -212,12 +216,12 @@ enum FerryStatus ferry_source_cancel(const struct FerrySource *source);
 void ferry_source_free(struct FerrySource *source);
 
 /**
- * Connects a post-copy destination to the source at `addr` (pre-pager: a `FerryPrepager` value)
- * and registers the guest memory in
+ * Connects a post-copy destination to the source at `addr` (a TCP address, or "unix:PATH" for
+ * the local transport; pre-pager: a `FerryPrepager` value) and registers the guest memory in
  * `regions` with userfaultfd. The memory must be mapped but never touched (touched pages are
  * taken as present). Regions with an fd are filled in place and mapped with UFFDIO_CONTINUE.
- * Thread safety: any thread; the handle may then be used from one thread at a time, except
- * ferry_destination_stats.
+ * Thread safety: any thread; then start, finish and wait from one thread at a time, stats and
+ * cancel from any thread at any time.
  *
  * # Safety
  * As ferry_source_start, with `addr` NUL-terminated.
@@ -233,8 +237,8 @@ enum FerryStatus ferry_destination_connect(const struct FerryRegion *regions,
 
 /**
  * Blocks until the source hands over, serves faults from then on, calls `resume`, and returns
- * once the guest runs; memory keeps arriving until ferry_destination_wait. Thread safety: one
- * thread per handle.
+ * once the guest runs; memory keeps arriving until ferry_destination_wait. Thread safety: not
+ * concurrently with start, finish or wait on the same handle.
  *
  * # Safety
  * `destination` is a live handle; `resume` is a valid function; `user` is passed through.
@@ -245,7 +249,8 @@ enum FerryStatus ferry_destination_start(struct FerryDestination *destination,
 
 /**
  * Fetches everything still missing in address order, whatever the pre-pager (a `demand`
- * destination otherwise only fetches what the guest touches). Thread safety: one thread per handle.
+ * destination otherwise only fetches what the guest touches). Thread safety: any thread once
+ * started.
  *
  * # Safety
  * `destination` is a live handle.
@@ -264,13 +269,24 @@ enum FerryStatus ferry_destination_stats(const struct FerryDestination *destinat
 
 /**
  * Blocks until every page is present, tells the source, releases userfaultfd, and fills `stats`
- * (may be null). Thread safety: one thread per handle.
+ * (may be null). Thread safety: one waiter per handle; stats and cancel may run meanwhile.
  *
  * # Safety
  * `destination` is a live handle; `stats` is null or writable.
  */
 enum FerryStatus ferry_destination_wait(struct FerryDestination *destination,
                                         struct FerryStats *stats);
+
+/**
+ * Stops a started destination: its fault thread and pre-pager stop, and ferry_destination_wait
+ * returns FERRY_STATUS_ERR_PEER with the pages still missing. Guest threads faulting on missing
+ * pages stay blocked: stop the vCPUs. Thread safety: any thread, also during
+ * ferry_destination_wait.
+ *
+ * # Safety
+ * `destination` is a live handle.
+ */
+enum FerryStatus ferry_destination_cancel(const struct FerryDestination *destination);
 
 /**
  * Frees the handle. A destination freed before every page arrived keeps its userfaultfd open,

@@ -15,11 +15,16 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry::fault_handler::DestinationMemory;
+use std::sync::Mutex;
+
+use ferry::fault_handler::{DestinationMemory, FaultStats};
 use ferry::prepager::PolicyKind;
+use ferry::transport::local::{self, LocalPageServer};
 use ferry::transport::tcp::{self, TcpOptions, TcpPageServer};
-use ferry::transport::{GuestMemory, MemoryLayout, PreSharedKey, RegionLayout, RegionMapping, TransportError};
-use ferry::{DestinationConfig, FreePages, MigrationError, PostcopyDestination};
+use ferry::transport::{
+    ControlStream, GuestMemory, MemoryLayout, PageSource, PreSharedKey, RegionLayout, RegionMapping, TransportError,
+};
+use ferry::{Canceller, DestinationConfig, FreePages, MigrationError, PostcopyDestination};
 
 /// The ABI this library implements. Bumped on any incompatible change to ferry.h.
 pub const FERRY_ABI_VERSION: u32 = 1;
@@ -97,17 +102,32 @@ pub struct FerryStats {
 /// A post-copy source: a page server over the guest's memory.
 #[derive(Debug)]
 pub struct FerrySource {
-    server: Arc<TcpPageServer>,
+    server: SourceServer,
     pages: u64,
 }
 
-/// A post-copy destination, from connection to completion.
+#[derive(Debug)]
+enum SourceServer {
+    Tcp(TcpPageServer),
+    /// `unix:PATH`: the same-host transport; guest memory must be memfd or hugetlbfs backed.
+    Local(LocalPageServer),
+}
+
+/// A post-copy destination, from connection to completion. Every entry point takes it by shared
+/// reference; what changes lives behind locks, so the documented concurrent calls are sound.
 #[derive(Debug)]
 pub struct FerryDestination {
     memory: Arc<DestinationMemory>,
     policy: PolicyKind,
-    pending: Option<(ferry::transport::PageSource, std::net::TcpStream)>,
-    session: Option<PostcopyDestination>,
+    pending: Mutex<Option<(PageSource, Box<dyn ControlStream>)>>,
+    session: Mutex<Option<PostcopyDestination>>,
+    /// Set by start: live counters and the cancel switch, usable while another thread waits.
+    running: Mutex<Option<(Arc<FaultStats>, Canceller)>>,
+}
+
+/// `unix:PATH` selects the local transport; anything else is a TCP address.
+fn unix_path(addr: &str) -> Option<&str> {
+    addr.strip_prefix("unix:")
 }
 
 thread_local! {
@@ -246,6 +266,12 @@ unsafe fn str_arg<'a>(s: *const c_char, what: &str) -> Result<&'a str, (FerrySta
     unsafe { CStr::from_ptr(s) }.to_str().map_err(|_| invalid(format!("{what} is not UTF-8")))
 }
 
+/// Locks a handle's state; a panic while it was held (turned into FERRY_STATUS_ERR_INTERNAL) does
+/// not make the handle unusable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn micros(d: Duration) -> u64 {
     d.as_micros().min(u128::from(u64::MAX)) as u64
 }
@@ -265,7 +291,9 @@ pub extern "C" fn ferry_last_error() -> *const c_char {
 }
 
 /// Starts a post-copy source: serves the guest memory in `regions` to an authenticated destination
-/// on TCP address `listen_addr` (for example "0.0.0.0:7070", or port 0 for any free port).
+/// on TCP address `listen_addr` (for example "0.0.0.0:7070", or port 0 for any free port), or, as
+/// "unix:PATH", on a Unix socket for a destination on this host (local transport: the destination
+/// maps the memory itself, so every region needs an fd).
 /// The guest should be paused before ferry_source_handoff; pages are read while it is.
 /// Thread safety: any thread; the handle may then be used from one thread at a time, except
 /// ferry_source_cancel, which any thread may call.
@@ -294,15 +322,22 @@ pub unsafe extern "C" fn ferry_source_start(
         // SAFETY: forwarded caller contract on the mappings.
         let memory = unsafe { adopt(regions, page_size)? };
         let pages = memory.layout().total_pages();
-        let server = TcpPageServer::start(addr, Arc::new(memory), key, TcpOptions::default()).map_err(transport)?;
-        let handle = Box::new(FerrySource { server: Arc::new(server), pages });
+        let memory = Arc::new(memory);
+        let server = match unix_path(addr) {
+            Some(path) => SourceServer::Local(LocalPageServer::start(path, memory, key).map_err(transport)?),
+            None => {
+                SourceServer::Tcp(TcpPageServer::start(addr, memory, key, TcpOptions::default()).map_err(transport)?)
+            }
+        };
+        let handle = Box::new(FerrySource { server, pages });
         // SAFETY: out is non-null (checked) and writable (caller contract).
         unsafe { *out = Box::into_raw(handle) };
         Ok(())
     })
 }
 
-/// The TCP port the source listens on. Thread safety: any thread.
+/// The TCP port the source listens on (FERRY_STATUS_ERR_STATE for a unix: source).
+/// Thread safety: any thread.
 ///
 /// # Safety
 /// `source` is a live handle; `port` is writable.
@@ -313,7 +348,10 @@ pub unsafe extern "C" fn ferry_source_port(source: *const FerrySource, port: *mu
         let source = unsafe { source.as_ref() }.ok_or_else(|| invalid("source is null"))?;
         // SAFETY: caller contract: writable or null.
         let port = unsafe { port.as_mut() }.ok_or_else(|| invalid("port is null"))?;
-        *port = source.server.local_addr().port();
+        match &source.server {
+            SourceServer::Tcp(server) => *port = server.local_addr().port(),
+            SourceServer::Local(_) => return Err((FerryStatus::ErrState, "a unix: source has no TCP port".into())),
+        }
         Ok(())
     })
 }
@@ -362,9 +400,12 @@ pub unsafe extern "C" fn ferry_source_handoff(
                 })?
             }
         };
-        let mut control =
-            source.server.accept_control(Duration::from_millis(u64::from(timeout_ms))).map_err(transport)?;
-        let report = ferry::run_source(&mut control, paused_at, state, &free).map_err(migration)?;
+        let timeout = Duration::from_millis(u64::from(timeout_ms));
+        let mut control: Box<dyn ControlStream> = match &source.server {
+            SourceServer::Tcp(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
+            SourceServer::Local(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
+        };
+        let report = ferry::run_source(control.as_mut(), paused_at, state, &free).map_err(migration)?;
         // SAFETY: caller contract: null or writable.
         if let Some(stats) = unsafe { stats.as_mut() } {
             *stats = FerryStats {
@@ -373,7 +414,13 @@ pub unsafe extern "C" fn ferry_source_handoff(
                 urgent_pages: report.done.urgent_pages,
                 bulk_pages: report.done.bulk_pages,
                 skipped_free_pages: report.done.skipped_free_pages,
-                pages_sent_twice: source.server.stats().pages_served_twice.load(std::sync::atomic::Ordering::Relaxed),
+                pages_sent_twice: match &source.server {
+                    SourceServer::Tcp(server) => {
+                        server.stats().pages_served_twice.load(std::sync::atomic::Ordering::Relaxed)
+                    }
+                    // One-sided reads: the source sees none of them.
+                    SourceServer::Local(_) => 0,
+                },
                 total_us: micros(report.total),
                 downtime_us: micros(report.downtime),
                 ..FerryStats::default()
@@ -393,7 +440,10 @@ pub unsafe extern "C" fn ferry_source_cancel(source: *const FerrySource) -> Ferr
     guard(|| {
         // SAFETY: caller contract: a live handle or null.
         let source = unsafe { source.as_ref() }.ok_or_else(|| invalid("source is null"))?;
-        source.server.drop_connections();
+        match &source.server {
+            SourceServer::Tcp(server) => server.drop_connections(),
+            SourceServer::Local(server) => server.drop_connections(),
+        }
         Ok(())
     })
 }
@@ -411,12 +461,12 @@ pub unsafe extern "C" fn ferry_source_free(source: *mut FerrySource) {
     }
 }
 
-/// Connects a post-copy destination to the source at `addr` (pre-pager: a `FerryPrepager` value)
-/// and registers the guest memory in
+/// Connects a post-copy destination to the source at `addr` (a TCP address, or "unix:PATH" for
+/// the local transport; pre-pager: a `FerryPrepager` value) and registers the guest memory in
 /// `regions` with userfaultfd. The memory must be mapped but never touched (touched pages are
 /// taken as present). Regions with an fd are filled in place and mapped with UFFDIO_CONTINUE.
-/// Thread safety: any thread; the handle may then be used from one thread at a time, except
-/// ferry_destination_stats.
+/// Thread safety: any thread; then start, finish and wait from one thread at a time, stats and
+/// cancel from any thread at any time.
 ///
 /// # Safety
 /// As ferry_source_start, with `addr` NUL-terminated.
@@ -447,14 +497,24 @@ pub unsafe extern "C" fn ferry_destination_connect(
         // SAFETY: forwarded caller contract on the mappings.
         let guest = unsafe { adopt(regions, page_size)? };
         let layout = guest.layout().clone();
-        let (lanes, control) =
-            tcp::connect_session(addr, &key, Some(&layout), &TcpOptions::default()).map_err(transport)?;
+        let (lanes, control): (PageSource, Box<dyn ControlStream>) = match unix_path(addr) {
+            Some(path) => {
+                let (lanes, control) = local::connect_session(path, &key, Some(&layout), 32).map_err(transport)?;
+                (lanes, Box::new(control))
+            }
+            None => {
+                let (lanes, control) =
+                    tcp::connect_session(addr, &key, Some(&layout), &TcpOptions::default()).map_err(transport)?;
+                (lanes, Box::new(control))
+            }
+        };
         let memory = DestinationMemory::register(guest).map_err(|e| migration(e.into()))?;
         let handle = Box::new(FerryDestination {
             memory: Arc::new(memory),
             policy,
-            pending: Some((lanes, control)),
-            session: None,
+            pending: Mutex::new(Some((lanes, control))),
+            session: Mutex::new(None),
+            running: Mutex::new(None),
         });
         // SAFETY: out is non-null (checked) and writable (caller contract).
         unsafe { *out = Box::into_raw(handle) };
@@ -467,8 +527,8 @@ pub unsafe extern "C" fn ferry_destination_connect(
 pub type FerryResumeFn = Option<unsafe extern "C" fn(state: *const u8, len: usize, user: *mut c_void) -> i32>;
 
 /// Blocks until the source hands over, serves faults from then on, calls `resume`, and returns
-/// once the guest runs; memory keeps arriving until ferry_destination_wait. Thread safety: one
-/// thread per handle.
+/// once the guest runs; memory keeps arriving until ferry_destination_wait. Thread safety: not
+/// concurrently with start, finish or wait on the same handle.
 ///
 /// # Safety
 /// `destination` is a live handle; `resume` is a valid function; `user` is passed through.
@@ -479,13 +539,13 @@ pub unsafe extern "C" fn ferry_destination_start(
     user: *mut c_void,
 ) -> FerryStatus {
     guard(|| {
-        // SAFETY: caller contract: a live handle or null, used by one thread.
-        let d = unsafe { destination.as_mut() }.ok_or_else(|| invalid("destination is null"))?;
+        // SAFETY: caller contract: a live handle or null.
+        let d = unsafe { destination.as_ref() }.ok_or_else(|| invalid("destination is null"))?;
         let resume = resume.ok_or_else(|| invalid("resume is null"))?;
-        let (lanes, control) =
-            d.pending.take().ok_or_else(|| (FerryStatus::ErrState, "already started".to_string()))?;
+        let pending = lock(&d.pending).take();
+        let (lanes, control) = pending.ok_or_else(|| (FerryStatus::ErrState, "already started".to_string()))?;
         let config = DestinationConfig { policy: d.policy, ..DestinationConfig::default() };
-        let session = PostcopyDestination::start(Box::new(control), d.memory.clone(), lanes, &config, |state| {
+        let session = PostcopyDestination::start(control, d.memory.clone(), lanes, &config, |state| {
             // SAFETY: `resume` is the caller's function; state is valid for the call.
             match unsafe { resume(state.as_ptr(), state.len(), user) } {
                 0 => Ok(()),
@@ -493,13 +553,15 @@ pub unsafe extern "C" fn ferry_destination_start(
             }
         })
         .map_err(migration)?;
-        d.session = Some(session);
+        *lock(&d.running) = Some((session.stats_handle(), session.canceller()));
+        *lock(&d.session) = Some(session);
         Ok(())
     })
 }
 
 /// Fetches everything still missing in address order, whatever the pre-pager (a `demand`
-/// destination otherwise only fetches what the guest touches). Thread safety: one thread per handle.
+/// destination otherwise only fetches what the guest touches). Thread safety: any thread once
+/// started.
 ///
 /// # Safety
 /// `destination` is a live handle.
@@ -508,7 +570,7 @@ pub unsafe extern "C" fn ferry_destination_finish(destination: *mut FerryDestina
     guard(|| {
         // SAFETY: caller contract: a live handle or null.
         let d = unsafe { destination.as_ref() }.ok_or_else(|| invalid("destination is null"))?;
-        d.session.as_ref().ok_or_else(|| (FerryStatus::ErrState, "not started".to_string()))?.finish();
+        lock(&d.session).as_ref().ok_or_else(|| (FerryStatus::ErrState, "not started".to_string()))?.finish();
         Ok(())
     })
 }
@@ -528,10 +590,9 @@ pub unsafe extern "C" fn ferry_destination_stats(
         let d = unsafe { destination.as_ref() }.ok_or_else(|| invalid("destination is null"))?;
         // SAFETY: caller contract: writable or null.
         let out = unsafe { stats.as_mut() }.ok_or_else(|| invalid("stats is null"))?;
-        let get = ferry::fault_handler::FaultStats::get;
+        let get = FaultStats::get;
         let mut s = FerryStats { pages_total: d.memory.states().pages(), ..FerryStats::default() };
-        if let Some(session) = &d.session {
-            let f = session.stats();
+        if let Some((f, _)) = lock(&d.running).as_ref() {
             s.network_faults = get(&f.network_faults);
             s.inflight_faults = get(&f.inflight_faults);
             s.urgent_pages = get(&f.urgent_pages);
@@ -547,7 +608,7 @@ pub unsafe extern "C" fn ferry_destination_stats(
 }
 
 /// Blocks until every page is present, tells the source, releases userfaultfd, and fills `stats`
-/// (may be null). Thread safety: one thread per handle.
+/// (may be null). Thread safety: one waiter per handle; stats and cancel may run meanwhile.
 ///
 /// # Safety
 /// `destination` is a live handle; `stats` is null or writable.
@@ -557,10 +618,10 @@ pub unsafe extern "C" fn ferry_destination_wait(
     stats: *mut FerryStats,
 ) -> FerryStatus {
     guard(|| {
-        // SAFETY: caller contract: a live handle or null, used by one thread.
-        let d = unsafe { destination.as_mut() }.ok_or_else(|| invalid("destination is null"))?;
-        let session =
-            d.session.take().ok_or_else(|| (FerryStatus::ErrState, "not started, or already waited".to_string()))?;
+        // SAFETY: caller contract: a live handle or null.
+        let d = unsafe { destination.as_ref() }.ok_or_else(|| invalid("destination is null"))?;
+        let session = lock(&d.session).take();
+        let session = session.ok_or_else(|| (FerryStatus::ErrState, "not started, or already waited".to_string()))?;
         let r = session.wait().map_err(migration)?;
         // SAFETY: caller contract: null or writable.
         if let Some(out) = unsafe { stats.as_mut() } {
@@ -581,6 +642,25 @@ pub unsafe extern "C" fn ferry_destination_wait(
                 blocktime_us: micros(r.blocktime),
             };
         }
+        Ok(())
+    })
+}
+
+/// Stops a started destination: its fault thread and pre-pager stop, and ferry_destination_wait
+/// returns FERRY_STATUS_ERR_PEER with the pages still missing. Guest threads faulting on missing
+/// pages stay blocked: stop the vCPUs. Thread safety: any thread, also during
+/// ferry_destination_wait.
+///
+/// # Safety
+/// `destination` is a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_destination_cancel(destination: *const FerryDestination) -> FerryStatus {
+    guard(|| {
+        // SAFETY: caller contract: a live handle or null.
+        let d = unsafe { destination.as_ref() }.ok_or_else(|| invalid("destination is null"))?;
+        let running = lock(&d.running);
+        let (_, canceller) = running.as_ref().ok_or_else(|| (FerryStatus::ErrState, "not started".to_string()))?;
+        canceller.cancel();
         Ok(())
     })
 }

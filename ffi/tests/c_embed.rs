@@ -73,8 +73,8 @@ fn run(program: &Path, args: &[&str]) -> String {
 #[test]
 fn c_program_migrates_its_memory_post_copy() {
     let program = compile("migrate", false);
-    for backing in ["anon", "memfd"] {
-        let out = run(&program, &[backing]);
+    for (backing, transport) in [("anon", "tcp"), ("memfd", "tcp"), ("anon", "unix"), ("memfd", "unix")] {
+        let out = run(&program, &[backing, transport]);
         assert!(out.contains("c-embed: PASS"), "{out}");
         assert!(out.contains("0 words wrong"), "{out}");
     }

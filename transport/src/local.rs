@@ -103,7 +103,10 @@ impl LocalPageServer {
     pub fn accept_control(&self, timeout: Duration) -> Result<UnixStream> {
         let rx = self.control_rx.lock().expect("control receiver poisoned");
         let stream = rx.recv_timeout(timeout).map_err(|_| {
-            TransportError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no destination opened a control lane"))
+            TransportError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no destination opened a control lane",
+            ))
         })?;
         stream.set_read_timeout(None)?;
         Ok(stream)
@@ -115,6 +118,15 @@ impl LocalPageServer {
 
     pub fn session(&self) -> SessionId {
         self.session
+    }
+
+    /// Closes every connection: destinations see their control lane fail. Their mappings stay
+    /// valid (the memory is shared), which is what one-sided reads mean.
+    pub fn drop_connections(&self) {
+        for (s, t) in std::mem::take(&mut *self.connections.lock().expect("connection list poisoned")) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            let _ = t.join();
+        }
     }
 
     fn stop_all(&mut self) {
@@ -138,7 +150,12 @@ impl Drop for LocalPageServer {
 }
 
 /// Serves one connection: a bulk lane gets the memfds; a control lane is returned for the session.
-fn serve(stream: &UnixStream, memory: &GuestMemory, key: &PreSharedKey, session: SessionId) -> Result<Option<UnixStream>> {
+fn serve(
+    stream: &UnixStream,
+    memory: &GuestMemory,
+    key: &PreSharedKey,
+    session: SessionId,
+) -> Result<Option<UnixStream>> {
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     if server_handshake(&mut &*stream, key, session, memory.layout())? == Lane::Control {

@@ -250,8 +250,14 @@ fn postcopy(o: &Options) -> Result<()> {
     for policy in PolicyKind::ALL {
         for pattern in Pattern::ALL {
             let touches = if pattern == Pattern::Sequential { pages } else { pages / 4 };
-            let config =
-                LoopbackConfig { transport: LoopbackTransport::Tcp, layout: layout.clone(), dest_backing: Backing::Anonymous, pattern, policy, touches };
+            let config = LoopbackConfig {
+                transport: LoopbackTransport::Tcp,
+                layout: layout.clone(),
+                dest_backing: Backing::Anonymous,
+                pattern,
+                policy,
+                touches,
+            };
             let out = migrate(&config)?;
             if out.verify_mismatches + out.during.mismatches > 0 {
                 bail!("{policy:?}/{pattern:?}: guest memory differs from the source");
