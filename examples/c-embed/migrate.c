@@ -77,6 +77,8 @@ static int source(int port_pipe) {
 
     static uint64_t free_bits[PAGES / 64];
     for (uint64_t p = FREE_FIRST; p < FREE_FIRST + FREE_COUNT; p++) free_bits[p / 64] |= 1ull << (p % 64);
+    /* Wait for the destination before pausing, so the downtime is only the handoff itself. */
+    if ((st = ferry_source_wait_destination(src, 10000)) != FERRY_STATUS_OK) return fail("ferry_source_wait_destination", st);
     /* A VMM pauses its vCPUs here; the handoff returns once the destination holds every page. */
     FerryStats stats;
     st = ferry_source_handoff(src, (const uint8_t *)STATE, sizeof STATE, free_bits, PAGES / 64, 10000, &stats);

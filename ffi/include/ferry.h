@@ -179,7 +179,19 @@ enum FerryStatus ferry_source_start(const struct FerryRegion *regions,
 enum FerryStatus ferry_source_port(const struct FerrySource *source, uint16_t *port);
 
 /**
- * With the guest paused: waits up to `timeout_ms` for the destination, hands over `state` and the
+ * Waits up to `timeout_ms` for the destination to connect and authenticate. Call it before
+ * pausing the guest, so that the downtime does not include connection setup; otherwise
+ * ferry_source_handoff waits itself. Thread safety: one thread per handle.
+ *
+ * # Safety
+ * `source` is a live handle.
+ */
+enum FerryStatus ferry_source_wait_destination(const struct FerrySource *source,
+                                               uint32_t timeout_ms);
+
+/**
+ * With the guest paused: waits up to `timeout_ms` for the destination (unless
+ * ferry_source_wait_destination already did), hands over `state` and the
  * free-page bitmap (`free_words` 64-bit words, bit i = global page i is free; may be null), then
  * blocks until the destination holds every page. `stats` (may be null) receives the downtime
  * (from this call to the guest running there), total time and served-twice count. After FERRY_STATUS_OK

@@ -104,6 +104,8 @@ pub struct FerryStats {
 pub struct FerrySource {
     server: SourceServer,
     pages: u64,
+    /// The destination's control lane, once accepted.
+    control: Mutex<Option<Box<dyn ControlStream>>>,
 }
 
 #[derive(Debug)]
@@ -329,7 +331,7 @@ pub unsafe extern "C" fn ferry_source_start(
                 SourceServer::Tcp(TcpPageServer::start(addr, memory, key, TcpOptions::default()).map_err(transport)?)
             }
         };
-        let handle = Box::new(FerrySource { server, pages });
+        let handle = Box::new(FerrySource { server, pages, control: Mutex::new(None) });
         // SAFETY: out is non-null (checked) and writable (caller contract).
         unsafe { *out = Box::into_raw(handle) };
         Ok(())
@@ -356,7 +358,34 @@ pub unsafe extern "C" fn ferry_source_port(source: *const FerrySource, port: *mu
     })
 }
 
-/// With the guest paused: waits up to `timeout_ms` for the destination, hands over `state` and the
+/// Waits up to `timeout_ms` for the destination to connect and authenticate. Call it before
+/// pausing the guest, so that the downtime does not include connection setup; otherwise
+/// ferry_source_handoff waits itself. Thread safety: one thread per handle.
+///
+/// # Safety
+/// `source` is a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_source_wait_destination(source: *const FerrySource, timeout_ms: u32) -> FerryStatus {
+    guard(|| {
+        // SAFETY: caller contract: a live handle or null.
+        let source = unsafe { source.as_ref() }.ok_or_else(|| invalid("source is null"))?;
+        let control = source.accept(Duration::from_millis(u64::from(timeout_ms)))?;
+        *lock(&source.control) = Some(control);
+        Ok(())
+    })
+}
+
+impl FerrySource {
+    fn accept(&self, timeout: Duration) -> Result<Box<dyn ControlStream>, (FerryStatus, String)> {
+        Ok(match &self.server {
+            SourceServer::Tcp(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
+            SourceServer::Local(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
+        })
+    }
+}
+
+/// With the guest paused: waits up to `timeout_ms` for the destination (unless
+/// ferry_source_wait_destination already did), hands over `state` and the
 /// free-page bitmap (`free_words` 64-bit words, bit i = global page i is free; may be null), then
 /// blocks until the destination holds every page. `stats` (may be null) receives the downtime
 /// (from this call to the guest running there), total time and served-twice count. After FERRY_STATUS_OK
@@ -400,10 +429,10 @@ pub unsafe extern "C" fn ferry_source_handoff(
                 })?
             }
         };
-        let timeout = Duration::from_millis(u64::from(timeout_ms));
-        let mut control: Box<dyn ControlStream> = match &source.server {
-            SourceServer::Tcp(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
-            SourceServer::Local(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
+        let accepted = lock(&source.control).take();
+        let mut control = match accepted {
+            Some(control) => control,
+            None => source.accept(Duration::from_millis(u64::from(timeout_ms)))?,
         };
         let report = ferry::run_source(control.as_mut(), paused_at, state, &free).map_err(migration)?;
         // SAFETY: caller contract: null or writable.
