@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Builds ferry's C library and installs it under PREFIX (default /usr/local):
 #   lib/libferry.so (soname libferry.so.1), lib/libferry.a, include/ferry.h, lib/pkgconfig/ferry.pc
-# PROFILE=debug installs the dev build (what the tests use, to share their build).
+# FERRY_LIB_DIR=DIR installs libferry_ffi.{so,a} already built in DIR instead of building (the
+# tests pass the libraries `cargo test` just built, so nothing is compiled twice).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 prefix=${1:-/usr/local}
-profile=${PROFILE:-release}
-if [ "$profile" = release ]; then cargo build --release -q -p ferry-ffi; else cargo build -q -p ferry-ffi; fi
-target=${CARGO_TARGET_DIR:-target}/$profile
+if [ -n "${FERRY_LIB_DIR:-}" ]; then
+  target=$FERRY_LIB_DIR
+  profile="prebuilt"
+else
+  cargo build --release -q -p ferry-ffi
+  target=${CARGO_TARGET_DIR:-target}/release
+  profile="release"
+fi
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 mkdir -p "$prefix/lib/pkgconfig" "$prefix/include"
 install -m 0755 "$target/libferry_ffi.so" "$prefix/lib/libferry.so.1"

@@ -11,15 +11,23 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root")
 }
 
-/// Installs once per test run (the dev build, which `cargo test` has just made).
+/// Installs once per test run: the libferry_ffi.{so,a} that `cargo test` built beside this test's
+/// own binary (in target/<profile>/deps), so nothing is compiled again.
 fn prefix() -> &'static Path {
     static PREFIX: OnceLock<PathBuf> = OnceLock::new();
     PREFIX.get_or_init(|| {
         let prefix = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c-prefix");
+        let exe = std::env::current_exe().expect("test binary path");
+        let deps = exe.parent().expect("the test binary's directory");
+        assert!(
+            deps.join("libferry_ffi.so").exists(),
+            "cargo test did not build libferry_ffi.so in {}",
+            deps.display()
+        );
         let status = Command::new("bash")
             .arg(root().join("scripts/install-c.sh"))
             .arg(&prefix)
-            .env("PROFILE", "debug")
+            .env("FERRY_LIB_DIR", deps)
             .status()
             .expect("run scripts/install-c.sh");
         assert!(status.success(), "install-c.sh failed");

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! ferry-bench transport [--json] [--mem-mib N] [--total-mib N] [--samples N] [--reps N] [--dir DIR]
-//! ferry-bench postcopy  [--json] [--mem-mib N] [--samples N]
+//! ferry-bench postcopy  [--json] [--mem-mib N] [--samples N] [--transport tcp|local]
 //! ```
 //! `transport` prints, for each backend, urgent-lane latency beside the raw round trip of one
 //! 4 KiB page and bulk-lane bandwidth beside the raw bulk limit, with their ratios.
@@ -24,6 +24,7 @@ use serde_json::json;
 
 struct Options {
     json: bool,
+    local: bool,
     mem_mib: u64,
     total_mib: u64,
     samples: usize,
@@ -32,13 +33,25 @@ struct Options {
 }
 
 fn parse(args: &[String]) -> Result<Options> {
-    let mut o =
-        Options { json: false, mem_mib: 512, total_mib: 2048, samples: 20_000, reps: 3, dir: std::env::temp_dir() };
+    let mut o = Options {
+        json: false,
+        local: false,
+        mem_mib: 512,
+        total_mib: 2048,
+        samples: 20_000,
+        reps: 3,
+        dir: std::env::temp_dir(),
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value")).cloned();
         match a.as_str() {
             "--json" => o.json = true,
+            "--transport" => match value(a)?.as_str() {
+                "tcp" => o.local = false,
+                "local" => o.local = true,
+                other => bail!("unknown transport {other}: tcp or local"),
+            },
             "--mem-mib" => o.mem_mib = value(a)?.parse()?,
             "--total-mib" => o.total_mib = value(a)?.parse()?,
             "--samples" => o.samples = value(a)?.parse()?,
@@ -243,15 +256,26 @@ fn postcopy(o: &Options) -> Result<()> {
     let mem = o.mem_mib << 20;
     let layout = MemoryLayout::single(mem)?;
     let pages = layout.total_pages();
+    let transport = if o.local { LoopbackTransport::Local } else { LoopbackTransport::Tcp };
     let mut raw_fault = raw::uffd_local_faults(o.samples.min(20_000))?;
-    let mut raw_rtt = raw::tcp_round_trips(o.samples)?;
+    // The transport's raw round trip: TCP request/reply, or for local a 4 KiB copy out of a mapping.
+    let mut raw_rtt = if o.local {
+        let memory = filled_memory(64 << 20, Backing::Memfd)?;
+        let region = &memory.regions()[0];
+        let mut buf = vec![0u8; PAGE];
+        Latencies::measure(o.samples / 10, o.samples, |i| {
+            region.read((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) % 16384 * PAGE as u64, &mut buf)
+        })?
+    } else {
+        raw::tcp_round_trips(o.samples)?
+    };
     let (raw_fault_p50, raw_rtt_p50) = (raw_fault.quantile_us(0.5), raw_rtt.quantile_us(0.5));
     let mut network_faults = std::collections::HashMap::new();
     for policy in PolicyKind::ALL {
         for pattern in Pattern::ALL {
             let touches = if pattern == Pattern::Sequential { pages } else { pages / 4 };
             let config = LoopbackConfig {
-                transport: LoopbackTransport::Tcp,
+                transport,
                 layout: layout.clone(),
                 dest_backing: Backing::Anonymous,
                 pattern,
@@ -270,7 +294,7 @@ fn postcopy(o: &Options) -> Result<()> {
             let d = &out.dest;
             network_faults.insert((policy.name(), pattern.name()), d.network_faults);
             let row = json!({
-                "policy": policy.name(), "pattern": pattern.name(), "transport": "tcp",
+                "policy": policy.name(), "pattern": pattern.name(), "transport": transport.name(),
                 "pages_total": d.pages_total, "touches": touches,
                 "network_faults": d.network_faults, "inflight_faults": d.inflight_faults, "faults": d.faults,
                 "urgent_pages": d.urgent_pages, "bulk_pages": d.bulk_pages, "skipped_free_pages": d.skipped_free_pages,
