@@ -1,0 +1,298 @@
+//! The reference guest: no firmware, no kernel. The VMM writes identity-mapped long-mode page
+//! tables and a GDT, and starts the vCPU at CPL3 in a workload generated here with iced-x86
+//! (CPL0 code is emulated one instruction at a time on these machines; CPL3 code runs natively).
+//!
+//! Guest ABI (also for `--guest FILE` flat binaries, loaded at [`CODE_GPA`], entered at CPL3 with
+//! RFLAGS.IOPL=3 so `out` works):
+//! - `out dx, eax` with DX = [`PORT_PROGRESS`]: EAX = work done since the last report (passes or
+//!   writes, per workload).
+//! - DX = [`PORT_CONSOLE`]: AL = one byte of console output.
+//! - DX = [`PORT_VERIFY`]: EAX = pages that failed the guest's self-check, in answer to the VMM
+//!   setting the qword at [`MAILBOX_GPA`] to 1 (the guest clears it).
+//! - DX = [`PORT_FREE`], [`PORT_TASK`]: free-page reports and task-guided segment enter/exit
+//!   (reserved; recorded by later versions).
+//! - R8 = data base, R9 = data pages, R10 = version table base, RSP = a user stack.
+
+use iced_x86::code_asm::*;
+
+pub const PAGE: u64 = 4096;
+pub const PML4_GPA: u64 = 0x1000;
+pub const PDPT_GPA: u64 = 0x2000;
+pub const PD_GPA: u64 = 0x3000;
+pub const GDT_GPA: u64 = 0x20000;
+pub const TSS_GPA: u64 = 0x21000;
+pub const MAILBOX_GPA: u64 = 0x30000;
+pub const CODE_GPA: u64 = 0x100000;
+pub const STACK_TOP_GPA: u64 = 0x1f0000;
+pub const VERSION_TABLE_GPA: u64 = 0x400000;
+pub const DATA_GPA: u64 = 0x1000000;
+
+pub const PORT_PROGRESS: u16 = 0x10;
+pub const PORT_CONSOLE: u16 = 0x11;
+pub const PORT_VERIFY: u16 = 0x12;
+pub const PORT_FREE: u16 = 0x13;
+pub const PORT_TASK: u16 = 0x14;
+
+pub const USER_CS: u16 = 0x1b;
+pub const USER_DS: u16 = 0x23;
+pub const TSS_SELECTOR: u16 = 0x28;
+
+/// What the guest does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Spins on `pause`, reporting now and then: memory stays as loaded (all data pages zero).
+    Idle,
+    /// Writes every data page in order, pass after pass; page p holds (p << 32 | pass).
+    SeqWrite,
+    /// Writes random data pages; page p holds (p << 32 | version[p]), the version table counts
+    /// the writes of each page.
+    RandWrite,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 3] = [Workload::Idle, Workload::SeqWrite, Workload::RandWrite];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Idle => "idle",
+            Workload::SeqWrite => "seq-write",
+            Workload::RandWrite => "rand-write",
+        }
+    }
+}
+
+impl std::str::FromStr for Workload {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Workload::ALL
+            .into_iter()
+            .find(|w| w.name() == s)
+            .ok_or_else(|| format!("unknown workload {s:?}: idle, seq-write, rand-write"))
+    }
+}
+
+/// Page tables (2 MiB identity pages, user-accessible), GDT and TSS for a guest of `mem_bytes`.
+/// Returns (guest physical address, bytes) pieces for the VMM to write.
+pub fn boot_structures(mem_bytes: u64) -> Vec<(u64, Vec<u8>)> {
+    let gib = mem_bytes.div_ceil(1 << 30);
+    let mut pml4 = vec![0u8; PAGE as usize];
+    pml4[..8].copy_from_slice(&(PDPT_GPA | 0x7).to_le_bytes());
+    let mut pdpt = vec![0u8; PAGE as usize];
+    let mut pds = vec![0u8; (gib * PAGE) as usize];
+    for g in 0..gib {
+        let pd = PD_GPA + g * PAGE;
+        pdpt[(g * 8) as usize..(g * 8 + 8) as usize].copy_from_slice(&(pd | 0x7).to_le_bytes());
+        for e in 0..512u64 {
+            let addr = (g << 30) | (e << 21);
+            let at = ((g * 512 + e) * 8) as usize;
+            pds[at..at + 8].copy_from_slice(&(addr | 0x87).to_le_bytes());
+        }
+    }
+    let tss_limit = 0x67u64;
+    let tss_low = tss_limit | ((TSS_GPA & 0xff_ffff) << 16) | (0x89 << 40) | (((TSS_GPA >> 24) & 0xff) << 56);
+    let gdt: Vec<u8> = [
+        0u64,
+        0x00af_9a00_0000_ffff,
+        0x00cf_9200_0000_ffff,
+        0x00af_fa00_0000_ffff,
+        0x00cf_f200_0000_ffff,
+        tss_low,
+        TSS_GPA >> 32,
+    ]
+    .iter()
+    .flat_map(|e| e.to_le_bytes())
+    .collect();
+    vec![(PML4_GPA, pml4), (PDPT_GPA, pdpt), (PD_GPA, pds), (GDT_GPA, gdt), (TSS_GPA, vec![0u8; 0x68])]
+}
+
+/// Bytes of the GDT (its limit is this minus one).
+pub const GDT_BYTES: u16 = 7 * 8;
+
+/// Generates the workload's code, to be loaded at [`CODE_GPA`].
+pub fn workload_code(workload: Workload) -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    match workload {
+        Workload::Idle => {
+            // Reports now and then, so the VMM can stop it at a hypercall like the others.
+            let (mut top, mut spin) = (a.create_label(), a.create_label());
+            a.set_label(&mut top)?;
+            a.mov(ecx, 100_000)?;
+            a.set_label(&mut spin)?;
+            a.pause()?;
+            a.dec(ecx)?;
+            a.jnz(spin)?;
+            a.mov(eax, 1)?;
+            hypercall(&mut a, PORT_PROGRESS)?;
+            // Nothing was written: every data page must still be zero.
+            maybe_verify(&mut a, |a| count_bad_pages(a, |a| a.xor(eax, eax)))?;
+            a.jmp(top)?;
+        }
+        Workload::SeqWrite => seq_write(&mut a)?,
+        Workload::RandWrite => rand_write(&mut a)?,
+    }
+    a.assemble(CODE_GPA)
+}
+
+/// `out` to a port with EAX as the value; clobbers EDX.
+fn hypercall(a: &mut CodeAssembler, port: u16) -> Result<(), IcedError> {
+    a.mov(edx, u32::from(port))?;
+    a.out(dx, eax)
+}
+
+/// If the VMM asked for a self-check, runs `check` (which leaves failed pages in EBX), reports
+/// it, and clears the request.
+fn maybe_verify(
+    a: &mut CodeAssembler,
+    check: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<(), IcedError> {
+    let mut skip = a.create_label();
+    a.mov(rax, MAILBOX_GPA)?;
+    a.cmp(qword_ptr(rax), 0)?;
+    a.je(skip)?;
+    check(a)?;
+    a.mov(eax, ebx)?;
+    hypercall(a, PORT_VERIFY)?;
+    a.mov(rax, MAILBOX_GPA)?;
+    a.mov(qword_ptr(rax), 0)?;
+    a.set_label(&mut skip)?;
+    Ok(())
+}
+
+/// Counts pages p in 0..R9 whose qwords are not all equal to `expected(p)` (computed into RAX by
+/// `expected` from the page index in R11); result in EBX.
+fn count_bad_pages(
+    a: &mut CodeAssembler,
+    expected: impl Fn(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Result<(), IcedError> {
+    let (mut page_loop, mut word_loop, mut bad, mut next) =
+        (a.create_label(), a.create_label(), a.create_label(), a.create_label());
+    a.xor(ebx, ebx)?;
+    a.xor(r11, r11)?;
+    a.set_label(&mut page_loop)?;
+    expected(a)?;
+    a.mov(rdi, r11)?;
+    a.shl(rdi, 12)?;
+    a.add(rdi, r8)?;
+    a.mov(ecx, 512)?;
+    a.set_label(&mut word_loop)?;
+    a.cmp(qword_ptr(rdi), rax)?;
+    a.jne(bad)?;
+    a.add(rdi, 8)?;
+    a.dec(ecx)?;
+    a.jnz(word_loop)?;
+    a.jmp(next)?;
+    a.set_label(&mut bad)?;
+    a.inc(ebx)?;
+    a.set_label(&mut next)?;
+    a.inc(r11)?;
+    a.cmp(r11, r9)?;
+    a.jb(page_loop)?;
+    Ok(())
+}
+
+/// R12 = pass. Each pass writes every page with (page << 32 | pass) and reports every 256 pages.
+fn seq_write(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let (mut pass_loop, mut page_loop, mut no_report) = (a.create_label(), a.create_label(), a.create_label());
+    a.xor(r12, r12)?;
+    a.set_label(&mut pass_loop)?;
+    a.inc(r12)?;
+    a.xor(r11, r11)?;
+    a.set_label(&mut page_loop)?;
+    a.mov(rax, r11)?;
+    a.shl(rax, 32)?;
+    a.or(rax, r12)?;
+    a.mov(rdi, r11)?;
+    a.shl(rdi, 12)?;
+    a.add(rdi, r8)?;
+    a.mov(ecx, 512)?;
+    a.rep().stosq()?;
+    a.inc(r11)?;
+    a.test(r11, 255)?;
+    a.jnz(no_report)?;
+    a.mov(eax, 256)?;
+    hypercall(a, PORT_PROGRESS)?;
+    a.set_label(&mut no_report)?;
+    a.cmp(r11, r9)?;
+    a.jb(page_loop)?;
+    // Between passes every page holds this pass: the moment to answer a self-check.
+    maybe_verify(a, |a| {
+        count_bad_pages(a, |a| {
+            a.mov(rax, r11)?;
+            a.shl(rax, 32)?;
+            a.or(rax, r12)
+        })
+    })?;
+    a.jmp(pass_loop)
+}
+
+/// R13 = xorshift state. Each write bumps version[p] (u32 at R10 + 4p) and fills page p with
+/// (p << 32 | version); reports every 4096 writes and answers self-checks between batches.
+fn rand_write(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let (mut batch, mut write) = (a.create_label(), a.create_label());
+    a.mov(r13, 0x9e37_79b9_7f4a_7c15u64)?;
+    a.set_label(&mut batch)?;
+    a.mov(r14d, 4096)?;
+    a.set_label(&mut write)?;
+    // xorshift64
+    a.mov(rax, r13)?;
+    a.shl(rax, 13)?;
+    a.xor(r13, rax)?;
+    a.mov(rax, r13)?;
+    a.shr(rax, 7)?;
+    a.xor(r13, rax)?;
+    a.mov(rax, r13)?;
+    a.shl(rax, 17)?;
+    a.xor(r13, rax)?;
+    // page = state % pages
+    a.mov(rax, r13)?;
+    a.xor(edx, edx)?;
+    a.div(r9)?;
+    a.mov(r11, rdx)?;
+    // version[page] += 1
+    a.mov(eax, dword_ptr(r10 + r11 * 4))?;
+    a.inc(eax)?;
+    a.mov(dword_ptr(r10 + r11 * 4), eax)?;
+    a.mov(rdx, r11)?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(rdi, r11)?;
+    a.shl(rdi, 12)?;
+    a.add(rdi, r8)?;
+    a.mov(ecx, 512)?;
+    a.rep().stosq()?;
+    a.dec(r14d)?;
+    a.jnz(write)?;
+    a.mov(eax, 4096)?;
+    hypercall(a, PORT_PROGRESS)?;
+    maybe_verify(a, |a| {
+        count_bad_pages(a, |a| {
+            // version 0: never written, the page must be zero.
+            let mut written = a.create_label();
+            let mut done = a.create_label();
+            a.mov(eax, dword_ptr(r10 + r11 * 4))?;
+            a.test(eax, eax)?;
+            a.jnz(written)?;
+            a.xor(eax, eax)?;
+            a.jmp(done)?;
+            a.set_label(&mut written)?;
+            a.mov(rdx, r11)?;
+            a.shl(rdx, 32)?;
+            a.or(rax, rdx)?;
+            a.set_label(&mut done)
+        })
+    })?;
+    a.jmp(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_workload_assembles() {
+        for w in Workload::ALL {
+            let code = workload_code(w).unwrap();
+            assert!(!code.is_empty() && code.len() < 4096, "{w:?}: {} bytes", code.len());
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! `ferry-vmm`, ferry's reference VMM: runs a KVM guest whose workload runs at CPL3 and migrates
+//! it with ferry.
+//!
+//! ```text
+//! ferry-vmm run  [--mem-mib 256] [--data-mib N] [--workload idle|seq-write|rand-write] [--seconds 2] [--json]
+//! ferry-vmm demo [--mem-mib 2048] [--data-mib 512] [--workload ...] [--mode postcopy]
+//!                [--prepager demand|push|bubbling] [--transport tcp] [--backing anon|memfd] [--json]
+//! ```
+//! `demo` runs both ends in this process: a source VM runs the workload, is paused and handed
+//! over; a destination VM resumes at once while ferry brings its memory; then the guest checks its
+//! own memory and the report is printed.
+
+mod guest;
+mod vm;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry::prepager::PolicyKind;
+use ferry::{run_source, DestinationConfig, FreePages, PostcopyDestination};
+use ferry_fault_handler::DestinationMemory;
+use ferry_transport::tcp::{self, TcpOptions, TcpPageServer};
+use ferry_transport::{Backing, GuestMemory, MemoryLayout, PreSharedKey};
+use guest::Workload;
+use serde_json::json;
+use vm::{Memory, Vm};
+
+struct Args {
+    command: String,
+    mem_mib: u64,
+    data_mib: Option<u64>,
+    workload: Workload,
+    seconds: f64,
+    prepager: PolicyKind,
+    backing: Backing,
+    json: bool,
+}
+
+fn parse() -> Result<Args> {
+    let mut raw = std::env::args().skip(1);
+    let command = raw.next().ok_or_else(|| anyhow!("usage: ferry-vmm run|demo [options]"))?;
+    let mut a = Args {
+        command,
+        mem_mib: 256,
+        data_mib: None,
+        workload: Workload::SeqWrite,
+        seconds: 1.0,
+        prepager: PolicyKind::Bubbling,
+        backing: Backing::Anonymous,
+        json: false,
+    };
+    while let Some(flag) = raw.next() {
+        let mut value = || raw.next().ok_or_else(|| anyhow!("{flag} needs a value"));
+        match flag.as_str() {
+            "--mem-mib" => a.mem_mib = value()?.parse()?,
+            "--mem" => a.mem_mib = parse_size(&value()?)?,
+            "--data-mib" => a.data_mib = Some(value()?.parse()?),
+            "--workload" => a.workload = value()?.parse().map_err(|e: String| anyhow!(e))?,
+            "--seconds" => a.seconds = value()?.parse()?,
+            "--prepager" => a.prepager = value()?.parse().map_err(|e: String| anyhow!(e))?,
+            "--mode" => {
+                let mode = value()?;
+                if mode != "postcopy" {
+                    bail!("--mode {mode}: this version migrates post-copy only (pre-copy and hybrid are next)");
+                }
+            }
+            "--transport" => {
+                let t = value()?;
+                if t != "tcp" {
+                    bail!("--transport {t}: the demo runs over tcp");
+                }
+            }
+            "--backing" => {
+                a.backing = match value()?.as_str() {
+                    "anon" => Backing::Anonymous,
+                    "memfd" => Backing::Memfd,
+                    other => bail!("--backing {other}: anon or memfd"),
+                }
+            }
+            "--json" => a.json = true,
+            other => bail!("unknown option {other}"),
+        }
+    }
+    Ok(a)
+}
+
+/// "2G", "512M" or a number of MiB.
+fn parse_size(s: &str) -> Result<u64> {
+    let (n, unit) = s.split_at(s.trim_end_matches(['G', 'g', 'M', 'm']).len());
+    let n: u64 = n.parse().with_context(|| format!("size {s:?}"))?;
+    Ok(match unit {
+        "G" | "g" => n << 10,
+        _ => n,
+    })
+}
+
+fn data_pages(a: &Args) -> u64 {
+    let data_mib = a.data_mib.unwrap_or((a.mem_mib / 2).max(1)).min(a.mem_mib.saturating_sub(16));
+    (data_mib << 20) / guest::PAGE
+}
+
+fn layout(a: &Args) -> Result<MemoryLayout> {
+    Ok(MemoryLayout::single(a.mem_mib << 20)?)
+}
+
+fn main() -> Result<()> {
+    let a = parse()?;
+    match a.command.as_str() {
+        "run" => run(&a),
+        "demo" => demo(&a),
+        other => bail!("unknown command {other:?}: run or demo"),
+    }
+}
+
+/// Runs the workload for `--seconds` and reports its rate and its self-check.
+fn run(a: &Args) -> Result<()> {
+    let memory = Arc::new(GuestMemory::create(layout(a)?, a.backing)?);
+    let mut vm = Vm::new(Memory::Plain(memory))?;
+    vm.boot(a.workload, data_pages(a))?;
+    let running = vm.start()?;
+    std::thread::sleep(Duration::from_secs_f64(a.seconds));
+    let progress = vm.telemetry.progress.load(Ordering::Relaxed);
+    let mismatches = self_check(&mut vm, running)?;
+    let rate = progress as f64 / a.seconds;
+    if a.json {
+        println!("{}", json!({"workload": a.workload.name(), "rate": rate, "guest_mismatches": mismatches}));
+    } else {
+        println!("{}: {rate:.0} units/s, self-check: {mismatches} pages wrong", a.workload.name());
+    }
+    if mismatches != 0 {
+        bail!("the guest found {mismatches} wrong pages");
+    }
+    Ok(())
+}
+
+/// Asks the running guest to check its memory, waits for the answer, and stops the vCPU.
+fn self_check(vm: &mut Vm, running: vm::Running) -> Result<u64> {
+    vm.telemetry.verify.store(u64::MAX, Ordering::Release);
+    vm.memory().write(guest::MAILBOX_GPA, &1u64.to_le_bytes())?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        let v = vm.telemetry.verify.load(Ordering::Acquire);
+        if v != u64::MAX {
+            break Some(v);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    vm.stop(running)?;
+    answer.ok_or_else(|| anyhow!("the guest did not answer the self-check"))
+}
+
+fn demo(a: &Args) -> Result<()> {
+    let layout = layout(a)?;
+    let key = PreSharedKey::generate()?;
+    // Source: the guest runs its workload.
+    let source_mem = Arc::new(GuestMemory::create(layout.clone(), a.backing)?);
+    let mut source = Vm::new(Memory::Plain(source_mem.clone()))?;
+    source.boot(a.workload, data_pages(a))?;
+    let running = source.start()?;
+    let server = TcpPageServer::start("127.0.0.1:0", source_mem, key.clone(), TcpOptions::default())?;
+    // Destination: memory registered with userfaultfd, a VM over it, connected to the source.
+    let (lanes, control) = tcp::connect_session(server.local_addr(), &key, Some(&layout), &TcpOptions::default())?;
+    let dest_mem = Arc::new(DestinationMemory::register(GuestMemory::create(layout, a.backing)?)?);
+    let mut dest = Vm::new(Memory::Arriving(dest_mem.clone()))?;
+    let mut source_control = server.accept_control(Duration::from_secs(10))?;
+    // The workload's rate before migrating.
+    let p0 = source.telemetry.progress.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs_f64(a.seconds));
+    let rate_before = (source.telemetry.progress.load(Ordering::Relaxed) - p0) as f64 / a.seconds;
+
+    // Pause the source, hand over, resume the destination at once.
+    let paused_at = source.stop(running)?;
+    let blob = source.save()?;
+    let free = FreePages::new(dest_mem.states().pages());
+    let handoff = std::thread::spawn(move || run_source(&mut source_control, paused_at, &blob, &free));
+    let mut dest_running = None;
+    let config = DestinationConfig { policy: a.prepager, ..DestinationConfig::default() };
+    let session = PostcopyDestination::start(Box::new(control), dest_mem.clone(), lanes, &config, |blob| {
+        dest.restore(blob).map_err(|e| e.to_string())?;
+        dest_running = Some(dest.start().map_err(|e| e.to_string())?);
+        Ok(())
+    })?;
+    let dest_running = dest_running.ok_or_else(|| anyhow!("the destination never resumed"))?;
+    let downtime = dest_running.started.duration_since(paused_at);
+    let during_start = (Instant::now(), dest.telemetry.progress.load(Ordering::Relaxed));
+    session.finish();
+    let report = session.wait()?;
+    let rate_during = (dest.telemetry.progress.load(Ordering::Relaxed) - during_start.1) as f64
+        / during_start.0.elapsed().as_secs_f64().max(1e-6);
+    let source_report = handoff.join().map_err(|_| anyhow!("the handoff thread panicked"))??;
+    drop(server);
+    let p1 = dest.telemetry.progress.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs_f64(a.seconds));
+    let rate_after = (dest.telemetry.progress.load(Ordering::Relaxed) - p1) as f64 / a.seconds;
+    let mismatches = self_check(&mut dest, dest_running)?;
+    let out = json!({
+        "mode": "postcopy",
+        "workload": a.workload.name(),
+        "prepager": report.policy,
+        "transport": "tcp",
+        "mem_mib": a.mem_mib,
+        "total_ms": source_report.total.as_secs_f64() * 1e3,
+        "downtime_ms": downtime.as_secs_f64() * 1e3,
+        "pages_total": report.pages_total,
+        "urgent_pages": report.urgent_pages,
+        "bulk_pages": report.bulk_pages,
+        "zero_pages": report.zero_pages,
+        "network_faults": report.network_faults,
+        "faults_avoided": report.inflight_faults + report.local_faults,
+        "fault_p50_us": report.fault_p50.as_secs_f64() * 1e6,
+        "fault_p99_us": report.fault_p99.as_secs_f64() * 1e6,
+        "blocktime_ms": report.blocktime.as_secs_f64() * 1e3,
+        "pages_sent_twice": report.pages_installed_twice,
+        "rate_before": rate_before,
+        "rate_during": rate_during,
+        "rate_after": rate_after,
+        "guest_mismatches": mismatches,
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    if mismatches != 0 {
+        bail!("the guest found {mismatches} wrong pages after migration");
+    }
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! One KVM virtual machine with one vCPU over ferry guest memory. This module and `main.rs` are the
+//! only code in ferry that talks to /dev/kvm.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_fault_handler::DestinationMemory;
+use ferry_transport::GuestMemory;
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+use crate::guest::{self, Workload};
+
+/// Guest memory as the VM sees it: plain, or arriving through a post-copy destination.
+#[derive(Clone, Debug)]
+pub enum Memory {
+    Plain(Arc<GuestMemory>),
+    Arriving(Arc<DestinationMemory>),
+}
+
+impl Memory {
+    pub fn guest(&self) -> &GuestMemory {
+        match self {
+            Memory::Plain(m) => m,
+            Memory::Arriving(d) => d.guest(),
+        }
+    }
+
+    /// Writes guest-physical bytes (region 0 starts at guest address 0).
+    pub fn write(&self, gpa: u64, bytes: &[u8]) -> Result<()> {
+        Ok(self.guest().regions()[0].write(gpa, bytes)?)
+    }
+}
+
+/// What the vCPU thread reports while it runs.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    pub progress: AtomicU64,
+    /// u64::MAX until the guest answers a self-check; then the pages it found wrong.
+    pub verify: AtomicU64,
+    pub stop: AtomicBool,
+}
+
+/// The vCPU's architectural state: what travels in the migration's state blob.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct VcpuState {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+}
+
+pub struct Vm {
+    // Field order is drop order: the VM (and its memory slots) goes before the memory it maps.
+    vcpu: Option<VcpuFd>,
+    _vm: VmFd,
+    _kvm: Kvm,
+    memory: Memory,
+    pub telemetry: Arc<Telemetry>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("memory", &self.memory).finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    pub fn new(memory: Memory) -> Result<Self> {
+        let kvm = Kvm::new().context("open /dev/kvm")?;
+        let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
+        for (slot, (r, layout)) in memory.guest().regions().iter().zip(memory.guest().layout().regions()).enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: layout.guest_phys_addr,
+                memory_size: r.len() as u64,
+                userspace_addr: r.host_addr().as_ptr() as u64,
+            };
+            // SAFETY: the slot maps a live mapping owned by `memory`, which this Vm holds and drops
+            // only after the VM fd (field order), so the guest never sees unmapped host memory.
+            unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
+        }
+        let vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).context("KVM_GET_SUPPORTED_CPUID")?;
+        vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")?;
+        Ok(Vm { vcpu: Some(vcpu), _vm: vm, _kvm: kvm, memory, telemetry: Arc::new(Telemetry::default()) })
+    }
+
+    pub fn memory(&self) -> &Memory {
+        &self.memory
+    }
+
+    /// Loads page tables, GDT and the workload, and points the vCPU at it (CPL3, long mode).
+    pub fn boot(&mut self, workload: Workload, data_pages: u64) -> Result<()> {
+        let mem_bytes = self.memory.guest().layout().total_bytes();
+        if guest::DATA_GPA + data_pages * guest::PAGE > mem_bytes
+            || data_pages * 4 > guest::DATA_GPA - guest::VERSION_TABLE_GPA
+        {
+            bail!("{data_pages} data pages do not fit a guest of {mem_bytes} bytes");
+        }
+        for (gpa, bytes) in guest::boot_structures(mem_bytes) {
+            self.memory.write(gpa, &bytes)?;
+        }
+        self.memory.write(guest::CODE_GPA, &guest::workload_code(workload).map_err(|e| anyhow!("assembling: {e}"))?)?;
+        let vcpu = self.vcpu.as_ref().ok_or_else(|| anyhow!("the vCPU is running"))?;
+        let mut sregs = vcpu.get_sregs()?;
+        let code = kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: guest::USER_CS,
+            type_: 11,
+            present: 1,
+            dpl: 3,
+            db: 0,
+            s: 1,
+            l: 1,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        let data = kvm_segment { selector: guest::USER_DS, type_: 3, db: 1, l: 0, ..code };
+        (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (code, data, data, data, data, data);
+        sregs.tr = kvm_segment {
+            base: guest::TSS_GPA,
+            limit: 0x67,
+            selector: guest::TSS_SELECTOR,
+            type_: 11,
+            present: 1,
+            dpl: 0,
+            db: 0,
+            s: 0,
+            l: 0,
+            g: 0,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        sregs.gdt.base = guest::GDT_GPA;
+        sregs.gdt.limit = guest::GDT_BYTES - 1;
+        sregs.idt.base = 0;
+        sregs.idt.limit = 0;
+        sregs.cr3 = guest::PML4_GPA;
+        sregs.cr4 = 0x20;
+        sregs.cr0 = 0x8005_0033;
+        sregs.efer = 0x500;
+        vcpu.set_sregs(&sregs)?;
+        let regs = kvm_regs {
+            rip: guest::CODE_GPA,
+            rsp: guest::STACK_TOP_GPA,
+            rflags: 0x3002,
+            r8: guest::DATA_GPA,
+            r9: data_pages,
+            r10: guest::VERSION_TABLE_GPA,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs)?;
+        Ok(())
+    }
+
+    /// The vCPU state, for the state blob.
+    pub fn save(&self) -> Result<Vec<u8>> {
+        let vcpu = self.vcpu.as_ref().ok_or_else(|| anyhow!("the vCPU is running"))?;
+        Ok(serde_json::to_vec(&VcpuState { regs: vcpu.get_regs()?, sregs: vcpu.get_sregs()? })?)
+    }
+
+    pub fn restore(&mut self, blob: &[u8]) -> Result<()> {
+        let state: VcpuState = serde_json::from_slice(blob).context("state blob")?;
+        let vcpu = self.vcpu.as_ref().ok_or_else(|| anyhow!("the vCPU is running"))?;
+        vcpu.set_sregs(&state.sregs)?;
+        vcpu.set_regs(&state.regs)?;
+        Ok(())
+    }
+
+    /// Runs the vCPU on its own thread until [`Telemetry::stop`] is seen at a hypercall.
+    pub fn start(&mut self) -> Result<Running> {
+        let mut vcpu = self.vcpu.take().ok_or_else(|| anyhow!("the vCPU is already running"))?;
+        let telemetry = self.telemetry.clone();
+        telemetry.stop.store(false, Ordering::Release);
+        let started = Instant::now();
+        let thread = std::thread::Builder::new().name("ferry-vcpu0".into()).spawn(move || {
+            let result = run_vcpu(&mut vcpu, &telemetry);
+            (vcpu, Instant::now(), result)
+        })?;
+        Ok(Running { thread, started })
+    }
+
+    /// Stops a running vCPU at its next exit and takes it back. Returns when it stopped.
+    pub fn stop(&mut self, running: Running) -> Result<Instant> {
+        self.telemetry.stop.store(true, Ordering::Release);
+        let (vcpu, stopped, result) = running.thread.join().map_err(|_| anyhow!("the vCPU thread panicked"))?;
+        self.vcpu = Some(vcpu);
+        result?;
+        Ok(stopped)
+    }
+}
+
+/// A vCPU running on its thread.
+#[derive(Debug)]
+pub struct Running {
+    thread: JoinHandle<(VcpuFd, Instant, Result<()>)>,
+    pub started: Instant,
+}
+
+fn run_vcpu(vcpu: &mut VcpuFd, t: &Telemetry) -> Result<()> {
+    loop {
+        if t.stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let mut v = [0u8; 4];
+                v[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
+                let value = u32::from_le_bytes(v);
+                match port {
+                    guest::PORT_PROGRESS => {
+                        t.progress.fetch_add(u64::from(value), Ordering::Relaxed);
+                    }
+                    guest::PORT_VERIFY => t.verify.store(u64::from(value), Ordering::Release),
+                    guest::PORT_CONSOLE => eprint!("{}", char::from(value as u8)),
+                    guest::PORT_FREE | guest::PORT_TASK => {}
+                    other => bail!("guest wrote to unknown port {other:#x}"),
+                }
+            }
+            Ok(VcpuExit::Hlt) => return Ok(()),
+            Ok(VcpuExit::Shutdown) => bail!("the guest shut down (triple fault)"),
+            Ok(other) => bail!("unexpected vCPU exit: {other:?}"),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => bail!("KVM_RUN: {e}"),
+        }
+    }
+}
