@@ -159,6 +159,9 @@ fn demo(a: &Args) -> Result<()> {
     let key = PreSharedKey::generate()?;
     // Source: the guest runs its workload.
     let source_mem = Arc::new(GuestMemory::create(layout.clone(), a.backing)?);
+    // A running guest's memory is populated: so is this one's, or its rate before migrating would
+    // measure first-touch page allocation instead of the workload.
+    source_mem.regions()[0].populate_write(guest::DATA_GPA, (data_pages(a) * guest::PAGE) as usize)?;
     let mut source = Vm::new(Memory::Plain(source_mem.clone()))?;
     source.boot(a.workload, data_pages(a))?;
     let running = source.start()?;
