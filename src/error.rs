@@ -11,6 +11,8 @@ pub enum MigrationError {
     Resume(String),
     #[error("the peer aborted the migration: {0}")]
     PeerAborted(String),
+    #[error("the VMM failed: {0}")]
+    Vmm(String),
     #[error("a session thread panicked")]
     ThreadPanicked,
 }

@@ -1,5 +1,6 @@
-//! Pages the guest reported free (the paper's dynamic self-ballooning): they never cross the
-//! network and appear at the destination as zero pages.
+//! A bitmap of guest pages. Post-copy uses it for the pages the guest reported free (the paper's
+//! dynamic self-ballooning: they never cross and appear at the destination as zero pages);
+//! pre-copy for the pages dirtied in a round.
 
 /// One bit per global page.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -48,6 +49,20 @@ impl FreePages {
 
     pub fn is_free(&self, page: u64) -> bool {
         page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    /// Every page set.
+    pub fn all(pages: u64) -> Self {
+        let mut b = FreePages::new(pages);
+        b.set_range(0, pages);
+        b
+    }
+
+    /// Sets every page set in `other` (same size).
+    pub fn union_with(&mut self, other: &FreePages) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= b;
+        }
     }
 
     pub fn count(&self) -> u64 {

@@ -8,6 +8,8 @@
 //!                                        <-   Done{counters}     (every page present)
 //!   Abort{reason} either way on failure
 //! ```
+//! Pre-copy uses `Round{dirty bitmap}` (answered by `RoundDone{pages, micros}`) and a final
+//! `Round{dirty bitmap, state blob}` (answered by `Resumed`).
 //! Every field is bounds-checked: a peer cannot make us allocate more than `MAX_STATE_BYTES` plus
 //! the bitmap its layout implies, and chunks must arrive in order.
 
@@ -26,9 +28,12 @@ const CHUNK: u8 = 2;
 const RESUMED: u8 = 3;
 const DONE: u8 = 4;
 const ABORT: u8 = 5;
+const ROUND: u8 = 6;
+const ROUND_DONE: u8 = 7;
 
 const STREAM_STATE: u8 = 1;
 const STREAM_FREE: u8 = 2;
+const STREAM_DIRTY: u8 = 3;
 
 /// What the destination tells the source when every page is present.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -109,6 +114,60 @@ fn receive_stream(control: &mut dyn ControlStream, stream: u8, len: usize) -> Re
         out.extend_from_slice(&msg[10..]);
     }
     Ok(out)
+}
+
+/// A pre-copy round: the pages to pull now, and on the final round (guest paused) the state blob.
+#[derive(Debug)]
+pub struct Round {
+    pub dirty: FreePages,
+    pub state: Option<Vec<u8>>,
+}
+
+pub fn send_round(control: &mut dyn ControlStream, dirty: &FreePages, state: Option<&[u8]>) -> Result<()> {
+    let mut msg = vec![ROUND, u8::from(state.is_some())];
+    msg.extend_from_slice(&(state.map_or(0, <[u8]>::len) as u64).to_le_bytes());
+    msg.extend_from_slice(&dirty.pages().to_le_bytes());
+    write_session(control, &msg)?;
+    let bitmap: Vec<u8> = dirty.words().iter().flat_map(|w| w.to_le_bytes()).collect();
+    send_stream(control, STREAM_DIRTY, &bitmap)?;
+    if let Some(state) = state {
+        send_stream(control, STREAM_STATE, state)?;
+    }
+    Ok(())
+}
+
+pub fn receive_round(control: &mut dyn ControlStream, total_pages: u64) -> Result<Round> {
+    let msg = read_message(control)?;
+    if msg.first() != Some(&ROUND) || msg.len() != 18 || msg[1] > 1 {
+        return Err(protocol("expected a pre-copy round"));
+    }
+    let state_len = u64_at(&msg, 2)?;
+    if u64_at(&msg, 10)? != total_pages {
+        return Err(protocol("a round for another number of pages"));
+    }
+    if state_len > MAX_STATE_BYTES {
+        return Err(protocol(format!("state blob of {state_len} bytes (at most {MAX_STATE_BYTES})")));
+    }
+    let bitmap = receive_stream(control, STREAM_DIRTY, total_pages.div_ceil(64) as usize * 8)?;
+    let words = bitmap.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+    let dirty =
+        FreePages::from_words(words, total_pages).ok_or_else(|| protocol("dirty bitmap marks pages past the end"))?;
+    let state = if msg[1] == 1 { Some(receive_stream(control, STREAM_STATE, state_len as usize)?) } else { None };
+    Ok(Round { dirty, state })
+}
+
+pub fn send_round_done(control: &mut dyn ControlStream, pages: u64, elapsed_us: u64) -> Result<()> {
+    let msg = [&[ROUND_DONE][..], &pages.to_le_bytes(), &elapsed_us.to_le_bytes()].concat();
+    Ok(write_session(control, &msg)?)
+}
+
+/// (pages pulled, microseconds the destination spent pulling them)
+pub fn expect_round_done(control: &mut dyn ControlStream) -> Result<(u64, u64)> {
+    let msg = read_message(control)?;
+    if msg.first() != Some(&ROUND_DONE) || msg.len() != 17 {
+        return Err(protocol("expected the end of a round"));
+    }
+    Ok((u64_at(&msg, 1)?, u64_at(&msg, 9)?))
 }
 
 pub fn send_resumed(control: &mut dyn ControlStream) -> Result<()> {

@@ -11,6 +11,7 @@ pub mod freepages;
 pub mod handoff;
 pub mod loopback;
 pub mod postcopy;
+pub mod precopy;
 pub mod toucher;
 
 pub use error::{MigrationError, Result};

@@ -187,7 +187,7 @@ fn migration(e: MigrationError) -> (FerryStatus, String) {
         MigrationError::Fault(ferry::fault_handler::FaultError::Transport(t)) => transport_status(t),
         MigrationError::Fault(_) => FerryStatus::ErrIo,
         MigrationError::Protocol(_) | MigrationError::PeerAborted(_) => FerryStatus::ErrPeer,
-        MigrationError::Resume(_) => FerryStatus::ErrState,
+        MigrationError::Resume(_) | MigrationError::Vmm(_) => FerryStatus::ErrState,
         MigrationError::ThreadPanicked => FerryStatus::ErrInternal,
     };
     (status, e.to_string())

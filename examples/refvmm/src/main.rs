@@ -27,8 +27,17 @@ use guest::Workload;
 use serde_json::json;
 use vm::{Memory, Vm};
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Postcopy,
+    Precopy,
+}
+
 struct Args {
     command: String,
+    mode: Mode,
+    downtime_ms: u64,
+    max_rounds: u32,
     mem_mib: u64,
     data_mib: Option<u64>,
     workload: Workload,
@@ -43,6 +52,9 @@ fn parse() -> Result<Args> {
     let command = raw.next().ok_or_else(|| anyhow!("usage: ferry-vmm run|demo [options]"))?;
     let mut a = Args {
         command,
+        mode: Mode::Postcopy,
+        downtime_ms: 50,
+        max_rounds: 30,
         mem_mib: 256,
         data_mib: None,
         workload: Workload::SeqWrite,
@@ -61,11 +73,14 @@ fn parse() -> Result<Args> {
             "--seconds" => a.seconds = value()?.parse()?,
             "--prepager" => a.prepager = value()?.parse().map_err(|e: String| anyhow!(e))?,
             "--mode" => {
-                let mode = value()?;
-                if mode != "postcopy" {
-                    bail!("--mode {mode}: this version migrates post-copy only (pre-copy and hybrid are next)");
+                a.mode = match value()?.as_str() {
+                    "postcopy" => Mode::Postcopy,
+                    "precopy" => Mode::Precopy,
+                    other => bail!("--mode {other}: postcopy or precopy (hybrid is next)"),
                 }
             }
+            "--downtime-ms" => a.downtime_ms = value()?.parse()?,
+            "--max-rounds" => a.max_rounds = value()?.parse()?,
             "--transport" => {
                 let t = value()?;
                 if t != "tcp" {
@@ -154,10 +169,8 @@ fn self_check(vm: &mut Vm, running: vm::Running) -> Result<u64> {
     answer.ok_or_else(|| anyhow!("the guest did not answer the self-check"))
 }
 
-fn demo(a: &Args) -> Result<()> {
-    let layout = layout(a)?;
-    let key = PreSharedKey::generate()?;
-    // Source: the guest runs its workload.
+/// The source side of a demo: a booted guest running its workload, and a page server over its memory.
+fn start_source(a: &Args, layout: &MemoryLayout, key: &PreSharedKey) -> Result<(Vm, vm::Running, TcpPageServer)> {
     let source_mem = Arc::new(GuestMemory::create(layout.clone(), a.backing)?);
     // A running guest's memory is populated: so is this one's, or its rate before migrating would
     // measure first-touch page allocation instead of the workload.
@@ -166,15 +179,113 @@ fn demo(a: &Args) -> Result<()> {
     source.boot(a.workload, data_pages(a))?;
     let running = source.start()?;
     let server = TcpPageServer::start("127.0.0.1:0", source_mem, key.clone(), TcpOptions::default())?;
+    Ok((source, running, server))
+}
+
+/// The workload's rate over `seconds`.
+fn measure_rate(vm: &Vm, seconds: f64) -> f64 {
+    let p0 = vm.telemetry.progress.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    (vm.telemetry.progress.load(Ordering::Relaxed) - p0) as f64 / seconds
+}
+
+fn demo(a: &Args) -> Result<()> {
+    match a.mode {
+        Mode::Postcopy => demo_postcopy(a),
+        Mode::Precopy => demo_precopy(a),
+    }
+}
+
+fn demo_precopy(a: &Args) -> Result<()> {
+    let layout = layout(a)?;
+    let key = PreSharedKey::generate()?;
+    let (mut source, running, server) = start_source(a, &layout, &key)?;
+    let (lanes, mut control) = tcp::connect_session(server.local_addr(), &key, Some(&layout), &TcpOptions::default())?;
+    let dest_mem = Arc::new(GuestMemory::create(layout, a.backing)?);
+    let mut dest = Vm::new(Memory::Plain(dest_mem.clone()))?;
+    let mut source_control = server.accept_control(Duration::from_secs(10))?;
+    let rate_before = measure_rate(&source, a.seconds);
+
+    let mut dirty_log = source.dirty_log()?;
+    let (during_from, progress_from) = (Instant::now(), source.telemetry.progress.load(Ordering::Relaxed));
+    let config = ferry::precopy::PrecopyConfig {
+        downtime_target: Duration::from_millis(a.downtime_ms),
+        max_rounds: a.max_rounds,
+    };
+    let source_side = std::thread::spawn(move || {
+        let mut paused = None;
+        let report = ferry::precopy::run_source(
+            &mut source_control,
+            guest::PAGE,
+            &mut dirty_log,
+            || {
+                let at = source.stop(running).map_err(|e| ferry::MigrationError::Vmm(e.to_string()))?;
+                paused = Some((at, source.telemetry.progress.load(Ordering::Relaxed)));
+                source.save().map_err(|e| ferry::MigrationError::Vmm(e.to_string()))
+            },
+            &config,
+        );
+        (report, paused)
+    });
+    let mut dest_running = None;
+    ferry::precopy::run_destination(&mut control, &dest_mem, lanes, |blob| {
+        dest.restore(blob).map_err(|e| e.to_string())?;
+        dest_running = Some(dest.start().map_err(|e| e.to_string())?);
+        Ok(())
+    })?;
+    let (report, paused) = source_side.join().map_err(|_| anyhow!("the source thread panicked"))?;
+    let report = report?;
+    let (paused_at, progress_at_pause) = paused.ok_or_else(|| anyhow!("the source never paused"))?;
+    let dest_running = dest_running.ok_or_else(|| anyhow!("the destination never resumed"))?;
+    drop(server);
+    let rate_during =
+        (progress_at_pause - progress_from) as f64 / paused_at.duration_since(during_from).as_secs_f64().max(1e-6);
+    let rate_after = measure_rate(&dest, a.seconds);
+    let resumed_at = dest_running.started;
+    let mismatches = self_check(&mut dest, dest_running)?;
+    let out = json!({
+        "mode": "precopy",
+        "workload": a.workload.name(),
+        "transport": "tcp",
+        "mem_mib": a.mem_mib,
+        "total_ms": report.total.as_secs_f64() * 1e3,
+        "downtime_ms": resumed_at.duration_since(paused_at).as_secs_f64() * 1e3,
+        "downtime_target_ms": a.downtime_ms,
+        "predicted_downtime_ms": report.predicted_downtime.as_secs_f64() * 1e3,
+        "rounds": report.rounds,
+        "pages_per_round": report.pages_per_round,
+        "bandwidth_gbps": report.bandwidth / 1e9,
+        "rate_before": rate_before,
+        "rate_during": rate_during,
+        "rate_after": rate_after,
+        "guest_mismatches": mismatches,
+    });
+    print_report(a, &out)?;
+    if mismatches != 0 {
+        bail!("the guest found {mismatches} wrong pages after migration");
+    }
+    Ok(())
+}
+
+fn print_report(a: &Args, out: &serde_json::Value) -> Result<()> {
+    if a.json {
+        println!("{out}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(out)?);
+    }
+    Ok(())
+}
+
+fn demo_postcopy(a: &Args) -> Result<()> {
+    let layout = layout(a)?;
+    let key = PreSharedKey::generate()?;
+    let (mut source, running, server) = start_source(a, &layout, &key)?;
     // Destination: memory registered with userfaultfd, a VM over it, connected to the source.
     let (lanes, control) = tcp::connect_session(server.local_addr(), &key, Some(&layout), &TcpOptions::default())?;
     let dest_mem = Arc::new(DestinationMemory::register(GuestMemory::create(layout, a.backing)?)?);
     let mut dest = Vm::new(Memory::Arriving(dest_mem.clone()))?;
     let mut source_control = server.accept_control(Duration::from_secs(10))?;
-    // The workload's rate before migrating.
-    let p0 = source.telemetry.progress.load(Ordering::Relaxed);
-    std::thread::sleep(Duration::from_secs_f64(a.seconds));
-    let rate_before = (source.telemetry.progress.load(Ordering::Relaxed) - p0) as f64 / a.seconds;
+    let rate_before = measure_rate(&source, a.seconds);
 
     // Pause the source, hand over, resume the destination at once.
     let paused_at = source.stop(running)?;
@@ -197,9 +308,7 @@ fn demo(a: &Args) -> Result<()> {
         / during_start.0.elapsed().as_secs_f64().max(1e-6);
     let source_report = handoff.join().map_err(|_| anyhow!("the handoff thread panicked"))??;
     drop(server);
-    let p1 = dest.telemetry.progress.load(Ordering::Relaxed);
-    std::thread::sleep(Duration::from_secs_f64(a.seconds));
-    let rate_after = (dest.telemetry.progress.load(Ordering::Relaxed) - p1) as f64 / a.seconds;
+    let rate_after = measure_rate(&dest, a.seconds);
     let mismatches = self_check(&mut dest, dest_running)?;
     let out = json!({
         "mode": "postcopy",
@@ -224,11 +333,7 @@ fn demo(a: &Args) -> Result<()> {
         "rate_after": rate_after,
         "guest_mismatches": mismatches,
     });
-    if a.json {
-        println!("{out}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    }
+    print_report(a, &out)?;
     if mismatches != 0 {
         bail!("the guest found {mismatches} wrong pages after migration");
     }

@@ -54,7 +54,7 @@ pub struct VcpuState {
 pub struct Vm {
     // Field order is drop order: the VM (and its memory slots) goes before the memory it maps.
     vcpu: Option<VcpuFd>,
-    _vm: VmFd,
+    vm: Arc<VmFd>,
     _kvm: Kvm,
     memory: Memory,
     pub telemetry: Arc<Telemetry>,
@@ -70,26 +70,22 @@ impl Vm {
     pub fn new(memory: Memory) -> Result<Self> {
         let kvm = Kvm::new().context("open /dev/kvm")?;
         let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
-        for (slot, (r, layout)) in memory.guest().regions().iter().zip(memory.guest().layout().regions()).enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: layout.guest_phys_addr,
-                memory_size: r.len() as u64,
-                userspace_addr: r.host_addr().as_ptr() as u64,
-            };
-            // SAFETY: the slot maps a live mapping owned by `memory`, which this Vm holds and drops
-            // only after the VM fd (field order), so the guest never sees unmapped host memory.
-            unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
-        }
+        set_memory_slots(&vm, &memory, 0)?;
         let vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).context("KVM_GET_SUPPORTED_CPUID")?;
         vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")?;
-        Ok(Vm { vcpu: Some(vcpu), _vm: vm, _kvm: kvm, memory, telemetry: Arc::new(Telemetry::default()) })
+        Ok(Vm { vcpu: Some(vcpu), vm: Arc::new(vm), _kvm: kvm, memory, telemetry: Arc::new(Telemetry::default()) })
     }
 
     pub fn memory(&self) -> &Memory {
         &self.memory
+    }
+
+    /// Turns on KVM's dirty log for every slot: the pre-copy source's view of what the guest wrote.
+    pub fn dirty_log(&self) -> Result<KvmDirtyLog> {
+        set_memory_slots(&self.vm, &self.memory, kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES)?;
+        let slots = self.memory.guest().regions().iter().map(|r| r.len() as u64).collect();
+        Ok(KvmDirtyLog { vm: self.vm.clone(), slots, pages: self.memory.guest().layout().total_pages() })
     }
 
     /// Loads page tables, GDT and the workload, and points the vCPU at it (CPL3, long mode).
@@ -194,6 +190,53 @@ impl Vm {
         self.vcpu = Some(vcpu);
         result?;
         Ok(stopped)
+    }
+}
+
+/// (Re)defines every memory slot over `memory` with `flags`.
+fn set_memory_slots(vm: &VmFd, memory: &Memory, flags: u32) -> Result<()> {
+    for (slot, (r, layout)) in memory.guest().regions().iter().zip(memory.guest().layout().regions()).enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags,
+            guest_phys_addr: layout.guest_phys_addr,
+            memory_size: r.len() as u64,
+            userspace_addr: r.host_addr().as_ptr() as u64,
+        };
+        // SAFETY: the slot maps a live mapping owned by `memory`, which the Vm holds and drops only
+        // after the VM fd (field order), so the guest never sees unmapped host memory.
+        unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
+    }
+    Ok(())
+}
+
+/// KVM's dirty log (KVM_GET_DIRTY_LOG, which also clears it) as ferry's pre-copy dirty log.
+pub struct KvmDirtyLog {
+    vm: Arc<VmFd>,
+    slots: Vec<u64>,
+    pages: u64,
+}
+
+impl ferry::precopy::DirtyLog for KvmDirtyLog {
+    fn collect(&mut self) -> ferry::Result<ferry::FreePages> {
+        let mut dirty = ferry::FreePages::new(self.pages);
+        let mut base = 0;
+        for (slot, &size) in self.slots.iter().enumerate() {
+            let words = self
+                .vm
+                .get_dirty_log(slot as u32, size as usize)
+                .map_err(|e| ferry::MigrationError::Vmm(format!("KVM_GET_DIRTY_LOG: {e}")))?;
+            for (i, w) in words.iter().enumerate() {
+                let mut w = *w;
+                while w != 0 {
+                    let bit = w.trailing_zeros() as u64;
+                    dirty.set(base + i as u64 * 64 + bit);
+                    w &= w - 1;
+                }
+            }
+            base += size / guest::PAGE;
+        }
+        Ok(dirty)
     }
 }
 

@@ -1,6 +1,6 @@
-//! Real KVM guests: every workload runs and passes its own memory check, and every workload x
+//! Real KVM guests: every workload runs and passes its own memory check; every workload x
 //! pre-pager migrates post-copy between two VMs with the guest's check passing and no page sent
-//! twice. Needs /dev/kvm; where it cannot be opened each test says SKIPPED and why (they run in
+//! twice; every workload migrates pre-copy over KVM's dirty log with the guest's check passing. Needs /dev/kvm; where it cannot be opened each test says SKIPPED and why (they run in
 //! CI on this project's machines, which have KVM).
 
 use std::io::Write;
@@ -63,6 +63,36 @@ fn every_workload_and_prepager_migrates_post_copy() {
             assert_eq!(r["pages_total"], 65536);
             assert!(r["rate_after"].as_f64().unwrap() > 0.0, "the guest runs at the destination: {r}");
         }
+    }
+}
+
+#[test]
+fn every_workload_migrates_pre_copy_with_the_dirty_log() {
+    if !kvm_available("every_workload_migrates_pre_copy_with_the_dirty_log") {
+        return;
+    }
+    for workload in ["idle", "seq-write", "rand-write"] {
+        let r = vmm(&[
+            "demo",
+            "--mem-mib",
+            "256",
+            "--data-mib",
+            "64",
+            "--workload",
+            workload,
+            "--mode",
+            "precopy",
+            "--seconds",
+            "0.2",
+            "--max-rounds",
+            "8",
+        ]);
+        assert_eq!(r["guest_mismatches"], 0, "{workload}: {r}");
+        let rounds = r["rounds"].as_u64().unwrap();
+        assert!((1..=8).contains(&rounds), "{workload}: {r}");
+        let per_round = r["pages_per_round"].as_array().unwrap();
+        assert_eq!(per_round.len() as u64, rounds + 1, "every round and the final one: {r}");
+        assert_eq!(per_round[0], 65536, "round 0 sends every page");
     }
 }
 

@@ -1,0 +1,154 @@
+//! Pre-copy migration with downtime control. The guest keeps running at the source while the
+//! destination pulls memory in rounds: round 0 is every page, each later round the pages the guest
+//! dirtied meanwhile (from the VMM's dirty log). After each round the source predicts the downtime
+//! of stopping now (dirty bytes / measured bandwidth); when it is under the target, or the round
+//! limit is reached, it pauses the guest and sends a final round with the last dirty pages and the
+//! state blob. The destination resumes the guest once those pages are in.
+//!
+//! The destination pulls with the same idempotent reads as post-copy: a page read while the guest
+//! still writes it is simply dirty again and read again next round.
+
+use std::time::{Duration, Instant};
+
+use ferry_transport::{BulkRead, ControlStream, GuestMemory, PageBuf, PageRun, PageSource};
+
+use crate::error::{MigrationError, Result};
+use crate::freepages::FreePages;
+use crate::handoff;
+
+/// Where the guest's dirty pages come from: KVM's dirty log in a VMM, a callback through the C ABI.
+pub trait DirtyLog {
+    /// Pages written since the previous call (the first call starts tracking and may return all).
+    fn collect(&mut self) -> Result<FreePages>;
+}
+
+#[derive(Clone, Debug)]
+pub struct PrecopyConfig {
+    /// Stop when the predicted downtime is at most this.
+    pub downtime_target: Duration,
+    /// Stop after this many rounds whatever the prediction.
+    pub max_rounds: u32,
+}
+
+impl Default for PrecopyConfig {
+    fn default() -> Self {
+        PrecopyConfig { downtime_target: Duration::from_millis(50), max_rounds: 30 }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PrecopyReport {
+    /// Rounds before the final one.
+    pub rounds: u32,
+    /// Pages pulled in each round, the final one last.
+    pub pages_per_round: Vec<u64>,
+    /// The downtime predicted when the source decided to stop.
+    pub predicted_downtime: Duration,
+    /// Measured: from the pause to the destination's guest running.
+    pub downtime: Duration,
+    pub total: Duration,
+    /// Last measured pull bandwidth, bytes per second.
+    pub bandwidth: f64,
+}
+
+/// Source side. `pause` stops the guest and returns its state blob.
+pub fn run_source(
+    control: &mut dyn ControlStream,
+    page_size: u64,
+    dirty_log: &mut dyn DirtyLog,
+    pause: impl FnOnce() -> Result<Vec<u8>>,
+    config: &PrecopyConfig,
+) -> Result<PrecopyReport> {
+    let started = Instant::now();
+    let first = dirty_log.collect()?;
+    let mut dirty = FreePages::all(first.pages());
+    let mut report = PrecopyReport::default();
+    loop {
+        handoff::send_round(control, &dirty, None)?;
+        let (pages, micros) = handoff::expect_round_done(control)?;
+        report.pages_per_round.push(pages);
+        report.rounds += 1;
+        if micros > 0 && pages > 0 {
+            report.bandwidth = (pages * page_size) as f64 / (micros as f64 / 1e6);
+        }
+        dirty = dirty_log.collect()?;
+        let bytes = dirty.count() * page_size;
+        report.predicted_downtime = Duration::from_secs_f64(bytes as f64 / report.bandwidth.max(1.0));
+        if report.predicted_downtime <= config.downtime_target || report.rounds >= config.max_rounds {
+            break;
+        }
+    }
+    let paused_at = Instant::now();
+    let state = pause()?;
+    dirty.union_with(&dirty_log.collect()?);
+    handoff::send_round(control, &dirty, Some(&state))?;
+    handoff::expect_resumed(control)?;
+    report.downtime = paused_at.elapsed();
+    report.pages_per_round.push(dirty.count());
+    report.total = started.elapsed();
+    Ok(report)
+}
+
+/// Destination side: pulls every round into `memory` and calls `resume` with the state blob
+/// after the final one.
+pub fn run_destination(
+    control: &mut dyn ControlStream,
+    memory: &GuestMemory,
+    mut source: PageSource,
+    resume: impl FnOnce(&[u8]) -> std::result::Result<(), String>,
+) -> Result<u32> {
+    let pages = memory.layout().total_pages();
+    let mut rounds = 0;
+    loop {
+        let round = handoff::receive_round(control, pages)?;
+        let t0 = Instant::now();
+        let pulled = pull(memory, &mut source, &round.dirty)?;
+        rounds += 1;
+        match round.state {
+            None => handoff::send_round_done(control, pulled, t0.elapsed().as_micros() as u64)?,
+            Some(state) => {
+                if let Err(why) = resume(&state) {
+                    handoff::send_abort(control, &why);
+                    return Err(MigrationError::Resume(why));
+                }
+                handoff::send_resumed(control)?;
+                return Ok(rounds);
+            }
+        }
+    }
+}
+
+/// Reads every page set in `dirty` through the bulk lane and writes it into `memory`.
+fn pull(memory: &GuestMemory, source: &mut PageSource, dirty: &FreePages) -> Result<u64> {
+    let layout = memory.layout();
+    let ps = u64::from(layout.page_size());
+    let max = layout.max_run_pages().min(256);
+    let bases = ferry_transport::pattern::region_bases(layout);
+    let mut runs = Vec::new();
+    for (first, count) in dirty.runs() {
+        let mut g = first;
+        while g < first + count {
+            let region = bases.partition_point(|&b| b <= g) - 1;
+            let region_end = bases[region] + layout.region_pages(region as u32).unwrap_or(0);
+            let n = (first + count).min(region_end).min(g + u64::from(max)) - g;
+            runs.push(PageRun::new(region as u32, g - bases[region], n as u32));
+            g += n;
+        }
+    }
+    let mut pool: Vec<PageBuf> = Vec::new();
+    let mut next = runs.iter();
+    let mut pulled = 0;
+    loop {
+        while source.bulk.in_flight() < source.bulk.depth() {
+            let Some(&run) = next.next() else { break };
+            let buf = pool.pop().unwrap_or_else(|| PageBuf::new(max as usize * ps as usize));
+            source.bulk.submit(BulkRead { run, buf: buf.into(), tag: 0 })?;
+        }
+        let Some(done) = source.bulk.complete()? else { break };
+        let len = done.run.pages as usize * ps as usize;
+        memory.regions()[done.run.region as usize].write(done.run.first_page * ps, &done.buf[..len])?;
+        pulled += u64::from(done.run.pages);
+        pool.extend(done.buf.into_buffer());
+    }
+    Ok(pulled)
+}
