@@ -116,15 +116,35 @@ fn receive_stream(control: &mut dyn ControlStream, stream: u8, len: usize) -> Re
     Ok(out)
 }
 
-/// A pre-copy round: the pages to pull now, and on the final round (guest paused) the state blob.
+/// What a pre-copy round asks of the destination.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RoundKind {
+    /// Pull these pages; the guest still runs at the source.
+    Pull,
+    /// The guest is paused: pull these pages, then resume with the state blob.
+    Final(Vec<u8>),
+    /// Hybrid: the guest is paused and these pages are stale here; switch to post-copy (a
+    /// post-copy handoff follows).
+    SwitchToPostcopy,
+}
+
 #[derive(Debug)]
 pub struct Round {
     pub dirty: FreePages,
-    pub state: Option<Vec<u8>>,
+    pub kind: RoundKind,
 }
 
-pub fn send_round(control: &mut dyn ControlStream, dirty: &FreePages, state: Option<&[u8]>) -> Result<()> {
-    let mut msg = vec![ROUND, u8::from(state.is_some())];
+const ROUND_PULL: u8 = 0;
+const ROUND_FINAL: u8 = 1;
+const ROUND_SWITCH: u8 = 2;
+
+pub fn send_round(control: &mut dyn ControlStream, dirty: &FreePages, kind: &RoundKind) -> Result<()> {
+    let (tag, state) = match kind {
+        RoundKind::Pull => (ROUND_PULL, None),
+        RoundKind::Final(state) => (ROUND_FINAL, Some(state.as_slice())),
+        RoundKind::SwitchToPostcopy => (ROUND_SWITCH, None),
+    };
+    let mut msg = vec![ROUND, tag];
     msg.extend_from_slice(&(state.map_or(0, <[u8]>::len) as u64).to_le_bytes());
     msg.extend_from_slice(&dirty.pages().to_le_bytes());
     write_session(control, &msg)?;
@@ -138,7 +158,7 @@ pub fn send_round(control: &mut dyn ControlStream, dirty: &FreePages, state: Opt
 
 pub fn receive_round(control: &mut dyn ControlStream, total_pages: u64) -> Result<Round> {
     let msg = read_message(control)?;
-    if msg.first() != Some(&ROUND) || msg.len() != 18 || msg[1] > 1 {
+    if msg.first() != Some(&ROUND) || msg.len() != 18 || msg[1] > ROUND_SWITCH {
         return Err(protocol("expected a pre-copy round"));
     }
     let state_len = u64_at(&msg, 2)?;
@@ -152,8 +172,12 @@ pub fn receive_round(control: &mut dyn ControlStream, total_pages: u64) -> Resul
     let words = bitmap.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
     let dirty =
         FreePages::from_words(words, total_pages).ok_or_else(|| protocol("dirty bitmap marks pages past the end"))?;
-    let state = if msg[1] == 1 { Some(receive_stream(control, STREAM_STATE, state_len as usize)?) } else { None };
-    Ok(Round { dirty, state })
+    let kind = match msg[1] {
+        ROUND_FINAL => RoundKind::Final(receive_stream(control, STREAM_STATE, state_len as usize)?),
+        ROUND_SWITCH => RoundKind::SwitchToPostcopy,
+        _ => RoundKind::Pull,
+    };
+    Ok(Round { dirty, kind })
 }
 
 pub fn send_round_done(control: &mut dyn ControlStream, pages: u64, elapsed_us: u64) -> Result<()> {

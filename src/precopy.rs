@@ -1,4 +1,4 @@
-//! Pre-copy migration with downtime control. The guest keeps running at the source while the
+//! Pre-copy migration with downtime control, and hybrid (pre-copy rounds, then post-copy). The guest keeps running at the source while the
 //! destination pulls memory in rounds: round 0 is every page, each later round the pages the guest
 //! dirtied meanwhile (from the VMM's dirty log). After each round the source predicts the downtime
 //! of stopping now (dirty bytes / measured bandwidth); when it is under the target, or the round
@@ -60,11 +60,55 @@ pub fn run_source(
     config: &PrecopyConfig,
 ) -> Result<PrecopyReport> {
     let started = Instant::now();
+    let (mut report, dirty) = rounds(control, page_size, dirty_log, config)?;
+    let paused_at = Instant::now();
+    let state = pause()?;
+    let mut dirty = dirty;
+    dirty.union_with(&dirty_log.collect()?);
+    handoff::send_round(control, &dirty, &handoff::RoundKind::Final(state))?;
+    handoff::expect_resumed(control)?;
+    report.downtime = paused_at.elapsed();
+    report.pages_per_round.push(dirty.count());
+    report.total = started.elapsed();
+    Ok(report)
+}
+
+/// Hybrid source: pre-copy rounds as in [`run_source`], then the guest is paused and the
+/// migration continues as post-copy: the destination drops the pages dirtied since their last
+/// pull and faults them in. Returns the rounds' report and the post-copy source report.
+pub fn run_hybrid_source(
+    control: &mut dyn ControlStream,
+    page_size: u64,
+    dirty_log: &mut dyn DirtyLog,
+    pause: impl FnOnce() -> Result<Vec<u8>>,
+    config: &PrecopyConfig,
+) -> Result<(PrecopyReport, crate::postcopy::SourceReport)> {
+    let started = Instant::now();
+    let (mut report, mut dirty) = rounds(control, page_size, dirty_log, config)?;
+    let paused_at = Instant::now();
+    let state = pause()?;
+    dirty.union_with(&dirty_log.collect()?);
+    handoff::send_round(control, &dirty, &handoff::RoundKind::SwitchToPostcopy)?;
+    report.pages_per_round.push(dirty.count());
+    let post = crate::postcopy::run_source(control, paused_at, &state, &FreePages::new(dirty.pages()))?;
+    report.downtime = post.downtime;
+    report.total = started.elapsed();
+    Ok((report, post))
+}
+
+/// Pre-copy rounds until the predicted downtime meets the target or the round limit is reached.
+/// Returns the report so far and the pages dirtied since the last round.
+fn rounds(
+    control: &mut dyn ControlStream,
+    page_size: u64,
+    dirty_log: &mut dyn DirtyLog,
+    config: &PrecopyConfig,
+) -> Result<(PrecopyReport, FreePages)> {
     let first = dirty_log.collect()?;
     let mut dirty = FreePages::all(first.pages());
     let mut report = PrecopyReport::default();
     loop {
-        handoff::send_round(control, &dirty, None)?;
+        handoff::send_round(control, &dirty, &handoff::RoundKind::Pull)?;
         let (pages, micros) = handoff::expect_round_done(control)?;
         report.pages_per_round.push(pages);
         report.rounds += 1;
@@ -75,18 +119,9 @@ pub fn run_source(
         let bytes = dirty.count() * page_size;
         report.predicted_downtime = Duration::from_secs_f64(bytes as f64 / report.bandwidth.max(1.0));
         if report.predicted_downtime <= config.downtime_target || report.rounds >= config.max_rounds {
-            break;
+            return Ok((report, dirty));
         }
     }
-    let paused_at = Instant::now();
-    let state = pause()?;
-    dirty.union_with(&dirty_log.collect()?);
-    handoff::send_round(control, &dirty, Some(&state))?;
-    handoff::expect_resumed(control)?;
-    report.downtime = paused_at.elapsed();
-    report.pages_per_round.push(dirty.count());
-    report.total = started.elapsed();
-    Ok(report)
 }
 
 /// Destination side: pulls every round into `memory` and calls `resume` with the state blob
@@ -101,12 +136,17 @@ pub fn run_destination(
     let mut rounds = 0;
     loop {
         let round = handoff::receive_round(control, pages)?;
+        if round.kind == handoff::RoundKind::SwitchToPostcopy {
+            return Err(MigrationError::Protocol("a hybrid switch sent to a pre-copy destination".into()));
+        }
         let t0 = Instant::now();
         let pulled = pull(memory, &mut source, &round.dirty)?;
         rounds += 1;
-        match round.state {
-            None => handoff::send_round_done(control, pulled, t0.elapsed().as_micros() as u64)?,
-            Some(state) => {
+        match round.kind {
+            handoff::RoundKind::Pull | handoff::RoundKind::SwitchToPostcopy => {
+                handoff::send_round_done(control, pulled, t0.elapsed().as_micros() as u64)?
+            }
+            handoff::RoundKind::Final(state) => {
                 if let Err(why) = resume(&state) {
                     handoff::send_abort(control, &why);
                     return Err(MigrationError::Resume(why));
@@ -116,6 +156,53 @@ pub fn run_destination(
             }
         }
     }
+}
+
+/// Hybrid destination: pulls pre-copy rounds into `memory` (not yet registered with
+/// userfaultfd); at the switch it drops the stale pages, registers the memory with every other page
+/// present, and continues as a post-copy destination, which it returns running.
+pub fn run_hybrid_destination(
+    mut control: Box<dyn ControlStream>,
+    memory: std::sync::Arc<GuestMemory>,
+    mut source: PageSource,
+    config: &crate::postcopy::DestinationConfig,
+    resume: impl FnOnce(&[u8]) -> std::result::Result<(), String>,
+) -> Result<(u32, crate::postcopy::PostcopyDestination)> {
+    let pages = memory.layout().total_pages();
+    let mut rounds = 0;
+    let stale = loop {
+        let round = handoff::receive_round(control.as_mut(), pages)?;
+        match round.kind {
+            handoff::RoundKind::SwitchToPostcopy => break round.dirty,
+            handoff::RoundKind::Final(_) => {
+                return Err(MigrationError::Protocol("a final pre-copy round in a hybrid migration".into()))
+            }
+            handoff::RoundKind::Pull => {
+                let t0 = Instant::now();
+                let pulled = pull(&memory, &mut source, &round.dirty)?;
+                rounds += 1;
+                handoff::send_round_done(control.as_mut(), pulled, t0.elapsed().as_micros() as u64)?;
+            }
+        }
+    };
+    let layout = memory.layout();
+    let ps = u64::from(layout.page_size());
+    let bases = ferry_transport::pattern::region_bases(layout);
+    // Inside the downtime: one madvise per run of stale pages, split only at region edges.
+    for (first, count) in stale.runs() {
+        let mut g = first;
+        while g < first + count {
+            let region = bases.partition_point(|&b| b <= g) - 1;
+            let region_end = bases[region] + layout.region_pages(region as u32).unwrap_or(0);
+            let n = (first + count).min(region_end) - g;
+            memory.regions()[region].discard((g - bases[region]) * ps, (n * ps) as usize)?;
+            g += n;
+        }
+    }
+    let registered = ferry_fault_handler::DestinationMemory::register_with_valid(memory, |p| !stale.is_free(p))?;
+    let session =
+        crate::postcopy::PostcopyDestination::start(control, std::sync::Arc::new(registered), source, config, resume)?;
+    Ok((rounds, session))
 }
 
 /// Reads every page set in `dirty` through the bulk lane and writes it into `memory`.

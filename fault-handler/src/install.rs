@@ -25,7 +25,7 @@ pub enum InstallMode {
 /// A destination guest's memory, registered with its own userfaultfd, and the state of its pages.
 #[derive(Debug)]
 pub struct DestinationMemory {
-    guest: GuestMemory,
+    guest: std::sync::Arc<GuestMemory>,
     alias: Option<Vec<RegionMapping>>,
     /// Closed on drop only once every page is present or memory was released (see Drop).
     uffd: std::mem::ManuallyDrop<Userfault>,
@@ -38,6 +38,13 @@ impl DestinationMemory {
     /// Registers every region of `guest`, which must not have been touched yet (touched pages are
     /// present and never fault). All regions must share one backing: all anonymous or all memfd.
     pub fn register(guest: GuestMemory) -> Result<Self> {
+        Self::register_with_valid(std::sync::Arc::new(guest), |_| false)
+    }
+
+    /// Registers memory that already holds some valid pages (a hybrid migration's pre-copied
+    /// pages): `valid(page)` says which; those are present from the start and never fetched. Every
+    /// other page must be absent (never touched, or dropped with [`RegionMapping::discard`]).
+    pub fn register_with_valid(guest: std::sync::Arc<GuestMemory>, valid: impl Fn(u64) -> bool) -> Result<Self> {
         let page_size = u64::from(guest.layout().page_size());
         let with_fd = guest.regions().iter().filter(|r| r.fd().is_some()).count();
         let mode = match with_fd {
@@ -70,6 +77,7 @@ impl DestinationMemory {
             }
         };
         let states = PageStates::new(guest.layout());
+        states.mark_valid(valid);
         Ok(DestinationMemory {
             guest,
             alias,

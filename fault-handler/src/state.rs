@@ -194,6 +194,19 @@ impl PageStates {
         self.present_count.fetch_add(fresh, Ordering::AcqRel);
     }
 
+    /// Marks the pages for which `valid(page)` holds as claimed and present: they arrived before
+    /// this state existed (pre-copy rounds of a hybrid migration).
+    pub fn mark_valid(&self, valid: impl Fn(u64) -> bool) {
+        let mut fresh = 0;
+        for p in (0..self.pages).filter(|&p| valid(p)) {
+            self.claimed.set(p);
+            if self.present.set(p) {
+                fresh += 1;
+            }
+        }
+        self.present_count.fetch_add(fresh, Ordering::AcqRel);
+    }
+
     /// Marks pages the guest discarded: they read as zero and must never be filled from the source.
     /// Returns how many of them were not claimed yet.
     pub fn discard(&self, first: u64, count: u64) -> u64 {

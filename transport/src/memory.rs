@@ -115,6 +115,20 @@ impl RegionMapping {
         Ok(unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(off)) })
     }
 
+    /// Drops the pages of `offset..offset+len` (MADV_DONTNEED): anonymous memory reads as zero
+    /// afterwards, or faults into a userfaultfd registered later; a file's pages are only unmapped.
+    /// For a hybrid migration's destination, whose pre-copied pages went stale.
+    pub fn discard(&self, offset: u64, len: usize) -> Result<()> {
+        let off = self.check(offset, len)?;
+        // SAFETY: an in-bounds range of our own mapping; DONTNEED changes contents only as said
+        // above, and guest memory is never referenced by Rust slices.
+        let rc = unsafe { libc::madvise(self.ptr.as_ptr().add(off).cast(), len, libc::MADV_DONTNEED) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(())
+    }
+
     /// Allocates and maps `offset..offset+len` writable in one call (MADV_POPULATE_WRITE), so data
     /// received there next does not take a page fault per page.
     pub fn populate_write(&self, offset: u64, len: usize) -> Result<()> {

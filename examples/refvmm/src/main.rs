@@ -4,7 +4,8 @@
 //! ```text
 //! ferry-vmm run  [--mem-mib 256] [--data-mib N] [--workload idle|seq-write|rand-write] [--seconds 2] [--json]
 //! ferry-vmm demo [--mem-mib 2048] [--data-mib 512] [--workload ...] [--mode postcopy]
-//!                [--prepager demand|push|bubbling] [--transport tcp] [--backing anon|memfd] [--json]
+//!                [--mode postcopy|precopy|hybrid] [--prepager demand|push|bubbling] [--downtime-ms 50]
+//!                [--max-rounds 30] [--transport tcp] [--backing anon|memfd] [--json]
 //! ```
 //! `demo` runs both ends in this process: a source VM runs the workload, is paused and handed
 //! over; a destination VM resumes at once while ferry brings its memory; then the guest checks its
@@ -31,6 +32,7 @@ use vm::{Memory, Vm};
 enum Mode {
     Postcopy,
     Precopy,
+    Hybrid,
 }
 
 struct Args {
@@ -76,7 +78,8 @@ fn parse() -> Result<Args> {
                 a.mode = match value()?.as_str() {
                     "postcopy" => Mode::Postcopy,
                     "precopy" => Mode::Precopy,
-                    other => bail!("--mode {other}: postcopy or precopy (hybrid is next)"),
+                    "hybrid" => Mode::Hybrid,
+                    other => bail!("--mode {other}: postcopy, precopy or hybrid"),
                 }
             }
             "--downtime-ms" => a.downtime_ms = value()?.parse()?,
@@ -193,7 +196,86 @@ fn demo(a: &Args) -> Result<()> {
     match a.mode {
         Mode::Postcopy => demo_postcopy(a),
         Mode::Precopy => demo_precopy(a),
+        Mode::Hybrid => demo_hybrid(a),
     }
+}
+
+/// Pre-copy rounds (at most --max-rounds), then the rest post-copy.
+fn demo_hybrid(a: &Args) -> Result<()> {
+    let layout = layout(a)?;
+    let key = PreSharedKey::generate()?;
+    let (mut source, running, server) = start_source(a, &layout, &key)?;
+    let (lanes, control) = tcp::connect_session(server.local_addr(), &key, Some(&layout), &TcpOptions::default())?;
+    let dest_mem = Arc::new(GuestMemory::create(layout, a.backing)?);
+    let mut dest = Vm::new(Memory::Plain(dest_mem.clone()))?;
+    let mut source_control = server.accept_control(Duration::from_secs(10))?;
+    let rate_before = measure_rate(&source, a.seconds);
+
+    let mut dirty_log = source.dirty_log()?;
+    let config = ferry::precopy::PrecopyConfig {
+        downtime_target: Duration::from_millis(a.downtime_ms),
+        max_rounds: a.max_rounds,
+    };
+    let source_side = std::thread::spawn(move || {
+        let mut paused = None;
+        let report = ferry::precopy::run_hybrid_source(
+            &mut source_control,
+            guest::PAGE,
+            &mut dirty_log,
+            || {
+                paused = Some(source.stop(running).map_err(|e| ferry::MigrationError::Vmm(e.to_string()))?);
+                source.save().map_err(|e| ferry::MigrationError::Vmm(e.to_string()))
+            },
+            &config,
+        );
+        (report, paused)
+    });
+    let mut dest_running = None;
+    let post_config = DestinationConfig { policy: a.prepager, ..DestinationConfig::default() };
+    let (_, session) =
+        ferry::precopy::run_hybrid_destination(Box::new(control), dest_mem, lanes, &post_config, |blob| {
+            dest.restore(blob).map_err(|e| e.to_string())?;
+            dest_running = Some(dest.start().map_err(|e| e.to_string())?);
+            Ok(())
+        })?;
+    let dest_running = dest_running.ok_or_else(|| anyhow!("the destination never resumed"))?;
+    let (during_from, progress_from) = (Instant::now(), dest.telemetry.progress.load(Ordering::Relaxed));
+    session.finish();
+    let post = session.wait()?;
+    let rate_during = (dest.telemetry.progress.load(Ordering::Relaxed) - progress_from) as f64
+        / during_from.elapsed().as_secs_f64().max(1e-6);
+    let (report, paused) = source_side.join().map_err(|_| anyhow!("the source thread panicked"))?;
+    let (pre, post_source) = report?;
+    let paused_at = paused.ok_or_else(|| anyhow!("the source never paused"))?;
+    drop(server);
+    let rate_after = measure_rate(&dest, a.seconds);
+    let resumed_at = dest_running.started;
+    let mismatches = self_check(&mut dest, dest_running)?;
+    let out = json!({
+        "mode": "hybrid",
+        "workload": a.workload.name(),
+        "prepager": post.policy,
+        "transport": "tcp",
+        "mem_mib": a.mem_mib,
+        "total_ms": pre.total.as_secs_f64() * 1e3,
+        "postcopy_ms": post_source.total.as_secs_f64() * 1e3,
+        "precopy_rounds": pre.rounds,
+        "pages_per_round": pre.pages_per_round,
+        "downtime_ms": resumed_at.duration_since(paused_at).as_secs_f64() * 1e3,
+        "postcopy_pages": post.urgent_pages + post.bulk_pages,
+        "network_faults": post.network_faults,
+        "fault_p50_us": post.fault_p50.as_secs_f64() * 1e6,
+        "pages_sent_twice_postcopy": post.pages_installed_twice,
+        "rate_before": rate_before,
+        "rate_during_postcopy": rate_during,
+        "rate_after": rate_after,
+        "guest_mismatches": mismatches,
+    });
+    print_report(a, &out)?;
+    if mismatches != 0 {
+        bail!("the guest found {mismatches} wrong pages after migration");
+    }
+    Ok(())
 }
 
 fn demo_precopy(a: &Args) -> Result<()> {

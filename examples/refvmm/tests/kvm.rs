@@ -1,6 +1,7 @@
 //! Real KVM guests: every workload runs and passes its own memory check; every workload x
 //! pre-pager migrates post-copy between two VMs with the guest's check passing and no page sent
-//! twice; every workload migrates pre-copy over KVM's dirty log with the guest's check passing. Needs /dev/kvm; where it cannot be opened each test says SKIPPED and why (they run in
+//! twice; every workload migrates pre-copy over KVM's dirty log, and every writer hybrid (rounds
+//! then post-copy), with the guest's check passing. Needs /dev/kvm; where it cannot be opened each test says SKIPPED and why (they run in
 //! CI on this project's machines, which have KVM).
 
 use std::io::Write;
@@ -93,6 +94,40 @@ fn every_workload_migrates_pre_copy_with_the_dirty_log() {
         let per_round = r["pages_per_round"].as_array().unwrap();
         assert_eq!(per_round.len() as u64, rounds + 1, "every round and the final one: {r}");
         assert_eq!(per_round[0], 65536, "round 0 sends every page");
+    }
+}
+
+#[test]
+fn every_writer_migrates_hybrid() {
+    if !kvm_available("every_writer_migrates_hybrid") {
+        return;
+    }
+    for (workload, backing) in [("seq-write", "anon"), ("rand-write", "anon"), ("rand-write", "memfd")] {
+        let r = vmm(&[
+            "demo",
+            "--mem-mib",
+            "256",
+            "--data-mib",
+            "64",
+            "--workload",
+            workload,
+            "--mode",
+            "hybrid",
+            "--max-rounds",
+            "2",
+            "--seconds",
+            "0.2",
+            "--backing",
+            backing,
+        ]);
+        assert_eq!(r["guest_mismatches"], 0, "{workload}/{backing}: {r}");
+        assert_eq!(r["pages_sent_twice_postcopy"], 0, "{workload}/{backing}: {r}");
+        let per_round = r["pages_per_round"].as_array().unwrap();
+        assert_eq!(
+            r["postcopy_pages"],
+            per_round[per_round.len() - 1],
+            "post-copy moves exactly the pages dirtied after their last round: {r}"
+        );
     }
 }
 
