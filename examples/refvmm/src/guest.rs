@@ -11,7 +11,8 @@
 //!   setting the qword at [`MAILBOX_GPA`] to 1 (the guest clears it).
 //! - DX = [`PORT_FREE`], [`PORT_TASK`]: free-page reports and task-guided segment enter/exit
 //!   (reserved; recorded by later versions).
-//! - R8 = data base, R9 = data pages, R10 = version table base, RSP = a user stack.
+//! - R8 = data base, R9 = data pages, R10 = version table base, R15 = TSC cycles per page written
+//!   (0: unlimited; the writers pace themselves with `rdtsc`), RSP = a user stack.
 
 use iced_x86::code_asm::*;
 
@@ -190,14 +191,52 @@ fn count_bad_pages(
     Ok(())
 }
 
+/// Waits until RBP (a TSC deadline) and moves it on by R15, if R15 is not 0. A deadline far from
+/// the TSC in either direction is reset to now: after a migration the destination's TSC starts
+/// elsewhere, and the writer must neither stall nor burst. Clobbers RAX, RDX.
+fn pace(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let (mut done, mut wait, mut reset, mut go) =
+        (a.create_label(), a.create_label(), a.create_label(), a.create_label());
+    a.test(r15, r15)?;
+    a.jz(done)?;
+    a.set_label(&mut wait)?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    // far behind: more than 1024 periods late
+    a.mov(rdx, r15)?;
+    a.shl(rdx, 10)?;
+    a.add(rdx, rbp)?;
+    a.cmp(rax, rdx)?;
+    a.ja(reset)?;
+    // far ahead: the deadline is more than 1024 periods away
+    a.mov(rdx, r15)?;
+    a.shl(rdx, 10)?;
+    a.add(rdx, rax)?;
+    a.cmp(rbp, rdx)?;
+    a.ja(reset)?;
+    a.cmp(rax, rbp)?;
+    a.jae(go)?;
+    a.pause()?;
+    a.jmp(wait)?;
+    a.set_label(&mut reset)?;
+    a.mov(rbp, rax)?;
+    a.set_label(&mut go)?;
+    a.add(rbp, r15)?;
+    a.set_label(&mut done)?;
+    Ok(())
+}
+
 /// R12 = pass. Each pass writes every page with (page << 32 | pass) and reports every 256 pages.
 fn seq_write(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let (mut pass_loop, mut page_loop, mut no_report) = (a.create_label(), a.create_label(), a.create_label());
     a.xor(r12, r12)?;
+    a.xor(ebp, ebp)?;
     a.set_label(&mut pass_loop)?;
     a.inc(r12)?;
     a.xor(r11, r11)?;
     a.set_label(&mut page_loop)?;
+    pace(a)?;
     a.mov(rax, r11)?;
     a.shl(rax, 32)?;
     a.or(rax, r12)?;
@@ -230,9 +269,11 @@ fn seq_write(a: &mut CodeAssembler) -> Result<(), IcedError> {
 fn rand_write(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let (mut batch, mut write) = (a.create_label(), a.create_label());
     a.mov(r13, 0x9e37_79b9_7f4a_7c15u64)?;
+    a.xor(ebp, ebp)?;
     a.set_label(&mut batch)?;
     a.mov(r14d, 4096)?;
     a.set_label(&mut write)?;
+    pace(a)?;
     // xorshift64
     a.mov(rax, r13)?;
     a.shl(rax, 13)?;

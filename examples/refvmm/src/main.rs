@@ -2,7 +2,8 @@
 //! it with ferry.
 //!
 //! ```text
-//! ferry-vmm run  [--mem-mib 256] [--data-mib N] [--workload idle|seq-write|rand-write] [--seconds 2] [--json]
+//! ferry-vmm run  [--mem-mib 256] [--data-mib N] [--workload idle|seq-write|rand-write] [--rate-mib N]
+//!                [--seconds 2] [--json]
 //! ferry-vmm demo [--mem-mib 2048] [--data-mib 512] [--workload ...] [--mode postcopy]
 //!                [--mode postcopy|precopy|hybrid] [--prepager demand|push|bubbling] [--downtime-ms 50]
 //!                [--max-rounds 30] [--transport tcp] [--backing anon|memfd] [--json]
@@ -37,6 +38,7 @@ enum Mode {
 
 struct Args {
     command: String,
+    rate_mib: Option<f64>,
     mode: Mode,
     downtime_ms: u64,
     max_rounds: u32,
@@ -54,6 +56,7 @@ fn parse() -> Result<Args> {
     let command = raw.next().ok_or_else(|| anyhow!("usage: ferry-vmm run|demo [options]"))?;
     let mut a = Args {
         command,
+        rate_mib: None,
         mode: Mode::Postcopy,
         downtime_ms: 50,
         max_rounds: 30,
@@ -73,6 +76,7 @@ fn parse() -> Result<Args> {
             "--data-mib" => a.data_mib = Some(value()?.parse()?),
             "--workload" => a.workload = value()?.parse().map_err(|e: String| anyhow!(e))?,
             "--seconds" => a.seconds = value()?.parse()?,
+            "--rate-mib" => a.rate_mib = Some(value()?.parse()?),
             "--prepager" => a.prepager = value()?.parse().map_err(|e: String| anyhow!(e))?,
             "--mode" => {
                 a.mode = match value()?.as_str() {
@@ -136,7 +140,7 @@ fn main() -> Result<()> {
 fn run(a: &Args) -> Result<()> {
     let memory = Arc::new(GuestMemory::create(layout(a)?, a.backing)?);
     let mut vm = Vm::new(Memory::Plain(memory))?;
-    vm.boot(a.workload, data_pages(a))?;
+    vm.boot(a.workload, data_pages(a), a.rate_mib)?;
     let running = vm.start()?;
     std::thread::sleep(Duration::from_secs_f64(a.seconds));
     let progress = vm.telemetry.progress.load(Ordering::Relaxed);
@@ -179,7 +183,7 @@ fn start_source(a: &Args, layout: &MemoryLayout, key: &PreSharedKey) -> Result<(
     // measure first-touch page allocation instead of the workload.
     source_mem.regions()[0].populate_write(guest::DATA_GPA, (data_pages(a) * guest::PAGE) as usize)?;
     let mut source = Vm::new(Memory::Plain(source_mem.clone()))?;
-    source.boot(a.workload, data_pages(a))?;
+    source.boot(a.workload, data_pages(a), a.rate_mib)?;
     let running = source.start()?;
     let server = TcpPageServer::start("127.0.0.1:0", source_mem, key.clone(), TcpOptions::default())?;
     Ok((source, running, server))

@@ -89,7 +89,8 @@ impl Vm {
     }
 
     /// Loads page tables, GDT and the workload, and points the vCPU at it (CPL3, long mode).
-    pub fn boot(&mut self, workload: Workload, data_pages: u64) -> Result<()> {
+    /// `rate_mib` limits the writers to that many MiB/s (None: unlimited).
+    pub fn boot(&mut self, workload: Workload, data_pages: u64, rate_mib: Option<f64>) -> Result<()> {
         let mem_bytes = self.memory.guest().layout().total_bytes();
         if guest::DATA_GPA + data_pages * guest::PAGE > mem_bytes
             || data_pages * 4 > guest::DATA_GPA - guest::VERSION_TABLE_GPA
@@ -143,7 +144,15 @@ impl Vm {
         sregs.cr0 = 0x8005_0033;
         sregs.efer = 0x500;
         vcpu.set_sregs(&sregs)?;
+        let cycles_per_page = match rate_mib {
+            Some(mib) if mib > 0.0 => {
+                let hz = f64::from(vcpu.get_tsc_khz().context("KVM_GET_TSC_KHZ")?) * 1e3;
+                (hz * guest::PAGE as f64 / (mib * 1048576.0)).max(1.0) as u64
+            }
+            _ => 0,
+        };
         let regs = kvm_regs {
+            r15: cycles_per_page,
             rip: guest::CODE_GPA,
             rsp: guest::STACK_TOP_GPA,
             rflags: 0x3002,
