@@ -48,16 +48,23 @@ pub enum Workload {
     /// Writes random data pages; page p holds (p << 32 | version[p]), the version table counts
     /// the writes of each page.
     RandWrite,
+    /// Like rand-write, but reads whole pages 15 times out of 16 and writes once.
+    ReadMostly,
+    /// Like rand-write, with 15 writes out of 16 in a hot set of 1/16 of the data pages.
+    HotSet,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 3] = [Workload::Idle, Workload::SeqWrite, Workload::RandWrite];
+    pub const ALL: [Workload; 5] =
+        [Workload::Idle, Workload::SeqWrite, Workload::RandWrite, Workload::ReadMostly, Workload::HotSet];
 
     pub fn name(self) -> &'static str {
         match self {
             Workload::Idle => "idle",
             Workload::SeqWrite => "seq-write",
             Workload::RandWrite => "rand-write",
+            Workload::ReadMostly => "read-mostly",
+            Workload::HotSet => "hot-set",
         }
     }
 }
@@ -68,7 +75,7 @@ impl std::str::FromStr for Workload {
         Workload::ALL
             .into_iter()
             .find(|w| w.name() == s)
-            .ok_or_else(|| format!("unknown workload {s:?}: idle, seq-write, rand-write"))
+            .ok_or_else(|| format!("unknown workload {s:?}: idle, seq-write, rand-write, read-mostly, hot-set"))
     }
 }
 
@@ -129,7 +136,7 @@ pub fn workload_code(workload: Workload) -> Result<Vec<u8>, IcedError> {
             a.jmp(top)?;
         }
         Workload::SeqWrite => seq_write(&mut a)?,
-        Workload::RandWrite => rand_write(&mut a)?,
+        Workload::RandWrite | Workload::ReadMostly | Workload::HotSet => rand_write(&mut a, workload)?,
     }
     a.assemble(CODE_GPA)
 }
@@ -264,11 +271,18 @@ fn seq_write(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.jmp(pass_loop)
 }
 
-/// R13 = xorshift state. Each write bumps version[p] (u32 at R10 + 4p) and fills page p with
-/// (p << 32 | version); reports every 4096 writes and answers self-checks between batches.
-fn rand_write(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    let (mut batch, mut write) = (a.create_label(), a.create_label());
+/// The random-access workloads. R13 = xorshift state. A write bumps version[p] (u32 at R10 + 4p)
+/// and fills page p with (p << 32 | version); reports every 4096 operations and answers
+/// self-checks between batches.
+fn rand_write(a: &mut CodeAssembler, workload: Workload) -> Result<(), IcedError> {
+    let (mut batch, mut write, mut next) = (a.create_label(), a.create_label(), a.create_label());
     a.mov(r13, 0x9e37_79b9_7f4a_7c15u64)?;
+    // R12 = hot set pages: max(data pages / 16, 1)
+    a.mov(r12, r9)?;
+    a.shr(r12, 4)?;
+    a.jnz(next)?;
+    a.mov(r12d, 1)?;
+    a.set_label(&mut next)?;
     a.xor(ebp, ebp)?;
     a.set_label(&mut batch)?;
     a.mov(r14d, 4096)?;
@@ -284,25 +298,48 @@ fn rand_write(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.mov(rax, r13)?;
     a.shl(rax, 17)?;
     a.xor(r13, rax)?;
-    // page = state % pages
+    // page = state % pages, or for hot-set, 15 times in 16: state % hot pages
     a.mov(rax, r13)?;
     a.xor(edx, edx)?;
     a.div(r9)?;
     a.mov(r11, rdx)?;
-    // version[page] += 1
-    a.mov(eax, dword_ptr(r10 + r11 * 4))?;
-    a.inc(eax)?;
-    a.mov(dword_ptr(r10 + r11 * 4), eax)?;
-    a.mov(rdx, r11)?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
-    a.mov(rdi, r11)?;
-    a.shl(rdi, 12)?;
-    a.add(rdi, r8)?;
-    a.mov(ecx, 512)?;
-    a.rep().stosq()?;
+    if workload == Workload::HotSet {
+        let mut cold = a.create_label();
+        a.mov(rax, r13)?;
+        a.shr(rax, 60)?;
+        a.jz(cold)?;
+        a.mov(rax, r11)?;
+        a.xor(edx, edx)?;
+        a.div(r12)?;
+        a.mov(r11, rdx)?;
+        a.set_label(&mut cold)?;
+    }
+    if workload == Workload::ReadMostly {
+        // 15 times in 16: read the whole page instead of writing it.
+        let (mut do_write, mut sum, mut counted) = (a.create_label(), a.create_label(), a.create_label());
+        a.mov(rax, r13)?;
+        a.shr(rax, 60)?;
+        a.jz(do_write)?;
+        a.mov(rdi, r11)?;
+        a.shl(rdi, 12)?;
+        a.add(rdi, r8)?;
+        a.mov(ecx, 512)?;
+        a.xor(eax, eax)?;
+        a.set_label(&mut sum)?;
+        a.add(rax, qword_ptr(rdi))?;
+        a.add(rdi, 8)?;
+        a.dec(ecx)?;
+        a.jnz(sum)?;
+        a.jmp(counted)?;
+        a.set_label(&mut do_write)?;
+        write_page_version(a)?;
+        a.set_label(&mut counted)?;
+    } else {
+        write_page_version(a)?;
+    }
     a.dec(r14d)?;
     a.jnz(write)?;
+
     a.mov(eax, 4096)?;
     hypercall(a, PORT_PROGRESS)?;
     maybe_verify(a, |a| {
@@ -323,6 +360,21 @@ fn rand_write(a: &mut CodeAssembler) -> Result<(), IcedError> {
         })
     })?;
     a.jmp(batch)
+}
+
+/// version[R11] += 1, then fills page R11 with (R11 << 32 | version).
+fn write_page_version(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(eax, dword_ptr(r10 + r11 * 4))?;
+    a.inc(eax)?;
+    a.mov(dword_ptr(r10 + r11 * 4), eax)?;
+    a.mov(rdx, r11)?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(rdi, r11)?;
+    a.shl(rdi, 12)?;
+    a.add(rdi, r8)?;
+    a.mov(ecx, 512)?;
+    a.rep().stosq()
 }
 
 #[cfg(test)]

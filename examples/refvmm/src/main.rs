@@ -6,7 +6,7 @@
 //!                [--seconds 2] [--json]
 //! ferry-vmm demo [--mem-mib 2048] [--data-mib 512] [--workload ...] [--mode postcopy]
 //!                [--mode postcopy|precopy|hybrid] [--prepager demand|push|bubbling] [--downtime-ms 50]
-//!                [--max-rounds 30] [--transport tcp] [--backing anon|memfd] [--json]
+//!                [--max-rounds 30] [--transport tcp] [--backing anon|memfd|hugetlb] [--json]
 //! ```
 //! `demo` runs both ends in this process: a source VM runs the workload, is paused and handed
 //! over; a destination VM resumes at once while ferry brings its memory; then the guest checks its
@@ -98,7 +98,8 @@ fn parse() -> Result<Args> {
                 a.backing = match value()?.as_str() {
                     "anon" => Backing::Anonymous,
                     "memfd" => Backing::Memfd,
-                    other => bail!("--backing {other}: anon or memfd"),
+                    "hugetlb" => Backing::HugetlbMemfd,
+                    other => bail!("--backing {other}: anon, memfd or hugetlb"),
                 }
             }
             "--json" => a.json = true,
@@ -123,8 +124,10 @@ fn data_pages(a: &Args) -> u64 {
     (data_mib << 20) / guest::PAGE
 }
 
+/// One region at guest address 0; 2 MiB pages on hugetlbfs, 4 KiB otherwise.
 fn layout(a: &Args) -> Result<MemoryLayout> {
-    Ok(MemoryLayout::single(a.mem_mib << 20)?)
+    let page_size = if a.backing == Backing::HugetlbMemfd { 2 << 20 } else { 4096 };
+    Ok(MemoryLayout::new(page_size, vec![ferry_transport::RegionLayout { guest_phys_addr: 0, size: a.mem_mib << 20 }])?)
 }
 
 fn main() -> Result<()> {
@@ -216,6 +219,7 @@ fn demo_hybrid(a: &Args) -> Result<()> {
     let rate_before = measure_rate(&source, a.seconds);
 
     let mut dirty_log = source.dirty_log()?;
+    let page_size = u64::from(dest_mem.layout().page_size());
     let config = ferry::precopy::PrecopyConfig {
         downtime_target: Duration::from_millis(a.downtime_ms),
         max_rounds: a.max_rounds,
@@ -224,7 +228,7 @@ fn demo_hybrid(a: &Args) -> Result<()> {
         let mut paused = None;
         let report = ferry::precopy::run_hybrid_source(
             &mut source_control,
-            guest::PAGE,
+            page_size,
             &mut dirty_log,
             || {
                 paused = Some(source.stop(running).map_err(|e| ferry::MigrationError::Vmm(e.to_string()))?);
@@ -293,6 +297,7 @@ fn demo_precopy(a: &Args) -> Result<()> {
     let rate_before = measure_rate(&source, a.seconds);
 
     let mut dirty_log = source.dirty_log()?;
+    let page_size = u64::from(dest_mem.layout().page_size());
     let (during_from, progress_from) = (Instant::now(), source.telemetry.progress.load(Ordering::Relaxed));
     let config = ferry::precopy::PrecopyConfig {
         downtime_target: Duration::from_millis(a.downtime_ms),
@@ -302,7 +307,7 @@ fn demo_precopy(a: &Args) -> Result<()> {
         let mut paused = None;
         let report = ferry::precopy::run_source(
             &mut source_control,
-            guest::PAGE,
+            page_size,
             &mut dirty_log,
             || {
                 let at = source.stop(running).map_err(|e| ferry::MigrationError::Vmm(e.to_string()))?;

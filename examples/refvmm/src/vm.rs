@@ -85,7 +85,13 @@ impl Vm {
     pub fn dirty_log(&self) -> Result<KvmDirtyLog> {
         set_memory_slots(&self.vm, &self.memory, kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES)?;
         let slots = self.memory.guest().regions().iter().map(|r| r.len() as u64).collect();
-        Ok(KvmDirtyLog { vm: self.vm.clone(), slots, pages: self.memory.guest().layout().total_pages() })
+        let layout = self.memory.guest().layout();
+        Ok(KvmDirtyLog {
+            vm: self.vm.clone(),
+            slots,
+            pages: layout.total_pages(),
+            small_per_page: u64::from(layout.page_size()) / guest::PAGE,
+        })
     }
 
     /// Loads page tables, GDT and the workload, and points the vCPU at it (CPL3, long mode).
@@ -223,7 +229,10 @@ fn set_memory_slots(vm: &VmFd, memory: &Memory, flags: u32) -> Result<()> {
 pub struct KvmDirtyLog {
     vm: Arc<VmFd>,
     slots: Vec<u64>,
+    /// ferry pages in the guest.
     pages: u64,
+    /// KVM logs 4 KiB pages; a ferry page (2 MiB on hugetlbfs) is dirty when any of its are.
+    small_per_page: u64,
 }
 
 impl ferry::precopy::DirtyLog for KvmDirtyLog {
@@ -239,11 +248,11 @@ impl ferry::precopy::DirtyLog for KvmDirtyLog {
                 let mut w = *w;
                 while w != 0 {
                     let bit = w.trailing_zeros() as u64;
-                    dirty.set(base + i as u64 * 64 + bit);
+                    dirty.set(base + (i as u64 * 64 + bit) / self.small_per_page);
                     w &= w - 1;
                 }
             }
-            base += size / guest::PAGE;
+            base += size / (guest::PAGE * self.small_per_page);
         }
         Ok(dirty)
     }

@@ -18,6 +18,8 @@ fn kvm_available(test: &str) -> bool {
     }
 }
 
+const WORKLOADS: [&str; 5] = ["idle", "seq-write", "rand-write", "read-mostly", "hot-set"];
+
 fn vmm(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_ferry-vmm")).args(args).arg("--json").output().expect("run ferry-vmm");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -30,7 +32,7 @@ fn every_workload_runs_and_checks_its_memory() {
     if !kvm_available("every_workload_runs_and_checks_its_memory") {
         return;
     }
-    for workload in ["idle", "seq-write", "rand-write"] {
+    for workload in WORKLOADS {
         let r = vmm(&["run", "--mem-mib", "128", "--data-mib", "32", "--workload", workload, "--seconds", "0.3"]);
         assert_eq!(r["guest_mismatches"], 0, "{workload}: {r}");
         assert!(r["rate"].as_f64().unwrap() > 0.0, "{workload} made no progress: {r}");
@@ -42,7 +44,7 @@ fn every_workload_and_prepager_migrates_post_copy() {
     if !kvm_available("every_workload_and_prepager_migrates_post_copy") {
         return;
     }
-    for workload in ["idle", "seq-write", "rand-write"] {
+    for workload in WORKLOADS {
         for prepager in ["demand", "push", "bubbling"] {
             let r = vmm(&[
                 "demo",
@@ -72,7 +74,7 @@ fn every_workload_migrates_pre_copy_with_the_dirty_log() {
     if !kvm_available("every_workload_migrates_pre_copy_with_the_dirty_log") {
         return;
     }
-    for workload in ["idle", "seq-write", "rand-write"] {
+    for workload in WORKLOADS {
         let r = vmm(&[
             "demo",
             "--mem-mib",
@@ -102,7 +104,13 @@ fn every_writer_migrates_hybrid() {
     if !kvm_available("every_writer_migrates_hybrid") {
         return;
     }
-    for (workload, backing) in [("seq-write", "anon"), ("rand-write", "anon"), ("rand-write", "memfd")] {
+    for (workload, backing) in [
+        ("seq-write", "anon"),
+        ("rand-write", "anon"),
+        ("read-mostly", "anon"),
+        ("hot-set", "anon"),
+        ("rand-write", "memfd"),
+    ] {
         let r = vmm(&[
             "demo",
             "--mem-mib",
@@ -151,4 +159,57 @@ fn memfd_backed_guest_migrates_in_place() {
     ]);
     assert_eq!(r["guest_mismatches"], 0, "{r}");
     assert_eq!(r["pages_sent_twice"], 0, "{r}");
+}
+
+/// Free 2 MiB hugepages, reserving more when this process may (root).
+fn ensure_hugepages(needed: u64) -> u64 {
+    let free = || -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| m.lines().find(|l| l.starts_with("HugePages_Free:")).map(str::to_owned))
+            .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+            .unwrap_or(0)
+    };
+    if free() < needed {
+        let total: u64 =
+            std::fs::read_to_string("/proc/sys/vm/nr_hugepages").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + needed - free()).to_string());
+    }
+    free()
+}
+
+#[test]
+fn hugetlbfs_guest_migrates_in_every_mode() {
+    if !kvm_available("hugetlbfs_guest_migrates_in_every_mode") {
+        return;
+    }
+    // Two guests of 256 MiB live at once during a demo.
+    let have = ensure_hugepages(256);
+    if have < 256 {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: hugetlbfs_guest_migrates_in_every_mode: {have} free 2 MiB hugepages, needs 256"
+        );
+        return;
+    }
+    for mode in ["postcopy", "precopy", "hybrid"] {
+        let r = vmm(&[
+            "demo",
+            "--mem-mib",
+            "256",
+            "--data-mib",
+            "64",
+            "--workload",
+            "rand-write",
+            "--mode",
+            mode,
+            "--backing",
+            "hugetlb",
+            "--seconds",
+            "0.2",
+            "--max-rounds",
+            "3",
+        ]);
+        assert_eq!(r["guest_mismatches"], 0, "{mode}: {r}");
+    }
 }
