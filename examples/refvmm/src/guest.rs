@@ -9,8 +9,11 @@
 //! - DX = [`PORT_CONSOLE`]: AL = one byte of console output.
 //! - DX = [`PORT_VERIFY`]: EAX = pages that failed the guest's self-check, in answer to the VMM
 //!   setting the qword at [`MAILBOX_GPA`] to 1 (the guest clears it).
-//! - DX = [`PORT_FREE`], [`PORT_TASK`]: free-page reports and task-guided segment enter/exit
-//!   (reserved; recorded by later versions).
+//! - DX = [`PORT_FREE`]: the guest gives back EAX data pages starting at data page RSI (free-page
+//!   reporting, like a balloon): it must not touch them again; they are never migrated and read
+//!   as zero at a destination.
+//! - DX = [`PORT_TASK`]: EAX = 1 entering, 0 leaving a code segment where stopping is cheap
+//!   (task-guided pre-copy; recorded by the VMM).
 //! - R8 = data base, R9 = data pages, R10 = version table base, R15 = TSC cycles per page written
 //!   (0: unlimited; the writers pace themselves with `rdtsc`), RSP = a user stack.
 
@@ -121,6 +124,10 @@ pub fn workload_code(workload: Workload) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     match workload {
         Workload::Idle => {
+            // It never uses its data pages: it gives them back first.
+            a.xor(esi, esi)?;
+            a.mov(eax, r9d)?;
+            hypercall(&mut a, PORT_FREE)?;
             // Reports now and then, so the VMM can stop it at a hypercall like the others.
             let (mut top, mut spin) = (a.create_label(), a.create_label());
             a.set_label(&mut top)?;

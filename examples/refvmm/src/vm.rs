@@ -42,6 +42,28 @@ pub struct Telemetry {
     /// u64::MAX until the guest answers a self-check; then the pages it found wrong.
     pub verify: AtomicU64,
     pub stop: AtomicBool,
+    /// Data page ranges (first, count) the guest reported free.
+    pub freed: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// Whether the guest is inside a task-guided segment, and how many it entered.
+    pub in_segment: AtomicBool,
+    pub segments: AtomicU64,
+}
+
+impl Telemetry {
+    /// The guest's free-page reports as a bitmap of guest pages (of `page_size` bytes).
+    pub fn free_pages(&self, total_pages: u64, page_size: u64) -> ferry::FreePages {
+        let mut free = ferry::FreePages::new(total_pages);
+        let small_per_page = page_size / guest::PAGE;
+        for &(first, count) in self.freed.lock().expect("free list poisoned").iter() {
+            // Only whole pages: a 2 MiB page is free when all of its 4 KiB pages are.
+            let start = (guest::DATA_GPA / guest::PAGE + first).div_ceil(small_per_page);
+            let end = (guest::DATA_GPA / guest::PAGE + first + count) / small_per_page;
+            if end > start {
+                free.set_range(start, end - start);
+            }
+        }
+        free
+    }
 }
 
 /// The vCPU's architectural state: what travels in the migration's state blob.
@@ -97,6 +119,15 @@ impl Vm {
     /// Loads page tables, GDT and the workload, and points the vCPU at it (CPL3, long mode).
     /// `rate_mib` limits the writers to that many MiB/s (None: unlimited).
     pub fn boot(&mut self, workload: Workload, data_pages: u64, rate_mib: Option<f64>) -> Result<()> {
+        let code = guest::workload_code(workload).map_err(|e| anyhow!("assembling: {e}"))?;
+        self.boot_code(&code, data_pages, rate_mib)
+    }
+
+    /// Boots a flat binary (loaded at [`guest::CODE_GPA`], entered at CPL3 per the guest ABI).
+    pub fn boot_code(&mut self, code: &[u8], data_pages: u64, rate_mib: Option<f64>) -> Result<()> {
+        if code.len() as u64 > guest::STACK_TOP_GPA - guest::CODE_GPA - 0x10000 {
+            bail!("a guest binary of {} bytes does not fit below the stack", code.len());
+        }
         let mem_bytes = self.memory.guest().layout().total_bytes();
         if guest::DATA_GPA + data_pages * guest::PAGE > mem_bytes
             || data_pages * 4 > guest::DATA_GPA - guest::VERSION_TABLE_GPA
@@ -106,7 +137,7 @@ impl Vm {
         for (gpa, bytes) in guest::boot_structures(mem_bytes) {
             self.memory.write(gpa, &bytes)?;
         }
-        self.memory.write(guest::CODE_GPA, &guest::workload_code(workload).map_err(|e| anyhow!("assembling: {e}"))?)?;
+        self.memory.write(guest::CODE_GPA, code)?;
         let vcpu = self.vcpu.as_ref().ok_or_else(|| anyhow!("the vCPU is running"))?;
         let mut sregs = vcpu.get_sregs()?;
         let code = kvm_segment {
@@ -275,13 +306,25 @@ fn run_vcpu(vcpu: &mut VcpuFd, t: &Telemetry) -> Result<()> {
                 let mut v = [0u8; 4];
                 v[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
                 let value = u32::from_le_bytes(v);
+                if port == guest::PORT_FREE {
+                    let first = vcpu.get_regs()?.rsi;
+                    t.freed.lock().expect("free list poisoned").push((first, u64::from(value)));
+                    continue;
+                }
                 match port {
                     guest::PORT_PROGRESS => {
                         t.progress.fetch_add(u64::from(value), Ordering::Relaxed);
                     }
                     guest::PORT_VERIFY => t.verify.store(u64::from(value), Ordering::Release),
                     guest::PORT_CONSOLE => eprint!("{}", char::from(value as u8)),
-                    guest::PORT_FREE | guest::PORT_TASK => {}
+                    guest::PORT_TASK => {
+                        let entering = value != 0;
+                        if entering && !t.in_segment.swap(true, Ordering::AcqRel) {
+                            t.segments.fetch_add(1, Ordering::Relaxed);
+                        } else if !entering {
+                            t.in_segment.store(false, Ordering::Release);
+                        }
+                    }
                     other => bail!("guest wrote to unknown port {other:#x}"),
                 }
             }

@@ -40,6 +40,34 @@ fn every_workload_runs_and_checks_its_memory() {
 }
 
 #[test]
+fn a_user_flat_binary_guest_runs_and_reports() {
+    if !kvm_available("a_user_flat_binary_guest_runs_and_reports") {
+        return;
+    }
+    // mov eax, 1 / mov edx, PORT_TASK (0x14) / out dx, eax      (enter a task segment)
+    // mov eax, 1 / mov edx, PORT_PROGRESS (0x10) / out dx, eax  (progress) / jmp back to it
+    let code: [u8; 24] = [
+        0xB8, 1, 0, 0, 0, 0xBA, 0x14, 0, 0, 0, 0xEF, //
+        0xB8, 1, 0, 0, 0, 0xBA, 0x10, 0, 0, 0, 0xEF, 0xEB, 0xF3,
+    ];
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("flat-guest.bin");
+    std::fs::write(&path, code).unwrap();
+    let r = vmm(&["run", "--mem-mib", "64", "--data-mib", "16", "--guest", path.to_str().unwrap(), "--seconds", "0.2"]);
+    assert!(r["rate"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(r["task_segments"], 1, "{r}");
+}
+
+#[test]
+fn free_pages_reported_by_the_guest_never_cross() {
+    if !kvm_available("free_pages_reported_by_the_guest_never_cross") {
+        return;
+    }
+    let r = vmm(&["demo", "--mem-mib", "256", "--data-mib", "64", "--workload", "idle", "--seconds", "0.2"]);
+    assert_eq!(r["skipped_free_pages"], 16384, "the idle guest gives back its 64 MiB of data: {r}");
+    assert_eq!(r["guest_mismatches"], 0, "freed pages read as zero at the destination: {r}");
+}
+
+#[test]
 fn every_workload_and_prepager_migrates_post_copy() {
     if !kvm_available("every_workload_and_prepager_migrates_post_copy") {
         return;
