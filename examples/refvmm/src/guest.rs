@@ -8,13 +8,14 @@
 //!   writes, per workload).
 //! - DX = [`PORT_CONSOLE`]: AL = one byte of console output.
 //! - DX = [`PORT_VERIFY`]: EAX = pages that failed the guest's self-check, in answer to the VMM
-//!   setting the qword at [`MAILBOX_GPA`] to 1 (the guest clears it).
+//!   setting the vCPU's mailbox qword to 1 (the guest clears it). vCPU i's mailbox is at
+//!   [`MAILBOX_GPA`] + 8i; its address is also the qword at the top of the vCPU's stack.
 //! - DX = [`PORT_FREE`]: the guest gives back EAX data pages starting at data page RSI (free-page
 //!   reporting, like a balloon): it must not touch them again; they are never migrated and read
 //!   as zero at a destination.
 //! - DX = [`PORT_TASK`]: EAX = 1 entering, 0 leaving a code segment where stopping is cheap
 //!   (task-guided pre-copy; recorded by the VMM).
-//! - R8 = data base, R9 = data pages, R10 = version table base, R15 = TSC cycles per page written
+//! - Each vCPU gets its own slice: R8 = data base, R9 = data pages, R10 = version table base, R15 = TSC cycles per page written
 //!   (0: unlimited; the writers pace themselves with `rdtsc`), RSP = a user stack.
 
 use iced_x86::code_asm::*;
@@ -28,6 +29,8 @@ pub const TSS_GPA: u64 = 0x21000;
 pub const MAILBOX_GPA: u64 = 0x30000;
 pub const CODE_GPA: u64 = 0x100000;
 pub const STACK_TOP_GPA: u64 = 0x1f0000;
+/// Stack space per vCPU: vCPU i's stack tops at `STACK_TOP_GPA - i * STACK_BYTES`.
+pub const STACK_BYTES: u64 = 0x4000;
 pub const VERSION_TABLE_GPA: u64 = 0x400000;
 pub const DATA_GPA: u64 = 0x1000000;
 
@@ -161,13 +164,14 @@ fn maybe_verify(
     check: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
 ) -> Result<(), IcedError> {
     let mut skip = a.create_label();
-    a.mov(rax, MAILBOX_GPA)?;
+    // This vCPU's mailbox: its address is the qword at the top of its stack.
+    a.mov(rax, qword_ptr(rsp))?;
     a.cmp(qword_ptr(rax), 0)?;
     a.je(skip)?;
     check(a)?;
     a.mov(eax, ebx)?;
     hypercall(a, PORT_VERIFY)?;
-    a.mov(rax, MAILBOX_GPA)?;
+    a.mov(rax, qword_ptr(rsp))?;
     a.mov(qword_ptr(rax), 0)?;
     a.set_label(&mut skip)?;
     Ok(())

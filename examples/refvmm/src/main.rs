@@ -3,11 +3,11 @@
 //!
 //! ```text
 //! ferry-vmm run  [--mem-mib 256] [--data-mib N] [--workload idle|seq-write|rand-write|read-mostly|hot-set]
-//!                [--guest FILE] [--rate-mib N]
+//!                [--guest FILE] [--rate-mib N] [--vcpus N]
 //!                [--seconds 2] [--json]
 //! ferry-vmm demo [--mem-mib 2048] [--data-mib 512] [--workload ...] [--mode postcopy]
 //!                [--mode postcopy|precopy|hybrid] [--prepager demand|push|bubbling] [--downtime-ms 50]
-//!                [--max-rounds 30] [--transport tcp] [--backing anon|memfd|hugetlb] [--json]
+//!                [--max-rounds 30] [--transport tcp] [--backing anon|memfd|hugetlb] [--vcpus N] [--json]
 //! ```
 //! `demo` runs both ends in this process: a source VM runs the workload, is paused and handed
 //! over; a destination VM resumes at once while ferry brings its memory; then the guest checks its
@@ -39,6 +39,7 @@ enum Mode {
 
 struct Args {
     command: String,
+    vcpus: usize,
     guest_file: Option<std::path::PathBuf>,
     rate_mib: Option<f64>,
     mode: Mode,
@@ -58,6 +59,7 @@ fn parse() -> Result<Args> {
     let command = raw.next().ok_or_else(|| anyhow!("usage: ferry-vmm run|demo [options]"))?;
     let mut a = Args {
         command,
+        vcpus: 1,
         guest_file: None,
         rate_mib: None,
         mode: Mode::Postcopy,
@@ -81,6 +83,7 @@ fn parse() -> Result<Args> {
             "--seconds" => a.seconds = value()?.parse()?,
             "--rate-mib" => a.rate_mib = Some(value()?.parse()?),
             "--guest" => a.guest_file = Some(value()?.into()),
+            "--vcpus" => a.vcpus = value()?.parse()?,
             "--prepager" => a.prepager = value()?.parse().map_err(|e: String| anyhow!(e))?,
             "--mode" => {
                 a.mode = match value()?.as_str() {
@@ -146,7 +149,7 @@ fn main() -> Result<()> {
 /// Runs the workload for `--seconds` and reports its rate and its self-check.
 fn run(a: &Args) -> Result<()> {
     let memory = Arc::new(GuestMemory::create(layout(a)?, a.backing)?);
-    let mut vm = Vm::new(Memory::Plain(memory))?;
+    let mut vm = Vm::new(Memory::Plain(memory), a.vcpus)?;
     boot(&mut vm, a)?;
     let running = vm.start()?;
     std::thread::sleep(Duration::from_secs_f64(a.seconds));
@@ -174,15 +177,18 @@ fn run(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Asks the running guest to check its memory, waits for the answer, and stops the vCPU.
+/// Asks every vCPU of the running guest to check its memory, waits for all answers, and stops
+/// the vCPUs. Returns the pages found wrong.
 fn self_check(vm: &mut Vm, running: vm::Running) -> Result<u64> {
-    vm.telemetry.verify.store(u64::MAX, Ordering::Release);
-    vm.memory().write(guest::MAILBOX_GPA, &1u64.to_le_bytes())?;
+    vm.telemetry.verify_wrong.store(0, Ordering::Release);
+    vm.telemetry.verify_answers.store(0, Ordering::Release);
+    for i in 0..vm.vcpu_count() as u64 {
+        vm.memory().write(guest::MAILBOX_GPA + 8 * i, &1u64.to_le_bytes())?;
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     let answer = loop {
-        let v = vm.telemetry.verify.load(Ordering::Acquire);
-        if v != u64::MAX {
-            break Some(v);
+        if vm.telemetry.verify_answers.load(Ordering::Acquire) == vm.vcpu_count() as u64 {
+            break Some(vm.telemetry.verify_wrong.load(Ordering::Acquire));
         }
         if Instant::now() > deadline {
             break None;
@@ -210,7 +216,7 @@ fn start_source(a: &Args, layout: &MemoryLayout, key: &PreSharedKey) -> Result<(
     // A running guest's memory is populated: so is this one's, or its rate before migrating would
     // measure first-touch page allocation instead of the workload.
     source_mem.regions()[0].populate_write(guest::DATA_GPA, (data_pages(a) * guest::PAGE) as usize)?;
-    let mut source = Vm::new(Memory::Plain(source_mem.clone()))?;
+    let mut source = Vm::new(Memory::Plain(source_mem.clone()), a.vcpus)?;
     boot(&mut source, a)?;
     let running = source.start()?;
     let server = TcpPageServer::start("127.0.0.1:0", source_mem, key.clone(), TcpOptions::default())?;
@@ -239,7 +245,7 @@ fn demo_hybrid(a: &Args) -> Result<()> {
     let (mut source, running, server) = start_source(a, &layout, &key)?;
     let (lanes, control) = tcp::connect_session(server.local_addr(), &key, Some(&layout), &TcpOptions::default())?;
     let dest_mem = Arc::new(GuestMemory::create(layout, a.backing)?);
-    let mut dest = Vm::new(Memory::Plain(dest_mem.clone()))?;
+    let mut dest = Vm::new(Memory::Plain(dest_mem.clone()), a.vcpus)?;
     let mut source_control = server.accept_control(Duration::from_secs(10))?;
     let rate_before = measure_rate(&source, a.seconds);
 
@@ -317,7 +323,7 @@ fn demo_precopy(a: &Args) -> Result<()> {
     let (mut source, running, server) = start_source(a, &layout, &key)?;
     let (lanes, mut control) = tcp::connect_session(server.local_addr(), &key, Some(&layout), &TcpOptions::default())?;
     let dest_mem = Arc::new(GuestMemory::create(layout, a.backing)?);
-    let mut dest = Vm::new(Memory::Plain(dest_mem.clone()))?;
+    let mut dest = Vm::new(Memory::Plain(dest_mem.clone()), a.vcpus)?;
     let mut source_control = server.accept_control(Duration::from_secs(10))?;
     let rate_before = measure_rate(&source, a.seconds);
 
@@ -399,7 +405,7 @@ fn demo_postcopy(a: &Args) -> Result<()> {
     // Destination: memory registered with userfaultfd, a VM over it, connected to the source.
     let (lanes, control) = tcp::connect_session(server.local_addr(), &key, Some(&layout), &TcpOptions::default())?;
     let dest_mem = Arc::new(DestinationMemory::register(GuestMemory::create(layout, a.backing)?)?);
-    let mut dest = Vm::new(Memory::Arriving(dest_mem.clone()))?;
+    let mut dest = Vm::new(Memory::Arriving(dest_mem.clone()), a.vcpus)?;
     let mut source_control = server.accept_control(Duration::from_secs(10))?;
     let rate_before = measure_rate(&source, a.seconds);
 

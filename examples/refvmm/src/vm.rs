@@ -39,8 +39,9 @@ impl Memory {
 #[derive(Debug, Default)]
 pub struct Telemetry {
     pub progress: AtomicU64,
-    /// u64::MAX until the guest answers a self-check; then the pages it found wrong.
-    pub verify: AtomicU64,
+    /// Pages the vCPUs' self-checks found wrong, and how many vCPUs have answered.
+    pub verify_wrong: AtomicU64,
+    pub verify_answers: AtomicU64,
     pub stop: AtomicBool,
     /// Data page ranges (first, count) the guest reported free.
     pub freed: std::sync::Mutex<Vec<(u64, u64)>>,
@@ -75,7 +76,9 @@ pub struct VcpuState {
 
 pub struct Vm {
     // Field order is drop order: the VM (and its memory slots) goes before the memory it maps.
-    vcpu: Option<VcpuFd>,
+    /// Empty while the vCPUs run on their threads.
+    vcpus: Vec<VcpuFd>,
+    vcpu_count: usize,
     vm: Arc<VmFd>,
     _kvm: Kvm,
     memory: Memory,
@@ -89,18 +92,30 @@ impl std::fmt::Debug for Vm {
 }
 
 impl Vm {
-    pub fn new(memory: Memory) -> Result<Self> {
+    pub fn new(memory: Memory, vcpu_count: usize) -> Result<Self> {
+        if !(1..=MAX_VCPUS).contains(&vcpu_count) {
+            bail!("{vcpu_count} vCPUs: 1 to {MAX_VCPUS}");
+        }
         let kvm = Kvm::new().context("open /dev/kvm")?;
         let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
         set_memory_slots(&vm, &memory, 0)?;
-        let vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).context("KVM_GET_SUPPORTED_CPUID")?;
-        vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")?;
-        Ok(Vm { vcpu: Some(vcpu), vm: Arc::new(vm), _kvm: kvm, memory, telemetry: Arc::new(Telemetry::default()) })
+        let vcpus = (0..vcpu_count)
+            .map(|i| {
+                let vcpu = vm.create_vcpu(i as u64).context("KVM_CREATE_VCPU")?;
+                vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")?;
+                Ok(vcpu)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Vm { vcpus, vcpu_count, vm: Arc::new(vm), _kvm: kvm, memory, telemetry: Arc::new(Telemetry::default()) })
     }
 
     pub fn memory(&self) -> &Memory {
         &self.memory
+    }
+
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpu_count
     }
 
     /// Turns on KVM's dirty log for every slot: the pre-copy source's view of what the guest wrote.
@@ -138,7 +153,98 @@ impl Vm {
             self.memory.write(gpa, &bytes)?;
         }
         self.memory.write(guest::CODE_GPA, code)?;
-        let vcpu = self.vcpu.as_ref().ok_or_else(|| anyhow!("the vCPU is running"))?;
+        if self.vcpus.len() != self.vcpu_count {
+            bail!("the vCPUs are running");
+        }
+        // Each vCPU works on its own slice of the data pages and of the version table.
+        let per_vcpu = data_pages / self.vcpu_count as u64;
+        for (i, vcpu) in self.vcpus.iter().enumerate() {
+            let stack_top = guest::STACK_TOP_GPA - i as u64 * guest::STACK_BYTES;
+            self.memory.write(stack_top, &(guest::MAILBOX_GPA + 8 * i as u64).to_le_bytes())?;
+            let slice = i as u64 * per_vcpu;
+            boot_vcpu(
+                vcpu,
+                stack_top,
+                guest::DATA_GPA + slice * guest::PAGE,
+                per_vcpu,
+                guest::VERSION_TABLE_GPA + slice * 4,
+                rate_mib,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The vCPUs' state, for the state blob.
+    pub fn save(&self) -> Result<Vec<u8>> {
+        if self.vcpus.len() != self.vcpu_count {
+            bail!("the vCPUs are running");
+        }
+        let states = self
+            .vcpus
+            .iter()
+            .map(|v| Ok(VcpuState { regs: v.get_regs()?, sregs: v.get_sregs()? }))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(serde_json::to_vec(&states)?)
+    }
+
+    pub fn restore(&mut self, blob: &[u8]) -> Result<()> {
+        let states: Vec<VcpuState> = serde_json::from_slice(blob).context("state blob")?;
+        if states.len() != self.vcpus.len() {
+            bail!("the state blob holds {} vCPUs, this VM has {}", states.len(), self.vcpus.len());
+        }
+        for (vcpu, state) in self.vcpus.iter().zip(&states) {
+            vcpu.set_sregs(&state.sregs)?;
+            vcpu.set_regs(&state.regs)?;
+        }
+        Ok(())
+    }
+
+    /// Runs every vCPU on its own thread until [`Telemetry::stop`] is seen at a hypercall.
+    pub fn start(&mut self) -> Result<Running> {
+        if self.vcpus.len() != self.vcpu_count {
+            bail!("the vCPUs are already running");
+        }
+        self.telemetry.stop.store(false, Ordering::Release);
+        let started = Instant::now();
+        let mut threads = Vec::with_capacity(self.vcpu_count);
+        for (i, mut vcpu) in self.vcpus.drain(..).enumerate() {
+            let telemetry = self.telemetry.clone();
+            threads.push(std::thread::Builder::new().name(format!("ferry-vcpu{i}")).spawn(move || {
+                let result = run_vcpu(&mut vcpu, &telemetry);
+                (vcpu, Instant::now(), result)
+            })?);
+        }
+        Ok(Running { threads, started })
+    }
+
+    /// Stops the running vCPUs at their next exits and takes them back. Returns when the last
+    /// one stopped (from then on no vCPU runs).
+    pub fn stop(&mut self, running: Running) -> Result<Instant> {
+        self.telemetry.stop.store(true, Ordering::Release);
+        let mut last = running.started;
+        let mut first_error = None;
+        for thread in running.threads {
+            let (vcpu, stopped, result) = thread.join().map_err(|_| anyhow!("a vCPU thread panicked"))?;
+            self.vcpus.push(vcpu);
+            last = last.max(stopped);
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(last), Err)
+    }
+}
+
+/// Points one vCPU at the workload: long mode, CPL3, its stack, its data slice.
+fn boot_vcpu(
+    vcpu: &VcpuFd,
+    stack_top: u64,
+    data: u64,
+    data_pages: u64,
+    versions: u64,
+    rate_mib: Option<f64>,
+) -> Result<()> {
+    {
         let mut sregs = vcpu.get_sregs()?;
         let code = kvm_segment {
             base: 0,
@@ -181,62 +287,26 @@ impl Vm {
         sregs.cr0 = 0x8005_0033;
         sregs.efer = 0x500;
         vcpu.set_sregs(&sregs)?;
-        let cycles_per_page = match rate_mib {
-            Some(mib) if mib > 0.0 => {
-                let hz = f64::from(vcpu.get_tsc_khz().context("KVM_GET_TSC_KHZ")?) * 1e3;
-                (hz * guest::PAGE as f64 / (mib * 1048576.0)).max(1.0) as u64
-            }
-            _ => 0,
-        };
-        let regs = kvm_regs {
-            r15: cycles_per_page,
-            rip: guest::CODE_GPA,
-            rsp: guest::STACK_TOP_GPA,
-            rflags: 0x3002,
-            r8: guest::DATA_GPA,
-            r9: data_pages,
-            r10: guest::VERSION_TABLE_GPA,
-            ..Default::default()
-        };
-        vcpu.set_regs(&regs)?;
-        Ok(())
     }
-
-    /// The vCPU state, for the state blob.
-    pub fn save(&self) -> Result<Vec<u8>> {
-        let vcpu = self.vcpu.as_ref().ok_or_else(|| anyhow!("the vCPU is running"))?;
-        Ok(serde_json::to_vec(&VcpuState { regs: vcpu.get_regs()?, sregs: vcpu.get_sregs()? })?)
-    }
-
-    pub fn restore(&mut self, blob: &[u8]) -> Result<()> {
-        let state: VcpuState = serde_json::from_slice(blob).context("state blob")?;
-        let vcpu = self.vcpu.as_ref().ok_or_else(|| anyhow!("the vCPU is running"))?;
-        vcpu.set_sregs(&state.sregs)?;
-        vcpu.set_regs(&state.regs)?;
-        Ok(())
-    }
-
-    /// Runs the vCPU on its own thread until [`Telemetry::stop`] is seen at a hypercall.
-    pub fn start(&mut self) -> Result<Running> {
-        let mut vcpu = self.vcpu.take().ok_or_else(|| anyhow!("the vCPU is already running"))?;
-        let telemetry = self.telemetry.clone();
-        telemetry.stop.store(false, Ordering::Release);
-        let started = Instant::now();
-        let thread = std::thread::Builder::new().name("ferry-vcpu0".into()).spawn(move || {
-            let result = run_vcpu(&mut vcpu, &telemetry);
-            (vcpu, Instant::now(), result)
-        })?;
-        Ok(Running { thread, started })
-    }
-
-    /// Stops a running vCPU at its next exit and takes it back. Returns when it stopped.
-    pub fn stop(&mut self, running: Running) -> Result<Instant> {
-        self.telemetry.stop.store(true, Ordering::Release);
-        let (vcpu, stopped, result) = running.thread.join().map_err(|_| anyhow!("the vCPU thread panicked"))?;
-        self.vcpu = Some(vcpu);
-        result?;
-        Ok(stopped)
-    }
+    let cycles_per_page = match rate_mib {
+        Some(mib) if mib > 0.0 => {
+            let hz = f64::from(vcpu.get_tsc_khz().context("KVM_GET_TSC_KHZ")?) * 1e3;
+            (hz * guest::PAGE as f64 / (mib * 1048576.0)).max(1.0) as u64
+        }
+        _ => 0,
+    };
+    let regs = kvm_regs {
+        r15: cycles_per_page,
+        rip: guest::CODE_GPA,
+        rsp: stack_top,
+        rflags: 0x3002,
+        r8: data,
+        r9: data_pages,
+        r10: versions,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs)?;
+    Ok(())
 }
 
 /// (Re)defines every memory slot over `memory` with `flags`.
@@ -289,10 +359,13 @@ impl ferry::precopy::DirtyLog for KvmDirtyLog {
     }
 }
 
-/// A vCPU running on its thread.
+/// Most vCPUs a VM may have (their stacks share the space below [`guest::STACK_TOP_GPA`]).
+pub const MAX_VCPUS: usize = 32;
+
+/// The vCPUs running on their threads.
 #[derive(Debug)]
 pub struct Running {
-    thread: JoinHandle<(VcpuFd, Instant, Result<()>)>,
+    threads: Vec<JoinHandle<(VcpuFd, Instant, Result<()>)>>,
     pub started: Instant,
 }
 
@@ -307,7 +380,9 @@ fn run_vcpu(vcpu: &mut VcpuFd, t: &Telemetry) -> Result<()> {
                 v[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
                 let value = u32::from_le_bytes(v);
                 if port == guest::PORT_FREE {
-                    let first = vcpu.get_regs()?.rsi;
+                    // RSI counts from this vCPU's own data slice (R8).
+                    let regs = vcpu.get_regs()?;
+                    let first = (regs.r8 - guest::DATA_GPA) / guest::PAGE + regs.rsi;
                     t.freed.lock().expect("free list poisoned").push((first, u64::from(value)));
                     continue;
                 }
@@ -315,7 +390,10 @@ fn run_vcpu(vcpu: &mut VcpuFd, t: &Telemetry) -> Result<()> {
                     guest::PORT_PROGRESS => {
                         t.progress.fetch_add(u64::from(value), Ordering::Relaxed);
                     }
-                    guest::PORT_VERIFY => t.verify.store(u64::from(value), Ordering::Release),
+                    guest::PORT_VERIFY => {
+                        t.verify_wrong.fetch_add(u64::from(value), Ordering::AcqRel);
+                        t.verify_answers.fetch_add(1, Ordering::AcqRel);
+                    }
                     guest::PORT_CONSOLE => eprint!("{}", char::from(value as u8)),
                     guest::PORT_TASK => {
                         let entering = value != 0;

@@ -241,3 +241,44 @@ fn hugetlbfs_guest_migrates_in_every_mode() {
         assert_eq!(r["guest_mismatches"], 0, "{mode}: {r}");
     }
 }
+
+#[test]
+fn a_guest_with_several_vcpus_migrates_in_every_mode() {
+    if !kvm_available("a_guest_with_several_vcpus_migrates_in_every_mode") {
+        return;
+    }
+    let r = vmm(&[
+        "run",
+        "--mem-mib",
+        "128",
+        "--data-mib",
+        "48",
+        "--workload",
+        "hot-set",
+        "--vcpus",
+        "3",
+        "--seconds",
+        "0.2",
+    ]);
+    assert_eq!(r["guest_mismatches"], 0, "{r}");
+    for mode in ["postcopy", "precopy", "hybrid"] {
+        let r = vmm(&[
+            "demo",
+            "--mem-mib",
+            "256",
+            "--data-mib",
+            "48",
+            "--workload",
+            "rand-write",
+            "--mode",
+            mode,
+            "--vcpus",
+            "3",
+            "--seconds",
+            "0.2",
+            "--max-rounds",
+            "3",
+        ]);
+        assert_eq!(r["guest_mismatches"], 0, "{mode}: every vCPU checked its slice: {r}");
+    }
+}
