@@ -2,23 +2,28 @@
 //! it with ferry.
 //!
 //! ```text
-//! ferry-vmm run  [--mem-mib 256] [--data-mib N] [--workload idle|seq-write|rand-write|read-mostly|hot-set]
-//!                [--guest FILE] [--rate-mib N] [--vcpus N]
-//!                [--seconds 2] [--json]
-//! ferry-vmm demo [--mem-mib 2048] [--data-mib 512] [--workload ...] [--mode postcopy]
-//!                [--mode postcopy|precopy|hybrid] [--prepager demand|push|bubbling] [--downtime-ms 50]
-//!                [--max-rounds 30] [--transport tcp] [--backing anon|memfd|hugetlb] [--vcpus N] [--json]
+//! ferry-vmm run     [--mem-mib 256] [--data-mib N] [--vcpus N] [--backing anon|memfd|hugetlb]
+//!                   [--workload idle|seq-write|rand-write|read-mostly|hot-set] [--guest FILE]
+//!                   [--rate-mib N] [--seconds 1] [--json]
+//! ferry-vmm demo    [run's options] [--mem 2G] [--mode postcopy|precopy|hybrid]
+//!                   [--prepager demand|push|bubbling] [--downtime-ms 50] [--max-rounds 30]
+//! ferry-vmm receive --listen ADDR [--key-hex K] [--json]
+//! ferry-vmm migrate --to ADDR [--key-hex K] [demo's options]
 //! ```
-//! `demo` runs both ends in this process: a source VM runs the workload, is paused and handed
-//! over; a destination VM resumes at once while ferry brings its memory; then the guest checks its
-//! own memory and the report is printed.
+//! `migrate` boots the guest, runs it for `--seconds`, then migrates it to a `receive` waiting at
+//! ADDR: it tells the destination where its page server listens and the guest's shape, and the
+//! destination connects back (the pre-shared key, from `--key-hex` or FERRY_KEY, authenticates both
+//! sides). `demo` runs both halves in this process over tcp loopback. After the migration the
+//! guest checks its own memory; each side prints its report (`demo` one merged report).
 
 mod guest;
 mod vm;
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry::prepager::PolicyKind;
@@ -30,15 +35,19 @@ use guest::Workload;
 use serde_json::json;
 use vm::{Memory, Vm};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Mode {
     Postcopy,
     Precopy,
     Hybrid,
 }
 
+#[derive(Clone)]
 struct Args {
     command: String,
+    to: Option<String>,
+    listen: Option<String>,
+    key_hex: Option<String>,
     vcpus: usize,
     guest_file: Option<std::path::PathBuf>,
     rate_mib: Option<f64>,
@@ -56,9 +65,12 @@ struct Args {
 
 fn parse() -> Result<Args> {
     let mut raw = std::env::args().skip(1);
-    let command = raw.next().ok_or_else(|| anyhow!("usage: ferry-vmm run|demo [options]"))?;
+    let command = raw.next().ok_or_else(|| anyhow!("usage: ferry-vmm run|demo|migrate|receive [options]"))?;
     let mut a = Args {
         command,
+        to: None,
+        listen: None,
+        key_hex: None,
         vcpus: 1,
         guest_file: None,
         rate_mib: None,
@@ -84,6 +96,9 @@ fn parse() -> Result<Args> {
             "--rate-mib" => a.rate_mib = Some(value()?.parse()?),
             "--guest" => a.guest_file = Some(value()?.into()),
             "--vcpus" => a.vcpus = value()?.parse()?,
+            "--to" => a.to = Some(value()?),
+            "--listen" => a.listen = Some(value()?),
+            "--key-hex" => a.key_hex = Some(value()?),
             "--prepager" => a.prepager = value()?.parse().map_err(|e: String| anyhow!(e))?,
             "--mode" => {
                 a.mode = match value()?.as_str() {
@@ -142,7 +157,16 @@ fn main() -> Result<()> {
     match a.command.as_str() {
         "run" => run(&a),
         "demo" => demo(&a),
-        other => bail!("unknown command {other:?}: run or demo"),
+        "migrate" => {
+            let to = a.to.clone().ok_or_else(|| anyhow!("migrate needs --to ADDR"))?;
+            print_report(&a, &source_half(&a, &to, &key(&a)?)?.report)
+        }
+        "receive" => {
+            let listener = TcpListener::bind(a.listen.as_deref().unwrap_or("127.0.0.1:7070"))?;
+            eprintln!("ferry-vmm: receiving on {}", listener.local_addr()?);
+            print_report(&a, &destination_half(&listener, &key(&a)?)?.report)
+        }
+        other => bail!("unknown command {other:?}: run, demo, migrate or receive"),
     }
 }
 
@@ -210,17 +234,134 @@ fn boot(vm: &mut Vm, a: &Args) -> Result<()> {
     }
 }
 
-/// The source side of a demo: a booted guest running its workload, and a page server over its memory.
-fn start_source(a: &Args, layout: &MemoryLayout, key: &PreSharedKey) -> Result<(Vm, vm::Running, TcpPageServer)> {
+/// The pre-shared key: `--key-hex`, else the environment variable FERRY_KEY.
+fn key(a: &Args) -> Result<PreSharedKey> {
+    let hex = match &a.key_hex {
+        Some(k) => k.clone(),
+        None => std::env::var("FERRY_KEY").context("the pre-shared key: pass --key-hex or set FERRY_KEY")?,
+    };
+    Ok(PreSharedKey::from_hex(&hex)?)
+}
+
+/// The first line a source sends a destination: where its page server listens and the guest's
+/// shape, so that the destination builds a matching VM. Only a hint: the page server's handshake
+/// then authenticates both sides and checks the layout.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Rendezvous {
+    page_port: u16,
+    mem_mib: u64,
+    page_size: u32,
+    vcpus: usize,
+    backing: String,
+    mode: Mode,
+    prepager: String,
+    seconds: f64,
+}
+
+const MAX_RENDEZVOUS_BYTES: u64 = 4096;
+
+fn backing_name(b: Backing) -> &'static str {
+    match b {
+        Backing::Anonymous => "anon",
+        Backing::Memfd => "memfd",
+        Backing::HugetlbMemfd => "hugetlb",
+    }
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Postcopy => "postcopy",
+        Mode::Precopy => "precopy",
+        Mode::Hybrid => "hybrid",
+    }
+}
+
+/// What one half of a migration reports, and when (wall clock) its side of the downtime was.
+struct Half {
+    report: serde_json::Value,
+    at: SystemTime,
+}
+
+/// The source: boots the guest, lets it run, then migrates it to the destination at `to`.
+fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
+    let layout = layout(a)?;
+    let mut rendezvous = TcpStream::connect(to).with_context(|| format!("connecting to the destination at {to}"))?;
     let source_mem = Arc::new(GuestMemory::create(layout.clone(), a.backing)?);
     // A running guest's memory is populated: so is this one's, or its rate before migrating would
     // measure first-touch page allocation instead of the workload.
     source_mem.regions()[0].populate_write(guest::DATA_GPA, (data_pages(a) * guest::PAGE) as usize)?;
     let mut source = Vm::new(Memory::Plain(source_mem.clone()), a.vcpus)?;
     boot(&mut source, a)?;
-    let running = source.start()?;
-    let server = TcpPageServer::start("127.0.0.1:0", source_mem, key.clone(), TcpOptions::default())?;
-    Ok((source, running, server))
+    let mut running = Some(source.start()?);
+    // Serve pages on the address the destination reached us on.
+    let page_addr = SocketAddr::new(rendezvous.local_addr()?.ip(), 0);
+    let server = TcpPageServer::start(page_addr, source_mem, key.clone(), TcpOptions::default())?;
+    let rate_before = measure_rate(&source, a.seconds);
+    let hello = Rendezvous {
+        page_port: server.local_addr().port(),
+        mem_mib: a.mem_mib,
+        page_size: layout.page_size(),
+        vcpus: a.vcpus,
+        backing: backing_name(a.backing).into(),
+        mode: a.mode,
+        prepager: a.prepager.name().into(),
+        seconds: a.seconds,
+    };
+    writeln!(rendezvous, "{}", serde_json::to_string(&hello)?)?;
+    let mut control = server.accept_control(Duration::from_secs(30))?;
+    let page_size = u64::from(layout.page_size());
+    let free = source.telemetry.free_pages(layout.total_pages(), page_size);
+    let mut dirty_log = match a.mode {
+        Mode::Postcopy => None,
+        Mode::Precopy | Mode::Hybrid => Some(source.dirty_log()?),
+    };
+    let mut paused = None;
+    let mut pause = || -> ferry::Result<Vec<u8>> {
+        let vmm = |e: anyhow::Error| ferry::MigrationError::Vmm(e.to_string());
+        let r = running.take().ok_or_else(|| ferry::MigrationError::Vmm("the guest is not running".into()))?;
+        source.stop(r).map_err(vmm)?;
+        paused = Some(SystemTime::now());
+        source.save().map_err(vmm)
+    };
+    let config = ferry::precopy::PrecopyConfig {
+        downtime_target: Duration::from_millis(a.downtime_ms),
+        max_rounds: a.max_rounds,
+    };
+    let mut report = json!({ "rate_before": rate_before, "mode": mode_name(a.mode) });
+    match (a.mode, dirty_log.as_mut()) {
+        (Mode::Postcopy, _) | (_, None) => {
+            let paused_at = Instant::now();
+            let blob = pause()?;
+            let r = run_source(&mut control, paused_at, &blob, &free)?;
+            report["source_downtime_ms"] = json!(r.downtime.as_secs_f64() * 1e3);
+            report["total_ms"] = json!(r.total.as_secs_f64() * 1e3);
+        }
+        (Mode::Precopy, Some(log)) => {
+            let r = ferry::precopy::run_source(&mut control, page_size, log, &mut pause, &config)?;
+            report["total_ms"] = json!(r.total.as_secs_f64() * 1e3);
+            report["source_downtime_ms"] = json!(r.downtime.as_secs_f64() * 1e3);
+            report["rounds"] = json!(r.rounds);
+            report["pages_per_round"] = json!(r.pages_per_round);
+            report["predicted_downtime_ms"] = json!(r.predicted_downtime.as_secs_f64() * 1e3);
+            report["bandwidth_gbps"] = json!(r.bandwidth / 1e9);
+        }
+        (Mode::Hybrid, Some(log)) => {
+            let (pre, post) = ferry::precopy::run_hybrid_source(&mut control, page_size, log, &mut pause, &config)?;
+            report["total_ms"] = json!(pre.total.as_secs_f64() * 1e3);
+            report["source_downtime_ms"] = json!(post.downtime.as_secs_f64() * 1e3);
+            report["precopy_rounds"] = json!(pre.rounds);
+            report["pages_per_round"] = json!(pre.pages_per_round);
+        }
+    }
+    let served_again = server.stats().pages_served_twice.load(Ordering::Relaxed);
+    match a.mode {
+        // Post-copy's invariant: every page crosses at most once.
+        Mode::Postcopy => report["pages_sent_twice"] = json!(served_again),
+        // Pre-copy rounds send a page again when the guest dirtied it after its last round.
+        Mode::Precopy | Mode::Hybrid => report["pages_resent"] = json!(served_again),
+    }
+    let at = paused.ok_or_else(|| anyhow!("the source never paused"))?;
+    Ok(Half { report, at })
 }
 
 /// The workload's rate over `seconds`.
@@ -230,163 +371,131 @@ fn measure_rate(vm: &Vm, seconds: f64) -> f64 {
     (vm.telemetry.progress.load(Ordering::Relaxed) - p0) as f64 / seconds
 }
 
+fn rate_since(vm: &Vm, (t, p): (Instant, u64)) -> f64 {
+    (vm.telemetry.progress.load(Ordering::Relaxed) - p) as f64 / t.elapsed().as_secs_f64().max(1e-6)
+}
+
+/// The destination's resume: load the vCPU state, start the vCPUs, note when.
+fn resume(
+    dest: &mut Vm,
+    blob: &[u8],
+    running: &mut Option<vm::Running>,
+    resumed: &mut Option<SystemTime>,
+) -> std::result::Result<(), String> {
+    dest.restore(blob).map_err(|e| e.to_string())?;
+    *running = Some(dest.start().map_err(|e| e.to_string())?);
+    *resumed = Some(SystemTime::now());
+    Ok(())
+}
+
+/// The destination: waits for a source on `listener`, builds the VM it describes, receives the
+/// guest in the source's mode, and has it check its own memory.
+fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> {
+    let (rendezvous, peer) = listener.accept()?;
+    rendezvous.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = String::new();
+    BufReader::new(rendezvous.take(MAX_RENDEZVOUS_BYTES)).read_line(&mut line)?;
+    let rv: Rendezvous = serde_json::from_str(line.trim()).context("the source's rendezvous line")?;
+    let backing = match rv.backing.as_str() {
+        "anon" => Backing::Anonymous,
+        "memfd" => Backing::Memfd,
+        "hugetlb" => Backing::HugetlbMemfd,
+        other => bail!("the source asks for backing {other:?}"),
+    };
+    let prepager: PolicyKind = rv.prepager.parse().map_err(|e: String| anyhow!(e))?;
+    let layout = MemoryLayout::new(
+        rv.page_size,
+        vec![ferry_transport::RegionLayout { guest_phys_addr: 0, size: rv.mem_mib << 20 }],
+    )?;
+    let (lanes, control) =
+        tcp::connect_session(SocketAddr::new(peer.ip(), rv.page_port), key, Some(&layout), &TcpOptions::default())?;
+    let mut report =
+        json!({ "mode": mode_name(rv.mode), "mem_mib": rv.mem_mib, "vcpus": rv.vcpus, "transport": "tcp" });
+    let mut running = None;
+    let mut resumed = None;
+    let config = DestinationConfig { policy: prepager, ..DestinationConfig::default() };
+    let (mut dest, session) = match rv.mode {
+        Mode::Postcopy => {
+            let dest_mem = Arc::new(DestinationMemory::register(GuestMemory::create(layout, backing)?)?);
+            let mut dest = Vm::new(Memory::Arriving(dest_mem.clone()), rv.vcpus)?;
+            let session = PostcopyDestination::start(Box::new(control), dest_mem, lanes, &config, |blob| {
+                resume(&mut dest, blob, &mut running, &mut resumed)
+            })?;
+            (dest, Some(session))
+        }
+        Mode::Precopy => {
+            let dest_mem = Arc::new(GuestMemory::create(layout, backing)?);
+            let mut dest = Vm::new(Memory::Plain(dest_mem.clone()), rv.vcpus)?;
+            let mut control = control;
+            ferry::precopy::run_destination(&mut control, &dest_mem, lanes, |blob| {
+                resume(&mut dest, blob, &mut running, &mut resumed)
+            })?;
+            (dest, None)
+        }
+        Mode::Hybrid => {
+            let dest_mem = Arc::new(GuestMemory::create(layout, backing)?);
+            let mut dest = Vm::new(Memory::Plain(dest_mem.clone()), rv.vcpus)?;
+            let (_, session) =
+                ferry::precopy::run_hybrid_destination(Box::new(control), dest_mem, lanes, &config, |blob| {
+                    resume(&mut dest, blob, &mut running, &mut resumed)
+                })?;
+            (dest, Some(session))
+        }
+    };
+    if let Some(session) = session {
+        let during = (Instant::now(), dest.telemetry.progress.load(Ordering::Relaxed));
+        session.finish();
+        let r = session.wait()?;
+        report["rate_during"] = json!(rate_since(&dest, during));
+        report["prepager"] = json!(r.policy);
+        report["pages_total"] = json!(r.pages_total);
+        report["urgent_pages"] = json!(r.urgent_pages);
+        report["bulk_pages"] = json!(r.bulk_pages);
+        report["postcopy_pages"] = json!(r.urgent_pages + r.bulk_pages);
+        report["zero_pages"] = json!(r.zero_pages);
+        report["skipped_free_pages"] = json!(r.skipped_free_pages);
+        report["network_faults"] = json!(r.network_faults);
+        report["faults_avoided"] = json!(r.inflight_faults + r.local_faults);
+        report["fault_p50_us"] = json!(r.fault_p50.as_secs_f64() * 1e6);
+        report["fault_p99_us"] = json!(r.fault_p99.as_secs_f64() * 1e6);
+        report["blocktime_ms"] = json!(r.blocktime.as_secs_f64() * 1e3);
+        report["pages_installed_twice"] = json!(r.pages_installed_twice);
+    }
+    let running = running.ok_or_else(|| anyhow!("the destination never resumed"))?;
+    let at = resumed.ok_or_else(|| anyhow!("the destination never resumed"))?;
+    report["rate_after"] = json!(measure_rate(&dest, rv.seconds));
+    let mismatches = self_check(&mut dest, running)?;
+    report["guest_mismatches"] = json!(mismatches);
+    if mismatches != 0 {
+        bail!("the guest found {mismatches} wrong pages after migration: {report}");
+    }
+    Ok(Half { report, at })
+}
+
+/// Both halves in this process, over tcp loopback: one report, with the downtime measured from
+/// the last source vCPU stopping to the first destination vCPU starting.
 fn demo(a: &Args) -> Result<()> {
-    match a.mode {
-        Mode::Postcopy => demo_postcopy(a),
-        Mode::Precopy => demo_precopy(a),
-        Mode::Hybrid => demo_hybrid(a),
-    }
-}
-
-/// Pre-copy rounds (at most --max-rounds), then the rest post-copy.
-fn demo_hybrid(a: &Args) -> Result<()> {
-    let layout = layout(a)?;
     let key = PreSharedKey::generate()?;
-    let (mut source, running, server) = start_source(a, &layout, &key)?;
-    let (lanes, control) = tcp::connect_session(server.local_addr(), &key, Some(&layout), &TcpOptions::default())?;
-    let dest_mem = Arc::new(GuestMemory::create(layout, a.backing)?);
-    let mut dest = Vm::new(Memory::Plain(dest_mem.clone()), a.vcpus)?;
-    let mut source_control = server.accept_control(Duration::from_secs(10))?;
-    let rate_before = measure_rate(&source, a.seconds);
-
-    let mut dirty_log = source.dirty_log()?;
-    let page_size = u64::from(dest_mem.layout().page_size());
-    let config = ferry::precopy::PrecopyConfig {
-        downtime_target: Duration::from_millis(a.downtime_ms),
-        max_rounds: a.max_rounds,
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let to = listener.local_addr()?.to_string();
+    let destination = {
+        let key = key.clone();
+        std::thread::spawn(move || destination_half(&listener, &key))
     };
-    let source_side = std::thread::spawn(move || {
-        let mut paused = None;
-        let report = ferry::precopy::run_hybrid_source(
-            &mut source_control,
-            page_size,
-            &mut dirty_log,
-            || {
-                paused = Some(source.stop(running).map_err(|e| ferry::MigrationError::Vmm(e.to_string()))?);
-                source.save().map_err(|e| ferry::MigrationError::Vmm(e.to_string()))
-            },
-            &config,
-        );
-        (report, paused)
-    });
-    let mut dest_running = None;
-    let post_config = DestinationConfig { policy: a.prepager, ..DestinationConfig::default() };
-    let (_, session) =
-        ferry::precopy::run_hybrid_destination(Box::new(control), dest_mem, lanes, &post_config, |blob| {
-            dest.restore(blob).map_err(|e| e.to_string())?;
-            dest_running = Some(dest.start().map_err(|e| e.to_string())?);
-            Ok(())
-        })?;
-    let dest_running = dest_running.ok_or_else(|| anyhow!("the destination never resumed"))?;
-    let (during_from, progress_from) = (Instant::now(), dest.telemetry.progress.load(Ordering::Relaxed));
-    session.finish();
-    let post = session.wait()?;
-    let rate_during = (dest.telemetry.progress.load(Ordering::Relaxed) - progress_from) as f64
-        / during_from.elapsed().as_secs_f64().max(1e-6);
-    let (report, paused) = source_side.join().map_err(|_| anyhow!("the source thread panicked"))?;
-    let (pre, post_source) = report?;
-    let paused_at = paused.ok_or_else(|| anyhow!("the source never paused"))?;
-    drop(server);
-    let rate_after = measure_rate(&dest, a.seconds);
-    let resumed_at = dest_running.started;
-    let mismatches = self_check(&mut dest, dest_running)?;
-    let out = json!({
-        "mode": "hybrid",
-        "workload": a.workload.name(),
-        "prepager": post.policy,
-        "transport": "tcp",
-        "mem_mib": a.mem_mib,
-        "total_ms": pre.total.as_secs_f64() * 1e3,
-        "postcopy_ms": post_source.total.as_secs_f64() * 1e3,
-        "precopy_rounds": pre.rounds,
-        "pages_per_round": pre.pages_per_round,
-        "downtime_ms": resumed_at.duration_since(paused_at).as_secs_f64() * 1e3,
-        "postcopy_pages": post.urgent_pages + post.bulk_pages,
-        "network_faults": post.network_faults,
-        "fault_p50_us": post.fault_p50.as_secs_f64() * 1e6,
-        "pages_sent_twice_postcopy": post.pages_installed_twice,
-        "rate_before": rate_before,
-        "rate_during_postcopy": rate_during,
-        "rate_after": rate_after,
-        "guest_mismatches": mismatches,
-    });
-    print_report(a, &out)?;
-    if mismatches != 0 {
-        bail!("the guest found {mismatches} wrong pages after migration");
+    let source = source_half(a, &to, &key);
+    let destination = destination.join().map_err(|_| anyhow!("the destination thread panicked"))?;
+    let (source, destination) = (source?, destination?);
+    let mut report = destination.report;
+    for (k, v) in source.report.as_object().into_iter().flatten() {
+        report[k] = v.clone();
     }
-    Ok(())
-}
-
-fn demo_precopy(a: &Args) -> Result<()> {
-    let layout = layout(a)?;
-    let key = PreSharedKey::generate()?;
-    let (mut source, running, server) = start_source(a, &layout, &key)?;
-    let (lanes, mut control) = tcp::connect_session(server.local_addr(), &key, Some(&layout), &TcpOptions::default())?;
-    let dest_mem = Arc::new(GuestMemory::create(layout, a.backing)?);
-    let mut dest = Vm::new(Memory::Plain(dest_mem.clone()), a.vcpus)?;
-    let mut source_control = server.accept_control(Duration::from_secs(10))?;
-    let rate_before = measure_rate(&source, a.seconds);
-
-    let mut dirty_log = source.dirty_log()?;
-    let page_size = u64::from(dest_mem.layout().page_size());
-    let (during_from, progress_from) = (Instant::now(), source.telemetry.progress.load(Ordering::Relaxed));
-    let config = ferry::precopy::PrecopyConfig {
-        downtime_target: Duration::from_millis(a.downtime_ms),
-        max_rounds: a.max_rounds,
-    };
-    let source_side = std::thread::spawn(move || {
-        let mut paused = None;
-        let report = ferry::precopy::run_source(
-            &mut source_control,
-            page_size,
-            &mut dirty_log,
-            || {
-                let at = source.stop(running).map_err(|e| ferry::MigrationError::Vmm(e.to_string()))?;
-                paused = Some((at, source.telemetry.progress.load(Ordering::Relaxed)));
-                source.save().map_err(|e| ferry::MigrationError::Vmm(e.to_string()))
-            },
-            &config,
-        );
-        (report, paused)
-    });
-    let mut dest_running = None;
-    ferry::precopy::run_destination(&mut control, &dest_mem, lanes, |blob| {
-        dest.restore(blob).map_err(|e| e.to_string())?;
-        dest_running = Some(dest.start().map_err(|e| e.to_string())?);
-        Ok(())
-    })?;
-    let (report, paused) = source_side.join().map_err(|_| anyhow!("the source thread panicked"))?;
-    let report = report?;
-    let (paused_at, progress_at_pause) = paused.ok_or_else(|| anyhow!("the source never paused"))?;
-    let dest_running = dest_running.ok_or_else(|| anyhow!("the destination never resumed"))?;
-    drop(server);
-    let rate_during =
-        (progress_at_pause - progress_from) as f64 / paused_at.duration_since(during_from).as_secs_f64().max(1e-6);
-    let rate_after = measure_rate(&dest, a.seconds);
-    let resumed_at = dest_running.started;
-    let mismatches = self_check(&mut dest, dest_running)?;
-    let out = json!({
-        "mode": "precopy",
-        "workload": a.workload.name(),
-        "transport": "tcp",
-        "mem_mib": a.mem_mib,
-        "total_ms": report.total.as_secs_f64() * 1e3,
-        "downtime_ms": resumed_at.duration_since(paused_at).as_secs_f64() * 1e3,
-        "downtime_target_ms": a.downtime_ms,
-        "predicted_downtime_ms": report.predicted_downtime.as_secs_f64() * 1e3,
-        "rounds": report.rounds,
-        "pages_per_round": report.pages_per_round,
-        "bandwidth_gbps": report.bandwidth / 1e9,
-        "rate_before": rate_before,
-        "rate_during": rate_during,
-        "rate_after": rate_after,
-        "guest_mismatches": mismatches,
-    });
-    print_report(a, &out)?;
-    if mismatches != 0 {
-        bail!("the guest found {mismatches} wrong pages after migration");
-    }
-    Ok(())
+    report["workload"] = json!(a.workload.name());
+    let downtime = destination.at.duration_since(source.at).unwrap_or_default();
+    report["downtime_ms"] = json!(downtime.as_secs_f64() * 1e3);
+    let twice =
+        report["pages_sent_twice"].as_u64().unwrap_or(0) + report["pages_installed_twice"].as_u64().unwrap_or(0);
+    report["pages_sent_twice"] = json!(twice);
+    print_report(a, &report)
 }
 
 fn print_report(a: &Args, out: &serde_json::Value) -> Result<()> {
@@ -394,71 +503,6 @@ fn print_report(a: &Args, out: &serde_json::Value) -> Result<()> {
         println!("{out}");
     } else {
         println!("{}", serde_json::to_string_pretty(out)?);
-    }
-    Ok(())
-}
-
-fn demo_postcopy(a: &Args) -> Result<()> {
-    let layout = layout(a)?;
-    let key = PreSharedKey::generate()?;
-    let (mut source, running, server) = start_source(a, &layout, &key)?;
-    // Destination: memory registered with userfaultfd, a VM over it, connected to the source.
-    let (lanes, control) = tcp::connect_session(server.local_addr(), &key, Some(&layout), &TcpOptions::default())?;
-    let dest_mem = Arc::new(DestinationMemory::register(GuestMemory::create(layout, a.backing)?)?);
-    let mut dest = Vm::new(Memory::Arriving(dest_mem.clone()), a.vcpus)?;
-    let mut source_control = server.accept_control(Duration::from_secs(10))?;
-    let rate_before = measure_rate(&source, a.seconds);
-
-    // Pause the source, hand over, resume the destination at once.
-    let paused_at = source.stop(running)?;
-    let blob = source.save()?;
-    let free = source.telemetry.free_pages(dest_mem.states().pages(), dest_mem.page_size());
-    let handoff = std::thread::spawn(move || run_source(&mut source_control, paused_at, &blob, &free));
-    let mut dest_running = None;
-    let config = DestinationConfig { policy: a.prepager, ..DestinationConfig::default() };
-    let session = PostcopyDestination::start(Box::new(control), dest_mem.clone(), lanes, &config, |blob| {
-        dest.restore(blob).map_err(|e| e.to_string())?;
-        dest_running = Some(dest.start().map_err(|e| e.to_string())?);
-        Ok(())
-    })?;
-    let dest_running = dest_running.ok_or_else(|| anyhow!("the destination never resumed"))?;
-    let downtime = dest_running.started.duration_since(paused_at);
-    let during_start = (Instant::now(), dest.telemetry.progress.load(Ordering::Relaxed));
-    session.finish();
-    let report = session.wait()?;
-    let rate_during = (dest.telemetry.progress.load(Ordering::Relaxed) - during_start.1) as f64
-        / during_start.0.elapsed().as_secs_f64().max(1e-6);
-    let source_report = handoff.join().map_err(|_| anyhow!("the handoff thread panicked"))??;
-    drop(server);
-    let rate_after = measure_rate(&dest, a.seconds);
-    let mismatches = self_check(&mut dest, dest_running)?;
-    let out = json!({
-        "mode": "postcopy",
-        "workload": a.workload.name(),
-        "prepager": report.policy,
-        "transport": "tcp",
-        "mem_mib": a.mem_mib,
-        "total_ms": source_report.total.as_secs_f64() * 1e3,
-        "downtime_ms": downtime.as_secs_f64() * 1e3,
-        "pages_total": report.pages_total,
-        "urgent_pages": report.urgent_pages,
-        "bulk_pages": report.bulk_pages,
-        "zero_pages": report.zero_pages,
-        "network_faults": report.network_faults,
-        "faults_avoided": report.inflight_faults + report.local_faults,
-        "fault_p50_us": report.fault_p50.as_secs_f64() * 1e6,
-        "fault_p99_us": report.fault_p99.as_secs_f64() * 1e6,
-        "blocktime_ms": report.blocktime.as_secs_f64() * 1e3,
-        "pages_sent_twice": report.pages_installed_twice,
-        "skipped_free_pages": report.skipped_free_pages,
-        "rate_before": rate_before,
-        "rate_during": rate_during,
-        "rate_after": rate_after,
-        "guest_mismatches": mismatches,
-    });
-    print_report(a, &out)?;
-    if mismatches != 0 {
-        bail!("the guest found {mismatches} wrong pages after migration");
     }
     Ok(())
 }
