@@ -69,20 +69,40 @@ impl FreePages {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
-    /// Maximal runs `(first, count)` of free pages.
+    /// Maximal runs `(first, count)` of set pages. Skips empty and full 64-page words whole: it
+    /// runs inside a migration's downtime, over bitmaps of millions of pages.
     pub fn runs(&self) -> Vec<(u64, u64)> {
         let mut runs = Vec::new();
-        let mut p = 0;
-        while p < self.pages {
-            if !self.is_free(p) {
-                p += 1;
-                continue;
+        let mut start: Option<u64> = None;
+        for (i, &w) in self.words.iter().enumerate() {
+            let base = i as u64 * 64;
+            match (w, start) {
+                (0, None) | (u64::MAX, Some(_)) => continue,
+                (0, Some(s)) => {
+                    runs.push((s, base - s));
+                    start = None;
+                    continue;
+                }
+                (u64::MAX, None) => {
+                    start = Some(base);
+                    continue;
+                }
+                _ => {}
             }
-            let start = p;
-            while p < self.pages && self.is_free(p) {
-                p += 1;
+            for bit in 0..64 {
+                let set = w & (1 << bit) != 0;
+                match (set, start) {
+                    (true, None) => start = Some(base + bit),
+                    (false, Some(s)) => {
+                        runs.push((s, base + bit - s));
+                        start = None;
+                    }
+                    _ => {}
+                }
             }
-            runs.push((start, p - start));
+        }
+        if let Some(s) = start {
+            runs.push((s, self.pages - s));
         }
         runs
     }
@@ -98,6 +118,12 @@ mod tests {
         f.set_range(3, 4);
         f.set_range(127, 10);
         assert_eq!(f.runs(), vec![(3, 4), (127, 3)]);
+        let mut g = FreePages::new(300);
+        g.set_range(60, 200);
+        g.set(299);
+        assert_eq!(g.runs(), vec![(60, 200), (299, 1)], "runs across full words and to the end");
+        assert_eq!(FreePages::all(130).runs(), vec![(0, 130)]);
+        assert_eq!(FreePages::new(1 << 20).runs(), vec![]);
         assert_eq!(f.count(), 7);
         assert!(FreePages::from_words(f.words().to_vec(), 130).is_some());
         assert!(FreePages::from_words(vec![0; 2], 130).is_none());
