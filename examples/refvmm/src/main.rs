@@ -7,6 +7,7 @@
 //!                   [--rate-mib N] [--seconds 1] [--json]
 //! ferry-vmm demo    [run's options] [--mem 2G] [--mode postcopy|precopy|hybrid]
 //!                   [--prepager demand|push|bubbling] [--downtime-ms 50] [--max-rounds 30]
+//!                   [--transport tcp|local]
 //! ferry-vmm receive --listen ADDR [--key-hex K] [--json]
 //! ferry-vmm migrate --to ADDR [--key-hex K] [demo's options]
 //! ```
@@ -29,8 +30,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use ferry::prepager::PolicyKind;
 use ferry::{run_source, DestinationConfig, PostcopyDestination};
 use ferry_fault_handler::DestinationMemory;
+use ferry_transport::local::{self, LocalPageServer};
 use ferry_transport::tcp::{self, TcpOptions, TcpPageServer};
-use ferry_transport::{Backing, GuestMemory, MemoryLayout, PreSharedKey};
+use ferry_transport::{Backing, ControlStream, GuestMemory, MemoryLayout, PreSharedKey};
 use guest::Workload;
 use serde_json::json;
 use vm::{Memory, Vm};
@@ -45,6 +47,8 @@ enum Mode {
 #[derive(Clone)]
 struct Args {
     command: String,
+    /// The local transport: same host, the destination maps the source's memfds.
+    local: bool,
     to: Option<String>,
     listen: Option<String>,
     key_hex: Option<String>,
@@ -68,6 +72,7 @@ fn parse() -> Result<Args> {
     let command = raw.next().ok_or_else(|| anyhow!("usage: ferry-vmm run|demo|migrate|receive [options]"))?;
     let mut a = Args {
         command,
+        local: false,
         to: None,
         listen: None,
         key_hex: None,
@@ -111,9 +116,10 @@ fn parse() -> Result<Args> {
             "--downtime-ms" => a.downtime_ms = value()?.parse()?,
             "--max-rounds" => a.max_rounds = value()?.parse()?,
             "--transport" => {
-                let t = value()?;
-                if t != "tcp" {
-                    bail!("--transport {t}: the demo runs over tcp");
+                a.local = match value()?.as_str() {
+                    "tcp" => false,
+                    "local" => true,
+                    other => bail!("--transport {other}: tcp or local"),
                 }
             }
             "--backing" => {
@@ -249,6 +255,8 @@ fn key(a: &Args) -> Result<PreSharedKey> {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Rendezvous {
     page_port: u16,
+    /// Set for the local transport: the source's Unix socket.
+    local_path: Option<String>,
     mem_mib: u64,
     page_size: u32,
     vcpus: usize,
@@ -276,6 +284,12 @@ fn mode_name(m: Mode) -> &'static str {
     }
 }
 
+/// The source's page server.
+enum Server {
+    Tcp(TcpPageServer),
+    Local(LocalPageServer),
+}
+
 /// What one half of a migration reports, and when (wall clock) its side of the downtime was.
 struct Half {
     report: serde_json::Value,
@@ -293,12 +307,27 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
     let mut source = Vm::new(Memory::Plain(source_mem.clone()), a.vcpus)?;
     boot(&mut source, a)?;
     let mut running = Some(source.start()?);
-    // Serve pages on the address the destination reached us on.
-    let page_addr = SocketAddr::new(rendezvous.local_addr()?.ip(), 0);
-    let server = TcpPageServer::start(page_addr, source_mem, key.clone(), TcpOptions::default())?;
+    // Serve pages on the address the destination reached us on, or on this host's Unix socket.
+    let server = if a.local {
+        if a.backing == Backing::Anonymous {
+            bail!("--transport local shares guest memory: use --backing memfd or hugetlb");
+        }
+        let path = std::env::temp_dir().join(format!("ferry-vmm-{}.sock", std::process::id()));
+        Server::Local(LocalPageServer::start(&path, source_mem, key.clone())?)
+    } else {
+        let page_addr = SocketAddr::new(rendezvous.local_addr()?.ip(), 0);
+        Server::Tcp(TcpPageServer::start(page_addr, source_mem, key.clone(), TcpOptions::default())?)
+    };
     let rate_before = measure_rate(&source, a.seconds);
     let hello = Rendezvous {
-        page_port: server.local_addr().port(),
+        page_port: match &server {
+            Server::Tcp(s) => s.local_addr().port(),
+            Server::Local(_) => 0,
+        },
+        local_path: match &server {
+            Server::Tcp(_) => None,
+            Server::Local(s) => Some(s.path().display().to_string()),
+        },
         mem_mib: a.mem_mib,
         page_size: layout.page_size(),
         vcpus: a.vcpus,
@@ -308,7 +337,10 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
         seconds: a.seconds,
     };
     writeln!(rendezvous, "{}", serde_json::to_string(&hello)?)?;
-    let mut control = server.accept_control(Duration::from_secs(30))?;
+    let mut control: Box<dyn ControlStream> = match &server {
+        Server::Tcp(s) => Box::new(s.accept_control(Duration::from_secs(30))?),
+        Server::Local(s) => Box::new(s.accept_control(Duration::from_secs(30))?),
+    };
     let page_size = u64::from(layout.page_size());
     let free = source.telemetry.free_pages(layout.total_pages(), page_size);
     let mut dirty_log = match a.mode {
@@ -332,12 +364,12 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
         (Mode::Postcopy, _) | (_, None) => {
             let paused_at = Instant::now();
             let blob = pause()?;
-            let r = run_source(&mut control, paused_at, &blob, &free)?;
+            let r = run_source(control.as_mut(), paused_at, &blob, &free)?;
             report["source_downtime_ms"] = json!(r.downtime.as_secs_f64() * 1e3);
             report["total_ms"] = json!(r.total.as_secs_f64() * 1e3);
         }
         (Mode::Precopy, Some(log)) => {
-            let r = ferry::precopy::run_source(&mut control, page_size, log, &mut pause, &config)?;
+            let r = ferry::precopy::run_source(control.as_mut(), page_size, log, &mut pause, &config)?;
             report["total_ms"] = json!(r.total.as_secs_f64() * 1e3);
             report["source_downtime_ms"] = json!(r.downtime.as_secs_f64() * 1e3);
             report["rounds"] = json!(r.rounds);
@@ -346,19 +378,22 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
             report["bandwidth_gbps"] = json!(r.bandwidth / 1e9);
         }
         (Mode::Hybrid, Some(log)) => {
-            let (pre, post) = ferry::precopy::run_hybrid_source(&mut control, page_size, log, &mut pause, &config)?;
+            let (pre, post) = ferry::precopy::run_hybrid_source(control.as_mut(), page_size, log, &mut pause, &config)?;
             report["total_ms"] = json!(pre.total.as_secs_f64() * 1e3);
             report["source_downtime_ms"] = json!(post.downtime.as_secs_f64() * 1e3);
             report["precopy_rounds"] = json!(pre.rounds);
             report["pages_per_round"] = json!(pre.pages_per_round);
         }
     }
-    let served_again = server.stats().pages_served_twice.load(Ordering::Relaxed);
-    match a.mode {
-        // Post-copy's invariant: every page crosses at most once.
-        Mode::Postcopy => report["pages_sent_twice"] = json!(served_again),
-        // Pre-copy rounds send a page again when the guest dirtied it after its last round.
-        Mode::Precopy | Mode::Hybrid => report["pages_resent"] = json!(served_again),
+    // Local reads are one-sided: the source sees none of them, the destination counts installs.
+    if let Server::Tcp(server) = &server {
+        let served_again = server.stats().pages_served_twice.load(Ordering::Relaxed);
+        match a.mode {
+            // Post-copy's invariant: every page crosses at most once.
+            Mode::Postcopy => report["pages_sent_twice"] = json!(served_again),
+            // Pre-copy rounds send a page again when the guest dirtied it after its last round.
+            Mode::Precopy | Mode::Hybrid => report["pages_resent"] = json!(served_again),
+        }
     }
     let at = paused.ok_or_else(|| anyhow!("the source never paused"))?;
     Ok(Half { report, at })
@@ -407,10 +442,19 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
         rv.page_size,
         vec![ferry_transport::RegionLayout { guest_phys_addr: 0, size: rv.mem_mib << 20 }],
     )?;
-    let (lanes, control) =
-        tcp::connect_session(SocketAddr::new(peer.ip(), rv.page_port), key, Some(&layout), &TcpOptions::default())?;
+    let (lanes, control, transport): (_, Box<dyn ControlStream>, _) = match &rv.local_path {
+        Some(path) => {
+            let (lanes, control) = local::connect_session(path, key, Some(&layout), 32)?;
+            (lanes, Box::new(control), "local")
+        }
+        None => {
+            let addr = SocketAddr::new(peer.ip(), rv.page_port);
+            let (lanes, control) = tcp::connect_session(addr, key, Some(&layout), &TcpOptions::default())?;
+            (lanes, Box::new(control), "tcp")
+        }
+    };
     let mut report =
-        json!({ "mode": mode_name(rv.mode), "mem_mib": rv.mem_mib, "vcpus": rv.vcpus, "transport": "tcp" });
+        json!({ "mode": mode_name(rv.mode), "mem_mib": rv.mem_mib, "vcpus": rv.vcpus, "transport": transport });
     let mut running = None;
     let mut resumed = None;
     let config = DestinationConfig { policy: prepager, ..DestinationConfig::default() };
@@ -418,7 +462,7 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
         Mode::Postcopy => {
             let dest_mem = Arc::new(DestinationMemory::register(GuestMemory::create(layout, backing)?)?);
             let mut dest = Vm::new(Memory::Arriving(dest_mem.clone()), rv.vcpus)?;
-            let session = PostcopyDestination::start(Box::new(control), dest_mem, lanes, &config, |blob| {
+            let session = PostcopyDestination::start(control, dest_mem, lanes, &config, |blob| {
                 resume(&mut dest, blob, &mut running, &mut resumed)
             })?;
             (dest, Some(session))
@@ -427,7 +471,7 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
             let dest_mem = Arc::new(GuestMemory::create(layout, backing)?);
             let mut dest = Vm::new(Memory::Plain(dest_mem.clone()), rv.vcpus)?;
             let mut control = control;
-            ferry::precopy::run_destination(&mut control, &dest_mem, lanes, |blob| {
+            ferry::precopy::run_destination(control.as_mut(), &dest_mem, lanes, |blob| {
                 resume(&mut dest, blob, &mut running, &mut resumed)
             })?;
             (dest, None)
@@ -435,10 +479,9 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
         Mode::Hybrid => {
             let dest_mem = Arc::new(GuestMemory::create(layout, backing)?);
             let mut dest = Vm::new(Memory::Plain(dest_mem.clone()), rv.vcpus)?;
-            let (_, session) =
-                ferry::precopy::run_hybrid_destination(Box::new(control), dest_mem, lanes, &config, |blob| {
-                    resume(&mut dest, blob, &mut running, &mut resumed)
-                })?;
+            let (_, session) = ferry::precopy::run_hybrid_destination(control, dest_mem, lanes, &config, |blob| {
+                resume(&mut dest, blob, &mut running, &mut resumed)
+            })?;
             (dest, Some(session))
         }
     };

@@ -333,3 +333,33 @@ fn receive_and_migrate_run_as_two_processes() {
         }
     }
 }
+
+#[test]
+fn the_local_transport_migrates_in_every_mode() {
+    if !kvm_available("the_local_transport_migrates_in_every_mode") {
+        return;
+    }
+    for mode in ["postcopy", "precopy", "hybrid"] {
+        let r = vmm(&[
+            "demo",
+            "--mem-mib",
+            "256",
+            "--data-mib",
+            "64",
+            "--workload",
+            "rand-write",
+            "--mode",
+            mode,
+            "--transport",
+            "local",
+            "--backing",
+            "memfd",
+            "--max-rounds",
+            "3",
+            "--seconds",
+            "0.2",
+        ]);
+        assert_eq!(r["guest_mismatches"], 0, "{mode}: {r}");
+        assert_eq!(r["transport"], "local", "{r}");
+    }
+}
