@@ -487,8 +487,11 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
     };
     if let Some(session) = session {
         let during = (Instant::now(), dest.telemetry.progress.load(Ordering::Relaxed));
+        let bar = ProgressBar::start(session.memory().clone());
         session.finish();
-        let r = session.wait()?;
+        let r = session.wait();
+        bar.stop();
+        let r = r?;
         report["rate_during"] = json!(rate_since(&dest, during));
         report["prepager"] = json!(r.policy);
         report["pages_total"] = json!(r.pages_total);
@@ -513,6 +516,45 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
         bail!("the guest found {mismatches} wrong pages after migration: {report}");
     }
     Ok(Half { report, at })
+}
+
+/// Pages present out of all, drawn on stderr while post-copy brings memory in (only on a terminal).
+struct ProgressBar {
+    done: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProgressBar {
+    fn start(memory: Arc<DestinationMemory>) -> Self {
+        use std::io::IsTerminal;
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::io::stderr().is_terminal().then(|| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let total = memory.states().pages().max(1);
+                while !done.load(Ordering::Acquire) {
+                    let present = memory.states().present_count();
+                    let filled = (present * 40 / total) as usize;
+                    eprint!(
+                        "\rmigrating [{}{}] {:>3}% {present}/{total} pages",
+                        "#".repeat(filled),
+                        " ".repeat(40 - filled),
+                        present * 100 / total
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                eprintln!("\rmigrated: all {total} pages present{}", " ".repeat(40));
+            })
+        });
+        ProgressBar { done, thread }
+    }
+
+    fn stop(mut self) {
+        self.done.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Both halves in this process, over tcp loopback: one report, with the downtime measured from
