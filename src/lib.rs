@@ -1,10 +1,12 @@
 //! `ferry` builds live-migration sessions from its parts: [`ferry_transport`] moves pages,
 //! [`ferry_fault_handler`] traps and installs them, [`ferry_prepager`] decides what comes next.
-//! This crate holds the sessions themselves: post-copy today ([`postcopy`]: the handoff of state
-//! and free pages, a destination that resumes at once and pulls memory behind the running guest,
-//! the source's side and both reports), with pre-copy, hybrid, back-and-forth and fault tolerance
-//! to follow on the same parts. [`toucher`] is a guest stand-in that verifies every page it
-//! touches, for tests, benchmarks and demos without KVM.
+//! This crate holds the sessions themselves: [`postcopy`] (the handoff of state and free pages, a
+//! destination that resumes at once and pulls memory behind the running guest, the source's side
+//! and both reports) and [`precopy`] (dirty-log rounds pulled by the destination until the
+//! predicted downtime meets its target, and hybrid: rounds, then post-copy for the stale pages),
+//! all speaking the session messages of [`handoff`]. Back-and-forth and fault tolerance are to
+//! follow on the same parts. [`toucher`] is a guest stand-in that verifies every page it touches,
+//! for tests, benchmarks and demos without KVM; [`loopback`] runs a whole migration in one process.
 
 pub mod error;
 pub mod freepages;
