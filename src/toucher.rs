@@ -204,3 +204,22 @@ pub fn demo_free_pages(pages: u64) -> FreePages {
     }
     free
 }
+
+/// Free 2 MiB hugepages on this machine, after reserving more when this process may (root) and
+/// fewer than `needed` are free. For tests and demos of hugetlbfs-backed guests.
+pub fn reserve_hugepages(needed: u64) -> u64 {
+    let free = || -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| m.lines().find(|l| l.starts_with("HugePages_Free:")).map(str::to_owned))
+            .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+            .unwrap_or(0)
+    };
+    let have = free();
+    if have < needed {
+        let total: u64 =
+            std::fs::read_to_string("/proc/sys/vm/nr_hugepages").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + needed - have).to_string());
+    }
+    free()
+}

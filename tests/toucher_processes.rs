@@ -52,27 +52,10 @@ fn memfd_destination_over_1gib() {
     check(&dest, &source);
 }
 
-/// Free 2 MiB hugepages, reserving more when this process may (root); 0 when it cannot.
-fn ensure_hugepages(needed: u64) -> u64 {
-    let free = || -> u64 {
-        std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| m.lines().find(|l| l.starts_with("HugePages_Free:")).map(str::to_owned))
-            .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
-            .unwrap_or(0)
-    };
-    if free() < needed {
-        let total: u64 =
-            std::fs::read_to_string("/proc/sys/vm/nr_hugepages").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + needed - free()).to_string());
-    }
-    free()
-}
-
 #[test]
 fn hugetlbfs_destination_over_1gib() {
     let needed = 512;
-    let have = ensure_hugepages(needed);
+    let have = ferry::toucher::reserve_hugepages(needed);
     if have < needed {
         // Written past the test harness's capture so the skip shows in CI's log.
         let _ = writeln!(

@@ -201,6 +201,23 @@ impl ControlStream for std::os::unix::net::UnixStream {
     }
 }
 
+/// Waits up to `timeout` for a control lane a server's accept loop handed over, and makes its
+/// reads block (a session may wait long between messages). Shared by the tcp and local servers.
+pub(crate) fn receive_control<S: ControlStream>(
+    rx: &std::sync::Mutex<std::sync::mpsc::Receiver<S>>,
+    timeout: std::time::Duration,
+) -> Result<S> {
+    let rx = rx.lock().expect("control receiver poisoned");
+    let stream = rx.recv_timeout(timeout).map_err(|_| {
+        crate::error::TransportError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no destination opened a control lane",
+        ))
+    })?;
+    stream.set_read_timeout(None)?;
+    Ok(stream)
+}
+
 /// Checks a destination buffer against a run, shared by every backend.
 pub(crate) fn run_dst<'a>(layout: &MemoryLayout, run: PageRun, dst: &'a mut [u8]) -> Result<&'a mut [u8]> {
     layout.check_run(run)?;

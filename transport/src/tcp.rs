@@ -111,15 +111,7 @@ impl TcpPageServer {
 
     /// Waits up to `timeout` for a destination to open the session's control lane.
     pub fn accept_control(&self, timeout: Duration) -> Result<TcpStream> {
-        let rx = self.control_rx.lock().expect("control receiver poisoned");
-        let stream = rx.recv_timeout(timeout).map_err(|_| {
-            TransportError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no destination opened a control lane",
-            ))
-        })?;
-        stream.set_read_timeout(None)?;
-        Ok(stream)
+        crate::lane::receive_control(&self.control_rx, timeout)
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -189,30 +189,13 @@ fn memfd_backed_guest_migrates_in_place() {
     assert_eq!(r["pages_sent_twice"], 0, "{r}");
 }
 
-/// Free 2 MiB hugepages, reserving more when this process may (root).
-fn ensure_hugepages(needed: u64) -> u64 {
-    let free = || -> u64 {
-        std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| m.lines().find(|l| l.starts_with("HugePages_Free:")).map(str::to_owned))
-            .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
-            .unwrap_or(0)
-    };
-    if free() < needed {
-        let total: u64 =
-            std::fs::read_to_string("/proc/sys/vm/nr_hugepages").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
-        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + needed - free()).to_string());
-    }
-    free()
-}
-
 #[test]
 fn hugetlbfs_guest_migrates_in_every_mode() {
     if !kvm_available("hugetlbfs_guest_migrates_in_every_mode") {
         return;
     }
     // Two guests of 256 MiB live at once during a demo.
-    let have = ensure_hugepages(256);
+    let have = ferry::toucher::reserve_hugepages(256);
     if have < 256 {
         let _ = writeln!(
             std::io::stderr(),
