@@ -127,6 +127,19 @@ typedef struct FerryStats {
 } FerryStats;
 
 /**
+ * Fills `words` (`word_count` 64-bit words, zeroed by ferry; bit i = global page i) with the pages
+ * the guest wrote since the previous call, and clears that record; returns 0, anything else aborts.
+ * The first call starts tracking. KVM VMMs answer with KVM_GET_DIRTY_LOG.
+ */
+typedef int32_t (*FerryDirtyLogFn)(uint64_t *words, size_t word_count, void *user);
+
+/**
+ * Stops the guest's vCPUs and points `*state`/`*len` at its state blob, which must stay valid
+ * until ferry_source_precopy returns; returns 0, anything else aborts.
+ */
+typedef int32_t (*FerryPauseFn)(const uint8_t **state, size_t *len, void *user);
+
+/**
  * Called once with the state blob when the handoff arrives; load it and start the vCPUs, then
  * return 0 (anything else aborts the migration). `state` is valid only during the call.
  */
@@ -208,6 +221,45 @@ enum FerryStatus ferry_source_handoff(struct FerrySource *source,
                                       size_t free_words,
                                       uint32_t timeout_ms,
                                       struct FerryStats *stats);
+
+/**
+ * Pre-copy, with the guest running: waits up to `timeout_ms` for a destination that called
+ * ferry_precopy_receive (unless ferry_source_wait_destination already did), lets it pull every
+ * page, then the pages `dirty_log` reports, round after round, until the predicted downtime is at
+ * most `downtime_target_ms` or `max_rounds` rounds ran; then calls `pause` and sends the last
+ * dirty pages and the state. Returns once the destination's guest runs; `stats` (may be null)
+ * gets the downtime and total time. Thread safety: one thread per handle.
+ *
+ * # Safety
+ * `source` is a live handle; the callbacks are valid functions; `user` is passed through;
+ * `stats` is null or writable.
+ */
+enum FerryStatus ferry_source_precopy(struct FerrySource *source,
+                                      FerryDirtyLogFn dirty_log,
+                                      FerryPauseFn pause,
+                                      void *user,
+                                      uint32_t downtime_target_ms,
+                                      uint32_t max_rounds,
+                                      uint32_t timeout_ms,
+                                      struct FerryStats *stats);
+
+/**
+ * The destination of a pre-copy migration, in one call: connects to the source at `addr` (TCP or
+ * "unix:PATH"), pulls its rounds into the guest memory in `regions` (plain memory: no
+ * userfaultfd), and calls `resume` with the state blob after the final round. Returns once the
+ * guest runs. Thread safety: any thread.
+ *
+ * # Safety
+ * As ferry_destination_connect; `resume` is a valid function.
+ */
+enum FerryStatus ferry_precopy_receive(const struct FerryRegion *regions,
+                                       size_t region_count,
+                                       uint32_t page_size,
+                                       const char *addr,
+                                       const uint8_t *key,
+                                       size_t key_len,
+                                       FerryResumeFn resume,
+                                       void *user);
 
 /**
  * Drops every connection of the source: a handoff in progress fails with FERRY_STATUS_ERR_PEER and the

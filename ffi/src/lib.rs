@@ -104,6 +104,7 @@ pub struct FerryStats {
 pub struct FerrySource {
     server: SourceServer,
     pages: u64,
+    page_size: u64,
     /// The destination's control lane, once accepted.
     control: Mutex<Option<Box<dyn ControlStream>>>,
 }
@@ -324,6 +325,7 @@ pub unsafe extern "C" fn ferry_source_start(
         // SAFETY: forwarded caller contract on the mappings.
         let memory = unsafe { adopt(regions, page_size)? };
         let pages = memory.layout().total_pages();
+        let page_size = u64::from(memory.layout().page_size());
         let memory = Arc::new(memory);
         let server = match unix_path(addr) {
             Some(path) => SourceServer::Local(LocalPageServer::start(path, memory, key).map_err(transport)?),
@@ -331,7 +333,7 @@ pub unsafe extern "C" fn ferry_source_start(
                 SourceServer::Tcp(TcpPageServer::start(addr, memory, key, TcpOptions::default()).map_err(transport)?)
             }
         };
-        let handle = Box::new(FerrySource { server, pages, control: Mutex::new(None) });
+        let handle = Box::new(FerrySource { server, pages, page_size, control: Mutex::new(None) });
         // SAFETY: out is non-null (checked) and writable (caller contract).
         unsafe { *out = Box::into_raw(handle) };
         Ok(())
@@ -459,6 +461,165 @@ pub unsafe extern "C" fn ferry_source_handoff(
     })
 }
 
+/// Fills `words` (`word_count` 64-bit words, zeroed by ferry; bit i = global page i) with the pages
+/// the guest wrote since the previous call, and clears that record; returns 0, anything else aborts.
+/// The first call starts tracking. KVM VMMs answer with KVM_GET_DIRTY_LOG.
+pub type FerryDirtyLogFn = Option<unsafe extern "C" fn(words: *mut u64, word_count: usize, user: *mut c_void) -> i32>;
+
+/// Stops the guest's vCPUs and points `*state`/`*len` at its state blob, which must stay valid
+/// until ferry_source_precopy returns; returns 0, anything else aborts.
+pub type FerryPauseFn = Option<unsafe extern "C" fn(state: *mut *const u8, len: *mut usize, user: *mut c_void) -> i32>;
+
+struct CallbackDirtyLog {
+    collect: unsafe extern "C" fn(*mut u64, usize, *mut c_void) -> i32,
+    user: *mut c_void,
+    pages: u64,
+}
+
+impl ferry::precopy::DirtyLog for CallbackDirtyLog {
+    fn collect(&mut self) -> ferry::Result<FreePages> {
+        let mut words = vec![0u64; self.pages.div_ceil(64) as usize];
+        // SAFETY: the VMM's callback, given a buffer of exactly `words.len()` words it may write.
+        let rc = unsafe { (self.collect)(words.as_mut_ptr(), words.len(), self.user) };
+        if rc != 0 {
+            return Err(MigrationError::Vmm(format!("the dirty-log callback returned {rc}")));
+        }
+        let tail = self.pages % 64;
+        if tail != 0 {
+            if let Some(last) = words.last_mut() {
+                *last &= (1 << tail) - 1;
+            }
+        }
+        FreePages::from_words(words, self.pages)
+            .ok_or_else(|| MigrationError::Vmm("dirty bitmap of the wrong size".into()))
+    }
+}
+
+/// Pre-copy, with the guest running: waits up to `timeout_ms` for a destination that called
+/// ferry_precopy_receive (unless ferry_source_wait_destination already did), lets it pull every
+/// page, then the pages `dirty_log` reports, round after round, until the predicted downtime is at
+/// most `downtime_target_ms` or `max_rounds` rounds ran; then calls `pause` and sends the last
+/// dirty pages and the state. Returns once the destination's guest runs; `stats` (may be null)
+/// gets the downtime and total time. Thread safety: one thread per handle.
+///
+/// # Safety
+/// `source` is a live handle; the callbacks are valid functions; `user` is passed through;
+/// `stats` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_source_precopy(
+    source: *mut FerrySource,
+    dirty_log: FerryDirtyLogFn,
+    pause: FerryPauseFn,
+    user: *mut c_void,
+    downtime_target_ms: u32,
+    max_rounds: u32,
+    timeout_ms: u32,
+    stats: *mut FerryStats,
+) -> FerryStatus {
+    guard(|| {
+        // SAFETY: caller contract: a live handle or null.
+        let source = unsafe { source.as_ref() }.ok_or_else(|| invalid("source is null"))?;
+        let collect = dirty_log.ok_or_else(|| invalid("dirty_log is null"))?;
+        let pause = pause.ok_or_else(|| invalid("pause is null"))?;
+        let accepted = lock(&source.control).take();
+        let mut control = match accepted {
+            Some(control) => control,
+            None => source.accept(Duration::from_millis(u64::from(timeout_ms)))?,
+        };
+        let mut log = CallbackDirtyLog { collect, user, pages: source.pages };
+        let config = ferry::precopy::PrecopyConfig {
+            downtime_target: Duration::from_millis(u64::from(downtime_target_ms)),
+            max_rounds: max_rounds.max(1),
+        };
+        let pause_guest = || -> ferry::Result<Vec<u8>> {
+            let (mut state, mut len): (*const u8, usize) = (std::ptr::null(), 0);
+            // SAFETY: the VMM's callback writes the two out-parameters, which live across the call.
+            let rc = unsafe { pause(&mut state, &mut len, user) };
+            if rc != 0 {
+                return Err(MigrationError::Vmm(format!("the pause callback returned {rc}")));
+            }
+            match (state.is_null(), len) {
+                (_, 0) => Ok(Vec::new()),
+                (true, _) => Err(MigrationError::Vmm("the pause callback gave a null state".into())),
+                // SAFETY: the callback promises `len` readable bytes at `state` until we return.
+                (false, n) => Ok(unsafe { std::slice::from_raw_parts(state, n) }.to_vec()),
+            }
+        };
+        let page_size = source.page_size;
+        let report = ferry::precopy::run_source(control.as_mut(), page_size, &mut log, pause_guest, &config)
+            .map_err(migration)?;
+        // SAFETY: caller contract: null or writable.
+        if let Some(stats) = unsafe { stats.as_mut() } {
+            *stats = FerryStats {
+                pages_total: source.pages,
+                bulk_pages: report.pages_per_round.iter().sum(),
+                total_us: micros(report.total),
+                downtime_us: micros(report.downtime),
+                ..FerryStats::default()
+            };
+        }
+        Ok(())
+    })
+}
+
+/// The destination of a pre-copy migration, in one call: connects to the source at `addr` (TCP or
+/// "unix:PATH"), pulls its rounds into the guest memory in `regions` (plain memory: no
+/// userfaultfd), and calls `resume` with the state blob after the final round. Returns once the
+/// guest runs. Thread safety: any thread.
+///
+/// # Safety
+/// As ferry_destination_connect; `resume` is a valid function.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_precopy_receive(
+    regions: *const FerryRegion,
+    region_count: usize,
+    page_size: u32,
+    addr: *const c_char,
+    key: *const u8,
+    key_len: usize,
+    resume: FerryResumeFn,
+    user: *mut c_void,
+) -> FerryStatus {
+    guard(|| {
+        let resume = resume.ok_or_else(|| invalid("resume is null"))?;
+        // SAFETY: forwarded caller contracts.
+        let (regions, key, addr) =
+            unsafe { (regions_arg(regions, region_count)?, key_arg(key, key_len)?, str_arg(addr, "addr")?) };
+        // SAFETY: forwarded caller contract on the mappings.
+        let guest = unsafe { adopt(regions, page_size)? };
+        let layout = guest.layout().clone();
+        let (lanes, mut control) = connect_session(addr, &key, &layout)?;
+        ferry::precopy::run_destination(control.as_mut(), &guest, lanes, |state| {
+            // SAFETY: `resume` is the caller's function; state is valid for the call.
+            match unsafe { resume(state.as_ptr(), state.len(), user) } {
+                0 => Ok(()),
+                rc => Err(format!("resume callback returned {rc}")),
+            }
+        })
+        .map_err(migration)?;
+        Ok(())
+    })
+}
+
+/// Opens a session's lanes over TCP or, for "unix:PATH", the local transport.
+fn connect_session(
+    addr: &str,
+    key: &PreSharedKey,
+    layout: &MemoryLayout,
+) -> Result<(PageSource, Box<dyn ControlStream>), (FerryStatus, String)> {
+    Ok(match unix_path(addr) {
+        Some(path) => {
+            let (lanes, control) = local::connect_session(path, key, Some(layout), 32).map_err(transport)?;
+            (lanes, Box::new(control))
+        }
+        None => {
+            let (lanes, control) =
+                tcp::connect_session(addr, key, Some(layout), &TcpOptions::default()).map_err(transport)?;
+            (lanes, Box::new(control))
+        }
+    })
+}
+
 /// Drops every connection of the source: a handoff in progress fails with FERRY_STATUS_ERR_PEER and the
 /// destination sees its lanes fail. Thread safety: any thread, also during ferry_source_handoff.
 ///
@@ -526,17 +687,7 @@ pub unsafe extern "C" fn ferry_destination_connect(
         // SAFETY: forwarded caller contract on the mappings.
         let guest = unsafe { adopt(regions, page_size)? };
         let layout = guest.layout().clone();
-        let (lanes, control): (PageSource, Box<dyn ControlStream>) = match unix_path(addr) {
-            Some(path) => {
-                let (lanes, control) = local::connect_session(path, &key, Some(&layout), 32).map_err(transport)?;
-                (lanes, Box::new(control))
-            }
-            None => {
-                let (lanes, control) =
-                    tcp::connect_session(addr, &key, Some(&layout), &TcpOptions::default()).map_err(transport)?;
-                (lanes, Box::new(control))
-            }
-        };
+        let (lanes, control) = connect_session(addr, &key, &layout)?;
         let memory = DestinationMemory::register(guest).map_err(|e| migration(e.into()))?;
         let handle = Box::new(FerryDestination {
             memory: Arc::new(memory),

@@ -59,7 +59,7 @@ fn compile(name: &str, static_link: bool) -> PathBuf {
     if static_link {
         cc.arg(prefix().join("lib/libferry.a")).args(["-lpthread", "-ldl", "-lm"]);
     } else {
-        cc.args(pkg_config("--libs")).arg(format!("-Wl,-rpath,{}", prefix().join("lib").display()));
+        cc.args(pkg_config("--libs")).arg(format!("-Wl,-rpath,{}", prefix().join("lib").display())).arg("-lpthread");
     }
     let result = cc.output().expect("run cc");
     assert!(result.status.success(), "cc {name}.c failed:\n{}", String::from_utf8_lossy(&result.stderr));
@@ -92,6 +92,12 @@ fn c_program_migrates_its_memory_post_copy() {
 fn c_program_links_the_static_library() {
     let out = run(&compile("migrate", true), &["anon"]);
     assert!(out.contains("c-embed: PASS"), "{out}");
+}
+
+#[test]
+fn c_program_migrates_pre_copy_with_its_own_dirty_log() {
+    let out = run(&compile("precopy", false), &[]);
+    assert!(out.contains("c-precopy: PASS"), "{out}");
 }
 
 #[test]
