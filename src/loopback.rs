@@ -81,6 +81,8 @@ pub fn migrate(config: &LoopbackConfig) -> Result<LoopbackOutcome> {
     let paused = move |mut control: Box<dyn ControlStream>, free: FreePages| -> Result<SourceReport> {
         run_source(control.as_mut(), Instant::now(), &SEED.to_le_bytes(), &free)
     };
+    // Register first: the source pauses its guest as soon as our control lane connects.
+    let memory = Arc::new(DestinationMemory::register(GuestMemory::create(layout.clone(), config.dest_backing)?)?);
     let (server, source, lanes, control): (Server, _, _, Box<dyn ControlStream>) = match config.transport {
         LoopbackTransport::Tcp => {
             let server = Arc::new(TcpPageServer::start("127.0.0.1:0", source_mem, key.clone(), TcpOptions::default())?);
@@ -103,7 +105,6 @@ pub fn migrate(config: &LoopbackConfig) -> Result<LoopbackOutcome> {
             (Server::Local(server), source, lanes, Box::new(control))
         }
     };
-    let memory = Arc::new(DestinationMemory::register(GuestMemory::create(layout.clone(), config.dest_backing)?)?);
     let mut seed = 0;
     let session = PostcopyDestination::start(
         control,

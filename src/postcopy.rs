@@ -121,6 +121,7 @@ impl PostcopyDestination {
                 })
                 .map_err(|e| MigrationError::Protocol(format!("spawning the fault thread: {e}")))?
         };
+        memory.begin_use();
         if let Err(why) = resume(&state) {
             handoff::send_abort(control.as_mut(), &why);
             stop_faults.store(true, Ordering::Release);

@@ -30,6 +30,8 @@ pub struct DestinationMemory {
     /// Closed on drop only once every page is present or memory was released (see Drop).
     uffd: std::mem::ManuallyDrop<Userfault>,
     released: std::sync::atomic::AtomicBool,
+    /// Set once a guest may run on this memory (see [`Self::begin_use`]).
+    in_use: std::sync::atomic::AtomicBool,
     states: PageStates,
     page_size: u64,
 }
@@ -83,6 +85,7 @@ impl DestinationMemory {
             alias,
             uffd: std::mem::ManuallyDrop::new(uffd),
             released: std::sync::atomic::AtomicBool::new(false),
+            in_use: std::sync::atomic::AtomicBool::new(false),
             states,
             page_size,
         })
@@ -264,6 +267,12 @@ impl DestinationMemory {
         }
     }
 
+    /// Marks that a guest is about to run on this memory: from now on, dropping it with pages
+    /// missing keeps the userfaultfd open (see Drop). Before, nothing can be blocked on it.
+    pub fn begin_use(&self) {
+        self.in_use.store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// Unregisters guest memory once every page is present: from then on the kernel handles the
     /// guest's faults itself (a page it discards and touches again is simply a zero page), and any
     /// thread still waiting on a fault is woken.
@@ -296,7 +305,8 @@ impl DestinationMemory {
 
 impl Drop for DestinationMemory {
     fn drop(&mut self) {
-        if self.released.load(std::sync::atomic::Ordering::Acquire) || self.states.all_present() {
+        let in_use = self.in_use.load(std::sync::atomic::Ordering::Acquire);
+        if !in_use || self.released.load(std::sync::atomic::Ordering::Acquire) || self.states.all_present() {
             // SAFETY: dropped exactly once, here, and never used again.
             unsafe { std::mem::ManuallyDrop::drop(&mut self.uffd) };
         }

@@ -687,8 +687,9 @@ pub unsafe extern "C" fn ferry_destination_connect(
         // SAFETY: forwarded caller contract on the mappings.
         let guest = unsafe { adopt(regions, page_size)? };
         let layout = guest.layout().clone();
-        let (lanes, control) = connect_session(addr, &key, &layout)?;
+        // Register first: the source may pause its guest as soon as our control lane connects.
         let memory = DestinationMemory::register(guest).map_err(|e| migration(e.into()))?;
+        let (lanes, control) = connect_session(addr, &key, &layout)?;
         let handle = Box::new(FerryDestination {
             memory: Arc::new(memory),
             policy,

@@ -147,8 +147,9 @@ fn dest(a: &Args) -> Result<()> {
     let layout = layout(a)?;
     let pages = layout.total_pages();
     let free = demo_free_pages(pages);
+    // Register first: the source pauses its guest as soon as our control lane connects.
+    let memory = Arc::new(DestinationMemory::register(GuestMemory::create(layout.clone(), a.backing)?)?);
     let (lanes, control) = tcp::connect_session(a.addr.as_str(), &key()?, Some(&layout), &TcpOptions::default())?;
-    let memory = Arc::new(DestinationMemory::register(GuestMemory::create(layout, a.backing)?)?);
     let mut position = 0;
     let session = PostcopyDestination::start(
         Box::new(control),

@@ -410,6 +410,14 @@ fn rate_since(vm: &Vm, (t, p): (Instant, u64)) -> f64 {
     (vm.telemetry.progress.load(Ordering::Relaxed) - p) as f64 / t.elapsed().as_secs_f64().max(1e-6)
 }
 
+/// Destination memory prepared for the source's mode.
+enum Prepared {
+    /// Registered with userfaultfd: post-copy.
+    Arriving(Arc<DestinationMemory>),
+    /// Plain memory that rounds are pulled into: pre-copy and hybrid.
+    Plain(Arc<GuestMemory>),
+}
+
 /// The destination's resume: load the vCPU state, start the vCPUs, note when.
 fn resume(
     dest: &mut Vm,
@@ -442,7 +450,19 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
         rv.page_size,
         vec![ferry_transport::RegionLayout { guest_phys_addr: 0, size: rv.mem_mib << 20 }],
     )?;
-    let (lanes, control, transport): (_, Box<dyn ControlStream>, _) = match &rv.local_path {
+    // Memory and VM first: the source may pause its guest as soon as our control lane connects,
+    // and nothing slow (mapping, registering, memory slots) belongs in the downtime.
+    let (mut dest, prepared) = match rv.mode {
+        Mode::Postcopy => {
+            let m = Arc::new(DestinationMemory::register(GuestMemory::create(layout.clone(), backing)?)?);
+            (Vm::new(Memory::Arriving(m.clone()), rv.vcpus)?, Prepared::Arriving(m))
+        }
+        Mode::Precopy | Mode::Hybrid => {
+            let m = Arc::new(GuestMemory::create(layout.clone(), backing)?);
+            (Vm::new(Memory::Plain(m.clone()), rv.vcpus)?, Prepared::Plain(m))
+        }
+    };
+    let (lanes, mut control, transport): (_, Box<dyn ControlStream>, _) = match &rv.local_path {
         Some(path) => {
             let (lanes, control) = local::connect_session(path, key, Some(&layout), 32)?;
             (lanes, Box::new(control), "local")
@@ -458,31 +478,21 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
     let mut running = None;
     let mut resumed = None;
     let config = DestinationConfig { policy: prepager, ..DestinationConfig::default() };
-    let (mut dest, session) = match rv.mode {
-        Mode::Postcopy => {
-            let dest_mem = Arc::new(DestinationMemory::register(GuestMemory::create(layout, backing)?)?);
-            let mut dest = Vm::new(Memory::Arriving(dest_mem.clone()), rv.vcpus)?;
-            let session = PostcopyDestination::start(control, dest_mem, lanes, &config, |blob| {
+    let session = match prepared {
+        Prepared::Arriving(m) => Some(PostcopyDestination::start(control, m, lanes, &config, |blob| {
+            resume(&mut dest, blob, &mut running, &mut resumed)
+        })?),
+        Prepared::Plain(m) if rv.mode == Mode::Precopy => {
+            ferry::precopy::run_destination(control.as_mut(), &m, lanes, |blob| {
                 resume(&mut dest, blob, &mut running, &mut resumed)
             })?;
-            (dest, Some(session))
+            None
         }
-        Mode::Precopy => {
-            let dest_mem = Arc::new(GuestMemory::create(layout, backing)?);
-            let mut dest = Vm::new(Memory::Plain(dest_mem.clone()), rv.vcpus)?;
-            let mut control = control;
-            ferry::precopy::run_destination(control.as_mut(), &dest_mem, lanes, |blob| {
+        Prepared::Plain(m) => {
+            let (_, session) = ferry::precopy::run_hybrid_destination(control, m, lanes, &config, |blob| {
                 resume(&mut dest, blob, &mut running, &mut resumed)
             })?;
-            (dest, None)
-        }
-        Mode::Hybrid => {
-            let dest_mem = Arc::new(GuestMemory::create(layout, backing)?);
-            let mut dest = Vm::new(Memory::Plain(dest_mem.clone()), rv.vcpus)?;
-            let (_, session) = ferry::precopy::run_hybrid_destination(control, dest_mem, lanes, &config, |blob| {
-                resume(&mut dest, blob, &mut running, &mut resumed)
-            })?;
-            (dest, Some(session))
+            Some(session)
         }
     };
     if let Some(session) = session {
