@@ -151,6 +151,13 @@ pub fn workload_code(workload: Workload) -> Result<Vec<u8>, IcedError> {
     a.assemble(CODE_GPA)
 }
 
+/// RDI = the address of data page R11 (R8 + R11 * 4096).
+fn page_address(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(rdi, r11)?;
+    a.shl(rdi, 12)?;
+    a.add(rdi, r8)
+}
+
 /// `out` to a port with EAX as the value; clobbers EDX.
 fn hypercall(a: &mut CodeAssembler, port: u16) -> Result<(), IcedError> {
     a.mov(edx, u32::from(port))?;
@@ -189,9 +196,7 @@ fn count_bad_pages(
     a.xor(r11, r11)?;
     a.set_label(&mut page_loop)?;
     expected(a)?;
-    a.mov(rdi, r11)?;
-    a.shl(rdi, 12)?;
-    a.add(rdi, r8)?;
+    page_address(a)?;
     a.mov(ecx, 512)?;
     a.set_label(&mut word_loop)?;
     a.cmp(qword_ptr(rdi), rax)?;
@@ -258,9 +263,7 @@ fn seq_write(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.mov(rax, r11)?;
     a.shl(rax, 32)?;
     a.or(rax, r12)?;
-    a.mov(rdi, r11)?;
-    a.shl(rdi, 12)?;
-    a.add(rdi, r8)?;
+    page_address(a)?;
     a.mov(ecx, 512)?;
     a.rep().stosq()?;
     a.inc(r11)?;
@@ -331,9 +334,7 @@ fn rand_write(a: &mut CodeAssembler, workload: Workload) -> Result<(), IcedError
         a.mov(rax, r13)?;
         a.shr(rax, 60)?;
         a.jz(do_write)?;
-        a.mov(rdi, r11)?;
-        a.shl(rdi, 12)?;
-        a.add(rdi, r8)?;
+        page_address(a)?;
         a.mov(ecx, 512)?;
         a.xor(eax, eax)?;
         a.set_label(&mut sum)?;
@@ -381,9 +382,7 @@ fn write_page_version(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.mov(rdx, r11)?;
     a.shl(rdx, 32)?;
     a.or(rax, rdx)?;
-    a.mov(rdi, r11)?;
-    a.shl(rdi, 12)?;
-    a.add(rdi, r8)?;
+    page_address(a)?;
     a.mov(ecx, 512)?;
     a.rep().stosq()
 }
