@@ -177,6 +177,21 @@ impl DestinationMemory {
 
     /// Installs a claim whose bytes are in `data` (pages marked in `zero` are zero).
     pub fn install(&self, claim: &Claim, data: &[u8], zero: &ZeroMask, stats: &FaultStats) -> Result<()> {
+        if self.discarded_in(claim) {
+            // The guest discarded some of these pages while the read was in flight: they must
+            // stay zero, so install the others one by one.
+            let ps = self.page_size as usize;
+            for (i, page) in (claim.first()..claim.first() + u64::from(claim.count())).enumerate() {
+                if !self.states.is_discarded(page) {
+                    let mut one_zero = ZeroMask::default();
+                    if zero.is_zero(i as u32) {
+                        one_zero.set(0);
+                    }
+                    self.install(&self.states.present_page(page), &data[i * ps..(i + 1) * ps], &one_zero, stats)?;
+                }
+            }
+            return Ok(());
+        }
         let (region, addr, offset, len) = self.span(claim);
         let data = &data[..len];
         FaultStats::add(&stats.zero_pages, u64::from(zero.count()));
@@ -212,7 +227,26 @@ impl DestinationMemory {
         }
     }
 
+    /// Whether the guest discarded any page of `claim` (UFFD_EVENT_REMOVE) after it was claimed.
+    fn discarded_in(&self, claim: &Claim) -> bool {
+        (claim.first()..claim.first() + u64::from(claim.count())).any(|p| self.states.is_discarded(p))
+    }
+
     fn map_claim(&self, claim: &Claim) -> Result<()> {
+        if let (true, Some(alias)) = (self.discarded_in(claim), &self.alias) {
+            // The data already landed in the page cache: drop it again for the discarded pages,
+            // map the others one by one.
+            for page in claim.first()..claim.first() + u64::from(claim.count()) {
+                let one = self.states.present_page(page);
+                if self.states.is_discarded(page) {
+                    let (region, _, offset, len) = self.span(&one);
+                    alias[region as usize].punch_hole(offset, len)?;
+                } else {
+                    self.map_claim(&one)?;
+                }
+            }
+            return Ok(());
+        }
         let (_, addr, _, len) = self.span(claim);
         self.retrying("UFFDIO_CONTINUE", addr, len, |a, l| self.uffd.continue_range(a, l, true))?;
         self.states.mark_present(claim);

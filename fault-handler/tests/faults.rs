@@ -95,3 +95,53 @@ fn discarded_pages_are_never_fetched_and_read_as_zero() {
         1
     );
 }
+
+/// A REMOVE processed while a bulk read is in flight: the read's data must not be installed over
+/// the discarded pages, which read as zero; the rest of the run arrives.
+#[test]
+fn pages_discarded_while_in_flight_stay_zero() {
+    for backing in [Backing::Anonymous, Backing::Memfd] {
+        let layout = MemoryLayout::single(16 << 20).unwrap();
+        let source = Arc::new(GuestMemory::create(layout.clone(), Backing::Anonymous).unwrap());
+        fill_memory(&source, 9).unwrap();
+        let server = TcpPageServer::start("127.0.0.1:0", source, key(), TcpOptions::default()).unwrap();
+        let lanes = tcp::connect(server.local_addr(), &key(), Some(&layout), &TcpOptions::default()).unwrap();
+        let dest = Arc::new(DestinationMemory::register(GuestMemory::create(layout, backing).unwrap()).unwrap());
+        let stats = Arc::new(FaultStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let ferry_transport::PageSource { mut urgent, mut bulk, .. } = lanes;
+        let handler = {
+            let (dest, stats, stop) = (dest.clone(), stats.clone(), stop.clone());
+            std::thread::spawn(move || run_fault_loop(&dest, urgent.as_mut(), &FaultQueue::new(8), &stats, &stop))
+        };
+        let states = dest.states();
+        // Pages 100..108 are claimed and read on the bulk lane ...
+        let claim = states.claim_up(100, 8).unwrap();
+        let run = states.to_run(&claim);
+        bulk.submit(ferry_transport::BulkRead { run, buf: ferry_transport::PageBuf::new(8 * 4096).into(), tag: 0 })
+            .unwrap();
+        let done = bulk.complete().unwrap().unwrap();
+        // ... and while the read was in flight the guest discarded pages 102 and 103.
+        assert_eq!(states.discard(102, 2), 0, "already claimed: nothing new to claim");
+        dest.install(&claim, &done.buf, &done.zero, &stats).unwrap();
+        let region = &dest.guest().regions()[0];
+        let mut page = vec![0u8; 4096];
+        for p in 100..108u64 {
+            page.fill(0xAA);
+            region.read(p * 4096, &mut page).unwrap();
+            if (102..104).contains(&p) {
+                assert!(page.iter().all(|&b| b == 0), "{backing:?}: discarded page {p} must read zero");
+            } else {
+                assert!(check_page(&page, p, 9), "{backing:?}: page {p} must hold the source's data");
+            }
+        }
+        stop.store(true, Ordering::Release);
+        handler.join().unwrap().unwrap();
+        assert_eq!(states.installed_twice(), 0, "{backing:?}");
+        assert_eq!(
+            FaultStats::get(&stats.network_faults),
+            0,
+            "{backing:?}: nothing was fetched for the discarded pages"
+        );
+    }
+}

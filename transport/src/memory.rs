@@ -145,6 +145,26 @@ impl RegionMapping {
         Ok(())
     }
 
+    /// Drops `offset..offset+len` from the backing file (FALLOC_FL_PUNCH_HOLE): reads see zeros.
+    pub fn punch_hole(&self, offset: u64, len: usize) -> Result<()> {
+        self.check(offset, len)?;
+        let fd = self.fd().ok_or_else(|| TransportError::BadSharedMemory("anonymous memory has no file".into()))?;
+        // SAFETY: fallocate on a valid fd with in-bounds integer arguments; KEEP_SIZE keeps the
+        // file's size, so no mapping of it can fault past its end.
+        let rc = unsafe {
+            libc::fallocate(
+                fd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(())
+    }
+
     /// Allocates zeroed backing pages for `offset..offset+len` of the file (memfd backings only),
     /// so MINOR-mode zero pages can be mapped with UFFDIO_CONTINUE without writing them.
     pub fn allocate_zeroed(&self, offset: u64, len: usize) -> Result<()> {
