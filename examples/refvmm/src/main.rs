@@ -189,9 +189,10 @@ fn run(a: &Args) -> Result<()> {
         // A user's guest need not implement the self-check.
         vm.stop(running)?;
         let segments = vm.telemetry.segments.load(Ordering::Relaxed);
+        let dropped = vm.telemetry.free_reports_dropped.load(Ordering::Relaxed);
         println!(
             "{}",
-            json!({"guest": a.guest_file.as_ref().map(|p| p.display().to_string()), "rate": rate, "task_segments": segments})
+            json!({"guest": a.guest_file.as_ref().map(|p| p.display().to_string()), "rate": rate, "task_segments": segments, "free_reports_dropped": dropped})
         );
         return Ok(());
     }
@@ -267,6 +268,8 @@ struct Rendezvous {
 }
 
 const MAX_RENDEZVOUS_BYTES: u64 = 4096;
+/// Largest guest a destination builds on a source's word, before the handshake authenticates it.
+const MAX_GUEST_MIB: u64 = 16 << 10;
 
 fn backing_name(b: Backing) -> &'static str {
     match b {
@@ -439,6 +442,15 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
     let mut line = String::new();
     BufReader::new(rendezvous.take(MAX_RENDEZVOUS_BYTES)).read_line(&mut line)?;
     let rv: Rendezvous = serde_json::from_str(line.trim()).context("the source's rendezvous line")?;
+    // Not yet authenticated: bound what it can make us allocate.
+    if rv.mem_mib == 0 || rv.mem_mib > MAX_GUEST_MIB || rv.vcpus == 0 || rv.vcpus > vm::MAX_VCPUS {
+        bail!(
+            "the source asks for {} MiB and {} vCPUs (1 to {MAX_GUEST_MIB} MiB, 1 to {} vCPUs)",
+            rv.mem_mib,
+            rv.vcpus,
+            vm::MAX_VCPUS
+        );
+    }
     let backing = match rv.backing.as_str() {
         "anon" => Backing::Anonymous,
         "memfd" => Backing::Memfd,

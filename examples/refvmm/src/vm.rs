@@ -43,8 +43,13 @@ pub struct Telemetry {
     pub verify_wrong: AtomicU64,
     pub verify_answers: AtomicU64,
     pub stop: AtomicBool,
-    /// Data page ranges (first, count) the guest reported free.
+    /// Data page ranges (first, count) the guest reported free, at most [`MAX_FREE_REPORTS`];
+    /// reports past that, or outside the guest's data pages, are dropped (and counted): free-page
+    /// skipping is an optimisation, and the guest must not make the VMM grow without bound.
     pub freed: std::sync::Mutex<Vec<(u64, u64)>>,
+    pub free_reports_dropped: AtomicU64,
+    /// Data pages the guest has, set at boot: free reports must fall inside them.
+    pub data_pages: AtomicU64,
     /// Whether the guest is inside a task-guided segment, and how many it entered.
     pub in_segment: AtomicBool,
     pub segments: AtomicU64,
@@ -57,6 +62,7 @@ impl Telemetry {
         let small_per_page = page_size / guest::PAGE;
         for &(first, count) in self.freed.lock().expect("free list poisoned").iter() {
             // Only whole pages: a 2 MiB page is free when all of its 4 KiB pages are.
+            // record_free only keeps ranges inside the data pages, so these sums cannot overflow.
             let start = (guest::DATA_GPA / guest::PAGE + first).div_ceil(small_per_page);
             let end = (guest::DATA_GPA / guest::PAGE + first + count) / small_per_page;
             if end > start {
@@ -64,6 +70,25 @@ impl Telemetry {
             }
         }
         free
+    }
+}
+
+/// Most free-page reports the VMM keeps (a guest reports ranges, so a few suffice).
+pub const MAX_FREE_REPORTS: usize = 65536;
+
+impl Telemetry {
+    /// Records a free-page report of `count` data pages from `first`, or drops it when it is not
+    /// inside the data pages or the list is full. All arithmetic is on guest-chosen values.
+    fn record_free(&self, first: Option<u64>, count: u64) {
+        let data_pages = self.data_pages.load(Ordering::Acquire);
+        let inside = first.and_then(|f| f.checked_add(count)).is_some_and(|end| end <= data_pages);
+        let mut freed = self.freed.lock().expect("free list poisoned");
+        match (first, inside) {
+            (Some(first), true) if freed.len() < MAX_FREE_REPORTS => freed.push((first, count)),
+            _ => {
+                self.free_reports_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -158,6 +183,7 @@ impl Vm {
         }
         // Each vCPU works on its own slice of the data pages and of the version table.
         let per_vcpu = data_pages / self.vcpu_count as u64;
+        self.telemetry.data_pages.store(per_vcpu * self.vcpu_count as u64, Ordering::Release);
         for (i, vcpu) in self.vcpus.iter().enumerate() {
             let stack_top = guest::STACK_TOP_GPA - i as u64 * guest::STACK_BYTES;
             self.memory.write(stack_top, &(guest::MAILBOX_GPA + 8 * i as u64).to_le_bytes())?;
@@ -382,8 +408,12 @@ fn run_vcpu(vcpu: &mut VcpuFd, t: &Telemetry) -> Result<()> {
                 if port == guest::PORT_FREE {
                     // RSI counts from this vCPU's own data slice (R8).
                     let regs = vcpu.get_regs()?;
-                    let first = (regs.r8 - guest::DATA_GPA) / guest::PAGE + regs.rsi;
-                    t.freed.lock().expect("free list poisoned").push((first, u64::from(value)));
+                    let first = regs
+                        .r8
+                        .checked_sub(guest::DATA_GPA)
+                        .map(|off| off / guest::PAGE)
+                        .and_then(|slice| slice.checked_add(regs.rsi));
+                    t.record_free(first, u64::from(value));
                     continue;
                 }
                 match port {

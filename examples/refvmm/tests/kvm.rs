@@ -58,6 +58,25 @@ fn a_user_flat_binary_guest_runs_and_reports() {
 }
 
 #[test]
+fn a_hostile_free_page_report_is_dropped_not_fatal() {
+    if !kvm_available("a_hostile_free_page_report_is_dropped_not_fatal") {
+        return;
+    }
+    // mov rsi, u64::MAX / mov eax, 5 / mov edx, PORT_FREE (0x13) / out dx, eax   (pages past any end)
+    // then: mov eax, 1 / mov edx, PORT_PROGRESS / out dx, eax / jmp back
+    let code: [u8; 34] = [
+        0x48, 0xBE, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xB8, 5, 0, 0, 0, 0xBA, 0x13, 0, 0, 0,
+        0xEF, //
+        0xB8, 1, 0, 0, 0, 0xBA, 0x10, 0, 0, 0, 0xEF, 0xEB, 0xF3,
+    ];
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("hostile-free.bin");
+    std::fs::write(&path, code).unwrap();
+    let r = vmm(&["run", "--mem-mib", "64", "--data-mib", "16", "--guest", path.to_str().unwrap(), "--seconds", "0.2"]);
+    assert_eq!(r["free_reports_dropped"], 1, "{r}");
+    assert!(r["rate"].as_f64().unwrap() > 0.0, "the guest goes on: {r}");
+}
+
+#[test]
 fn free_pages_reported_by_the_guest_never_cross() {
     if !kvm_available("free_pages_reported_by_the_guest_never_cross") {
         return;
