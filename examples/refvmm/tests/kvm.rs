@@ -20,6 +20,14 @@ fn kvm_available(test: &str) -> bool {
 
 const WORKLOADS: [&str; 5] = ["idle", "seq-write", "rand-write", "read-mostly", "hot-set"];
 
+/// `ferry-vmm demo` on a small guest (256 MiB, 64 MiB of data, 0.2 s phases) with `args` added or
+/// overriding those.
+fn demo(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["demo", "--mem-mib", "256", "--data-mib", "64", "--seconds", "0.2"];
+    all.extend_from_slice(args);
+    vmm(&all)
+}
+
 fn vmm(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_ferry-vmm")).args(args).arg("--json").output().expect("run ferry-vmm");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -81,7 +89,7 @@ fn free_pages_reported_by_the_guest_never_cross() {
     if !kvm_available("free_pages_reported_by_the_guest_never_cross") {
         return;
     }
-    let r = vmm(&["demo", "--mem-mib", "256", "--data-mib", "64", "--workload", "idle", "--seconds", "0.2"]);
+    let r = demo(&["--workload", "idle"]);
     assert_eq!(r["skipped_free_pages"], 16384, "the idle guest gives back its 64 MiB of data: {r}");
     assert_eq!(r["guest_mismatches"], 0, "freed pages read as zero at the destination: {r}");
 }
@@ -93,21 +101,7 @@ fn every_workload_and_prepager_migrates_post_copy() {
     }
     for workload in WORKLOADS {
         for prepager in ["demand", "push", "bubbling"] {
-            let r = vmm(&[
-                "demo",
-                "--mem-mib",
-                "256",
-                "--data-mib",
-                "64",
-                "--workload",
-                workload,
-                "--mode",
-                "postcopy",
-                "--prepager",
-                prepager,
-                "--seconds",
-                "0.2",
-            ]);
+            let r = demo(&["--workload", workload, "--mode", "postcopy", "--prepager", prepager]);
             assert_eq!(r["guest_mismatches"], 0, "{workload}/{prepager}: {r}");
             assert_eq!(r["pages_sent_twice"], 0, "{workload}/{prepager}: {r}");
             assert_eq!(r["pages_total"], 65536);
@@ -122,21 +116,7 @@ fn every_workload_migrates_pre_copy_with_the_dirty_log() {
         return;
     }
     for workload in WORKLOADS {
-        let r = vmm(&[
-            "demo",
-            "--mem-mib",
-            "256",
-            "--data-mib",
-            "64",
-            "--workload",
-            workload,
-            "--mode",
-            "precopy",
-            "--seconds",
-            "0.2",
-            "--max-rounds",
-            "8",
-        ]);
+        let r = demo(&["--workload", workload, "--mode", "precopy", "--max-rounds", "8"]);
         assert_eq!(r["guest_mismatches"], 0, "{workload}: {r}");
         let rounds = r["rounds"].as_u64().unwrap();
         assert!((1..=8).contains(&rounds), "{workload}: {r}");
@@ -158,23 +138,7 @@ fn every_writer_migrates_hybrid() {
         ("hot-set", "anon"),
         ("rand-write", "memfd"),
     ] {
-        let r = vmm(&[
-            "demo",
-            "--mem-mib",
-            "256",
-            "--data-mib",
-            "64",
-            "--workload",
-            workload,
-            "--mode",
-            "hybrid",
-            "--max-rounds",
-            "2",
-            "--seconds",
-            "0.2",
-            "--backing",
-            backing,
-        ]);
+        let r = demo(&["--workload", workload, "--mode", "hybrid", "--max-rounds", "2", "--backing", backing]);
         assert_eq!(r["guest_mismatches"], 0, "{workload}/{backing}: {r}");
         assert_eq!(r["pages_sent_twice"], 0, "{workload}/{backing}: {r}");
         let per_round = r["pages_per_round"].as_array().unwrap();
@@ -191,19 +155,7 @@ fn memfd_backed_guest_migrates_in_place() {
     if !kvm_available("memfd_backed_guest_migrates_in_place") {
         return;
     }
-    let r = vmm(&[
-        "demo",
-        "--mem-mib",
-        "256",
-        "--data-mib",
-        "64",
-        "--workload",
-        "rand-write",
-        "--backing",
-        "memfd",
-        "--seconds",
-        "0.2",
-    ]);
+    let r = demo(&["--workload", "rand-write", "--backing", "memfd"]);
     assert_eq!(r["guest_mismatches"], 0, "{r}");
     assert_eq!(r["pages_sent_twice"], 0, "{r}");
 }
@@ -223,23 +175,7 @@ fn hugetlbfs_guest_migrates_in_every_mode() {
         return;
     }
     for mode in ["postcopy", "precopy", "hybrid"] {
-        let r = vmm(&[
-            "demo",
-            "--mem-mib",
-            "256",
-            "--data-mib",
-            "64",
-            "--workload",
-            "rand-write",
-            "--mode",
-            mode,
-            "--backing",
-            "hugetlb",
-            "--seconds",
-            "0.2",
-            "--max-rounds",
-            "3",
-        ]);
+        let r = demo(&["--workload", "rand-write", "--mode", mode, "--backing", "hugetlb", "--max-rounds", "3"]);
         assert_eq!(r["guest_mismatches"], 0, "{mode}: {r}");
     }
 }
@@ -264,10 +200,7 @@ fn a_guest_with_several_vcpus_migrates_in_every_mode() {
     ]);
     assert_eq!(r["guest_mismatches"], 0, "{r}");
     for mode in ["postcopy", "precopy", "hybrid"] {
-        let r = vmm(&[
-            "demo",
-            "--mem-mib",
-            "256",
+        let r = demo(&[
             "--data-mib",
             "48",
             "--workload",
@@ -276,8 +209,6 @@ fn a_guest_with_several_vcpus_migrates_in_every_mode() {
             mode,
             "--vcpus",
             "3",
-            "--seconds",
-            "0.2",
             "--max-rounds",
             "3",
         ]);
@@ -342,12 +273,7 @@ fn the_local_transport_migrates_in_every_mode() {
         return;
     }
     for mode in ["postcopy", "precopy", "hybrid"] {
-        let r = vmm(&[
-            "demo",
-            "--mem-mib",
-            "256",
-            "--data-mib",
-            "64",
+        let r = demo(&[
             "--workload",
             "rand-write",
             "--mode",
@@ -358,8 +284,6 @@ fn the_local_transport_migrates_in_every_mode() {
             "memfd",
             "--max-rounds",
             "3",
-            "--seconds",
-            "0.2",
         ]);
         assert_eq!(r["guest_mismatches"], 0, "{mode}: {r}");
         assert_eq!(r["transport"], "local", "{r}");
