@@ -39,6 +39,8 @@ pub enum TransportError {
     BadSharedMemory(String),
     #[error("snapshot image {path}: {why}")]
     Snapshot { path: String, why: String },
+    #[error("rdma {op}: {detail}")]
+    Rdma { op: &'static str, detail: String },
     #[error("snapshot checksum mismatch in region {region}, page {page}")]
     Checksum { region: u32, page: u64 },
 }

@@ -16,9 +16,14 @@ use crate::wire::{SessionId, ZeroMask};
 pub const PAGE_BUF_ALIGN: usize = 4096;
 
 /// An owned, page-aligned, zero-initialised byte buffer that bulk reads fill.
+///
+/// A lane that needs its buffers registered with a device (RDMA) hands out buffers carrying their
+/// registration ([`PageBuf::with_registration`]); the registration is dropped before the memory is
+/// freed, so a device can never be left pointing at memory that was given back.
 pub struct PageBuf {
     ptr: NonNull<u8>,
     len: usize,
+    registration: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 // SAFETY: PageBuf uniquely owns its allocation, like Vec<u8>.
@@ -33,7 +38,19 @@ impl PageBuf {
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        PageBuf { ptr, len }
+        PageBuf { ptr, len, registration: None }
+    }
+
+    /// Attaches what keeps this buffer registered with a device; it lives exactly as long as the
+    /// buffer's memory and is dropped first.
+    pub fn with_registration(mut self, registration: Box<dyn std::any::Any + Send + Sync>) -> Self {
+        self.registration = Some(registration);
+        self
+    }
+
+    /// The registration attached by the lane that made this buffer, for that lane to recognise.
+    pub fn registration(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
+        self.registration.as_deref()
     }
 
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
@@ -58,6 +75,8 @@ impl std::ops::DerefMut for PageBuf {
 
 impl Drop for PageBuf {
     fn drop(&mut self) {
+        // Deregister before the memory goes back to the allocator.
+        drop(self.registration.take());
         let layout = Layout::from_size_align(self.len, PAGE_BUF_ALIGN).expect("validated in new");
         // SAFETY: allocated in new() with this very layout.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
@@ -82,6 +101,10 @@ pub struct MappedRange {
 unsafe impl Send for MappedRange {}
 
 impl MappedRange {
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
     /// # Safety
     /// `ptr..ptr+len` must be mapped writable until this value is dropped, and nothing else may
     /// read or write those bytes meanwhile: it is lent to the lane as if it were `&mut [u8]`.
@@ -156,6 +179,21 @@ pub trait UrgentLane: Send {
     /// Reads `run` into `dst[..run bytes]`. Pages marked in the returned mask are zero in `dst`;
     /// a backend may also return zero pages unmarked.
     fn read(&mut self, run: PageRun, dst: &mut [u8]) -> Result<ZeroMask>;
+
+    /// A buffer this lane reads into fastest (registered with its device, where it has one).
+    fn buffer(&mut self, len: usize) -> Result<PageBuf> {
+        Ok(PageBuf::new(len))
+    }
+
+    /// Lets the lane read straight into `ptr..ptr+len` (a destination's alias mapping of guest
+    /// memory) when a read's target lies there. A no-op for lanes that need no registration.
+    ///
+    /// # Safety
+    /// The range must stay mapped, by the same mapping, until this lane is dropped.
+    unsafe fn register_landing(&mut self, ptr: NonNull<u8>, len: usize) -> Result<()> {
+        let _ = (ptr, len);
+        Ok(())
+    }
 }
 
 /// Pipelined reads for pre-paging.
@@ -167,6 +205,20 @@ pub trait BulkLane: Send {
     fn submit(&mut self, read: BulkRead) -> Result<()>;
     /// Waits for one read to complete; `None` when nothing is in flight.
     fn complete(&mut self) -> Result<Option<BulkDone>>;
+
+    /// A buffer this lane reads into fastest (registered with its device, where it has one).
+    fn buffer(&mut self, len: usize) -> Result<PageBuf> {
+        Ok(PageBuf::new(len))
+    }
+
+    /// As [`UrgentLane::register_landing`].
+    ///
+    /// # Safety
+    /// The range must stay mapped, by the same mapping, until this lane is dropped.
+    unsafe fn register_landing(&mut self, ptr: NonNull<u8>, len: usize) -> Result<()> {
+        let _ = (ptr, len);
+        Ok(())
+    }
 }
 
 /// Both lanes of one session with a source, as the destination holds them.

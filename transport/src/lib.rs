@@ -17,6 +17,8 @@ pub mod local;
 pub mod memory;
 mod pagebits;
 pub mod pattern;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod snapshot;
 pub mod tcp;
 pub mod wire;

@@ -327,7 +327,7 @@ pub fn connect_session(
     options: &TcpOptions,
 ) -> Result<(PageSource, TcpStream)> {
     let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-    let (control, cs) = open_lane(&addrs, key, Lane::Control, SessionId::NEW, expected_layout, options)?;
+    let (control, cs) = open_lane(&addrs, key, Lane::Control, SessionId::NEW, expected_layout, options.io_timeout)?;
     control.set_read_timeout(None)?;
     let source = open_lanes(&addrs[..], key, cs.session, Some(&cs.layout), options)?;
     Ok((source, control))
@@ -353,8 +353,8 @@ fn open_lanes(
     options: &TcpOptions,
 ) -> Result<PageSource> {
     let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-    let (urgent, first) = open_lane(&addrs, key, Lane::Urgent, session, expected_layout, options)?;
-    let (bulk, _) = open_lane(&addrs, key, Lane::Bulk, first.session, Some(&first.layout), options)?;
+    let (urgent, first) = open_lane(&addrs, key, Lane::Urgent, session, expected_layout, options.io_timeout)?;
+    let (bulk, _) = open_lane(&addrs, key, Lane::Bulk, first.session, Some(&first.layout), options.io_timeout)?;
     let layout = first.layout;
     Ok(PageSource {
         session: first.session,
@@ -370,21 +370,22 @@ fn open_lanes(
     })
 }
 
-fn open_lane(
+/// Connects to the first address that answers and runs the handshake for `lane`.
+pub(crate) fn open_lane(
     addrs: &[SocketAddr],
     key: &PreSharedKey,
     lane: Lane,
     session: SessionId,
     expected_layout: Option<&MemoryLayout>,
-    options: &TcpOptions,
+    io_timeout: Duration,
 ) -> Result<(TcpStream, crate::handshake::ClientSession)> {
     let mut last = None;
     for a in addrs {
-        match TcpStream::connect_timeout(a, options.io_timeout) {
+        match TcpStream::connect_timeout(a, io_timeout) {
             Ok(mut s) => {
                 s.set_nodelay(true)?;
-                s.set_read_timeout(Some(options.io_timeout))?;
-                s.set_write_timeout(Some(options.io_timeout))?;
+                s.set_read_timeout(Some(io_timeout))?;
+                s.set_write_timeout(Some(io_timeout))?;
                 let cs = client_handshake(&mut s, key, lane, session, expected_layout)?;
                 return Ok((s, cs));
             }
