@@ -106,7 +106,15 @@ impl PostcopyDestination {
         let queue = Arc::new(FaultQueue::new(config.fault_queue));
         let (finish, abort, stop_faults) =
             (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-        let PageSource { mut urgent, bulk, .. } = source;
+        let PageSource { mut urgent, mut bulk, .. } = source;
+        for (ptr, len) in memory.landing_ranges() {
+            // SAFETY: the alias mappings live as long as `memory`; each lane is dropped inside its
+            // thread while that thread still holds its clone of `memory`.
+            unsafe {
+                urgent.register_landing(ptr, len)?;
+                bulk.register_landing(ptr, len)?;
+            }
+        }
         let fault_thread = {
             let (memory, queue, stats, stop, abort) =
                 (memory.clone(), queue.clone(), stats.clone(), stop_faults.clone(), abort.clone());
@@ -114,6 +122,8 @@ impl PostcopyDestination {
                 .name("ferry-faults".into())
                 .spawn(move || {
                     let result = run_fault_loop(&memory, urgent.as_mut(), &queue, &stats, &stop);
+                    // Before `memory`: the lane may have registered its alias mappings.
+                    drop(urgent);
                     if result.is_err() {
                         abort.store(true, Ordering::Release);
                     }
@@ -137,6 +147,7 @@ impl PostcopyDestination {
             std::thread::Builder::new()
                 .name("ferry-prepager".into())
                 .spawn(move || {
+                    // run_prepager drops the lane before returning, while `memory` is held here.
                     let result = run_prepager(&memory, bulk, policy, free_claims, &queue, &stats, &finish, &abort);
                     if result.is_err() {
                         abort.store(true, Ordering::Release);
@@ -344,13 +355,13 @@ fn run_prepager(
             let Some(claim) = policy.next(states, sizer.pages()) else { break };
             let bytes = claim.count() as usize * page_size as usize;
             // Straight into the guest's page cache where the backing allows it, else a buffer.
-            let buf = memory.mapped_target(&claim).unwrap_or_else(|| {
-                match pool.iter().position(|b| b.len() >= bytes) {
-                    Some(i) => pool.swap_remove(i),
-                    None => PageBuf::new(bytes.next_power_of_two().min(max_pages as usize * page_size as usize)),
-                }
-                .into()
-            });
+            let buf = match memory.mapped_target(&claim) {
+                Some(target) => target,
+                None => match pool.iter().position(|b| b.len() >= bytes) {
+                    Some(i) => pool.swap_remove(i).into(),
+                    None => bulk.buffer(bytes.next_power_of_two().min(max_pages as usize * page_size as usize))?.into(),
+                },
+            };
             let run = states.to_run(&claim);
             if bulk.in_flight() == 0 {
                 last_completion = Instant::now();

@@ -228,7 +228,10 @@ fn pull(memory: &GuestMemory, source: &mut PageSource, dirty: &FreePages) -> Res
     loop {
         while source.bulk.in_flight() < source.bulk.depth() {
             let Some(&run) = next.next() else { break };
-            let buf = pool.pop().unwrap_or_else(|| PageBuf::new(max as usize * ps as usize));
+            let buf = match pool.pop() {
+                Some(buf) => buf,
+                None => source.bulk.buffer(max as usize * ps as usize)?,
+            };
             source.bulk.submit(BulkRead { run, buf: buf.into(), tag: 0 })?;
         }
         let Some(done) = source.bulk.complete()? else { break };

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
-use ferry_transport::{PageBuf, UrgentLane};
+use ferry_transport::UrgentLane;
 
 use crate::error::{FaultError, Result};
 use crate::install::DestinationMemory;
@@ -52,7 +52,7 @@ pub fn run_fault_loop(
     stop: &AtomicBool,
 ) -> Result<Vec<Duration>> {
     let mut events = [Event::Other(0); 64];
-    let mut staging = PageBuf::new(memory.page_size() as usize);
+    let mut staging = urgent.buffer(memory.page_size() as usize)?;
     let mut samples = Vec::new();
     let states = memory.states();
     while !stop.load(Ordering::Acquire) && !states.all_present() {

@@ -154,6 +154,12 @@ impl DestinationMemory {
         Ok(true)
     }
 
+    /// In [`InstallMode::Continue`], the alias mappings that reads land in, for a lane to register
+    /// with its device (`register_landing`); empty in copy mode. They stay mapped as long as `self`.
+    pub fn landing_ranges(&self) -> Vec<(std::ptr::NonNull<u8>, usize)> {
+        self.alias.iter().flatten().map(|a| (a.host_addr(), a.len())).collect()
+    }
+
     /// In [`InstallMode::Continue`], the claim's range of the alias mapping as a bulk-read target,
     /// so the read lands in the guest's page cache directly; finish with [`Self::map_filled`].
     pub fn mapped_target(&self, claim: &Claim) -> Option<BulkTarget> {

@@ -9,6 +9,7 @@
 //! ferry-toucher source --listen ADDR [--mem-mib N] [--page-size 4096|2097152]
 //! ferry-toucher dest   --connect ADDR [--mem-mib N] [--page-size ...] [--pattern ...] [--policy ...]
 //!                      [--backing ...] [--touches N] [--json]
+//! every role: [--transport tcp|rdma] [--rdma-device NAME]   (rdma: built with feature `rdma`)
 //! ```
 //! The pre-shared key comes from the environment variable `FERRY_KEY` (hex); `demo` makes one.
 
@@ -38,6 +39,13 @@ struct Args {
     backing: Backing,
     touches: Option<u64>,
     json: bool,
+    rdma: Option<RdmaChoice>,
+}
+
+/// `--transport rdma`, on the named device or the first.
+#[derive(Clone, Debug)]
+struct RdmaChoice {
+    device: Option<String>,
 }
 
 fn parse() -> Result<Args> {
@@ -53,6 +61,7 @@ fn parse() -> Result<Args> {
         backing: Backing::Anonymous,
         touches: None,
         json: false,
+        rdma: None,
     };
     while let Some(flag) = raw.next() {
         let mut value = || raw.next().ok_or_else(|| anyhow!("{flag} needs a value"));
@@ -72,6 +81,12 @@ fn parse() -> Result<Args> {
             }
             "--touches" => a.touches = Some(value()?.parse()?),
             "--json" => a.json = true,
+            "--transport" => match value()?.as_str() {
+                "tcp" => a.rdma = None,
+                "rdma" => a.rdma = Some(RdmaChoice { device: None }),
+                other => bail!("unknown transport {other:?}: tcp or rdma"),
+            },
+            "--rdma-device" => a.rdma = Some(RdmaChoice { device: Some(value()?) }),
             other => bail!("unknown option {other}"),
         }
     }
@@ -113,7 +128,7 @@ fn source(a: &Args) -> Result<()> {
     let free = demo_free_pages(layout.total_pages());
     let memory = Arc::new(GuestMemory::create(layout, Backing::Anonymous)?);
     prepare_source(&memory, SEED, &free)?;
-    let server = TcpPageServer::start(a.addr.as_str(), memory.clone(), key()?, TcpOptions::default())?;
+    let server = PageServer::start(a, memory.clone())?;
     println!("listening {}", server.local_addr());
     std::io::stdout().flush()?;
     let mut control = server.accept_control(Duration::from_secs(60))?;
@@ -121,22 +136,72 @@ fn source(a: &Args) -> Result<()> {
     let before = touch(&memory, Walk::new(a.pattern), SEED, &free, 4096)?;
     let paused_at = Instant::now();
     let report = run_source(&mut control, paused_at, &encode_state(before.touches), &free)?;
-    let stats = server.stats();
-    let served_twice = stats.pages_served_twice.load(std::sync::atomic::Ordering::Relaxed);
-    println!(
-        "{}",
-        json!({
-            "role": "source",
-            "downtime_ms": ms(report.downtime),
-            "total_ms": ms(report.total),
-            "pages_present": report.done.pages_present,
-            "pages_served_twice": served_twice,
-            "data_pages_served": stats.data_pages.load(std::sync::atomic::Ordering::Relaxed),
-            "zero_pages_served": stats.zero_pages.load(std::sync::atomic::Ordering::Relaxed),
-            "rate_before": before.rate(),
-        })
-    );
+    let mut out = json!({
+        "role": "source",
+        "downtime_ms": ms(report.downtime),
+        "total_ms": ms(report.total),
+        "pages_present": report.done.pages_present,
+        "rate_before": before.rate(),
+    });
+    match &server {
+        PageServer::Tcp(server) => {
+            let stats = server.stats();
+            let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+            out["pages_served_twice"] = json!(load(&stats.pages_served_twice));
+            out["data_pages_served"] = json!(load(&stats.data_pages));
+            out["zero_pages_served"] = json!(load(&stats.zero_pages));
+        }
+        // One-sided reads never reach the source's CPU: the destination counts what it read.
+        #[cfg(feature = "rdma")]
+        PageServer::Rdma(server) => out["rdma_device"] = json!(server.device_name()),
+    }
+    println!("{out}");
     Ok(())
+}
+
+/// The source's page server for the chosen transport.
+enum PageServer {
+    Tcp(TcpPageServer),
+    #[cfg(feature = "rdma")]
+    Rdma(ferry::transport::rdma::RdmaPageServer),
+}
+
+impl PageServer {
+    fn start(a: &Args, memory: Arc<GuestMemory>) -> Result<Self> {
+        match &a.rdma {
+            None => Ok(PageServer::Tcp(TcpPageServer::start(a.addr.as_str(), memory, key()?, TcpOptions::default())?)),
+            #[cfg(feature = "rdma")]
+            Some(choice) => Ok(PageServer::Rdma(ferry::transport::rdma::RdmaPageServer::start(
+                a.addr.as_str(),
+                memory,
+                key()?,
+                rdma_options(choice),
+            )?)),
+            #[cfg(not(feature = "rdma"))]
+            Some(_) => bail!("this ferry-toucher was built without the rdma feature"),
+        }
+    }
+
+    fn local_addr(&self) -> std::net::SocketAddr {
+        match self {
+            PageServer::Tcp(s) => s.local_addr(),
+            #[cfg(feature = "rdma")]
+            PageServer::Rdma(s) => s.local_addr(),
+        }
+    }
+
+    fn accept_control(&self, timeout: Duration) -> Result<std::net::TcpStream> {
+        Ok(match self {
+            PageServer::Tcp(s) => s.accept_control(timeout)?,
+            #[cfg(feature = "rdma")]
+            PageServer::Rdma(s) => s.accept_control(timeout)?,
+        })
+    }
+}
+
+#[cfg(feature = "rdma")]
+fn rdma_options(choice: &RdmaChoice) -> ferry::transport::rdma::RdmaOptions {
+    ferry::transport::rdma::RdmaOptions { device: choice.device.clone(), ..Default::default() }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -149,7 +214,7 @@ fn dest(a: &Args) -> Result<()> {
     let free = demo_free_pages(pages);
     // Register first: the source pauses its guest as soon as our control lane connects.
     let memory = Arc::new(DestinationMemory::register(GuestMemory::create(layout.clone(), a.backing)?)?);
-    let (lanes, control) = tcp::connect_session(a.addr.as_str(), &key()?, Some(&layout), &TcpOptions::default())?;
+    let (lanes, control, ledger) = connect(a, &layout)?;
     let mut position = 0;
     let session = PostcopyDestination::start(
         Box::new(control),
@@ -197,6 +262,8 @@ fn dest(a: &Args) -> Result<()> {
         "zero_pages": report.zero_pages,
         "skipped_free_pages": report.skipped_free_pages,
         "pages_installed_twice": report.pages_installed_twice,
+        "pages_read_twice": ledger.as_ref().map(|twice| twice()),
+        "transport": if a.rdma.is_some() { "rdma" } else { "tcp" },
         "fault_p50_us": report.fault_p50.as_secs_f64() * 1e6,
         "fault_p99_us": report.fault_p99.as_secs_f64() * 1e6,
         "fault_max_us": report.fault_max.as_secs_f64() * 1e6,
@@ -210,7 +277,37 @@ fn dest(a: &Args) -> Result<()> {
     if mismatches > 0 {
         bail!("{mismatches} pages differ from the source");
     }
+    let twice = report.pages_installed_twice + out["pages_read_twice"].as_u64().unwrap_or(0);
+    if twice > 0 {
+        bail!("{twice} pages crossed or were installed twice");
+    }
     Ok(())
+}
+
+/// Reads how many pages crossed twice, counted where the transport can see it.
+type TwiceCounter = Box<dyn Fn() -> u64>;
+
+/// Opens the session's lanes and control lane over the chosen transport.
+fn connect(
+    a: &Args,
+    layout: &MemoryLayout,
+) -> Result<(ferry::transport::PageSource, std::net::TcpStream, Option<TwiceCounter>)> {
+    match &a.rdma {
+        None => {
+            let (lanes, control) = tcp::connect_session(a.addr.as_str(), &key()?, Some(layout), &TcpOptions::default())?;
+            Ok((lanes, control, None))
+        }
+        #[cfg(feature = "rdma")]
+        Some(choice) => {
+            let s = ferry::transport::rdma::connect_session(a.addr.as_str(), &key()?, Some(layout), &rdma_options(choice))?;
+            let ledger = s.ledger;
+            let twice: TwiceCounter =
+                Box::new(move || ledger.pages_read_twice.load(std::sync::atomic::Ordering::Relaxed));
+            Ok((s.source, s.control, Some(twice)))
+        }
+        #[cfg(not(feature = "rdma"))]
+        Some(_) => bail!("this ferry-toucher was built without the rdma feature"),
+    }
 }
 
 /// Runs the source as a child process of this binary and the destination here.
@@ -236,13 +333,18 @@ fn demo(a: &Args) -> Result<()> {
             &a.page_size.to_string(),
         ])
         .args(["--pattern", a.pattern.name()])
+        .args(match &a.rdma {
+            Some(RdmaChoice { device: Some(d) }) => vec!["--rdma-device".to_string(), d.clone()],
+            Some(RdmaChoice { device: None }) => vec!["--transport".into(), "rdma".into()],
+            None => vec![],
+        })
         .env("FERRY_KEY", &key_hex)
         .stdout(Stdio::piped())
         .spawn()?;
     let mut lines = BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("no child stdout"))?).lines();
     let first = lines.next().ok_or_else(|| anyhow!("source exited before listening"))??;
     let addr = first.strip_prefix("listening ").ok_or_else(|| anyhow!("source said {first:?}"))?.to_string();
-    let dest_args = Args { addr, role: "dest".into(), ..*a };
+    let dest_args = Args { addr, role: "dest".into(), rdma: a.rdma.clone(), ..*a };
     let result = dest(&dest_args);
     for line in lines {
         println!("{}", line?);
