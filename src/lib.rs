@@ -21,4 +21,6 @@ pub use ferry_fault_handler as fault_handler;
 pub use ferry_prepager as prepager;
 pub use ferry_transport as transport;
 pub use freepages::FreePages;
-pub use postcopy::{run_source, Canceller, DestinationConfig, DestinationReport, PostcopyDestination, SourceReport};
+pub use postcopy::{
+    register_landings, run_source, Canceller, DestinationConfig, DestinationReport, PostcopyDestination, SourceReport,
+};

@@ -106,15 +106,13 @@ impl PostcopyDestination {
         let queue = Arc::new(FaultQueue::new(config.fault_queue));
         let (finish, abort, stop_faults) =
             (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-        let PageSource { mut urgent, mut bulk, .. } = source;
-        for (ptr, len) in memory.landing_ranges() {
-            // SAFETY: the alias mappings live as long as `memory`; each lane is dropped inside its
-            // thread while that thread still holds its clone of `memory`.
-            unsafe {
-                urgent.register_landing(ptr, len)?;
-                bulk.register_landing(ptr, len)?;
-            }
-        }
+        let mut source = source;
+        // SAFETY: each lane is dropped inside its thread while that thread holds a clone of
+        // `memory`, or below in this function on an error, while `memory` is held.
+        // Usually a no-op here: a destination registers before the guest pauses (see
+        // `register_landings`), and registering twice is skipped.
+        unsafe { register_landings(&memory, &mut source)? };
+        let PageSource { mut urgent, bulk, .. } = source;
         let fault_thread = {
             let (memory, queue, stats, stop, abort) =
                 (memory.clone(), queue.clone(), stats.clone(), stop_faults.clone(), abort.clone());
@@ -391,6 +389,24 @@ fn run_prepager(
             }
         }
         FaultStats::add(&stats.bulk_pages, u64::from(claim.count()));
+    }
+    Ok(())
+}
+
+/// Lets both lanes of `source` read straight into `memory`'s alias mappings (continue mode), for
+/// lanes that must register memory with a device (RDMA). Registration pins the whole mapping, so
+/// a destination does it before the source pauses the guest.
+///
+/// # Safety
+/// `memory` must outlive both lanes of `source`.
+pub unsafe fn register_landings(memory: &DestinationMemory, source: &mut PageSource) -> ferry_transport::Result<()> {
+    for (ptr, len) in memory.landing_ranges() {
+        // SAFETY: the alias mappings live as long as `memory`, which the caller keeps alive
+        // for as long as the lanes.
+        unsafe {
+            source.urgent.register_landing(ptr, len)?;
+            source.bulk.register_landing(ptr, len)?;
+        }
     }
     Ok(())
 }

@@ -7,4 +7,6 @@
 
 pub mod fixtures;
 pub mod raw;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod stats;

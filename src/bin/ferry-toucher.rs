@@ -214,7 +214,7 @@ fn dest(a: &Args) -> Result<()> {
     let free = demo_free_pages(pages);
     // Register first: the source pauses its guest as soon as our control lane connects.
     let memory = Arc::new(DestinationMemory::register(GuestMemory::create(layout.clone(), a.backing)?)?);
-    let (lanes, control, ledger) = connect(a, &layout)?;
+    let (lanes, control, ledger) = connect(a, &layout, &memory)?;
     let mut position = 0;
     let session = PostcopyDestination::start(
         Box::new(control),
@@ -291,22 +291,37 @@ type TwiceCounter = Box<dyn Fn() -> u64>;
 fn connect(
     a: &Args,
     layout: &MemoryLayout,
+    memory: &DestinationMemory,
 ) -> Result<(ferry::transport::PageSource, std::net::TcpStream, Option<TwiceCounter>)> {
     match &a.rdma {
         None => {
-            let (lanes, control) = tcp::connect_session(a.addr.as_str(), &key()?, Some(layout), &TcpOptions::default())?;
+            let (lanes, control) =
+                tcp::connect_session(a.addr.as_str(), &key()?, Some(layout), &TcpOptions::default())?;
             Ok((lanes, control, None))
         }
         #[cfg(feature = "rdma")]
         Some(choice) => {
-            let s = ferry::transport::rdma::connect_session(a.addr.as_str(), &key()?, Some(layout), &rdma_options(choice))?;
+            let s = ferry::transport::rdma::connect_session(
+                a.addr.as_str(),
+                &key()?,
+                Some(layout),
+                &rdma_options(choice),
+                |lanes| {
+                    // SAFETY: `memory` (its alias mappings) outlives the lanes: the session's
+                    // threads drop them while holding clones of the Arc this borrows from.
+                    unsafe { ferry::register_landings(memory, lanes) }
+                },
+            )?;
             let ledger = s.ledger;
             let twice: TwiceCounter =
                 Box::new(move || ledger.pages_read_twice.load(std::sync::atomic::Ordering::Relaxed));
             Ok((s.source, s.control, Some(twice)))
         }
         #[cfg(not(feature = "rdma"))]
-        Some(_) => bail!("this ferry-toucher was built without the rdma feature"),
+        Some(_) => {
+            let _ = memory;
+            bail!("this ferry-toucher was built without the rdma feature")
+        }
     }
 }
 

@@ -103,7 +103,8 @@ fn sequential_pass_into(src: &mut PageSource, run_pages: u32, lane_buffers: bool
                 drain_one(src, &mut v);
             }
             let run = PageRun::new(region, p, n);
-            let buf = if lane_buffers { src.bulk.buffer(n as usize * ps).unwrap() } else { PageBuf::new(n as usize * ps) };
+            let buf =
+                if lane_buffers { src.bulk.buffer(n as usize * ps).unwrap() } else { PageBuf::new(n as usize * ps) };
             src.bulk.submit(BulkRead { run, buf: buf.into(), tag: p }).unwrap();
             p += u64::from(n);
         }
@@ -220,15 +221,18 @@ mod rdma {
                     Ok(_) => "no RDMA device on this host".to_owned(),
                     Err(e) => e.to_string(),
                 };
-                let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why} (scripts/rdma-softroce.sh runs it on soft-RoCE)");
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED: {test}: {why} (scripts/rdma-softroce.sh runs it on soft-RoCE)"
+                );
                 false
             }
         }
     }
 
-    /// 64 MiB: soft-RoCE under emulation moves tens of MB/s.
+    /// 32 MiB: soft-RoCE under emulation moves about ten MB/s.
     fn small_source(backing: Backing) -> Arc<GuestMemory> {
-        source_memory_of(two_regions(64 << 20), backing)
+        source_memory_of(two_regions(32 << 20), backing)
     }
 
     fn server(memory: &Arc<GuestMemory>, options: &RdmaOptions) -> RdmaPageServer {
@@ -251,7 +255,8 @@ mod rdma {
                 &|src| drop(random_pass(src)),
             ];
             for pass in passes {
-                let (mut src, ledger) = rdma::connect(server.local_addr(), &key(), Some(memory.layout()), &options).unwrap();
+                let (mut src, ledger) =
+                    rdma::connect(server.local_addr(), &key(), Some(memory.layout()), &options).unwrap();
                 assert_eq!(src.session, server.session());
                 pass(&mut src);
                 assert_eq!(ledger.pages_read.load(Ordering::Relaxed), total);
@@ -325,7 +330,8 @@ mod rdma {
             return;
         }
         // Short transport timeouts so a vanished peer is noticed in milliseconds.
-        let options = RdmaOptions { ack_timeout: 8, retry_count: 2, io_timeout: Duration::from_secs(5), ..Default::default() };
+        let options =
+            RdmaOptions { ack_timeout: 8, retry_count: 2, io_timeout: Duration::from_secs(5), ..Default::default() };
         let memory = small_source(Backing::Memfd);
         let server = server(&memory, &options);
         let wrong = PreSharedKey::new(*b"not the key, also 32 bytes long!").unwrap();

@@ -3,7 +3,9 @@
 //! ```text
 //! ferry-bench transport [--json] [--mem-mib N] [--total-mib N] [--samples N] [--reps N] [--dir DIR]
 //! ferry-bench postcopy  [--json] [--mem-mib N] [--samples N] [--transport tcp|local]
+//! ferry-bench rdma      --device NAME [--listen ADDR | --peer ADDR] [--mem-mib N] [--samples N] [--json] [--quick]
 //! ```
+//! `rdma` (feature `rdma`) is described in `ferry_benches::rdma`.
 //! `transport` prints, for each backend, urgent-lane latency beside the raw round trip of one
 //! 4 KiB page and bulk-lane bandwidth beside the raw bulk limit, with their ratios.
 //! `postcopy` migrates a guest of `--mem-mib` (default 1024 here: pass it) for every pre-pager x
@@ -68,8 +70,12 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("transport") => transport(&parse(&args[1..])?),
         Some("postcopy") => postcopy(&parse(&args[1..])?),
+        #[cfg(feature = "rdma")]
+        Some("rdma") => ferry_benches::rdma::run(&args[1..]),
+        #[cfg(not(feature = "rdma"))]
+        Some("rdma") => bail!("this ferry-bench was built without the rdma feature: cargo build --release -p ferry-benches --features rdma"),
         _ => {
-            eprintln!("usage: ferry-bench transport|postcopy [--json] [--mem-mib N] [--total-mib N] [--samples N] [--reps N] [--dir DIR]");
+            eprintln!("usage: ferry-bench transport|postcopy|rdma [--json] [--mem-mib N] [--total-mib N] [--samples N] [--reps N] [--dir DIR]");
             std::process::exit(2);
         }
     }

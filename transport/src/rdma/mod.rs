@@ -35,8 +35,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub use verbs::{device_names, Endpoint};
-use verbs::{Access, CompletionQueue, Context, MemoryRegion, PathConfig, ProtectionDomain, QueuePair};
+pub use verbs::{device_names, Endpoint, PortInfo};
+use verbs::{Access, CompletionQueue, Context, Local, MemoryRegion, PathConfig, ProtectionDomain, QueuePair};
 
 use crate::auth::PreSharedKey;
 use crate::error::{Result, TransportError};
@@ -205,7 +205,10 @@ impl SetupReply {
                 rkey: u32::from_le_bytes(chunk[16..20].try_into().expect("4 bytes")),
             };
             if r.len < ours.size || r.addr.checked_add(r.len).is_none() {
-                return bad(format!("region {i}: {} bytes at {:#x} for a region of {} bytes", r.len, r.addr, ours.size));
+                return bad(format!(
+                    "region {i}: {} bytes at {:#x} for a region of {} bytes",
+                    r.len, r.addr, ours.size
+                ));
             }
             regions.push(r);
         }
@@ -215,6 +218,24 @@ impl SetupReply {
             regions,
         })
     }
+}
+
+/// What a benchmark reports about the device it ran on.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub port: PortInfo,
+    /// A software device (soft-RoCE's rxe, soft-iWARP's siw): its figures measure CPU, not a NIC.
+    pub software: bool,
+}
+
+/// Opens `name` (or the first device) and describes its port.
+pub fn device_info(name: Option<&str>, port: u8) -> Result<DeviceInfo> {
+    let ctx = Context::open(name, port)?;
+    let name = ctx.name().to_owned();
+    let parent = std::fs::read_to_string(format!("/sys/class/infiniband/{name}/parent")).is_ok();
+    let software = name.starts_with("rxe") || name.starts_with("siw") || parent;
+    Ok(DeviceInfo { port: ctx.port_info(), software, name })
 }
 
 fn random_psn() -> Result<u32> {
@@ -526,19 +547,23 @@ impl std::fmt::Debug for RdmaSession {
     }
 }
 
-/// Opens a new session's control lane, then its queue pairs: what a post-copy destination holds
-/// for the whole migration.
+/// Opens a new session's queue pairs, lets `prepare` register landing zones on them (slow: it
+/// pins memory), then opens the control lane: what a post-copy destination holds for the whole
+/// migration. The control lane comes last because a source pauses its guest when it opens, and
+/// nothing slow should happen after that.
 pub fn connect_session(
     addr: impl ToSocketAddrs,
     key: &PreSharedKey,
     expected_layout: Option<&MemoryLayout>,
     options: &RdmaOptions,
+    prepare: impl FnOnce(&mut PageSource) -> Result<()>,
 ) -> Result<RdmaSession> {
     let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-    let (control, cs) =
-        crate::tcp::open_lane(&addrs, key, Lane::Control, SessionId::NEW, expected_layout, options.io_timeout)?;
+    let (mut source, ledger) = open_lanes(&addrs, key, SessionId::NEW, expected_layout, options)?;
+    prepare(&mut source)?;
+    let (control, _) =
+        crate::tcp::open_lane(&addrs, key, Lane::Control, source.session, Some(&source.layout), options.io_timeout)?;
     control.set_read_timeout(None)?;
-    let (source, ledger) = open_lanes(&addrs, key, cs.session, Some(&cs.layout), options)?;
     Ok(RdmaSession { source, control, ledger })
 }
 
@@ -767,7 +792,14 @@ impl RdmaUrgent {
         // SAFETY: ptr..ptr+len is registered under lkey in this domain (a landing, a handed-out
         // buffer still alive, or the bounce buffer) and exclusively borrowed by the caller until
         // the completion below is polled or the queue pair is failed and flushed.
-        unsafe { self.qp.post_read(self.next_wr, ptr, len as u32, lkey, remote, rkey, true)? };
+        unsafe {
+            self.qp.post_read(
+                self.next_wr,
+                Local { ptr, len: len as u32, lkey },
+                verbs::Remote { addr: remote, rkey },
+                true,
+            )?
+        };
         let mut wcs = Vec::with_capacity(1);
         let deadline = Instant::now() + self.timeout;
         if !wait_completion(&self.cq, &mut wcs, self.spin, deadline)? {
@@ -823,9 +855,16 @@ impl UrgentLane for RdmaUrgent {
 
 /// A posted bulk work request.
 enum Posted {
-    Read { read: BulkRead, wr_id: u64, signalled: bool, staging: Option<PageBuf> },
+    Read {
+        read: BulkRead,
+        wr_id: u64,
+        signalled: bool,
+        staging: Option<PageBuf>,
+    },
     /// A small signalled read posted only so that unsignalled reads before it complete.
-    Marker { wr_id: u64 },
+    Marker {
+        wr_id: u64,
+    },
 }
 
 impl Posted {
@@ -934,7 +973,14 @@ impl BulkLane for RdmaBulk {
         // SAFETY: ptr..ptr+len is registered under lkey in this domain, and the memory behind it
         // (the read's own target or a staging buffer) moves into `posted`, owned by this lane
         // until the read is retired; the queue pair is dropped before `posted`.
-        unsafe { self.qp.post_read(wr_id, ptr, len as u32, lkey, remote, rkey, signalled)? };
+        unsafe {
+            self.qp.post_read(
+                wr_id,
+                Local { ptr, len: len as u32, lkey },
+                verbs::Remote { addr: remote, rkey },
+                signalled,
+            )?
+        };
         self.posted.push_back(Posted::Read { read, wr_id, signalled, staging });
         Ok(())
     }
@@ -957,7 +1003,14 @@ impl BulkLane for RdmaBulk {
             let ptr = self.marker.as_mut_ptr();
             // SAFETY: the marker buffer is registered under lkey and owned by this lane, which
             // drops its queue pair first; every region is at least one page long.
-            unsafe { self.qp.post_read(wr_id, ptr, 8, lkey, region.addr, region.rkey, true)? };
+            unsafe {
+                self.qp.post_read(
+                    wr_id,
+                    Local { ptr, len: 8, lkey },
+                    verbs::Remote { addr: region.addr, rkey: region.rkey },
+                    true,
+                )?
+            };
             self.posted.push_back(Posted::Marker { wr_id });
         }
         let deadline = Instant::now() + self.timeout;

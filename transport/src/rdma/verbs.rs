@@ -58,6 +58,37 @@ pub struct PortInfo {
     pub max_msg_size: u32,
     pub ethernet: bool,
     pub active: bool,
+    /// verbs.h's encodings of the link: width (1 = 1x, 2 = 4x, 4 = 8x, 8 = 12x, 16 = 2x) and
+    /// speed (1 = SDR ... 128 = NDR).
+    pub active_width: u8,
+    pub active_speed: u8,
+}
+
+impl PortInfo {
+    /// The port's data rate in Gbit/s from its width and speed (signalling rate less line
+    /// encoding), or `None` when the codes are unknown (software devices report anything).
+    pub fn line_rate_gbps(&self) -> Option<f64> {
+        let lanes = match self.active_width {
+            1 => 1.0,
+            2 => 4.0,
+            4 => 8.0,
+            8 => 12.0,
+            16 => 2.0,
+            _ => return None,
+        };
+        let per_lane = match self.active_speed {
+            1 => 2.5 * 0.8,
+            2 => 5.0 * 0.8,
+            4 => 10.0 * 0.8,
+            8 => 10.3125 * 64.0 / 66.0,
+            16 => 14.0625 * 64.0 / 66.0,
+            32 => 25.78125 * 64.0 / 66.0,
+            64 => 53.125 * 64.0 / 66.0,
+            128 => 106.25 * 64.0 / 66.0,
+            _ => return None,
+        };
+        Some(lanes * per_lane)
+    }
 }
 
 /// An open verbs device and the port this process uses on it.
@@ -91,7 +122,7 @@ impl Context {
             let dev = unsafe { *list.add(i) };
             // SAFETY: dev is valid; the name lives as long as the list.
             let dev_name = unsafe { CStr::from_ptr(ibv_get_device_name(dev)) }.to_string_lossy().into_owned();
-            if name.is_none_or(|want| want == dev_name) {
+            if name.map_or(true, |want| want == dev_name) {
                 chosen = Some((dev, dev_name));
                 break;
             }
@@ -122,6 +153,8 @@ impl Context {
                 max_msg_size: 0,
                 ethernet: false,
                 active: false,
+                active_width: 0,
+                active_speed: 0,
             },
             max_initiator_reads: 1,
             max_responder_reads: 1,
@@ -147,6 +180,8 @@ impl Context {
             max_msg_size: attr.max_msg_sz,
             ethernet: attr.link_layer == LINK_LAYER_ETHERNET,
             active: attr.state == ibv_port_state::IBV_PORT_ACTIVE,
+            active_width: attr.active_width,
+            active_speed: attr.active_speed,
         };
         this.max_initiator_reads = dev_attr.max_qp_init_rd_atom.clamp(1, 16) as u8;
         this.max_responder_reads = dev_attr.max_qp_rd_atom.clamp(1, 16) as u8;
@@ -207,7 +242,8 @@ unsafe impl Sync for ProtectionDomain {}
 impl ProtectionDomain {
     pub fn new(ctx: &Arc<Context>) -> Result<Arc<Self>> {
         // SAFETY: ctx is open.
-        let pd = NonNull::new(unsafe { ibv_alloc_pd(ctx.ctx.as_ptr()) }).ok_or_else(|| last_os_error("ibv_alloc_pd"))?;
+        let pd =
+            NonNull::new(unsafe { ibv_alloc_pd(ctx.ctx.as_ptr()) }).ok_or_else(|| last_os_error("ibv_alloc_pd"))?;
         Ok(Arc::new(ProtectionDomain { pd, ctx: ctx.clone() }))
     }
 
@@ -454,6 +490,21 @@ pub struct PathConfig {
     pub retry_count: u8,
 }
 
+/// Where a read lands: registered memory of ours.
+#[derive(Clone, Copy, Debug)]
+pub struct Local {
+    pub ptr: *mut u8,
+    pub len: u32,
+    pub lkey: u32,
+}
+
+/// What a read reads: the peer's registered memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Remote {
+    pub addr: u64,
+    pub rkey: u32,
+}
+
 /// A reliable-connected queue pair.
 pub struct QueuePair {
     qp: NonNull<ibv_qp>,
@@ -506,10 +557,13 @@ impl QueuePair {
         attr.qp_state = ibv_qp_state::IBV_QPS_INIT;
         attr.pkey_index = 0;
         attr.port_num = ctx.port();
-        attr.qp_access_flags =
-            if remote_reads { ibv_access_flags::IBV_ACCESS_REMOTE_READ.0 } else { 0 };
+        attr.qp_access_flags = if remote_reads { ibv_access_flags::IBV_ACCESS_REMOTE_READ.0 } else { 0 };
         use ibv_qp_attr_mask as M;
-        self.modify(&mut attr, M::IBV_QP_STATE | M::IBV_QP_PKEY_INDEX | M::IBV_QP_PORT | M::IBV_QP_ACCESS_FLAGS, "qp to INIT")?;
+        self.modify(
+            &mut attr,
+            M::IBV_QP_STATE | M::IBV_QP_PKEY_INDEX | M::IBV_QP_PORT | M::IBV_QP_ACCESS_FLAGS,
+            "qp to INIT",
+        )?;
 
         // SAFETY: as above.
         let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
@@ -570,24 +624,15 @@ impl QueuePair {
         let _ = self.modify(&mut attr, ibv_qp_attr_mask::IBV_QP_STATE, "qp to ERR");
     }
 
-    /// Posts one RDMA READ of `len` bytes from `remote_addr` (under `rkey`) into `local`.
+    /// Posts one RDMA READ of `local.len` bytes from `remote` into `local`.
     ///
     /// # Safety
-    /// `local..local+len` must lie in a region registered for local write in this queue pair's
-    /// domain under `lkey`, and be lent exclusively to the device until the read's completion
-    /// (or a later signalled completion on this queue pair) is polled, or the queue pair is
-    /// destroyed or failed and flushed.
-    pub unsafe fn post_read(
-        &self,
-        wr_id: u64,
-        local: *mut u8,
-        len: u32,
-        lkey: u32,
-        remote_addr: u64,
-        rkey: u32,
-        signalled: bool,
-    ) -> Result<()> {
-        let mut sge = ibv_sge { addr: local as u64, length: len, lkey };
+    /// `local` must lie in a region registered for local write in this queue pair's domain under
+    /// its lkey, and be lent exclusively to the device until the read's completion (or a later
+    /// signalled completion on this queue pair) is polled, or the queue pair is destroyed or
+    /// failed and flushed.
+    pub unsafe fn post_read(&self, wr_id: u64, local: Local, remote: Remote, signalled: bool) -> Result<()> {
+        let mut sge = ibv_sge { addr: local.ptr as u64, length: local.len, lkey: local.lkey };
         // SAFETY: plain C struct; zero is valid for every field, the ones used are set below.
         let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = wr_id;
@@ -595,7 +640,7 @@ impl QueuePair {
         wr.num_sge = 1;
         wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
         wr.send_flags = if signalled { ibv_send_flags::IBV_SEND_SIGNALED.0 } else { 0 };
-        wr.wr.rdma = rdma_t { remote_addr, rkey };
+        wr.wr.rdma = rdma_t { remote_addr: remote.addr, rkey: remote.rkey };
         let mut bad: *mut ibv_send_wr = std::ptr::null_mut();
         // SAFETY: qp is live, wr and sge are valid for the call (the provider copies them);
         // the caller lends the local range to the device.

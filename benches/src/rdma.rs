@@ -1,0 +1,212 @@
+//! `ferry-bench rdma`: the RDMA microbenchmark suite for real testbeds (feature `rdma`).
+//!
+//! ```text
+//! ferry-bench rdma --device NAME [--listen ADDR] [--peer ADDR] [--mem-mib N] [--samples N] [--json] [--quick]
+//! ```
+//! Without `--peer` the source runs in this process and the device reads its own host's memory
+//! (one host, loopback through the NIC). Between two hosts, start `--listen 0.0.0.0:7471` on the
+//! source host, then `--peer SOURCE:7471` on the destination host. Prints 4 KiB READ latency
+//! p50/p99 on the urgent lane, bulk READ bandwidth by run size (beside the port's line rate when
+//! it reports one), and post-copy fault service latency: a thread touching pages of memory
+//! registered with userfaultfd, each fault served by the fault loop over the urgent lane.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry::fault_handler::{run_fault_loop, DestinationMemory, FaultQueue, FaultStats};
+use ferry::toucher::{prepare_source, touch, Pattern, Walk};
+use ferry::FreePages;
+use ferry_transport::lane::{BulkRead, PageBuf, PageSource};
+use ferry_transport::rdma::{self, RdmaOptions, RdmaPageServer};
+use ferry_transport::{Backing, GuestMemory, MemoryLayout, PageRun};
+use serde_json::json;
+
+use crate::fixtures::bench_key;
+use crate::stats::{gbps, Latencies};
+
+/// The source's memory is filled with the toucher's pattern under this seed, so the destination
+/// can check every page it faults in.
+const SEED: u64 = 0xbe4c_0001;
+
+struct Options {
+    device: Option<String>,
+    listen: Option<String>,
+    peer: Option<String>,
+    mem_mib: u64,
+    samples: usize,
+    json: bool,
+}
+
+fn parse(args: &[String]) -> Result<Options> {
+    let mut o = Options { device: None, listen: None, peer: None, mem_mib: 1024, samples: 20_000, json: false };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value")).cloned();
+        match a.as_str() {
+            "--device" => o.device = Some(value()?),
+            "--listen" => o.listen = Some(value()?),
+            "--peer" => o.peer = Some(value()?),
+            "--mem-mib" => o.mem_mib = value()?.parse()?,
+            "--samples" => o.samples = value()?.parse()?,
+            "--json" => o.json = true,
+            // Soft-RoCE under emulation: small sizes, few samples; the figures check correctness.
+            "--quick" => {
+                o.mem_mib = 64;
+                o.samples = 300;
+            }
+            other => bail!("unknown option {other}"),
+        }
+    }
+    Ok(o)
+}
+
+fn options(o: &Options) -> RdmaOptions {
+    RdmaOptions { device: o.device.clone(), ..RdmaOptions::default() }
+}
+
+fn source_memory(o: &Options) -> Result<Arc<GuestMemory>> {
+    let layout = MemoryLayout::single(o.mem_mib << 20)?;
+    let memory = GuestMemory::create(layout, Backing::Memfd)?;
+    prepare_source(&memory, SEED, &FreePages::new(memory.layout().total_pages()))?;
+    Ok(Arc::new(memory))
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let o = parse(args)?;
+    if let Some(addr) = &o.listen {
+        let server = RdmaPageServer::start(addr.as_str(), source_memory(&o)?, bench_key(), options(&o))?;
+        println!(
+            "ferry-bench rdma: serving {} MiB on {} ({}); Ctrl-C to stop",
+            o.mem_mib,
+            server.local_addr(),
+            server.device_name()
+        );
+        loop {
+            std::thread::park();
+        }
+    }
+    let info = rdma::device_info(o.device.as_deref(), 1)?;
+    let _local_server;
+    let addr = match &o.peer {
+        Some(peer) => peer.clone(),
+        None => {
+            let server = RdmaPageServer::start("127.0.0.1:0", source_memory(&o)?, bench_key(), options(&o))?;
+            let addr = server.local_addr().to_string();
+            _local_server = server;
+            addr
+        }
+    };
+    let (mut lanes, _) = rdma::connect(addr.as_str(), &bench_key(), None, &options(&o))?;
+    let layout = lanes.layout.clone();
+    let pages = layout.total_pages();
+
+    // 4 KiB READ latency on the urgent lane, random pages, into a registered buffer.
+    let mut buf = lanes.urgent.buffer(4096)?;
+    let mut latency = Latencies::measure(o.samples / 10, o.samples, |i| {
+        let page = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) % pages;
+        lanes.urgent.read(PageRun::new(0, page, 1), &mut buf).map(drop)
+    })?;
+    let (l50, l99) = (latency.quantile_us(0.5), latency.quantile_us(0.99));
+
+    // Bulk READ bandwidth by run size: the whole memory, `depth` reads in flight.
+    let mut bulk = Vec::new();
+    for run_kib in [4u64, 64, 256, 1024, 4096] {
+        let run_pages = (run_kib * 1024 / u64::from(layout.page_size())).min(u64::from(layout.max_run_pages())) as u32;
+        let elapsed = bulk_pass(&mut lanes, run_pages)?;
+        bulk.push((run_kib, gbps(pages * u64::from(layout.page_size()), elapsed)));
+    }
+    drop(lanes);
+
+    // Post-copy fault service: a fresh session whose urgent lane serves a real userfaultfd.
+    let (fault_p50, fault_p99, faults) = fault_service(&addr, &o)?;
+
+    // A software device's port reports a nominal speed that says nothing about what it can move.
+    let line = if info.software { None } else { info.port.line_rate_gbps() };
+    let note = if info.software {
+        "software RDMA device: these figures measure the CPU (and an emulator, under TCG), for correctness only"
+    } else {
+        "hardware device"
+    };
+    if o.json {
+        println!(
+            "{}",
+            json!({
+                "bench": "rdma", "device": info.name, "software_device": info.software, "note": note,
+                "line_rate_gbps": line, "read_4k_p50_us": l50, "read_4k_p99_us": l99,
+                "bulk_gbps_by_run_kib": bulk.iter().map(|(k, g)| json!({"run_kib": k, "gbps": g, "of_line_rate": line.map(|l| g * 8.0 / l)})).collect::<Vec<_>>(),
+                "fault_service_p50_us": fault_p50, "fault_service_p99_us": fault_p99, "faults": faults,
+            })
+        );
+    } else {
+        println!("rdma on {} ({note})", info.name);
+        println!("  4 KiB READ, urgent lane: p50 {l50:.2} us, p99 {l99:.2} us ({} samples)", o.samples);
+        for (k, g) in &bulk {
+            match line {
+                Some(l) => {
+                    println!("  bulk {k:>5} KiB runs: {g:.3} GB/s = {:.0}% of {l:.0} Gbit/s", 100.0 * g * 8.0 / l)
+                }
+                None => println!("  bulk {k:>5} KiB runs: {g:.3} GB/s"),
+            }
+        }
+        println!("  post-copy fault service: p50 {fault_p50:.2} us, p99 {fault_p99:.2} us ({faults} faults)");
+    }
+    Ok(())
+}
+
+/// Reads every page once in runs of `run_pages`, the lane full, into the lane's buffers.
+fn bulk_pass(lanes: &mut PageSource, run_pages: u32) -> Result<Duration> {
+    let ps = lanes.layout.page_size() as usize;
+    let total = lanes.layout.total_pages();
+    let mut spare: Vec<PageBuf> = Vec::new();
+    let t = Instant::now();
+    let mut next = 0u64;
+    while next < total || lanes.bulk.in_flight() > 0 {
+        while next < total && lanes.bulk.in_flight() < lanes.bulk.depth() {
+            let n = (total - next).min(u64::from(run_pages)) as u32;
+            let buf = match spare.pop() {
+                Some(b) => b,
+                None => lanes.bulk.buffer(run_pages as usize * ps)?,
+            };
+            lanes.bulk.submit(BulkRead { run: PageRun::new(0, next, n), buf: buf.into(), tag: next })?;
+            next += u64::from(n);
+        }
+        let done = lanes.bulk.complete()?.context("the bulk lane lost a read")?;
+        spare.extend(done.buf.into_buffer());
+    }
+    Ok(t.elapsed())
+}
+
+/// Touches random pages of userfaultfd-registered memory; the fault loop serves each fault over
+/// the urgent lane. Returns p50 and p99 of the touch latency as the toucher sees it, and the count.
+fn fault_service(addr: &str, o: &Options) -> Result<(f64, f64, usize)> {
+    let (source, _) = rdma::connect(addr, &bench_key(), None, &options(o))?;
+    let pages = source.layout.total_pages();
+    let memory =
+        Arc::new(DestinationMemory::register(GuestMemory::create(source.layout.clone(), Backing::Anonymous)?)?);
+    let PageSource { mut urgent, .. } = source;
+    let (queue, stats) = (Arc::new(FaultQueue::new(1024)), Arc::new(FaultStats::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fault_thread = {
+        let (memory, queue, stats, stop) = (memory.clone(), queue.clone(), stats.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let r = run_fault_loop(&memory, urgent.as_mut(), &queue, &stats, &stop);
+            drop(urgent);
+            r
+        })
+    };
+    let touches = (o.samples as u64).min(pages / 2).max(1);
+    let report = touch(memory.guest(), Walk::new(Pattern::Random), SEED, &FreePages::new(pages), touches);
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    // The fault loop wakes every 20 ms to look at `stop`.
+    fault_thread.join().map_err(|_| anyhow::anyhow!("the fault thread panicked"))??;
+    let report = report?;
+    if report.mismatches > 0 {
+        bail!("{} faulted pages differ from the source", report.mismatches);
+    }
+    let mut l = Latencies::default();
+    for d in &report.blocked {
+        l.record(*d);
+    }
+    Ok((l.quantile_us(0.5), l.quantile_us(0.99), report.blocked.len()))
+}
