@@ -2,13 +2,20 @@
 # Prepares this machine for ferry's tests and benchmarks. Idempotent; run as root.
 # - 2 MiB hugepages: hugetlbfs-backed guest memory (1 GiB test guests need 512 of them).
 # - userfaultfd, io_uring and /dev/kvm are kernel features: checked and reported, not installed.
-# No -sys crate needs libclang: ferry's Rust builds with cargo alone.
+# - with --rdma: what the `rdma` feature builds with (rdma-core headers, libclang for rdma-sys's
+#   bindgen) and what scripts/rdma-softroce.sh boots its VM with (qemu-system-x86, cpio, iproute2).
+# Default features need no -sys crate with C headers: ferry's Rust builds with cargo alone.
 set -euo pipefail
 
 # The C ABI tests build examples/c-embed with the system C compiler and pkg-config.
 missing=()
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+if [ "${1:-}" = --rdma ]; then
+  for pkg in libibverbs-dev librdmacm-dev libclang-dev qemu-system-x86 cpio iproute2; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   apt-get update -q
