@@ -590,10 +590,10 @@ fn open_lanes(
     let depth = options.bulk_depth.clamp(1, 1024);
     let ctx = device.pd.context().clone();
     let urgent_cq = CompletionQueue::new(&ctx, 4)?;
-    let bulk_cq = CompletionQueue::new(&ctx, depth as u32 + 4)?;
+    // Each marker follows at least one read, so at most `depth` of them are outstanding.
+    let bulk_cq = CompletionQueue::new(&ctx, 2 * depth as u32 + 4)?;
     let urgent_qp = QueuePair::new_rc(&device.pd, &urgent_cq, 2)?;
-    // One more than the depth for the flush marker.
-    let bulk_qp = QueuePair::new_rc(&device.pd, &bulk_cq, depth as u32 + 1)?;
+    let bulk_qp = QueuePair::new_rc(&device.pd, &bulk_cq, 2 * depth as u32 + 2)?;
     let (urgent_psn, bulk_psn) = (random_psn()?, random_psn()?);
     let request =
         SetupRequest { urgent: device.endpoint(&urgent_qp, urgent_psn), bulk: device.endpoint(&bulk_qp, bulk_psn) };
@@ -919,6 +919,22 @@ impl RdmaBulk {
         TransportError::Rdma { op: "rdma read", detail: why }
     }
 
+    /// Posts a small signalled read after unsignalled ones, so their completion is reported.
+    fn post_marker(&mut self) -> Result<()> {
+        let region = self.remote.regions[0];
+        let lkey = self.registry.buffer_lkey(&self.marker, 8).expect("the marker buffer is registered");
+        self.next_wr += 1;
+        let wr_id = self.next_wr;
+        let ptr = self.marker.as_mut_ptr();
+        let (local, remote) = (Local { ptr, len: 8, lkey }, verbs::Remote { addr: region.addr, rkey: region.rkey });
+        // SAFETY: the marker buffer is registered under lkey and owned by this lane, which drops
+        // its queue pair first; every region is at least one page long. Markers only ever read
+        // into it, so concurrent markers writing the same bytes are harmless.
+        unsafe { self.qp.post_read(wr_id, local, remote, true)? };
+        self.posted.push_back(Posted::Marker { wr_id });
+        Ok(())
+    }
+
     /// Retires every posted request up to and including `wr_id`.
     fn retire_through(&mut self, wr_id: u64) {
         while self.posted.front().is_some_and(|p| p.wr_id() <= wr_id) {
@@ -995,27 +1011,14 @@ impl BulkLane for RdmaBulk {
         if let Some(why) = &self.broken {
             return Err(lane_broken(why));
         }
-        if !self.posted.back().is_some_and(Posted::signalled) {
-            let region = &self.remote.regions[0];
-            let lkey = self.registry.buffer_lkey(&self.marker, 8).expect("the marker buffer is registered");
-            self.next_wr += 1;
-            let wr_id = self.next_wr;
-            let ptr = self.marker.as_mut_ptr();
-            // SAFETY: the marker buffer is registered under lkey and owned by this lane, which
-            // drops its queue pair first; every region is at least one page long.
-            unsafe {
-                self.qp.post_read(
-                    wr_id,
-                    Local { ptr, len: 8, lkey },
-                    verbs::Remote { addr: region.addr, rkey: region.rkey },
-                    true,
-                )?
-            };
-            self.posted.push_back(Posted::Marker { wr_id });
-        }
         let deadline = Instant::now() + self.timeout;
         let mut wcs = Vec::with_capacity(16);
         while self.done.is_empty() {
+            // The newest request must be signalled, or the wait below could outlast every
+            // signalled completion still to come.
+            if !self.posted.back().is_some_and(Posted::signalled) {
+                self.post_marker()?;
+            }
             wcs.clear();
             if !wait_completion(&self.cq, &mut wcs, Duration::from_micros(20), deadline)? {
                 return Err(self.fail(format!("no bulk read completed in {:?}", self.timeout)));
