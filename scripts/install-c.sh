@@ -20,5 +20,13 @@ install -m 0755 "$target/libferry_ffi.so" "$prefix/lib/libferry.so.1"
 ln -sf libferry.so.1 "$prefix/lib/libferry.so"
 install -m 0644 "$target/libferry_ffi.a" "$prefix/lib/libferry.a"
 install -m 0644 ffi/include/ferry.h "$prefix/include/ferry.h"
-sed -e "s|@PREFIX@|$prefix|" -e "s|@VERSION@|$version|" ffi/ferry.pc.in > "$prefix/lib/pkgconfig/ferry.pc"
+# A library built with the rdma transport (feature `rdma`, or unified into a workspace build that
+# enables it) needs libibverbs when linked statically.
+private="-lpthread -ldl -lm"
+undefined=$(nm -u "$target/libferry_ffi.a" 2>/dev/null || true)
+if grep -q ' U ibv_' <<<"$undefined"; then
+  private="$private -libverbs"
+fi
+sed -e "s|@PREFIX@|$prefix|" -e "s|@VERSION@|$version|" -e "s|@LIBS_PRIVATE@|$private|" ffi/ferry.pc.in \
+  > "$prefix/lib/pkgconfig/ferry.pc"
 echo "installed ferry $version ($profile) under $prefix"

@@ -35,14 +35,14 @@ fn prefix() -> &'static Path {
     })
 }
 
-fn pkg_config(flag: &str) -> Vec<String> {
+fn pkg_config(flags: &str) -> Vec<String> {
     let out = Command::new("pkg-config")
-        .arg(flag)
+        .args(flags.split_whitespace())
         .arg("ferry")
         .env("PKG_CONFIG_PATH", prefix().join("lib/pkgconfig"))
         .output()
         .expect("run pkg-config");
-    assert!(out.status.success(), "pkg-config {flag} ferry: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pkg-config {flags} ferry: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().split_whitespace().map(str::to_owned).collect()
 }
 
@@ -57,7 +57,9 @@ fn compile(name: &str, static_link: bool) -> PathBuf {
         .arg("-o")
         .arg(&out);
     if static_link {
-        cc.arg(prefix().join("lib/libferry.a")).args(["-lpthread", "-ldl", "-lm"]);
+        // The archive, then what it needs (Libs.private: libibverbs too when built with rdma).
+        let private = pkg_config("--static --libs").into_iter().filter(|a| a != "-lferry" && !a.starts_with("-L"));
+        cc.arg(prefix().join("lib/libferry.a")).args(private);
     } else {
         cc.args(pkg_config("--libs")).arg(format!("-Wl,-rpath,{}", prefix().join("lib").display())).arg("-lpthread");
     }

@@ -396,7 +396,7 @@ impl CompletionQueue {
         Ok(Arc::new(CompletionQueue { cq, channel, unacked: AtomicU32::new(0), _ctx: ctx.clone() }))
     }
 
-    /// Takes up to `out.len()` completions without waiting.
+    /// Appends up to `max` (at most 16) completions to `out` without waiting.
     pub fn poll(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
         const BATCH: usize = 16;
         // SAFETY: ibv_wc is plain data; zeroed is a valid value.
@@ -549,7 +549,8 @@ impl QueuePair {
     }
 
     /// RESET -> INIT -> RTR -> RTS towards `remote`. `remote_reads` lets the peer read our
-    /// regions (the source's side); `max_reads` bounds outstanding reads each way.
+    /// regions (the source's side); outstanding reads each way are bounded by what both devices
+    /// allow (at most 16).
     pub fn connect(&self, remote: &Endpoint, local_psn: u32, path: &PathConfig, remote_reads: bool) -> Result<()> {
         let ctx = self.pd.context();
         // SAFETY: plain C struct; zero is valid for every field.
