@@ -8,6 +8,7 @@
 //! Raw memory and syscalls are confined to `memory`, `lane::PageBuf`, and the small
 //! `unsafe` helpers of each backend; everything above them is safe Rust.
 
+mod acceptor;
 pub mod auth;
 pub mod error;
 pub mod handshake;

@@ -8,13 +8,13 @@
 
 use std::collections::VecDeque;
 use std::io::{BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::acceptor::{Acceptor, Served};
 use crate::auth::PreSharedKey;
 use crate::error::{Result, TransportError};
 use crate::handshake::{client_handshake, server_handshake};
@@ -57,25 +57,23 @@ struct Shared {
     key: PreSharedKey,
     session: SessionId,
     options: TcpOptions,
-    stop: AtomicBool,
     stats: ServerStats,
-    connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
     /// One bit per global page: served at least once.
     served: crate::pagebits::PageBits,
-    control_tx: std::sync::mpsc::SyncSender<TcpStream>,
 }
 
 /// Serves reads of a guest's memory to authenticated destinations until shut down.
 pub struct TcpPageServer {
-    addr: SocketAddr,
+    acceptor: Acceptor,
     shared: Arc<Shared>,
-    accept_thread: Option<JoinHandle<()>>,
-    control_rx: Mutex<std::sync::mpsc::Receiver<TcpStream>>,
 }
 
 impl std::fmt::Debug for TcpPageServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpPageServer").field("addr", &self.addr).field("session", &self.shared.session).finish()
+        f.debug_struct("TcpPageServer")
+            .field("addr", &self.acceptor.local_addr())
+            .field("session", &self.shared.session)
+            .finish()
     }
 }
 
@@ -87,35 +85,34 @@ impl TcpPageServer {
         key: PreSharedKey,
         options: TcpOptions,
     ) -> Result<Self> {
-        let listener = TcpListener::bind(addr)?;
-        let addr = listener.local_addr()?;
-        let (control_tx, control_rx) = std::sync::mpsc::sync_channel(4);
         let served = crate::pagebits::PageBits::new(memory.layout());
         let shared = Arc::new(Shared {
             memory,
             key,
             session: SessionId::random()?,
             options,
-            stop: AtomicBool::new(false),
             stats: ServerStats::default(),
-            connections: Mutex::new(Vec::new()),
             served,
-            control_tx,
         });
-        let accept_shared = shared.clone();
-        let accept_thread = std::thread::Builder::new()
-            .name("ferry-tcp-accept".into())
-            .spawn(move || accept_loop(listener, accept_shared))?;
-        Ok(TcpPageServer { addr, shared, accept_thread: Some(accept_thread), control_rx: Mutex::new(control_rx) })
+        let conn_shared = shared.clone();
+        let acceptor = Acceptor::start(addr, "ferry-tcp", move |stream| {
+            serve_connection(stream, &conn_shared).unwrap_or_else(|e| {
+                if matches!(e, TransportError::AuthFailed(_) | TransportError::Refused { .. }) {
+                    conn_shared.stats.failed_handshakes.fetch_add(1, Ordering::Relaxed);
+                }
+                Served::Closed
+            })
+        })?;
+        Ok(TcpPageServer { acceptor, shared })
     }
 
     /// Waits up to `timeout` for a destination to open the session's control lane.
     pub fn accept_control(&self, timeout: Duration) -> Result<TcpStream> {
-        crate::lane::receive_control(&self.control_rx, timeout)
+        self.acceptor.accept_control(timeout)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.acceptor.local_addr()
     }
 
     pub fn session(&self) -> SessionId {
@@ -130,70 +127,13 @@ impl TcpPageServer {
     /// another server of the same session), keeping the server accepting new ones. Used to test
     /// and to force reconnection.
     pub fn drop_connections(&self) {
-        let conns = std::mem::take(&mut *self.shared.connections.lock().expect("connection list poisoned"));
-        for (stream, thread) in conns {
-            let _ = stream.shutdown(Shutdown::Both);
-            let _ = thread.join();
-        }
+        self.acceptor.drop_connections();
     }
 
     /// Stops accepting, closes every connection and joins every thread.
     pub fn shutdown(mut self) {
-        self.stop_all();
+        self.acceptor.stop();
     }
-
-    fn stop_all(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept(); failure means the listener is already gone.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(t) = self.accept_thread.take() {
-            let _ = t.join();
-        }
-        self.drop_connections();
-    }
-}
-
-impl Drop for TcpPageServer {
-    fn drop(&mut self) {
-        if self.accept_thread.is_some() {
-            self.stop_all();
-        }
-    }
-}
-
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    for stream in listener.incoming() {
-        if shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let Ok(stream) = stream else { continue };
-        let Ok(handle) = stream.try_clone() else { continue };
-        let conn_shared = shared.clone();
-        let spawned = std::thread::Builder::new().name("ferry-tcp-serve".into()).spawn(move || {
-            match serve_connection(&stream, &conn_shared) {
-                Ok(Served::Control) => return,
-                Err(TransportError::AuthFailed(_) | TransportError::Refused { .. }) => {
-                    conn_shared.stats.failed_handshakes.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Served::Closed) | Err(_) => {}
-            }
-            // The accept loop holds a duplicate of this socket: close the connection explicitly.
-            let _ = stream.shutdown(Shutdown::Both);
-        });
-        let mut conns = shared.connections.lock().expect("connection list poisoned");
-        conns.retain(|(_, t)| !t.is_finished());
-        if let Ok(thread) = spawned {
-            conns.push((handle, thread));
-        }
-    }
-}
-
-/// How a connection ended.
-enum Served {
-    /// The page lane closed.
-    Closed,
-    /// A control lane, handed to the session owner through `accept_control`.
-    Control,
 }
 
 fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<Served> {
@@ -204,11 +144,7 @@ fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<Served> {
     let layout = memory.layout();
     let lane = server_handshake(&mut &*stream, &shared.key, shared.session, layout)?;
     if lane == Lane::Control {
-        let handle = stream.try_clone()?;
-        return match shared.control_tx.try_send(handle) {
-            Ok(()) => Ok(Served::Control),
-            Err(_) => Err(TransportError::Unexpected { expected: "at most a few control lanes", got: 0 }),
-        };
+        return Ok(Served::Control);
     }
     // A destination may be idle for a long time between faults: wait for requests indefinitely,
     // but never block forever on a peer that stopped reading replies.

@@ -357,8 +357,8 @@ mod rdma {
     }
 
     #[test]
-    fn rdma_refuses_a_wrong_key_and_fails_cleanly_when_the_source_goes() {
-        if !device("rdma_refuses_a_wrong_key_and_fails_cleanly_when_the_source_goes") {
+    fn rdma_refuses_a_wrong_key_fails_cleanly_when_the_source_goes_and_resumes() {
+        if !device("rdma_refuses_a_wrong_key_fails_cleanly_when_the_source_goes_and_resumes") {
             return;
         }
         // Short transport timeouts so a vanished peer is noticed in milliseconds.
@@ -386,6 +386,22 @@ mod rdma {
         assert!(again.to_string().contains("failed earlier"), "{again}");
         src.bulk.submit(BulkRead { run: PageRun::new(0, 3, 4), buf: PageBuf::new(4 * 4096).into(), tag: 1 }).unwrap();
         assert!(matches!(src.bulk.complete(), Err(TransportError::Rdma { .. })));
+
+        // The same session resumes over new queue pairs and the failed reads succeed.
+        let (mut resumed, _) =
+            rdma::resume(server.local_addr(), &key(), src.session, memory.layout(), &options).unwrap();
+        assert_eq!(resumed.session, src.session);
+        let mut buf = resumed.urgent.buffer(4096).unwrap();
+        resumed.urgent.read(PageRun::new(0, 1, 1), &mut buf).unwrap();
+        assert!(check_page(&buf, 1, SEED));
+        let mut big = vec![0u8; 4 * 4096];
+        resumed.urgent.read(PageRun::new(0, 3, 4), &mut big).unwrap();
+        for i in 0..4 {
+            assert!(check_page(&big[i * 4096..(i + 1) * 4096], 3 + i as u64, SEED));
+        }
+        // Another session's id is refused.
+        let other = ferry_transport::SessionId([7; 16]);
+        assert!(rdma::resume(server.local_addr(), &key(), other, memory.layout(), &options).is_err());
     }
 }
 

@@ -28,16 +28,16 @@
 mod verbs;
 
 use std::collections::VecDeque;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use verbs::{device_names, Endpoint, PortInfo};
 use verbs::{Access, CompletionQueue, Context, Local, MemoryRegion, PathConfig, ProtectionDomain, QueuePair};
 
+use crate::acceptor::{Acceptor, Served};
 use crate::auth::PreSharedKey;
 use crate::error::{Result, TransportError};
 use crate::handshake::server_handshake;
@@ -116,7 +116,7 @@ pub struct SetupReply {
 
 const SETUP_REQUEST_TAG: u8 = 1;
 const SETUP_REPLY_TAG: u8 = 2;
-const ENDPOINT_LEN: usize = 2 + 4 + 4 + 16 + 1;
+const ENDPOINT_LEN: usize = 2 + 4 + 4 + 16 + 1 + 1;
 const REGION_LEN: usize = 8 + 8 + 4;
 
 fn encode_endpoint(e: &Endpoint, out: &mut Vec<u8>) {
@@ -125,6 +125,7 @@ fn encode_endpoint(e: &Endpoint, out: &mut Vec<u8>) {
     out.extend_from_slice(&e.psn.to_le_bytes());
     out.extend_from_slice(&e.gid);
     out.push(e.mtu);
+    out.push(e.max_reads);
 }
 
 fn decode_endpoint(b: &[u8]) -> Result<Endpoint> {
@@ -136,12 +137,16 @@ fn decode_endpoint(b: &[u8]) -> Result<Endpoint> {
         psn: u32_at(6),
         gid: b[10..26].try_into().expect("16 bytes"),
         mtu: b[26],
+        max_reads: b[27],
     };
     if e.qpn == 0 || e.qpn > 0x00ff_ffff {
         return bad(format!("queue pair number {:#x} is not a 24-bit non-zero value", e.qpn));
     }
     if e.psn > 0x00ff_ffff {
         return bad(format!("packet sequence number {:#x} exceeds 24 bits", e.psn));
+    }
+    if e.max_reads == 0 {
+        return bad("a responder depth of 0 reads".into());
     }
     if !(1..=5).contains(&e.mtu) {
         return bad(format!("MTU code {} is not 1 (256 B) to 5 (4 KiB)", e.mtu));
@@ -310,7 +315,8 @@ impl Device {
 
     fn endpoint(&self, qp: &QueuePair, psn: u32) -> Endpoint {
         let info = self.pd.context().port_info();
-        Endpoint { lid: info.lid, qpn: qp.qpn(), psn, gid: self.gid, mtu: info.active_mtu }
+        let max_reads = self.pd.context().max_responder_reads();
+        Endpoint { lid: info.lid, qpn: qp.qpn(), psn, gid: self.gid, mtu: info.active_mtu, max_reads }
     }
 }
 
@@ -330,25 +336,23 @@ struct ServerShared {
     options: RdmaOptions,
     device: Device,
     regions: Vec<MemoryRegion>,
-    stop: AtomicBool,
     stats: RdmaServerStats,
-    connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
-    control_tx: std::sync::mpsc::SyncSender<TcpStream>,
     /// The registered memory must outlive the registrations (dropped after `regions`).
     _memory: Arc<GuestMemory>,
 }
 
 /// Exposes a paused guest's memory for one-sided RDMA READs by authenticated destinations.
 pub struct RdmaPageServer {
-    addr: SocketAddr,
+    acceptor: Acceptor,
     shared: Arc<ServerShared>,
-    accept_thread: Option<JoinHandle<()>>,
-    control_rx: Mutex<std::sync::mpsc::Receiver<TcpStream>>,
 }
 
 impl std::fmt::Debug for RdmaPageServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RdmaPageServer").field("addr", &self.addr).field("session", &self.shared.session).finish()
+        f.debug_struct("RdmaPageServer")
+            .field("addr", &self.acceptor.local_addr())
+            .field("session", &self.shared.session)
+            .finish()
     }
 }
 
@@ -372,9 +376,6 @@ impl RdmaPageServer {
             // the registrations), so it stays mapped for the registration's life.
             regions.push(unsafe { MemoryRegion::register(&device.pd, r.host_addr().as_ptr(), r.len(), access)? });
         }
-        let listener = TcpListener::bind(addr)?;
-        let addr = listener.local_addr()?;
-        let (control_tx, control_rx) = std::sync::mpsc::sync_channel(4);
         let shared = Arc::new(ServerShared {
             key,
             session: SessionId::random()?,
@@ -382,26 +383,32 @@ impl RdmaPageServer {
             options,
             device,
             regions,
-            stop: AtomicBool::new(false),
             stats: RdmaServerStats::default(),
-            connections: Mutex::new(Vec::new()),
-            control_tx,
             _memory: memory,
         });
-        let accept_shared = shared.clone();
-        let accept_thread = std::thread::Builder::new()
-            .name("ferry-rdma-accept".into())
-            .spawn(move || accept_loop(listener, accept_shared))?;
-        Ok(RdmaPageServer { addr, shared, accept_thread: Some(accept_thread), control_rx: Mutex::new(control_rx) })
+        let conn_shared = shared.clone();
+        let acceptor = Acceptor::start(addr, "ferry-rdma", move |stream| {
+            serve_connection(stream, &conn_shared).unwrap_or_else(|e| {
+                let counter = match e {
+                    TransportError::AuthFailed(_) | TransportError::Refused { .. } => {
+                        &conn_shared.stats.failed_handshakes
+                    }
+                    _ => &conn_shared.stats.failed_setups,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                Served::Closed
+            })
+        })?;
+        Ok(RdmaPageServer { acceptor, shared })
     }
 
     /// Waits up to `timeout` for a destination to open the session's control lane.
     pub fn accept_control(&self, timeout: Duration) -> Result<TcpStream> {
-        crate::lane::receive_control(&self.control_rx, timeout)
+        self.acceptor.accept_control(timeout)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.acceptor.local_addr()
     }
 
     pub fn session(&self) -> SessionId {
@@ -417,72 +424,21 @@ impl RdmaPageServer {
     }
 
     /// Closes every setup connection, which destroys the destinations' queue pairs: their
-    /// reads fail from then on.
+    /// reads fail from then on, and they may [`resume`].
     pub fn drop_connections(&self) {
-        let conns = std::mem::take(&mut *self.shared.connections.lock().expect("connection list poisoned"));
-        for (stream, thread) in conns {
-            let _ = stream.shutdown(Shutdown::Both);
-            let _ = thread.join();
-        }
-    }
-
-    fn stop_all(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(t) = self.accept_thread.take() {
-            let _ = t.join();
-        }
-        self.drop_connections();
+        self.acceptor.drop_connections();
     }
 }
 
-impl Drop for RdmaPageServer {
-    fn drop(&mut self) {
-        self.stop_all();
-    }
-}
-
-fn accept_loop(listener: TcpListener, shared: Arc<ServerShared>) {
-    for stream in listener.incoming() {
-        if shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let Ok(stream) = stream else { continue };
-        let Ok(handle) = stream.try_clone() else { continue };
-        let conn_shared = shared.clone();
-        let spawned = std::thread::Builder::new().name("ferry-rdma-serve".into()).spawn(move || {
-            match serve_connection(&stream, &conn_shared) {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(TransportError::AuthFailed(_) | TransportError::Refused { .. }) => {
-                    conn_shared.stats.failed_handshakes.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(_) => {
-                    conn_shared.stats.failed_setups.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            let _ = stream.shutdown(Shutdown::Both);
-        });
-        let mut conns = shared.connections.lock().expect("connection list poisoned");
-        conns.retain(|(_, t)| !t.is_finished());
-        if let Ok(thread) = spawned {
-            conns.push((handle, thread));
-        }
-    }
-}
-
-/// Serves one connection. Returns `true` for a control lane handed to the session owner.
-fn serve_connection(stream: &TcpStream, shared: &ServerShared) -> Result<bool> {
+/// Serves one connection: a control lane goes to the session owner; a setup connection gets
+/// its queue pairs, which live until it closes.
+fn serve_connection(stream: &TcpStream, shared: &ServerShared) -> Result<Served> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(shared.options.io_timeout))?;
     stream.set_write_timeout(Some(shared.options.io_timeout))?;
     let lane = server_handshake(&mut &*stream, &shared.key, shared.session, &shared.layout)?;
     if lane == Lane::Control {
-        let handle = stream.try_clone()?;
-        return match shared.control_tx.try_send(handle) {
-            Ok(()) => Ok(true),
-            Err(_) => Err(TransportError::Unexpected { expected: "at most a few control lanes", got: 0 }),
-        };
+        return Ok(Served::Control);
     }
     let request = SetupRequest::decode(&read_session(&mut &*stream)?)?;
     let device = &shared.device;
@@ -510,7 +466,7 @@ fn serve_connection(stream: &TcpStream, shared: &ServerShared) -> Result<bool> {
     let mut byte = [0u8; 1];
     while std::io::Read::read(&mut &*stream, &mut byte)? != 0 {}
     drop((urgent, bulk));
-    Ok(false)
+    Ok(Served::Closed)
 }
 
 /// Pages the destination read, counted as they are posted: a page read twice is a page sent
@@ -576,6 +532,19 @@ pub fn connect(
 ) -> Result<(PageSource, Arc<ReadLedger>)> {
     let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
     open_lanes(&addrs, key, SessionId::NEW, expected_layout, options)
+}
+
+/// Reopens a session's queue pairs after its setup connection broke: reads that failed are simply
+/// asked again (they are idempotent). Landing zones must be registered on the new lanes again.
+pub fn resume(
+    addr: impl ToSocketAddrs,
+    key: &PreSharedKey,
+    session: SessionId,
+    layout: &MemoryLayout,
+    options: &RdmaOptions,
+) -> Result<(PageSource, Arc<ReadLedger>)> {
+    let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
+    open_lanes(&addrs, key, session, Some(layout), options)
 }
 
 fn open_lanes(
@@ -1048,7 +1017,7 @@ mod tests {
     use super::*;
 
     fn endpoint(qpn: u32) -> Endpoint {
-        Endpoint { lid: 7, qpn, psn: 0x12345, gid: [9; 16], mtu: 3 }
+        Endpoint { lid: 7, qpn, psn: 0x12345, gid: [9; 16], mtu: 3, max_reads: 16 }
     }
 
     #[test]
@@ -1075,6 +1044,7 @@ mod tests {
             Endpoint { psn: 1 << 24, ..endpoint(1) },
             Endpoint { mtu: 0, ..endpoint(1) },
             Endpoint { mtu: 6, ..endpoint(1) },
+            Endpoint { max_reads: 0, ..endpoint(1) },
         ] {
             let m = SetupRequest { urgent: bad, bulk: endpoint(2) }.encode();
             assert!(SetupRequest::decode(&m).is_err(), "{bad:?} accepted");

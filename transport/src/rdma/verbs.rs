@@ -479,6 +479,9 @@ pub struct Endpoint {
     pub psn: u32,
     pub gid: [u8; 16],
     pub mtu: u8,
+    /// RDMA READs this side answers at once (its responder depth): the peer keeps at most this
+    /// many outstanding.
+    pub max_reads: u8,
 }
 
 /// Path settings both queue pairs of a connection share.
@@ -549,8 +552,8 @@ impl QueuePair {
     }
 
     /// RESET -> INIT -> RTR -> RTS towards `remote`. `remote_reads` lets the peer read our
-    /// regions (the source's side); outstanding reads each way are bounded by what both devices
-    /// allow (at most 16).
+    /// regions (the source's side); outstanding reads are bounded by our initiator depth and the
+    /// peer's responder depth (each at most 16).
     pub fn connect(&self, remote: &Endpoint, local_psn: u32, path: &PathConfig, remote_reads: bool) -> Result<()> {
         let ctx = self.pd.context();
         // SAFETY: plain C struct; zero is valid for every field.
@@ -603,7 +606,7 @@ impl QueuePair {
         attr.retry_cnt = path.retry_count;
         attr.rnr_retry = 7;
         attr.sq_psn = local_psn;
-        attr.max_rd_atomic = ctx.max_initiator_reads();
+        attr.max_rd_atomic = ctx.max_initiator_reads().min(remote.max_reads);
         self.modify(
             &mut attr,
             M::IBV_QP_STATE

@@ -1,0 +1,109 @@
+//! The accept loop the TCP-based page servers (`tcp`, `rdma`) share: a thread per connection, a
+//! handle to close each one, a clean stop, and the hand-over of a session's control lane to its
+//! owner.
+
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::error::Result;
+
+/// How a connection's server function finished with it.
+pub(crate) enum Served {
+    /// Done: the acceptor closes the connection.
+    Closed,
+    /// A control lane: handed to the session owner through [`Acceptor::accept_control`].
+    Control,
+}
+
+type Connections = Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>;
+
+pub(crate) struct Acceptor {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    connections: Connections,
+    thread: Option<JoinHandle<()>>,
+    control_rx: Mutex<std::sync::mpsc::Receiver<TcpStream>>,
+}
+
+impl Acceptor {
+    /// Listens on `addr` and serves each connection with `serve` on a thread of its own, named
+    /// `{name}-serve`.
+    pub(crate) fn start(
+        addr: impl ToSocketAddrs,
+        name: &str,
+        serve: impl Fn(&TcpStream) -> Served + Send + Sync + 'static,
+    ) -> Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections: Connections = Arc::new(Mutex::new(Vec::new()));
+        // A few control lanes may wait for their owner; more are refused (closed).
+        let (control_tx, control_rx) = std::sync::mpsc::sync_channel(4);
+        let (stop2, conns2, serve) = (stop.clone(), connections.clone(), Arc::new(serve));
+        let serve_name = format!("{name}-serve");
+        let thread = std::thread::Builder::new().name(format!("{name}-accept")).spawn(move || {
+            for stream in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let Ok(handle) = stream.try_clone() else { continue };
+                let (serve, control_tx) = (serve.clone(), control_tx.clone());
+                let spawned = std::thread::Builder::new().name(serve_name.clone()).spawn(move || {
+                    if let Served::Control = serve(&stream) {
+                        if let Ok(owned) = stream.try_clone() {
+                            if control_tx.try_send(owned).is_ok() {
+                                return;
+                            }
+                        }
+                    }
+                    // The accept loop holds a duplicate of this socket: close it explicitly.
+                    let _ = stream.shutdown(Shutdown::Both);
+                });
+                let mut conns = conns2.lock().expect("connection list poisoned");
+                conns.retain(|(_, t)| !t.is_finished());
+                if let Ok(t) = spawned {
+                    conns.push((handle, t));
+                }
+            }
+        })?;
+        Ok(Acceptor { addr, stop, connections, thread: Some(thread), control_rx: Mutex::new(control_rx) })
+    }
+
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Waits up to `timeout` for a destination to open the session's control lane.
+    pub(crate) fn accept_control(&self, timeout: Duration) -> Result<TcpStream> {
+        crate::lane::receive_control(&self.control_rx, timeout)
+    }
+
+    /// Closes every connection and joins its thread; keeps accepting.
+    pub(crate) fn drop_connections(&self) {
+        let conns = std::mem::take(&mut *self.connections.lock().expect("connection list poisoned"));
+        for (stream, thread) in conns {
+            let _ = stream.shutdown(Shutdown::Both);
+            let _ = thread.join();
+        }
+    }
+
+    /// Stops accepting, closes every connection and joins every thread. Idempotent.
+    pub(crate) fn stop(&mut self) {
+        let Some(thread) = self.thread.take() else { return };
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept(); failure means the listener is already gone.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        let _ = thread.join();
+        self.drop_connections();
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
