@@ -47,9 +47,11 @@ for backing in anon memfd; do
       --pattern $pattern --policy bubbling
   done
 done
-if [ -x /ferry/ferry-bench ]; then
-  step bench-rdma ferry-bench rdma --device "$DEV" --quick
-fi
+# A C program embedding libferry (built with the rdma feature) migrates 64 MiB over "rdma:".
+for backing in anon memfd; do
+  step "c-embed-$backing" c-migrate $backing rdma:$DEV
+done
+step bench-rdma ferry-bench rdma --device "$DEV" --quick
 ts "done"
 if [ -z "$FAIL" ]; then echo FERRY_RDMA_RESULT=PASS; else echo "FERRY_RDMA_RESULT=FAIL:$FAIL"; fi
 poweroff -f

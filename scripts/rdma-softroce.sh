@@ -11,8 +11,8 @@
 # bindgen); downloads the kernel and rdma-core packages with `apt-get download` (nothing is
 # installed from them on the host) into target/rdma-vm/debs, kept between runs.
 # In the guest: the transport's RDMA tests, a two-process post-copy of the toucher workload over
-# rxe (anonymous and memfd destinations, every byte verified, no page read twice), the RDMA
-# microbenchmark, and hostile setup input. The guest prints FERRY_RDMA_RESULT=PASS or FAIL.
+# rxe (anonymous and memfd destinations, every byte verified, no page read twice), the C example
+# migrating through libferry's "rdma:" addresses, and the RDMA microbenchmark. The guest prints FERRY_RDMA_RESULT=PASS or FAIL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -38,11 +38,15 @@ fi
 # With every feature of the whole workspace, as .ci/run's tests build them: after those, this
 # builds nothing new.
 phase "building (every feature)"
-cargo build --locked -q --workspace --all-features --bins
+cargo build --locked -q --workspace --all-features --bins --lib
 test_exe=$(cargo test --locked -q --workspace --all-features --no-run --message-format=json \
   | grep '"name":"backends"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
 [ -x "$test_exe" ] || { echo "rdma-softroce: no test executable built"; exit 1; }
-BINS=("$test_exe" target/debug/ferry-toucher target/debug/ferry-bench)
+# The C example, against libferry built with the rdma transport.
+FERRY_LIB_DIR=target/debug bash scripts/install-c.sh "$W/c-prefix" >/dev/null
+cc -std=c11 -O2 -Wall -Wextra -Werror -I"$W/c-prefix/include" examples/c-embed/migrate.c -o "$W/c-migrate" \
+  -L"$W/c-prefix/lib" -lferry -lpthread
+BINS=("$test_exe" target/debug/ferry-toucher target/debug/ferry-bench "$W/c-migrate")
 
 # --- kernel and rdma-core packages ---------------------------------------------------------
 mkdir -p "$W/debs"
@@ -83,7 +87,7 @@ cp /usr/bin/rdma "$R/usr/bin/"
 for b in "${BINS[@]}"; do cp "$b" "$R/ferry/$(basename "$b" | sed 's/-[0-9a-f]\{16\}$//')"; done
 # Shared libraries: the binaries' and the provider's closure (the provider's from the packages).
 {
-  for b in "${BINS[@]}" /usr/bin/rdma; do ldd "$b"; done
+  for b in "${BINS[@]}" /usr/bin/rdma; do LD_LIBRARY_PATH=$W/c-prefix/lib ldd "$b"; done
   LD_LIBRARY_PATH=$W/stage/usr/lib/x86_64-linux-gnu ldd "$LIB/libibverbs/librxe-rdmav34.so"
 } | awk '/=> \//{print $3} /^\t\/lib64/{print $1}' | sort -u | while read -r lib; do
   cp -L "$lib" "$LIB/$(basename "$lib")"

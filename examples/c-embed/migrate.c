@@ -5,10 +5,11 @@
  * fault and are served by ferry; it checks every byte against the source's pattern. Pages the
  * source reports free hold junk there and must read as zero here.
  *
- *   ./migrate [anon|memfd] [tcp|unix]     exit 0 and "c-embed: PASS" on success
+ *   ./migrate [anon|memfd] [tcp|unix|rdma[:DEVICE]]     exit 0 and "c-embed: PASS" on success
  *
  * With "unix" the two processes use ferry's local transport: the source's memory is a memfd the
- * destination maps, so its reads cost the source nothing.
+ * destination maps, so its reads cost the source nothing. With "rdma" (a libferry built with the
+ * rdma feature and an RDMA device) the destination reads the source's memory with RDMA READs.
  */
 #define _GNU_SOURCE
 #include <ferry.h>
@@ -45,6 +46,7 @@ static int fail(const char *what, FerryStatus status) {
 }
 
 static char unix_addr[64]; /* "unix:PATH" when the local transport is used */
+static const char *rdma_device; /* set ("" for the first device) when the rdma transport is used */
 
 static int source(int port_pipe) {
     int fd = -1;
@@ -68,7 +70,12 @@ static int source(int port_pipe) {
     }
     FerryRegion region = {.guest_phys_addr = 0, .host_addr = mem, .size = MEM, .fd = fd};
     FerrySource *src = NULL;
-    FerryStatus st = ferry_source_start(&region, 1, PAGE, unix_addr[0] ? unix_addr : "127.0.0.1:0", KEY, sizeof KEY, &src);
+    char listen[96] = "127.0.0.1:0";
+    if (unix_addr[0])
+        snprintf(listen, sizeof listen, "%s", unix_addr);
+    else if (rdma_device)
+        snprintf(listen, sizeof listen, "rdma:127.0.0.1:0%s%s", rdma_device[0] ? "#" : "", rdma_device);
+    FerryStatus st = ferry_source_start(&region, 1, PAGE, listen, KEY, sizeof KEY, &src);
     if (st != FERRY_STATUS_OK) return fail("ferry_source_start", st);
     uint16_t port = 0;
     if (!unix_addr[0] && (st = ferry_source_port(src, &port)) != FERRY_STATUS_OK) return fail("ferry_source_port", st);
@@ -108,9 +115,11 @@ static int destination(uint16_t port, int use_memfd) {
     }
     if (mem == MAP_FAILED) return 1;
     FerryRegion region = {.guest_phys_addr = 0, .host_addr = mem, .size = MEM, .fd = fd};
-    char addr[64];
+    char addr[96];
     if (unix_addr[0])
         snprintf(addr, sizeof addr, "%s", unix_addr);
+    else if (rdma_device)
+        snprintf(addr, sizeof addr, "rdma:127.0.0.1:%u%s%s", port, rdma_device[0] ? "#" : "", rdma_device);
     else
         snprintf(addr, sizeof addr, "127.0.0.1:%u", port);
     FerryDestination *dst = NULL;
@@ -140,6 +149,8 @@ int main(int argc, char **argv) {
     int use_memfd = argc > 1 && strcmp(argv[1], "memfd") == 0;
     if (argc > 2 && strcmp(argv[2], "unix") == 0)
         snprintf(unix_addr, sizeof unix_addr, "unix:/tmp/ferry-c-embed-%d.sock", (int)getpid());
+    if (argc > 2 && strncmp(argv[2], "rdma", 4) == 0)
+        rdma_device = argv[2][4] == ':' ? argv[2] + 5 : "";
     if (ferry_abi_version() != FERRY_ABI_VERSION) {
         fprintf(stderr, "c-embed: library ABI %u, header ABI %u\n", ferry_abi_version(), FERRY_ABI_VERSION);
         return 1;

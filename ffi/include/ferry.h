@@ -163,9 +163,11 @@ const char *ferry_last_error(void);
 
 /**
  * Starts a post-copy source: serves the guest memory in `regions` to an authenticated destination
- * on TCP address `listen_addr` (for example "0.0.0.0:7070", or port 0 for any free port), or, as
+ * on TCP address `listen_addr` (for example "0.0.0.0:7070", or port 0 for any free port); as
  * "unix:PATH", on a Unix socket for a destination on this host (local transport: the destination
- * maps the memory itself, so every region needs an fd).
+ * maps the memory itself, so every region needs an fd); as "rdma:HOST:PORT" or
+ * "rdma:HOST:PORT#DEVICE", by one-sided RDMA READs, the memory registered read-only for the
+ * peer (a library built with the rdma feature; otherwise FERRY_STATUS_ERR_UNSUPPORTED).
  * The guest should be paused before ferry_source_handoff; pages are read while it is.
  * Thread safety: any thread; the handle may then be used from one thread at a time, except
  * ferry_source_cancel, which any thread may call.
@@ -183,7 +185,8 @@ enum FerryStatus ferry_source_start(const struct FerryRegion *regions,
                                     struct FerrySource **out);
 
 /**
- * The TCP port the source listens on (FERRY_STATUS_ERR_STATE for a unix: source).
+ * The TCP port the source listens on, also for an rdma: source (FERRY_STATUS_ERR_STATE for a
+ * unix: source).
  * Thread safety: any thread.
  *
  * # Safety
@@ -280,8 +283,8 @@ enum FerryStatus ferry_source_cancel(const struct FerrySource *source);
 void ferry_source_free(struct FerrySource *source);
 
 /**
- * Connects a post-copy destination to the source at `addr` (a TCP address, or "unix:PATH" for
- * the local transport; pre-pager: a `FerryPrepager` value) and registers the guest memory in
+ * Connects a post-copy destination to the source at `addr` (a TCP address, "unix:PATH" for
+ * the local transport, or "rdma:HOST:PORT[#DEVICE]"; pre-pager: a `FerryPrepager` value) and registers the guest memory in
  * `regions` with userfaultfd. The memory must be mapped but never touched (touched pages are
  * taken as present). Regions with an fd are filled in place and mapped with UFFDIO_CONTINUE.
  * Thread safety: any thread; then start, finish and wait from one thread at a time, stats and

@@ -114,23 +114,60 @@ enum SourceServer {
     Tcp(TcpPageServer),
     /// `unix:PATH`: the same-host transport; guest memory must be memfd or hugetlbfs backed.
     Local(LocalPageServer),
+    /// `rdma:HOST:PORT[#DEVICE]`: one-sided RDMA READs (built with feature `rdma`).
+    #[cfg(feature = "rdma")]
+    Rdma(ferry::transport::rdma::RdmaPageServer),
 }
 
 /// A post-copy destination, from connection to completion. Every entry point takes it by shared
 /// reference; what changes lives behind locks, so the documented concurrent calls are sound.
 #[derive(Debug)]
 pub struct FerryDestination {
-    memory: Arc<DestinationMemory>,
     policy: PolicyKind,
     pending: Mutex<Option<(PageSource, Box<dyn ControlStream>)>>,
     session: Mutex<Option<PostcopyDestination>>,
     /// Set by start: live counters and the cancel switch, usable while another thread waits.
     running: Mutex<Option<(Arc<FaultStats>, Canceller)>>,
+    /// Last: lanes above may have registered its alias mappings, so they go first.
+    memory: Arc<DestinationMemory>,
 }
 
-/// `unix:PATH` selects the local transport; anything else is a TCP address.
-fn unix_path(addr: &str) -> Option<&str> {
-    addr.strip_prefix("unix:")
+/// Where a source listens or a destination connects.
+enum Address<'a> {
+    Tcp(&'a str),
+    /// `unix:PATH`: the local transport.
+    Unix(&'a str),
+    /// `rdma:HOST:PORT` or `rdma:HOST:PORT#DEVICE`: TCP for the handshake and setup, RDMA READs
+    /// for pages.
+    Rdma {
+        addr: &'a str,
+        device: Option<&'a str>,
+    },
+}
+
+fn parse_address(addr: &str) -> Address<'_> {
+    if let Some(path) = addr.strip_prefix("unix:") {
+        return Address::Unix(path);
+    }
+    if let Some(rest) = addr.strip_prefix("rdma:") {
+        return match rest.split_once('#') {
+            Some((addr, device)) => Address::Rdma { addr, device: Some(device) },
+            None => Address::Rdma { addr: rest, device: None },
+        };
+    }
+    Address::Tcp(addr)
+}
+
+#[cfg(feature = "rdma")]
+fn rdma_options(device: Option<&str>) -> ferry::transport::rdma::RdmaOptions {
+    ferry::transport::rdma::RdmaOptions { device: device.map(str::to_owned), ..Default::default() }
+}
+
+#[cfg(not(feature = "rdma"))]
+fn no_rdma(addr: &str, device: Option<&str>) -> (FerryStatus, String) {
+    let on = device.map(|d| format!(" on {d}")).unwrap_or_default();
+    let why = format!("rdma to {addr}{on}: this libferry was built without the rdma transport (cargo feature rdma)");
+    (FerryStatus::ErrUnsupported, why)
 }
 
 thread_local! {
@@ -294,9 +331,11 @@ pub extern "C" fn ferry_last_error() -> *const c_char {
 }
 
 /// Starts a post-copy source: serves the guest memory in `regions` to an authenticated destination
-/// on TCP address `listen_addr` (for example "0.0.0.0:7070", or port 0 for any free port), or, as
+/// on TCP address `listen_addr` (for example "0.0.0.0:7070", or port 0 for any free port); as
 /// "unix:PATH", on a Unix socket for a destination on this host (local transport: the destination
-/// maps the memory itself, so every region needs an fd).
+/// maps the memory itself, so every region needs an fd); as "rdma:HOST:PORT" or
+/// "rdma:HOST:PORT#DEVICE", by one-sided RDMA READs, the memory registered read-only for the
+/// peer (a library built with the rdma feature; otherwise FERRY_STATUS_ERR_UNSUPPORTED).
 /// The guest should be paused before ferry_source_handoff; pages are read while it is.
 /// Thread safety: any thread; the handle may then be used from one thread at a time, except
 /// ferry_source_cancel, which any thread may call.
@@ -327,11 +366,18 @@ pub unsafe extern "C" fn ferry_source_start(
         let pages = memory.layout().total_pages();
         let page_size = u64::from(memory.layout().page_size());
         let memory = Arc::new(memory);
-        let server = match unix_path(addr) {
-            Some(path) => SourceServer::Local(LocalPageServer::start(path, memory, key).map_err(transport)?),
-            None => {
+        let server = match parse_address(addr) {
+            Address::Unix(path) => SourceServer::Local(LocalPageServer::start(path, memory, key).map_err(transport)?),
+            Address::Tcp(addr) => {
                 SourceServer::Tcp(TcpPageServer::start(addr, memory, key, TcpOptions::default()).map_err(transport)?)
             }
+            #[cfg(feature = "rdma")]
+            Address::Rdma { addr, device } => SourceServer::Rdma(
+                ferry::transport::rdma::RdmaPageServer::start(addr, memory, key, rdma_options(device))
+                    .map_err(transport)?,
+            ),
+            #[cfg(not(feature = "rdma"))]
+            Address::Rdma { addr, device } => return Err(no_rdma(addr, device)),
         };
         let handle = Box::new(FerrySource { server, pages, page_size, control: Mutex::new(None) });
         // SAFETY: out is non-null (checked) and writable (caller contract).
@@ -340,7 +386,8 @@ pub unsafe extern "C" fn ferry_source_start(
     })
 }
 
-/// The TCP port the source listens on (FERRY_STATUS_ERR_STATE for a unix: source).
+/// The TCP port the source listens on, also for an rdma: source (FERRY_STATUS_ERR_STATE for a
+/// unix: source).
 /// Thread safety: any thread.
 ///
 /// # Safety
@@ -354,6 +401,8 @@ pub unsafe extern "C" fn ferry_source_port(source: *const FerrySource, port: *mu
         let port = unsafe { port.as_mut() }.ok_or_else(|| invalid("port is null"))?;
         match &source.server {
             SourceServer::Tcp(server) => *port = server.local_addr().port(),
+            #[cfg(feature = "rdma")]
+            SourceServer::Rdma(server) => *port = server.local_addr().port(),
             SourceServer::Local(_) => return Err((FerryStatus::ErrState, "a unix: source has no TCP port".into())),
         }
         Ok(())
@@ -382,6 +431,8 @@ impl FerrySource {
         Ok(match &self.server {
             SourceServer::Tcp(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
             SourceServer::Local(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
+            #[cfg(feature = "rdma")]
+            SourceServer::Rdma(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
         })
     }
 }
@@ -451,6 +502,8 @@ pub unsafe extern "C" fn ferry_source_handoff(
                     }
                     // One-sided reads: the source sees none of them.
                     SourceServer::Local(_) => 0,
+                    #[cfg(feature = "rdma")]
+                    SourceServer::Rdma(_) => 0,
                 },
                 total_us: micros(report.total),
                 downtime_us: micros(report.downtime),
@@ -588,7 +641,7 @@ pub unsafe extern "C" fn ferry_precopy_receive(
         // SAFETY: forwarded caller contract on the mappings.
         let guest = unsafe { adopt(regions, page_size)? };
         let layout = guest.layout().clone();
-        let (lanes, mut control) = connect_session(addr, &key, &layout)?;
+        let (lanes, mut control) = connect_session(addr, &key, &layout, None)?;
         ferry::precopy::run_destination(control.as_mut(), &guest, lanes, |state| {
             // SAFETY: `resume` is the caller's function; state is valid for the call.
             match unsafe { resume(state.as_ptr(), state.len(), user) } {
@@ -601,21 +654,43 @@ pub unsafe extern "C" fn ferry_precopy_receive(
     })
 }
 
-/// Opens a session's lanes over TCP or, for "unix:PATH", the local transport.
+/// Opens a session's lanes over TCP, the local transport ("unix:PATH") or RDMA ("rdma:...").
+/// With `landings`, RDMA lanes register its alias mappings before the control lane opens.
 fn connect_session(
     addr: &str,
     key: &PreSharedKey,
     layout: &MemoryLayout,
+    landings: Option<&DestinationMemory>,
 ) -> Result<(PageSource, Box<dyn ControlStream>), (FerryStatus, String)> {
-    Ok(match unix_path(addr) {
-        Some(path) => {
+    Ok(match parse_address(addr) {
+        Address::Unix(path) => {
             let (lanes, control) = local::connect_session(path, key, Some(layout), 32).map_err(transport)?;
             (lanes, Box::new(control))
         }
-        None => {
+        Address::Tcp(addr) => {
             let (lanes, control) =
                 tcp::connect_session(addr, key, Some(layout), &TcpOptions::default()).map_err(transport)?;
             (lanes, Box::new(control))
+        }
+        #[cfg(feature = "rdma")]
+        Address::Rdma { addr, device } => {
+            let session =
+                ferry::transport::rdma::connect_session(addr, key, Some(layout), &rdma_options(device), |lanes| {
+                    match landings {
+                        // SAFETY: the lanes end up in the FerryDestination that owns this memory,
+                        // which drops them first (field order), or in the pre-copy receive,
+                        // which registers nothing.
+                        Some(memory) => unsafe { ferry::register_landings(memory, lanes) },
+                        None => Ok(()),
+                    }
+                })
+                .map_err(transport)?;
+            (session.source, Box::new(session.control))
+        }
+        #[cfg(not(feature = "rdma"))]
+        Address::Rdma { addr, device } => {
+            let _ = landings;
+            return Err(no_rdma(addr, device));
         }
     })
 }
@@ -633,6 +708,8 @@ pub unsafe extern "C" fn ferry_source_cancel(source: *const FerrySource) -> Ferr
         match &source.server {
             SourceServer::Tcp(server) => server.drop_connections(),
             SourceServer::Local(server) => server.drop_connections(),
+            #[cfg(feature = "rdma")]
+            SourceServer::Rdma(server) => server.drop_connections(),
         }
         Ok(())
     })
@@ -651,8 +728,8 @@ pub unsafe extern "C" fn ferry_source_free(source: *mut FerrySource) {
     }
 }
 
-/// Connects a post-copy destination to the source at `addr` (a TCP address, or "unix:PATH" for
-/// the local transport; pre-pager: a `FerryPrepager` value) and registers the guest memory in
+/// Connects a post-copy destination to the source at `addr` (a TCP address, "unix:PATH" for
+/// the local transport, or "rdma:HOST:PORT[#DEVICE]"; pre-pager: a `FerryPrepager` value) and registers the guest memory in
 /// `regions` with userfaultfd. The memory must be mapped but never touched (touched pages are
 /// taken as present). Regions with an fd are filled in place and mapped with UFFDIO_CONTINUE.
 /// Thread safety: any thread; then start, finish and wait from one thread at a time, stats and
@@ -689,13 +766,13 @@ pub unsafe extern "C" fn ferry_destination_connect(
         let layout = guest.layout().clone();
         // Register first: the source may pause its guest as soon as our control lane connects.
         let memory = DestinationMemory::register(guest).map_err(|e| migration(e.into()))?;
-        let (lanes, control) = connect_session(addr, &key, &layout)?;
+        let (lanes, control) = connect_session(addr, &key, &layout, Some(&memory))?;
         let handle = Box::new(FerryDestination {
-            memory: Arc::new(memory),
             policy,
             pending: Mutex::new(Some((lanes, control))),
             session: Mutex::new(None),
             running: Mutex::new(None),
+            memory: Arc::new(memory),
         });
         // SAFETY: out is non-null (checked) and writable (caller contract).
         unsafe { *out = Box::into_raw(handle) };
