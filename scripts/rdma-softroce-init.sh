@@ -47,6 +47,9 @@ for backing in anon memfd; do
       --pattern $pattern --policy bubbling
   done
 done
+# 2 MiB hugetlbfs destination: reads land in the registered alias of huge pages.
+echo 64 > /proc/sys/vm/nr_hugepages
+step postcopy-hugetlb-hot-set ferry-toucher demo --transport rdma --mem-mib 64 --backing hugetlb --pattern hot-set
 # A C program embedding libferry (built with the rdma feature) migrates 64 MiB over "rdma:".
 for backing in anon memfd; do
   step "c-embed-$backing" c-migrate $backing rdma:$DEV

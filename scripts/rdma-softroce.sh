@@ -11,7 +11,7 @@
 # bindgen); downloads the kernel and rdma-core packages with `apt-get download` (nothing is
 # installed from them on the host) into target/rdma-vm/debs, kept between runs.
 # In the guest: the transport's RDMA tests, a two-process post-copy of the toucher workload over
-# rxe (anonymous and memfd destinations, every byte verified, no page read twice), the C example
+# rxe (anonymous, memfd and hugetlbfs destinations, every byte verified, no page read twice), the C example
 # migrating through libferry's "rdma:" addresses, and the RDMA microbenchmark. The guest prints FERRY_RDMA_RESULT=PASS or FAIL.
 set -euo pipefail
 cd "$(dirname "$0")/.."

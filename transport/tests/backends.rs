@@ -399,6 +399,25 @@ mod rdma {
         for i in 0..4 {
             assert!(check_page(&big[i * 4096..(i + 1) * 4096], 3 + i as u64, SEED));
         }
+        // A destination that authenticates and then sends a malformed setup request is dropped
+        // and counted; the server goes on serving.
+        let mut raw = std::net::TcpStream::connect(server.local_addr()).unwrap();
+        ferry_transport::handshake::client_handshake(
+            &mut raw,
+            &key(),
+            ferry_transport::Lane::Bulk,
+            ferry_transport::SessionId::NEW,
+            None,
+        )
+        .unwrap();
+        ferry_transport::wire::write_session(&mut raw, &[1, 2, 3]).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut byte = [0u8; 1];
+        assert!(matches!(std::io::Read::read(&mut raw, &mut byte), Ok(0) | Err(_)), "the server kept a bad setup");
+        assert_eq!(server.stats().failed_setups.load(Ordering::Relaxed), 1);
+        resumed.urgent.read(PageRun::new(0, 9, 1), &mut buf).unwrap();
+        assert!(check_page(&buf, 9, SEED));
+
         // Another session's id is refused.
         let other = ferry_transport::SessionId([7; 16]);
         assert!(rdma::resume(server.local_addr(), &key(), other, memory.layout(), &options).is_err());
