@@ -35,10 +35,11 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # --- build the binaries under test ---------------------------------------------------------
-# With every feature of the whole workspace, as .ci/run's tests build them: after those, this
-# builds nothing new.
+# With every feature of the whole workspace and the tests' dev-dependencies, as .ci/run's
+# `cargo test` builds them, so after those this builds next to nothing (without --tests the
+# dependencies' features differ and most of the graph is built again).
 phase "building (every feature)"
-cargo build --locked -q --workspace --all-features --bins --lib
+cargo build --locked -q --workspace --all-features --bins --lib --tests
 test_exe=$(cargo test --locked -q --workspace --all-features --no-run --message-format=json \
   | grep '"name":"backends"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
 [ -x "$test_exe" ] || { echo "rdma-softroce: no test executable built"; exit 1; }
