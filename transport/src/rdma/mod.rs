@@ -928,7 +928,7 @@ impl BulkLane for RdmaBulk {
         self.reads_in_flight() + self.done.len()
     }
 
-    fn submit(&mut self, read: BulkRead) -> Result<()> {
+    fn submit(&mut self, mut read: BulkRead) -> Result<()> {
         if let Some(why) = &self.broken {
             return Err(lane_broken(why));
         }
@@ -939,9 +939,10 @@ impl BulkLane for RdmaBulk {
         if read.buf.len() < len {
             return Err(TransportError::BufferSize { need: len, got: read.buf.len() });
         }
-        let direct = match &read.buf {
+        // The device writes the target: take its address through a unique borrow.
+        let direct = match &mut read.buf {
             BulkTarget::Mapped(m) => self.registry.landing_lkey(m.as_ptr(), len).map(|k| (m.as_ptr(), k)),
-            BulkTarget::Buffer(b) => self.registry.buffer_lkey(b, len).map(|k| (b.as_ptr().cast_mut(), k)),
+            BulkTarget::Buffer(b) => self.registry.buffer_lkey(b, len).map(|k| (b.as_mut_ptr(), k)),
         };
         let (ptr, lkey, staging) = match direct {
             Some((ptr, lkey)) => (ptr, lkey, None),
