@@ -80,7 +80,8 @@ impl Drop for Fixture {
 }
 
 /// Streams `total` bytes through the bulk lane in runs of `run_pages`, cycling over the region.
-/// Buffers come from `spare` and return to it, so repeated calls allocate (and fault in) nothing.
+/// Buffers come from `spare` and return to it, so repeated calls allocate (and fault in) nothing;
+/// new ones come from the lane, registered where its backend needs that (RDMA).
 /// Returns the elapsed time.
 pub fn bulk_stream(source: &mut PageSource, spare: &mut Vec<PageBuf>, run_pages: u32, total: u64) -> Result<Duration> {
     let region_pages = source.layout.region_pages(0).expect("one region");
@@ -88,7 +89,7 @@ pub fn bulk_stream(source: &mut PageSource, spare: &mut Vec<PageBuf>, run_pages:
     let runs = total / run_bytes as u64;
     spare.retain(|b| b.len() == run_bytes);
     while spare.len() < source.bulk.depth() {
-        let mut b = PageBuf::new(run_bytes);
+        let mut b = source.bulk.buffer(run_bytes)?;
         b.fill(1);
         spare.push(b);
     }

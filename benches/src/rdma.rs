@@ -11,18 +11,17 @@
 //! registered with userfaultfd, each fault served by the fault loop over the urgent lane.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ferry::fault_handler::{run_fault_loop, DestinationMemory, FaultQueue, FaultStats};
 use ferry::toucher::{prepare_source, touch, Pattern, Walk};
 use ferry::FreePages;
-use ferry_transport::lane::{BulkRead, PageBuf, PageSource};
+use ferry_transport::lane::PageSource;
 use ferry_transport::rdma::{self, RdmaOptions, RdmaPageServer};
-use ferry_transport::{Backing, GuestMemory, MemoryLayout, PageRun};
+use ferry_transport::{Backing, GuestMemory, MemoryLayout};
 use serde_json::json;
 
-use crate::fixtures::bench_key;
+use crate::fixtures::{bench_key, bulk_stream, urgent_page, PAGE};
 use crate::stats::{gbps, Latencies};
 
 /// The source's memory is filled with the toucher's pattern under this seed, so the destination
@@ -102,19 +101,18 @@ pub fn run(args: &[String]) -> Result<()> {
     let pages = layout.total_pages();
 
     // 4 KiB READ latency on the urgent lane, random pages, into a registered buffer.
-    let mut buf = lanes.urgent.buffer(4096)?;
-    let mut latency = Latencies::measure(o.samples / 10, o.samples, |i| {
-        let page = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) % pages;
-        lanes.urgent.read(PageRun::new(0, page, 1), &mut buf).map(drop)
-    })?;
+    let mut buf = lanes.urgent.buffer(PAGE)?;
+    let mut latency = Latencies::measure(o.samples / 10, o.samples, |i| urgent_page(&mut lanes, &mut buf, i))?;
     let (l50, l99) = (latency.quantile_us(0.5), latency.quantile_us(0.99));
 
-    // Bulk READ bandwidth by run size: the whole memory, `depth` reads in flight.
+    // Bulk READ bandwidth by run size: the whole memory once, `depth` reads in flight, into the
+    // lane's registered buffers.
     let mut bulk = Vec::new();
+    let total = pages * PAGE as u64;
     for run_kib in [4u64, 64, 256, 1024, 4096] {
-        let run_pages = (run_kib * 1024 / u64::from(layout.page_size())).min(u64::from(layout.max_run_pages())) as u32;
-        let elapsed = bulk_pass(&mut lanes, run_pages)?;
-        bulk.push((run_kib, gbps(pages * u64::from(layout.page_size()), elapsed)));
+        let run_pages = (run_kib * 1024 / PAGE as u64).min(u64::from(layout.max_run_pages())) as u32;
+        let elapsed = bulk_stream(&mut lanes, &mut Vec::new(), run_pages, total)?;
+        bulk.push((run_kib, gbps(total, elapsed)));
     }
     drop(lanes);
 
@@ -152,29 +150,6 @@ pub fn run(args: &[String]) -> Result<()> {
         println!("  post-copy fault service: p50 {fault_p50:.2} us, p99 {fault_p99:.2} us ({faults} faults)");
     }
     Ok(())
-}
-
-/// Reads every page once in runs of `run_pages`, the lane full, into the lane's buffers.
-fn bulk_pass(lanes: &mut PageSource, run_pages: u32) -> Result<Duration> {
-    let ps = lanes.layout.page_size() as usize;
-    let total = lanes.layout.total_pages();
-    let mut spare: Vec<PageBuf> = Vec::new();
-    let t = Instant::now();
-    let mut next = 0u64;
-    while next < total || lanes.bulk.in_flight() > 0 {
-        while next < total && lanes.bulk.in_flight() < lanes.bulk.depth() {
-            let n = (total - next).min(u64::from(run_pages)) as u32;
-            let buf = match spare.pop() {
-                Some(b) => b,
-                None => lanes.bulk.buffer(run_pages as usize * ps)?,
-            };
-            lanes.bulk.submit(BulkRead { run: PageRun::new(0, next, n), buf: buf.into(), tag: next })?;
-            next += u64::from(n);
-        }
-        let done = lanes.bulk.complete()?.context("the bulk lane lost a read")?;
-        spare.extend(done.buf.into_buffer());
-    }
-    Ok(t.elapsed())
 }
 
 /// Touches random pages of userfaultfd-registered memory; the fault loop serves each fault over

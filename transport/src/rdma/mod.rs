@@ -595,6 +595,7 @@ fn open_lanes(
         spin: options.urgent_spin,
         broken: None,
         next_wr: 0,
+        wcs: Vec::with_capacity(16),
     };
     let marker = registry.buffer(8)?;
     let bulk = RdmaBulk {
@@ -611,6 +612,7 @@ fn open_lanes(
         timeout: options.io_timeout,
         broken: None,
         next_wr: 0,
+        wcs: Vec::with_capacity(16),
         _setup: setup,
     };
     let source = PageSource { session: cs.session, layout: cs.layout, urgent: Box::new(urgent), bulk: Box::new(bulk) };
@@ -745,14 +747,15 @@ struct RdmaUrgent {
     spin: Duration,
     broken: Option<String>,
     next_wr: u64,
+    /// Reused for every fault: the fault path allocates nothing.
+    wcs: Vec<verbs::Completion>,
 }
 
 impl RdmaUrgent {
-    fn lkey_for(&mut self, ptr: *const u8, len: usize) -> Option<u32> {
+    fn lkey_for(&self, ptr: *const u8, len: usize) -> Option<u32> {
         if let Some(k) = self.registry.landing_lkey(ptr, len) {
             return Some(k);
         }
-        self.handed_out.retain(|w| w.strong_count() > 0);
         self.handed_out.iter().filter_map(Weak::upgrade).find(|mr| mr.covers(ptr, len)).map(|mr| mr.lkey())
     }
 
@@ -769,15 +772,15 @@ impl RdmaUrgent {
                 true,
             )?
         };
-        let mut wcs = Vec::with_capacity(1);
+        self.wcs.clear();
         let deadline = Instant::now() + self.timeout;
-        if !wait_completion(&self.cq, &mut wcs, self.spin, deadline)? {
+        if !wait_completion(&self.cq, &mut self.wcs, self.spin, deadline)? {
             fail_and_flush(&self.qp, &self.cq);
             let why = format!("an urgent read took longer than {:?}", self.timeout);
             self.broken = Some(why.clone());
             return Err(TransportError::Rdma { op: "rdma read", detail: why });
         }
-        let wc = wcs[0];
+        let wc = self.wcs[0];
         if !wc.ok() {
             fail_and_flush(&self.qp, &self.cq);
             let why = wc.describe();
@@ -810,6 +813,7 @@ impl UrgentLane for RdmaUrgent {
 
     fn buffer(&mut self, len: usize) -> Result<PageBuf> {
         let buf = self.registry.buffer(len)?;
+        self.handed_out.retain(|w| w.strong_count() > 0);
         if let Some(reg) = buf.registration().and_then(|r| r.downcast_ref::<Registered>()) {
             self.handed_out.push(Arc::downgrade(&reg.0));
         }
@@ -866,6 +870,8 @@ struct RdmaBulk {
     timeout: Duration,
     broken: Option<String>,
     next_wr: u64,
+    /// Reused by every wait, so completing a read allocates nothing.
+    wcs: Vec<verbs::Completion>,
     /// Held open: the source keeps our queue pairs while it is.
     _setup: TcpStream,
 }
@@ -982,7 +988,7 @@ impl BulkLane for RdmaBulk {
             return Err(lane_broken(why));
         }
         let deadline = Instant::now() + self.timeout;
-        let mut wcs = Vec::with_capacity(16);
+        let mut wcs = std::mem::take(&mut self.wcs);
         while self.done.is_empty() {
             // The newest request must be signalled, or the wait below could outlast every
             // signalled completion still to come.
@@ -993,13 +999,14 @@ impl BulkLane for RdmaBulk {
             if !wait_completion(&self.cq, &mut wcs, Duration::from_micros(20), deadline)? {
                 return Err(self.fail(format!("no bulk read completed in {:?}", self.timeout)));
             }
-            for wc in wcs.clone() {
+            for wc in &wcs {
                 if !wc.ok() {
                     return Err(self.fail(wc.describe()));
                 }
                 self.retire_through(wc.wr_id);
             }
         }
+        self.wcs = wcs;
         Ok(self.done.pop_front())
     }
 
