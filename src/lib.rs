@@ -1,13 +1,16 @@
 //! `ferry` builds live-migration sessions from its parts: [`ferry_transport`] moves pages,
 //! [`ferry_fault_handler`] traps and installs them, [`ferry_prepager`] decides what comes next.
-//! This crate holds the sessions themselves: [`postcopy`] (the handoff of state and free pages, a
-//! destination that resumes at once and pulls memory behind the running guest, the source's side
-//! and both reports) and [`precopy`] (dirty-log rounds pulled by the destination until the
+//! This crate holds the post-copy [`engine`] (a guest running on memory that is still arriving,
+//! over any page source: fault thread, pre-pager, installs, counters) and the sessions, thin
+//! protocols over it and the lanes: [`postcopy`] (the handoff of state and free pages, a
+//! destination that resumes at once and lets the engine pull memory behind the running guest, the
+//! source's side) and [`precopy`] (dirty-log rounds pulled by the destination until the
 //! predicted downtime meets its target, and hybrid: rounds, then post-copy for the stale pages),
 //! all speaking the session messages of [`handoff`]. Back-and-forth and fault tolerance are to
 //! follow on the same parts. [`toucher`] is a guest stand-in that verifies every page it touches,
 //! for tests, benchmarks and demos without KVM; [`loopback`] runs a whole migration in one process.
 
+pub mod engine;
 pub mod error;
 pub mod freepages;
 pub mod handoff;
@@ -16,11 +19,10 @@ pub mod postcopy;
 pub mod precopy;
 pub mod toucher;
 
+pub use engine::{register_landings, Canceller, DestinationReport, EngineConfig, PostcopyEngine};
 pub use error::{MigrationError, Result};
 pub use ferry_fault_handler as fault_handler;
 pub use ferry_prepager as prepager;
 pub use ferry_transport as transport;
 pub use freepages::FreePages;
-pub use postcopy::{
-    register_landings, run_source, Canceller, DestinationConfig, DestinationReport, PostcopyDestination, SourceReport,
-};
+pub use postcopy::{run_source, PostcopyDestination, SourceReport};

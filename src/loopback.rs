@@ -14,9 +14,10 @@ use ferry_transport::local::{self, LocalPageServer};
 use ferry_transport::tcp::{self, TcpOptions, TcpPageServer};
 use ferry_transport::{Backing, ControlStream, GuestMemory, MemoryLayout, PreSharedKey};
 
+use crate::engine::{DestinationReport, EngineConfig};
 use crate::error::{MigrationError, Result};
 use crate::freepages::FreePages;
-use crate::postcopy::{run_source, DestinationConfig, DestinationReport, PostcopyDestination, SourceReport};
+use crate::postcopy::{run_source, PostcopyDestination, SourceReport};
 use crate::toucher::{demo_free_pages, prepare_source, touch, verify_all, Pattern, TouchReport, Walk};
 
 const SEED: u64 = 77;
@@ -110,7 +111,7 @@ pub fn migrate(config: &LoopbackConfig) -> Result<LoopbackOutcome> {
         control,
         memory.clone(),
         lanes,
-        &DestinationConfig { policy: config.policy, ..DestinationConfig::default() },
+        &EngineConfig { policy: config.policy, ..EngineConfig::default() },
         |state| {
             seed = u64::from_le_bytes(state.try_into().map_err(|_| "the state blob is not a seed".to_string())?);
             Ok(())

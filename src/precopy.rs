@@ -165,7 +165,7 @@ pub fn run_hybrid_destination(
     mut control: Box<dyn ControlStream>,
     memory: std::sync::Arc<GuestMemory>,
     mut source: PageSource,
-    config: &crate::postcopy::DestinationConfig,
+    config: &crate::engine::EngineConfig,
     resume: impl FnOnce(&[u8]) -> std::result::Result<(), String>,
 ) -> Result<(u32, crate::postcopy::PostcopyDestination)> {
     let pages = memory.layout().total_pages();

@@ -15,6 +15,8 @@ pub enum FaultError {
     Transport(#[from] ferry_transport::TransportError),
     #[error("invalid destination memory: {0}")]
     InvalidMemory(String),
+    #[error("bulk lane: {0}")]
+    Lane(String),
 }
 
 pub type Result<T, E = FaultError> = std::result::Result<T, E>;

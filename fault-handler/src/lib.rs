@@ -3,9 +3,11 @@
 //! and MINOR mode with UFFDIO_CONTINUE for memfd and hugetlbfs memory, filled through an alias
 //! mapping so no page is copied on the host), keeps every page's state in atomic bitmaps so a page
 //! is requested once and installed once, serves faults on the transport's urgent lane, and feeds
-//! faulting pages to the pre-pager through a bounded lock-free queue. The raw ioctls live in
-//! [`uffd`], the crate's only syscall place.
+//! faulting pages to the pre-pager through a bounded lock-free queue; [`BulkInstaller`] keeps a
+//! bulk lane busy with the runs the pre-pager claims and installs them as they land. The raw
+//! ioctls live in [`uffd`], the crate's only syscall place.
 
+pub mod bulk;
 pub mod error;
 pub mod handler;
 pub mod install;
@@ -13,6 +15,7 @@ pub mod state;
 pub mod stats;
 pub mod uffd;
 
+pub use bulk::{BulkInstaller, Installed};
 pub use error::{FaultError, Result};
 pub use handler::{run_fault_loop, FaultQueue};
 pub use install::{DestinationMemory, InstallMode};

@@ -24,7 +24,7 @@ use ferry::transport::tcp::{self, TcpOptions, TcpPageServer};
 use ferry::transport::{
     ControlStream, GuestMemory, MemoryLayout, PageSource, PreSharedKey, RegionLayout, RegionMapping, TransportError,
 };
-use ferry::{Canceller, DestinationConfig, FreePages, MigrationError, PostcopyDestination};
+use ferry::{Canceller, EngineConfig, FreePages, MigrationError, PostcopyDestination};
 
 /// The ABI this library implements. Bumped on any incompatible change to ferry.h.
 pub const FERRY_ABI_VERSION: u32 = 1;
@@ -802,7 +802,7 @@ pub unsafe extern "C" fn ferry_destination_start(
         let resume = resume.ok_or_else(|| invalid("resume is null"))?;
         let pending = lock(&d.pending).take();
         let (lanes, control) = pending.ok_or_else(|| (FerryStatus::ErrState, "already started".to_string()))?;
-        let config = DestinationConfig { policy: d.policy, ..DestinationConfig::default() };
+        let config = EngineConfig { policy: d.policy, ..EngineConfig::default() };
         let session = PostcopyDestination::start(control, d.memory.clone(), lanes, &config, |state| {
             // SAFETY: `resume` is the caller's function; state is valid for the call.
             match unsafe { resume(state.as_ptr(), state.len(), user) } {

@@ -20,6 +20,10 @@ pub trait Policy: Send {
     /// Claims the next run of at most `max_pages` pages, or `None` when this policy has nothing
     /// more to fetch now.
     fn next(&mut self, states: &PageStates, max_pages: u32) -> Option<Claim>;
+    /// Pages this policy claimed around fault pivots so far (bubbles), as opposed to its sweep.
+    fn pivot_pages(&self) -> u64 {
+        0
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +119,7 @@ pub struct Bubbling {
     /// Newest at the back.
     bubbles: VecDeque<Bubble>,
     push: Push,
+    pivot_pages: u64,
 }
 
 impl Policy for Bubbling {
@@ -150,6 +155,7 @@ impl Policy for Bubbling {
                             (true, true) => Some(c.first() + u64::from(c.count())),
                             (true, false) => c.first().checked_sub(1),
                         };
+                        self.pivot_pages += u64::from(c.count());
                         return Some(c);
                     }
                     None => *side = None,
@@ -160,6 +166,10 @@ impl Policy for Bubbling {
             }
         }
         self.push.next(states, max_pages)
+    }
+
+    fn pivot_pages(&self) -> u64 {
+        self.pivot_pages
     }
 }
 

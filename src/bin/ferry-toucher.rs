@@ -24,7 +24,7 @@ use ferry::prepager::PolicyKind;
 use ferry::toucher::{demo_free_pages, prepare_source, touch, verify_all, Pattern, Walk};
 use ferry::transport::tcp::{self, TcpOptions, TcpPageServer};
 use ferry::transport::{Backing, GuestMemory, MemoryLayout, PreSharedKey};
-use ferry::{run_source, DestinationConfig, PostcopyDestination};
+use ferry::{run_source, EngineConfig, PostcopyDestination};
 use serde_json::json;
 
 const SEED: u64 = 0xfe55_1234;
@@ -220,7 +220,7 @@ fn dest(a: &Args) -> Result<()> {
         Box::new(control),
         memory.clone(),
         lanes,
-        &DestinationConfig { policy: a.policy, ..DestinationConfig::default() },
+        &EngineConfig { policy: a.policy, ..EngineConfig::default() },
         |state| {
             let seed = state.get(..8).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes);
             let pos = state.get(8..16).and_then(|s| s.try_into().ok()).map(u64::from_le_bytes);

@@ -34,6 +34,10 @@ pub const STACK_BYTES: u64 = 0x4000;
 pub const VERSION_TABLE_GPA: u64 = 0x400000;
 pub const DATA_GPA: u64 = 0x1000000;
 
+/// Operations between progress reports of the random workloads: ~1 ms of work at full speed,
+/// so the VMM's rate samples resolve what a migration does to the guest.
+const RAND_BATCH: u32 = 1024;
+
 pub const PORT_PROGRESS: u16 = 0x10;
 pub const PORT_CONSOLE: u16 = 0x11;
 pub const PORT_VERIFY: u16 = 0x12;
@@ -286,7 +290,7 @@ fn seq_write(a: &mut CodeAssembler) -> Result<(), IcedError> {
 }
 
 /// The random-access workloads. R13 = xorshift state. A write bumps version[p] (u32 at R10 + 4p)
-/// and fills page p with (p << 32 | version); reports every 4096 operations and answers
+/// and fills page p with (p << 32 | version); reports every [`RAND_BATCH`] operations and answers
 /// self-checks between batches.
 fn rand_write(a: &mut CodeAssembler, workload: Workload) -> Result<(), IcedError> {
     let (mut batch, mut write, mut next) = (a.create_label(), a.create_label(), a.create_label());
@@ -299,7 +303,7 @@ fn rand_write(a: &mut CodeAssembler, workload: Workload) -> Result<(), IcedError
     a.set_label(&mut next)?;
     a.xor(ebp, ebp)?;
     a.set_label(&mut batch)?;
-    a.mov(r14d, 4096)?;
+    a.mov(r14d, RAND_BATCH)?;
     a.set_label(&mut write)?;
     pace(a)?;
     // xorshift64
@@ -352,7 +356,7 @@ fn rand_write(a: &mut CodeAssembler, workload: Workload) -> Result<(), IcedError
     a.dec(r14d)?;
     a.jnz(write)?;
 
-    a.mov(eax, 4096)?;
+    a.mov(eax, RAND_BATCH)?;
     hypercall(a, PORT_PROGRESS)?;
     maybe_verify(a, |a| {
         count_bad_pages(a, |a| {

@@ -18,6 +18,7 @@
 //! guest checks its own memory; each side prints its report (`demo` one merged report).
 
 mod guest;
+mod rate;
 mod vm;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -28,12 +29,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry::prepager::PolicyKind;
-use ferry::{run_source, DestinationConfig, PostcopyDestination};
+use ferry::{run_source, EngineConfig, PostcopyDestination};
 use ferry_fault_handler::DestinationMemory;
 use ferry_transport::local::{self, LocalPageServer};
 use ferry_transport::tcp::{self, TcpOptions, TcpPageServer};
 use ferry_transport::{Backing, ControlStream, GuestMemory, MemoryLayout, PreSharedKey};
 use guest::Workload;
+use rate::RateSampler;
 use serde_json::json;
 use vm::{Memory, Vm};
 
@@ -265,6 +267,8 @@ struct Rendezvous {
     mode: Mode,
     prepager: String,
     seconds: f64,
+    /// The guest's steady-state rate at the source just before the pause.
+    baseline_rate: f64,
 }
 
 const MAX_RENDEZVOUS_BYTES: u64 = 4096;
@@ -309,6 +313,8 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
     source_mem.regions()[0].populate_write(guest::DATA_GPA, (data_pages(a) * guest::PAGE) as usize)?;
     let mut source = Vm::new(Memory::Plain(source_mem.clone()), a.vcpus)?;
     boot(&mut source, a)?;
+    // Likewise KVM's page tables, or first-touch EPT faults would slow it.
+    let prefaulted = source.prefault()?;
     let mut running = Some(source.start()?);
     // Serve pages on the address the destination reached us on, or on this host's Unix socket.
     let server = if a.local {
@@ -321,7 +327,9 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
         let page_addr = SocketAddr::new(rendezvous.local_addr()?.ip(), 0);
         Server::Tcp(TcpPageServer::start(page_addr, source_mem, key.clone(), TcpOptions::default())?)
     };
-    let rate_before = measure_rate(&source, a.seconds);
+    // The baseline is the guest's steady state: after a warm-up, the rate just before the pause.
+    std::thread::sleep(Duration::from_secs_f64(a.seconds));
+    let baseline_rate = measure_rate(&source, a.seconds);
     let hello = Rendezvous {
         page_port: match &server {
             Server::Tcp(s) => s.local_addr().port(),
@@ -338,6 +346,7 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
         mode: a.mode,
         prepager: a.prepager.name().into(),
         seconds: a.seconds,
+        baseline_rate,
     };
     writeln!(rendezvous, "{}", serde_json::to_string(&hello)?)?;
     let mut control: Box<dyn ControlStream> = match &server {
@@ -362,7 +371,7 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
         downtime_target: Duration::from_millis(a.downtime_ms),
         max_rounds: a.max_rounds,
     };
-    let mut report = json!({ "rate_before": rate_before, "mode": mode_name(a.mode) });
+    let mut report = json!({ "baseline_rate": baseline_rate, "prefaulted": prefaulted, "mode": mode_name(a.mode) });
     match (a.mode, dirty_log.as_mut()) {
         (Mode::Postcopy, _) | (_, None) => {
             let paused_at = Instant::now();
@@ -409,10 +418,6 @@ fn measure_rate(vm: &Vm, seconds: f64) -> f64 {
     (vm.telemetry.progress.load(Ordering::Relaxed) - p0) as f64 / seconds
 }
 
-fn rate_since(vm: &Vm, (t, p): (Instant, u64)) -> f64 {
-    (vm.telemetry.progress.load(Ordering::Relaxed) - p) as f64 / t.elapsed().as_secs_f64().max(1e-6)
-}
-
 /// Destination memory prepared for the source's mode.
 enum Prepared {
     /// Registered with userfaultfd: post-copy.
@@ -426,11 +431,11 @@ fn resume(
     dest: &mut Vm,
     blob: &[u8],
     running: &mut Option<vm::Running>,
-    resumed: &mut Option<SystemTime>,
+    resumed: &mut Option<(SystemTime, Instant)>,
 ) -> std::result::Result<(), String> {
     dest.restore(blob).map_err(|e| e.to_string())?;
     *running = Some(dest.start().map_err(|e| e.to_string())?);
-    *resumed = Some(SystemTime::now());
+    *resumed = Some((SystemTime::now(), Instant::now()));
     Ok(())
 }
 
@@ -487,9 +492,10 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
     };
     let mut report =
         json!({ "mode": mode_name(rv.mode), "mem_mib": rv.mem_mib, "vcpus": rv.vcpus, "transport": transport });
+    let sampler = RateSampler::of(dest.telemetry.clone());
     let mut running = None;
     let mut resumed = None;
-    let config = DestinationConfig { policy: prepager, ..DestinationConfig::default() };
+    let config = EngineConfig { policy: prepager, ..EngineConfig::default() };
     let session = match prepared {
         Prepared::Arriving(m) => Some(PostcopyDestination::start(control, m, lanes, &config, |blob| {
             resume(&mut dest, blob, &mut running, &mut resumed)
@@ -507,15 +513,22 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
             Some(session)
         }
     };
+    let mut postcopy_done = None;
     if let Some(session) = session {
-        let during = (Instant::now(), dest.telemetry.progress.load(Ordering::Relaxed));
         let bar = ProgressBar::start(session.memory().clone());
-        session.finish();
+        if prepager == PolicyKind::Demand {
+            // Demand paging alone never brings the pages the guest does not touch: after the
+            // workload's phase, sweep them (reported as swept_pages).
+            std::thread::sleep(Duration::from_secs_f64(rv.seconds));
+            session.finish();
+        }
         let r = session.wait();
+        postcopy_done = Some(Instant::now());
         bar.stop();
         let r = r?;
-        report["rate_during"] = json!(rate_since(&dest, during));
         report["prepager"] = json!(r.policy);
+        report["pivot_pages"] = json!(r.pivot_pages);
+        report["swept_pages"] = json!(r.swept_pages);
         report["pages_total"] = json!(r.pages_total);
         report["urgent_pages"] = json!(r.urgent_pages);
         report["bulk_pages"] = json!(r.bulk_pages);
@@ -530,8 +543,22 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
         report["pages_installed_twice"] = json!(r.pages_installed_twice);
     }
     let running = running.ok_or_else(|| anyhow!("the destination never resumed"))?;
-    let at = resumed.ok_or_else(|| anyhow!("the destination never resumed"))?;
+    let (at, resumed_at) = resumed.ok_or_else(|| anyhow!("the destination never resumed"))?;
     report["rate_after"] = json!(measure_rate(&dest, rv.seconds));
+    let samples = sampler.stop();
+    report["baseline_rate"] = json!(rv.baseline_rate);
+    if let Some(done) = postcopy_done {
+        // The post-copy interval: from the guest running here to every page present.
+        let during = samples.rate(resumed_at, done);
+        report["postcopy_ms"] = json!((done - resumed_at).as_secs_f64() * 1e3);
+        report["rate_during"] = json!(during);
+        report["rate_during_over_baseline"] = json!(during / rv.baseline_rate.max(1e-9));
+        let lost = samples.work_lost(resumed_at, done, rv.baseline_rate, Duration::from_millis(10));
+        report["work_lost_postcopy_ms"] = json!(lost.as_secs_f64() * 1e3);
+    }
+    let end = samples.last_time().unwrap_or(resumed_at);
+    let series = samples.series(resumed_at, resumed_at, end, Duration::from_millis(50));
+    report["rate_series_50ms"] = json!(series.iter().map(|&(ms, r)| [ms.round(), r.round()]).collect::<Vec<_>>());
     let mismatches = self_check(&mut dest, running)?;
     report["guest_mismatches"] = json!(mismatches);
     if mismatches != 0 {
@@ -599,6 +626,10 @@ fn demo(a: &Args) -> Result<()> {
     report["workload"] = json!(a.workload.name());
     let downtime = destination.at.duration_since(source.at).unwrap_or_default();
     report["downtime_ms"] = json!(downtime.as_secs_f64() * 1e3);
+    if let Some(postcopy) = report["work_lost_postcopy_ms"].as_f64() {
+        // The guest did no work during the downtime, then lost this much while memory arrived.
+        report["work_lost_ms"] = json!(downtime.as_secs_f64() * 1e3 + postcopy);
+    }
     let twice =
         report["pages_sent_twice"].as_u64().unwrap_or(0) + report["pages_installed_twice"].as_u64().unwrap_or(0);
     report["pages_sent_twice"] = json!(twice);

@@ -1,0 +1,409 @@
+//! The post-copy engine: a guest runs on memory that is still arriving. It owns the page states,
+//! the fault thread (faults served on the urgent lane, each faulting page handed on as a pivot),
+//! the pre-pager thread (the chosen policy's runs on the bulk lane, installed by
+//! [`BulkInstaller`]) and the counters. It runs over any [`PageSource`] (a network session, a
+//! snapshot file, a kept image) and knows nothing of control lanes or handoffs: the sessions in
+//! [`crate::postcopy`], [`crate::precopy`] (hybrid) and the restores are thin protocols around it.
+//!
+//! Life of an engine: [`PostcopyEngine::start`] before the guest runs (faults are served from
+//! then on), the VMM resumes the guest, [`PostcopyEngine::start_prepaging`] once it runs (nothing
+//! competes with the resume for the CPU), [`PostcopyEngine::wait`] until every page is present.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_fault_handler::{run_fault_loop, BulkInstaller, Claim, DestinationMemory, FaultQueue, FaultStats};
+use ferry_prepager::{BatchSizer, Policy, PolicyKind, Push};
+use ferry_transport::{BulkLane, PageSource};
+
+use crate::error::{MigrationError, Result};
+use crate::freepages::FreePages;
+
+/// Longest bulk run the pre-pager asks for: bounds the buffers it keeps (depth x this).
+const MAX_BULK_RUN_BYTES: u64 = 1 << 20;
+
+/// What the user chooses for a post-copy destination.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub policy: PolicyKind,
+    /// Pivots the fault thread may queue for the pre-pager before the oldest are dropped.
+    pub fault_queue: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { policy: PolicyKind::Bubbling, fault_queue: 4096 }
+    }
+}
+
+/// What a post-copy destination measured.
+#[derive(Clone, Debug, Default)]
+pub struct DestinationReport {
+    pub policy: &'static str,
+    pub pages_total: u64,
+    /// From the engine's start (the handoff received) to every page present.
+    pub total: Duration,
+    /// From receiving the handoff to the guest running (the destination's share of downtime).
+    pub resume_latency: Duration,
+    pub faults: u64,
+    pub network_faults: u64,
+    /// Faults on pages already in flight on the bulk lane: pre-paging made them shorter.
+    pub inflight_faults: u64,
+    /// Faults resolved without the network.
+    pub local_faults: u64,
+    pub urgent_pages: u64,
+    /// Pages the pre-pager brought before anyone faulted on them.
+    pub bulk_pages: u64,
+    /// Bulk pages the policy claimed around fault pivots (bubbles).
+    pub pivot_pages: u64,
+    /// Bulk pages fetched by [`PostcopyEngine::finish`]'s sweep after the policy ran dry.
+    pub swept_pages: u64,
+    pub zero_pages: u64,
+    pub skipped_free_pages: u64,
+    pub discarded_pages: u64,
+    pub pages_installed_twice: u64,
+    pub fault_p50: Duration,
+    pub fault_p99: Duration,
+    pub fault_max: Duration,
+    /// Counts of network-fault latencies in power-of-two microsecond buckets.
+    pub fault_histogram_us: Vec<u64>,
+    /// Total time faulting threads waited on network faults.
+    pub blocktime: Duration,
+}
+
+/// Flags the engine's threads watch.
+#[derive(Debug, Default)]
+struct Flags {
+    /// Sweep what is still missing once the policy has nothing more to fetch.
+    finish: AtomicBool,
+    /// Stop pre-paging (cancelled, or a thread failed).
+    abort: AtomicBool,
+    /// Stop serving faults.
+    stop_faults: AtomicBool,
+}
+
+/// What the pre-pager thread counted.
+#[derive(Debug, Default)]
+struct Prepaged {
+    pivot_pages: u64,
+    swept_pages: u64,
+}
+
+/// The bulk side, waiting for [`PostcopyEngine::start_prepaging`].
+struct Pending {
+    bulk: Box<dyn BulkLane>,
+    zero: Vec<Claim>,
+}
+
+/// A running post-copy engine: the guest may run on `memory` while this brings its pages in.
+pub struct PostcopyEngine {
+    memory: Arc<DestinationMemory>,
+    stats: Arc<FaultStats>,
+    queue: Arc<FaultQueue>,
+    config: EngineConfig,
+    flags: Arc<Flags>,
+    fault_thread: Option<JoinHandle<ferry_fault_handler::Result<Vec<Duration>>>>,
+    prepager_thread: Option<JoinHandle<Result<Prepaged>>>,
+    pending: Option<Pending>,
+    started_at: Instant,
+}
+
+impl std::fmt::Debug for PostcopyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostcopyEngine").field("policy", &self.config.policy).finish_non_exhaustive()
+    }
+}
+
+impl PostcopyEngine {
+    /// Starts serving faults on `memory` from `source`'s urgent lane. `zero` are pages known to be
+    /// zero (free pages): claimed now, so nothing ever asks the source for them, and installed as
+    /// zero pages first once pre-paging starts. From here on a guest may run on `memory`.
+    pub fn start(
+        memory: Arc<DestinationMemory>,
+        source: PageSource,
+        config: &EngineConfig,
+        zero: &FreePages,
+    ) -> Result<Self> {
+        if zero.pages() != 0 && zero.pages() != memory.states().pages() {
+            return Err(MigrationError::Protocol(format!(
+                "a zero-page map of {} pages for a guest of {}",
+                zero.pages(),
+                memory.states().pages()
+            )));
+        }
+        let mut source = source;
+        // SAFETY: each lane is dropped inside its thread while that thread holds a clone of
+        // `memory`, or in this function or in `Pending` while `self.memory` is held. Usually a
+        // no-op here: a destination registers before the guest pauses (see `register_landings`),
+        // and registering twice is skipped.
+        unsafe { register_landings(&memory, &mut source)? };
+        let zero = claim_pages(&memory, zero);
+        let PageSource { mut urgent, bulk, .. } = source;
+        let stats = Arc::new(FaultStats::default());
+        let queue = Arc::new(FaultQueue::new(config.fault_queue));
+        let flags = Arc::new(Flags::default());
+        let fault_thread = {
+            let (memory, queue, stats, flags) = (memory.clone(), queue.clone(), stats.clone(), flags.clone());
+            std::thread::Builder::new()
+                .name("ferry-faults".into())
+                .spawn(move || {
+                    let result = run_fault_loop(&memory, urgent.as_mut(), &queue, &stats, &flags.stop_faults);
+                    // Before `memory`: the lane may have registered its alias mappings.
+                    drop(urgent);
+                    if result.is_err() {
+                        flags.abort.store(true, Ordering::Release);
+                    }
+                    result
+                })
+                .map_err(|e| MigrationError::Protocol(format!("spawning the fault thread: {e}")))?
+        };
+        memory.begin_use();
+        Ok(PostcopyEngine {
+            memory,
+            stats,
+            queue,
+            config: config.clone(),
+            flags,
+            fault_thread: Some(fault_thread),
+            prepager_thread: None,
+            pending: Some(Pending { bulk, zero }),
+            started_at: Instant::now(),
+        })
+    }
+
+    /// Starts the pre-pager: the zero pages, then the policy's runs on the bulk lane. Call it once
+    /// the guest runs; [`Self::wait`] calls it if nobody did.
+    pub fn start_prepaging(&mut self) -> Result<()> {
+        let Some(Pending { bulk, zero }) = self.pending.take() else { return Ok(()) };
+        let (memory, queue, stats, flags) =
+            (self.memory.clone(), self.queue.clone(), self.stats.clone(), self.flags.clone());
+        let policy = self.config.policy.build();
+        let thread = std::thread::Builder::new()
+            .name("ferry-prepager".into())
+            .spawn(move || {
+                let installer = BulkInstaller::new(bulk, max_run_pages(&memory) as usize * memory.page_size() as usize);
+                // The installer (and its lane) is dropped inside prepage, while `memory` is held here.
+                let result = prepage(&memory, installer, policy, zero, &queue, &stats, &flags);
+                if result.is_err() {
+                    flags.abort.store(true, Ordering::Release);
+                }
+                result
+            })
+            .map_err(|e| MigrationError::Protocol(format!("spawning the pre-pager: {e}")))?;
+        self.prepager_thread = Some(thread);
+        Ok(())
+    }
+
+    pub fn memory(&self) -> &Arc<DestinationMemory> {
+        &self.memory
+    }
+
+    pub fn stats(&self) -> &FaultStats {
+        &self.stats
+    }
+
+    /// The live counters, shareable with threads that outlive a borrow of this engine.
+    pub fn stats_handle(&self) -> Arc<FaultStats> {
+        self.stats.clone()
+    }
+
+    pub fn policy(&self) -> PolicyKind {
+        self.config.policy
+    }
+
+    /// Once the policy has nothing more to fetch, fetch what is still missing in address order.
+    /// Push and bubbling never run dry while a page is unclaimed, so this changes nothing for
+    /// them; a `demand` engine otherwise never completes on pages the guest does not touch. The
+    /// pages it brings are reported as `swept_pages`.
+    pub fn finish(&self) {
+        self.flags.finish.store(true, Ordering::Release);
+    }
+
+    /// A handle that stops the engine from any thread: the fault thread and the pre-pager stop,
+    /// `wait` then fails with the pages still missing. Guest threads faulting on missing pages
+    /// stay blocked: stop the vCPUs.
+    pub fn canceller(&self) -> Canceller {
+        Canceller { flags: self.flags.clone() }
+    }
+
+    /// Waits until every page is present, releases userfaultfd, and reports. `resume_latency` is
+    /// left for the session to fill in.
+    pub fn wait(mut self) -> Result<DestinationReport> {
+        self.start_prepaging()?;
+        let prepaged = self.prepager_thread.take().map(|t| t.join().map_err(|_| MigrationError::ThreadPanicked));
+        self.flags.stop_faults.store(true, Ordering::Release);
+        let faults = self.fault_thread.take().map(|t| t.join().map_err(|_| MigrationError::ThreadPanicked));
+        let samples = match faults {
+            Some(r) => r??,
+            None => Vec::new(),
+        };
+        let prepaged = match prepaged {
+            Some(r) => r??,
+            None => Prepaged::default(),
+        };
+        let states = self.memory.states();
+        if !states.all_present() {
+            return Err(MigrationError::Protocol(format!(
+                "the engine stopped with {} of {} pages missing",
+                states.pages() - states.present_count(),
+                states.pages()
+            )));
+        }
+        self.memory.release()?;
+        Ok(self.report(samples, &prepaged))
+    }
+
+    fn report(&self, mut samples: Vec<Duration>, prepaged: &Prepaged) -> DestinationReport {
+        samples.sort_unstable();
+        let q =
+            |f: f64| samples.get(((samples.len().max(1) - 1) as f64 * f).round() as usize).copied().unwrap_or_default();
+        let s = &self.stats;
+        let get = FaultStats::get;
+        DestinationReport {
+            policy: self.config.policy.name(),
+            pages_total: self.memory.states().pages(),
+            total: self.started_at.elapsed(),
+            resume_latency: Duration::ZERO,
+            faults: get(&s.faults),
+            network_faults: get(&s.network_faults),
+            inflight_faults: get(&s.inflight_faults),
+            local_faults: get(&s.local_faults),
+            urgent_pages: get(&s.urgent_pages),
+            bulk_pages: get(&s.bulk_pages),
+            pivot_pages: prepaged.pivot_pages,
+            swept_pages: prepaged.swept_pages,
+            zero_pages: get(&s.zero_pages),
+            skipped_free_pages: get(&s.skipped_free_pages),
+            discarded_pages: get(&s.discarded_pages),
+            pages_installed_twice: self.memory.states().installed_twice(),
+            fault_p50: q(0.5),
+            fault_p99: q(0.99),
+            fault_max: samples.last().copied().unwrap_or_default(),
+            fault_histogram_us: s.fault_latency.counts(),
+            blocktime: Duration::from_nanos(get(&s.blocktime_ns)),
+        }
+    }
+}
+
+impl Drop for PostcopyEngine {
+    fn drop(&mut self) {
+        // Dropped without wait(): stop both threads; the guest must already be stopped.
+        self.flags.abort.store(true, Ordering::Release);
+        self.flags.stop_faults.store(true, Ordering::Release);
+        if let Some(t) = self.prepager_thread.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.fault_thread.take() {
+            let _ = t.join();
+        }
+        // The bulk lane before `memory`, as the threads do.
+        drop(self.pending.take());
+    }
+}
+
+/// Stops a running [`PostcopyEngine`] from any thread.
+#[derive(Clone, Debug)]
+pub struct Canceller {
+    flags: Arc<Flags>,
+}
+
+impl Canceller {
+    pub fn cancel(&self) {
+        self.flags.abort.store(true, Ordering::Release);
+        self.flags.stop_faults.store(true, Ordering::Release);
+    }
+}
+
+/// Longest bulk run in pages: [`MAX_BULK_RUN_BYTES`], or one page where pages are larger.
+fn max_run_pages(memory: &DestinationMemory) -> u32 {
+    (MAX_BULK_RUN_BYTES / memory.page_size()).max(1) as u32
+}
+
+/// Claims the pages set in `pages`, in runs, so neither a fault nor the pre-pager asks for them.
+fn claim_pages(memory: &DestinationMemory, pages: &FreePages) -> Vec<Claim> {
+    let states = memory.states();
+    let mut claims = Vec::new();
+    for (first, count) in pages.runs() {
+        let mut p = first;
+        while p < first + count {
+            let want = (first + count - p).min(u64::from(u32::MAX)) as u32;
+            match states.claim_up(p, want) {
+                Some(c) => {
+                    p = c.first() + u64::from(c.count());
+                    claims.push(c);
+                }
+                None => p += 1,
+            }
+        }
+    }
+    claims
+}
+
+/// The pre-pager thread: zero pages first, then the policy's runs (and, once finishing and the
+/// policy is dry, an address-order sweep) keeping the bulk lane full, until every page is present.
+fn prepage(
+    memory: &DestinationMemory,
+    mut installer: BulkInstaller,
+    mut policy: Box<dyn Policy>,
+    zero: Vec<Claim>,
+    queue: &FaultQueue,
+    stats: &FaultStats,
+    flags: &Flags,
+) -> Result<Prepaged> {
+    for claim in &zero {
+        memory.install_zero(claim)?;
+        FaultStats::add(&stats.skipped_free_pages, u64::from(claim.count()));
+    }
+    let states = memory.states();
+    let page_size = memory.page_size();
+    let mut sizer = BatchSizer::new(page_size, max_run_pages(memory));
+    let mut sweep: Option<Push> = None;
+    let mut swept_pages = 0;
+    while !states.all_present() && !flags.abort.load(Ordering::Acquire) {
+        while let Some(page) = queue.pop() {
+            policy.on_fault(page);
+        }
+        while installer.has_room() {
+            let want = sizer.pages();
+            let claim = match policy.next(states, want) {
+                Some(claim) => claim,
+                None if flags.finish.load(Ordering::Acquire) => {
+                    let Some(claim) = sweep.get_or_insert_with(Push::default).next(states, want) else { break };
+                    swept_pages += u64::from(claim.count());
+                    claim
+                }
+                None => break,
+            };
+            installer.submit(memory, claim)?;
+        }
+        if installer.in_flight() == 0 {
+            // Nothing to fetch until the guest faults again (demand) or the engine finishes.
+            std::thread::park_timeout(Duration::from_micros(200));
+            continue;
+        }
+        if let Some(done) = installer.complete(memory, stats)? {
+            sizer.record(done.bytes, done.lane_time);
+        }
+    }
+    Ok(Prepaged { pivot_pages: policy.pivot_pages(), swept_pages })
+}
+
+/// Lets both lanes of `source` read straight into `memory`'s alias mappings (continue mode), for
+/// lanes that must register memory with a device (RDMA). Registration pins the whole mapping, so
+/// a destination does it before the source pauses the guest.
+///
+/// # Safety
+/// `memory` must outlive both lanes of `source`.
+pub unsafe fn register_landings(memory: &DestinationMemory, source: &mut PageSource) -> ferry_transport::Result<()> {
+    for (ptr, len) in memory.landing_ranges() {
+        // SAFETY: the alias mappings live as long as `memory`, which the caller keeps alive
+        // for as long as the lanes.
+        unsafe {
+            source.urgent.register_landing(ptr, len)?;
+            source.bulk.register_landing(ptr, len)?;
+        }
+    }
+    Ok(())
+}
