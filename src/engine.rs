@@ -387,6 +387,10 @@ fn prepage(
             sizer.record(done.bytes, done.lane_time);
         }
     }
+    if states.all_present() {
+        // At once: a guest touching a zero page left absent must not wait for the fault thread.
+        memory.release()?;
+    }
     Ok(Prepaged { pivot_pages: policy.pivot_pages(), swept_pages })
 }
 

@@ -42,8 +42,9 @@ impl FaultQueue {
 /// Most fault latency samples kept for exact percentiles (the histogram counts all of them).
 const MAX_SAMPLES: usize = 1 << 22;
 
-/// Serves faults until `stop` is set or every page is present. Returns the service time of each
-/// network fault, for percentiles.
+/// Serves faults until `stop` is set or every page is present, then releases the memory if every
+/// page is (faults on zero pages left absent keep coming until then). Returns the service time of
+/// each network fault, for percentiles.
 pub fn run_fault_loop(
     memory: &DestinationMemory,
     urgent: &mut dyn UrgentLane,
@@ -95,6 +96,9 @@ pub fn run_fault_loop(
                 Event::Other(_) => {}
             }
         }
+    }
+    if states.all_present() {
+        memory.release()?;
     }
     Ok(samples)
 }

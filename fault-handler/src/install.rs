@@ -5,6 +5,12 @@
 //! staging buffer. Memfd and hugetlbfs memory is registered MISSING and MINOR and has an alias
 //! mapping of the same file: data is received straight into the alias (page cache), then mapped
 //! into the guest with UFFDIO_CONTINUE, so no page is copied on the host.
+//!
+//! Zero pages (the source's zero pages and free pages) are not installed at all: they are marked
+//! present and their waiters woken. A fault on one before [`DestinationMemory::release`] is
+//! resolved with a zero page by [`DestinationMemory::resolve_present`]; after it, the kernel
+//! serves it as for any untouched memory. On this machine kind a fresh page costs more than a
+//! copy (see shared/notes), so most such pages, which the guest never touches, cost nothing.
 
 use ferry_transport::{BulkTarget, GuestMemory, MappedRange, RegionMapping, ZeroMask};
 
@@ -166,8 +172,8 @@ impl DestinationMemory {
         let alias = self.alias.as_ref()?;
         let (region, _, offset, len) = self.span(claim);
         let ptr = alias[region as usize].raw_range_mut(offset, len).ok()?;
-        // Best effort: without it the receive takes one page fault per page.
-        let _ = alias[region as usize].populate_write(offset, len);
+        // Not populated: the lane writes only the pages that hold data (zero pages stay holes),
+        // and each data page is allocated as the receive first writes it.
         // SAFETY: the claim is this memory's, and PageStates hands each page to one claim only; the
         // guest cannot reach the pages before map_filled's CONTINUE (a vCPU touching them blocks in
         // a fault), and the alias mapping lives as long as `self`, which outlives the session's
@@ -175,10 +181,48 @@ impl DestinationMemory {
         Some(BulkTarget::Mapped(unsafe { MappedRange::new(ptr, len) }))
     }
 
-    /// Maps a claim whose bytes a bulk read put in place through [`Self::mapped_target`].
+    /// Maps a claim whose bytes a bulk read put in place through [`Self::mapped_target`]: its
+    /// data pages; its zero pages stay holes (see the module doc).
     pub fn map_filled(&self, claim: &Claim, zero: &ZeroMask, stats: &FaultStats) -> Result<()> {
         FaultStats::add(&stats.zero_pages, u64::from(zero.count()));
-        self.map_claim(claim)
+        if self.discarded_in(claim) {
+            // Page by page: discarded pages are dropped again, zero pages stay holes.
+            for (i, page) in (claim.first()..claim.first() + u64::from(claim.count())).enumerate() {
+                let one = self.states.present_page(page);
+                if zero.is_zero(i as u32) && !self.states.is_discarded(page) {
+                    self.present_with_holes(&one, 1)?;
+                } else {
+                    self.map_claim(&one)?;
+                }
+            }
+            return Ok(());
+        }
+        let (_, addr, _, _) = self.span(claim);
+        let ps = self.page_size;
+        let mut result = Ok(());
+        zero.for_each_data_run(claim.count(), |first, count| {
+            if result.is_ok() {
+                let (a, l) = (addr + u64::from(first) * ps, count as usize * ps as usize);
+                result = self.retrying("UFFDIO_CONTINUE", a, l, |a, l| self.uffd.continue_range(a, l, true));
+            }
+        });
+        result?;
+        self.present_with_holes(claim, zero.count())
+    }
+
+    /// Marks an installed claim present; if `holes` of its pages were left uninstalled, wakes
+    /// whoever faulted on them (they fault again and find the page present).
+    fn present_with_holes(&self, claim: &Claim, holes: u32) -> Result<()> {
+        self.states.mark_present(claim);
+        if holes > 0 && !self.is_released() {
+            let (_, addr, _, len) = self.span(claim);
+            self.uffd.wake(addr, len as u64)?;
+        }
+        Ok(())
+    }
+
+    fn is_released(&self) -> bool {
+        self.released.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Installs a claim whose bytes are in `data` (pages marked in `zero` are zero).
@@ -201,36 +245,34 @@ impl DestinationMemory {
         let (region, addr, offset, len) = self.span(claim);
         let data = &data[..len];
         FaultStats::add(&stats.zero_pages, u64::from(zero.count()));
-        if let Some(alias) = &self.alias {
-            alias[region as usize].write(offset, data)?;
-            return self.map_claim(claim);
-        }
-        if zero.count() == claim.count() {
-            self.retrying("UFFDIO_ZEROPAGE", addr, len, |a, l| self.uffd.zeropage(a, l, true))?;
-        } else {
-            self.retrying("UFFDIO_COPY", addr, len, |a, l| {
-                let start = (a - addr) as usize;
-                self.uffd.copy(a, &data[start..start + l as usize], true)
-            })?;
-        }
-        self.states.mark_present(claim);
-        Ok(())
+        let ps = self.page_size as usize;
+        let mut result = Ok(());
+        // Only the pages that hold data; zero pages are left absent (see the module doc).
+        zero.for_each_data_run(claim.count(), |first, count| {
+            if result.is_err() {
+                return;
+            }
+            let (start, n) = (first as usize * ps, count as usize * ps);
+            let (at, bytes) = (addr + start as u64, &data[start..start + n]);
+            result = match &self.alias {
+                Some(alias) => {
+                    alias[region as usize].write(offset + start as u64, bytes).map_err(FaultError::from).and_then(
+                        |()| self.retrying("UFFDIO_CONTINUE", at, n, |a, l| self.uffd.continue_range(a, l, true)),
+                    )
+                }
+                None => self.retrying("UFFDIO_COPY", at, n, |a, l| {
+                    let from = (a - at) as usize;
+                    self.uffd.copy(a, &bytes[from..from + l as usize], true)
+                }),
+            };
+        });
+        result?;
+        self.present_with_holes(claim, zero.count())
     }
 
-    /// Installs a claim as zero pages without any data (free pages, discarded pages).
+    /// Settles a claim of zero pages (free pages): present, nothing installed (see the module doc).
     pub fn install_zero(&self, claim: &Claim) -> Result<()> {
-        let (region, addr, offset, len) = self.span(claim);
-        match &self.alias {
-            Some(alias) => {
-                alias[region as usize].allocate_zeroed(offset, len)?;
-                self.map_claim(claim)
-            }
-            None => {
-                self.retrying("UFFDIO_ZEROPAGE", addr, len, |a, l| self.uffd.zeropage(a, l, true))?;
-                self.states.mark_present(claim);
-                Ok(())
-            }
-        }
+        self.present_with_holes(claim, claim.count())
     }
 
     /// Whether the guest discarded any page of `claim` (UFFD_EVENT_REMOVE) after it was claimed.
@@ -294,14 +336,21 @@ impl DestinationMemory {
     /// exists already only needs its waiters woken.
     pub fn resolve_present(&self, page: u64, minor: bool) -> Result<()> {
         let claim = self.states.present_page(page);
-        let (_, addr, _, len) = self.span(&claim);
-        let outcome = if minor {
-            self.uffd.continue_range(addr, len as u64, true)
-        } else {
-            self.uffd.zeropage(addr, len as u64, true)
+        let (region, addr, offset, len) = self.span(&claim);
+        let outcome = match (&self.alias, minor) {
+            (Some(_), true) => self.uffd.continue_range(addr, len as u64, true),
+            // A hole of the file (a zero page left absent): allocate it, then map it. Works on
+            // hugetlbfs too, which has no UFFDIO_ZEROPAGE.
+            (Some(alias), false) => {
+                alias[region as usize].allocate_zeroed(offset, len)?;
+                self.uffd.continue_range(addr, len as u64, true)
+            }
+            (None, _) => self.uffd.zeropage(addr, len as u64, true),
         };
         match outcome {
             Outcome::Done => Ok(()),
+            // Released meanwhile: unregistering woke the thread, and the kernel serves it now.
+            _ if self.is_released() => Ok(()),
             Outcome::Exists(_) | Outcome::Again(_) => Ok(self.uffd.wake(addr, len as u64)?),
             Outcome::Failed(errno) => Err(FaultError::Install { addr, errno }),
         }
@@ -314,13 +363,21 @@ impl DestinationMemory {
     }
 
     /// Unregisters guest memory once every page is present: from then on the kernel handles the
-    /// guest's faults itself (a page it discards and touches again is simply a zero page), and any
-    /// thread still waiting on a fault is woken.
+    /// guest's faults itself (a zero page left absent, or a page discarded and touched again, is
+    /// simply a zero page), and any thread still waiting on a fault is woken. Fails, changing
+    /// nothing, while a page is missing: the kernel would fill it with zeros. Calling it again is
+    /// a no-op; the engine calls it as soon as the last page is in.
     pub fn release(&self) -> Result<()> {
+        let missing = self.states.pages() - self.states.present_count();
+        if missing > 0 {
+            return Err(FaultError::InvalidMemory(format!("releasing userfaultfd with {missing} pages missing")));
+        }
+        if self.released.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return Ok(());
+        }
         for r in self.guest.regions() {
             self.uffd.unregister(r.host_addr().as_ptr() as u64, r.len() as u64)?;
         }
-        self.released.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 

@@ -145,3 +145,60 @@ fn pages_discarded_while_in_flight_stay_zero() {
         );
     }
 }
+
+/// Zero pages are marked present without an install: a thread touching one before the memory is
+/// released reads zeros (the fault thread maps a zero page), and a thread already waiting on one
+/// is woken. Releasing with pages missing is refused.
+fn zero_pages_left_absent(backing: Backing) {
+    let layout = MemoryLayout::single(8 << 20).unwrap();
+    let source = Arc::new(GuestMemory::create(layout.clone(), Backing::Anonymous).unwrap());
+    let server = TcpPageServer::start("127.0.0.1:0", source, key(), TcpOptions::default()).unwrap();
+    let mut lanes = tcp::connect(server.local_addr(), &key(), Some(&layout), &TcpOptions::default()).unwrap();
+    let dest = Arc::new(DestinationMemory::register(GuestMemory::create(layout, backing).unwrap()).unwrap());
+    dest.begin_use();
+    let (stats, stop) = (Arc::new(FaultStats::default()), Arc::new(AtomicBool::new(false)));
+    let handler = {
+        let (dest, stats, stop) = (dest.clone(), stats.clone(), stop.clone());
+        std::thread::spawn(move || run_fault_loop(&dest, lanes.urgent.as_mut(), &FaultQueue::new(8), &stats, &stop))
+    };
+    let pages = dest.states().pages();
+    let zero = dest.states().claim_up(0, (pages / 2) as u32).unwrap();
+    // A thread that faults on a claimed page waits for its install.
+    let waiter = {
+        let dest = dest.clone();
+        std::thread::spawn(move || {
+            let mut b = vec![1u8; 4096];
+            dest.guest().regions()[0].read(5 * 4096, &mut b).unwrap();
+            b
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    dest.install_zero(&zero).unwrap();
+    assert!(waiter.join().unwrap().iter().all(|&b| b == 0), "woken, and the page reads as zero");
+    let mut b = vec![1u8; 4096];
+    dest.guest().regions()[0].read(7 * 4096, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0), "touched before release: a zero page");
+    dest.guest().regions()[0].write(9 * 4096, &[3u8; 4096]).unwrap();
+    assert!(matches!(dest.release(), Err(ferry_fault_handler::FaultError::InvalidMemory(_))), "pages are missing");
+    let rest = dest.states().claim_up(pages / 2, (pages / 2) as u32).unwrap();
+    dest.install_zero(&rest).unwrap();
+    dest.release().unwrap();
+    dest.release().unwrap();
+    stop.store(true, Ordering::Release);
+    handler.join().unwrap().unwrap();
+    dest.guest().regions()[0].read(9 * 4096, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 3), "a write to a zero page before release stays");
+    dest.guest().regions()[0].read(pages * 4096 - 4096, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0), "after release the kernel serves untouched pages as zero");
+    assert_eq!(FaultStats::get(&stats.network_faults), 0, "no zero page crossed");
+}
+
+#[test]
+fn anonymous_zero_pages_are_left_absent_until_touched() {
+    zero_pages_left_absent(Backing::Anonymous);
+}
+
+#[test]
+fn memfd_zero_pages_are_left_absent_until_touched() {
+    zero_pages_left_absent(Backing::Memfd);
+}

@@ -114,6 +114,10 @@ impl MappedRange {
 }
 
 /// Where a bulk read lands: an owned buffer, or a mapped range of guest memory.
+///
+/// A lane may leave the pages it reports zero untouched in a `Mapped` target (the caller does not
+/// use their bytes, and writing zeros into a file's holes would allocate memory for them); in a
+/// `Buffer` they are zero-filled.
 #[derive(Debug)]
 pub enum BulkTarget {
     Buffer(PageBuf),

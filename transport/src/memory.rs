@@ -239,6 +239,10 @@ impl RegionMapping {
         if off % 8 != 0 || len % 64 != 0 {
             return Err(TransportError::OutOfRange("zero check needs 8-byte aligned, 64-byte multiple ranges".into()));
         }
+        if self.is_hole(offset, len) {
+            // Reading a hole of a memfd through the mapping would allocate a page for it.
+            return Ok(true);
+        }
         // SAFETY: in bounds (checked) and 8-byte aligned (the mapping is page aligned and off % 8 == 0).
         let base = unsafe { self.ptr.as_ptr().add(off) }.cast::<u64>();
         for line in 0..len / 64 {
@@ -252,6 +256,20 @@ impl RegionMapping {
             }
         }
         Ok(true)
+    }
+
+    /// Whether the file behind this mapping has no data in `offset..offset+len` (false for
+    /// anonymous memory, and where the file system cannot tell: hugetlbfs reports all data).
+    fn is_hole(&self, offset: u64, len: usize) -> bool {
+        let Some(fd) = &self.fd else { return false };
+        // SAFETY: lseek on a valid fd with integer arguments; it moves only the file offset,
+        // which nothing here uses (every access goes through the mapping).
+        let data = unsafe { libc::lseek(fd.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data at or after `offset`.
+            return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        }
+        data as u64 >= offset + len as u64
     }
 
     /// Raw pointer to `offset` after a bounds check, for syscalls that read guest memory directly
@@ -395,6 +413,26 @@ mod tests {
         assert!(!m.is_zero(4096, 4096).unwrap());
         assert!(m.read((1 << 20) - 100, &mut b).is_err());
         assert!(m.read(u64::MAX, &mut b).is_err());
+    }
+
+    #[test]
+    fn memfd_holes_are_zero_without_allocating() {
+        let m = RegionMapping::create(4 << 20, Backing::Memfd).unwrap();
+        m.write(1 << 20, &[1u8; 8]).unwrap();
+        let allocated = |m: &RegionMapping| {
+            // SAFETY: libc::stat is plain old data, written by fstat on a valid fd.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat writes only into st.
+            assert_eq!(unsafe { libc::fstat(m.fd().unwrap().as_raw_fd(), &mut st) }, 0);
+            st.st_blocks * 512
+        };
+        let before = allocated(&m);
+        assert!(m.is_zero(0, 1 << 20).unwrap(), "a hole before the data");
+        assert!(!m.is_zero(1 << 20, 4096).unwrap());
+        assert!(m.is_zero(2 << 20, 2 << 20).unwrap(), "a hole to the end");
+        assert_eq!(allocated(&m), before, "checking holes allocated memory");
+        m.write(3 << 20, &[0u8; 4096]).unwrap();
+        assert!(m.is_zero(3 << 20, 4096).unwrap(), "written zeros are data, and zero");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::acceptor::{Acceptor, Served};
 use crate::auth::PreSharedKey;
 use crate::error::{Result, TransportError};
 use crate::handshake::{client_handshake, server_handshake};
-use crate::lane::{run_dst, BulkDone, BulkLane, BulkRead, PageSource, UrgentLane};
+use crate::lane::{run_dst, BulkDone, BulkLane, BulkRead, BulkTarget, PageSource, UrgentLane};
 use crate::layout::{MemoryLayout, PageRun};
 use crate::memory::GuestMemory;
 use crate::wire::{Lane, ReadReply, ReadRequest, ReadStatus, SessionId, ZeroMask, READ_REQUEST_FRAME_LEN};
@@ -348,8 +348,10 @@ impl Conn {
         Ok(Conn { writer: stream, reader, layout, prefix: [0; 12 + 16 + 8 * crate::wire::ZERO_MASK_WORDS] })
     }
 
-    /// Receives the reply to `req` into `dst` (exactly the run's bytes).
-    fn receive(&mut self, req: &ReadRequest, dst: &mut [u8]) -> Result<ZeroMask> {
+    /// Receives the reply to `req` into `dst` (exactly the run's bytes). Pages the reply marks
+    /// zero are zero-filled when `fill_zero`; otherwise they are left as they were (a mapped
+    /// target: its holes read as zero, and writing them would allocate memory).
+    fn receive(&mut self, req: &ReadRequest, dst: &mut [u8], fill_zero: bool) -> Result<ZeroMask> {
         let page_size = self.layout.page_size();
         let plen = ReadReply::prefix_len(req.run.pages);
         self.reader.read_exact(&mut self.prefix[..plen]).map_err(TransportError::from_read)?;
@@ -366,8 +368,10 @@ impl Conn {
             }
         });
         result?;
-        for p in (0..req.run.pages).filter(|&p| reply.zero.is_zero(p)) {
-            dst[p as usize * ps..(p as usize + 1) * ps].fill(0);
+        if fill_zero {
+            for p in (0..req.run.pages).filter(|&p| reply.zero.is_zero(p)) {
+                dst[p as usize * ps..(p as usize + 1) * ps].fill(0);
+            }
         }
         Ok(reply.zero)
     }
@@ -384,7 +388,7 @@ impl UrgentLane for TcpUrgent {
         let req = ReadRequest { id: self.next_id, run };
         self.next_id += 1;
         self.conn.writer.write_all(&req.encode())?;
-        self.conn.receive(&req, dst)
+        self.conn.receive(&req, dst, true)
     }
 }
 
@@ -446,7 +450,8 @@ impl BulkLane for TcpBulk {
         }
         let Some((req, mut read)) = self.in_flight.pop_front() else { return Ok(None) };
         let (_, len) = self.conn.layout.run_bytes(req.run);
-        let zero = self.conn.receive(&req, &mut read.buf[..len])?;
+        let fill_zero = !matches!(read.buf, BulkTarget::Mapped(_));
+        let zero = self.conn.receive(&req, &mut read.buf[..len], fill_zero)?;
         Ok(Some(BulkDone { run: read.run, buf: read.buf, tag: read.tag, zero }))
     }
 }

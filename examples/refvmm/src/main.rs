@@ -316,6 +316,8 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
     // Likewise KVM's page tables, or first-touch EPT faults would slow it.
     let prefaulted = source.prefault()?;
     let mut running = Some(source.start()?);
+    let booted_at = Instant::now();
+    let sampler = RateSampler::of(source.telemetry.clone(), None);
     // Serve pages on the address the destination reached us on, or on this host's Unix socket.
     let server = if a.local {
         if a.backing == Backing::Anonymous {
@@ -330,6 +332,11 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
     // The baseline is the guest's steady state: after a warm-up, the rate just before the pause.
     std::thread::sleep(Duration::from_secs_f64(a.seconds));
     let baseline_rate = measure_rate(&source, a.seconds);
+    // The warm-up is the raw limit of a fresh destination: all memory present, KVM's mappings of
+    // it cold (built one first touch at a time; on this machine's shadow paging that is slow).
+    let warmup = sampler.stop();
+    let cold_series =
+        warmup.series(booted_at, booted_at, booted_at + Duration::from_secs_f64(a.seconds), Duration::from_millis(50));
     let hello = Rendezvous {
         page_port: match &server {
             Server::Tcp(s) => s.local_addr().port(),
@@ -371,7 +378,12 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
         downtime_target: Duration::from_millis(a.downtime_ms),
         max_rounds: a.max_rounds,
     };
-    let mut report = json!({ "baseline_rate": baseline_rate, "prefaulted": prefaulted, "mode": mode_name(a.mode) });
+    let mut report = json!({
+        "baseline_rate": baseline_rate,
+        "prefaulted": prefaulted,
+        "mode": mode_name(a.mode),
+        "cold_series_50ms": cold_series.iter().map(|&(ms, r, _)| [ms.round(), r.round()]).collect::<Vec<_>>(),
+    });
     match (a.mode, dirty_log.as_mut()) {
         (Mode::Postcopy, _) | (_, None) => {
             let paused_at = Instant::now();
@@ -492,7 +504,14 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
     };
     let mut report =
         json!({ "mode": mode_name(rv.mode), "mem_mib": rv.mem_mib, "vcpus": rv.vcpus, "transport": transport });
-    let sampler = RateSampler::of(dest.telemetry.clone());
+    let pages: Option<rate::Counter> = match &prepared {
+        Prepared::Arriving(m) => {
+            let m = m.clone();
+            Some(Arc::new(move || m.states().present_count()))
+        }
+        Prepared::Plain(_) => None,
+    };
+    let sampler = RateSampler::of(dest.telemetry.clone(), pages);
     let mut running = None;
     let mut resumed = None;
     let config = EngineConfig { policy: prepager, ..EngineConfig::default() };
@@ -558,7 +577,9 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
     }
     let end = samples.last_time().unwrap_or(resumed_at);
     let series = samples.series(resumed_at, resumed_at, end, Duration::from_millis(50));
-    report["rate_series_50ms"] = json!(series.iter().map(|&(ms, r)| [ms.round(), r.round()]).collect::<Vec<_>>());
+    // [ms since resume, guest rate, pages present] every 50 ms.
+    report["rate_series_50ms"] =
+        json!(series.iter().map(|&(ms, r, pages)| [ms.round(), r.round(), pages as f64]).collect::<Vec<_>>());
     let mismatches = self_check(&mut dest, running)?;
     report["guest_mismatches"] = json!(mismatches);
     if mismatches != 0 {
@@ -629,6 +650,22 @@ fn demo(a: &Args) -> Result<()> {
     if let Some(postcopy) = report["work_lost_postcopy_ms"].as_f64() {
         // The guest did no work during the downtime, then lost this much while memory arrived.
         report["work_lost_ms"] = json!(downtime.as_secs_f64() * 1e3 + postcopy);
+    }
+    if let (Some(ms), Some(during)) = (report["postcopy_ms"].as_f64(), report["rate_during"].as_f64()) {
+        // A fresh VM over the same time from its start, with every page present (the source's
+        // warm-up): what the guest would do at a destination if memory had arrived in no time.
+        let cold: Vec<f64> = report["cold_series_50ms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p[0].as_f64().unwrap_or(f64::MAX) < ms.max(50.0))
+            .filter_map(|p| p[1].as_f64())
+            .collect();
+        if !cold.is_empty() {
+            let cold_rate = cold.iter().sum::<f64>() / cold.len() as f64;
+            report["cold_rate"] = json!(cold_rate);
+            report["rate_during_over_cold"] = json!(during / cold_rate.max(1e-9));
+        }
     }
     let twice =
         report["pages_sent_twice"].as_u64().unwrap_or(0) + report["pages_installed_twice"].as_u64().unwrap_or(0);

@@ -17,16 +17,21 @@ pub struct RateSampler {
     thread: JoinHandle<Samples>,
 }
 
+/// Reads a counter.
+pub type Counter = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 impl RateSampler {
-    pub fn start(progress: Arc<dyn Fn() -> u64 + Send + Sync>) -> Self {
+    /// Samples `progress`, and `pages` beside it where given (pages present, while memory arrives).
+    pub fn start(progress: Counter, pages: Option<Counter>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
             std::thread::spawn(move || {
-                let mut points = vec![(Instant::now(), progress())];
+                let read = || (Instant::now(), progress(), pages.as_ref().map_or(0, |p| p()));
+                let mut points = vec![read()];
                 while !stop.load(Ordering::Acquire) {
                     std::thread::sleep(SAMPLE_PERIOD);
-                    points.push((Instant::now(), progress()));
+                    points.push(read());
                 }
                 Samples { points }
             })
@@ -34,9 +39,9 @@ impl RateSampler {
         RateSampler { stop, thread }
     }
 
-    /// A sampler of `counter`.
-    pub fn of(counter: Arc<crate::vm::Telemetry>) -> Self {
-        Self::start(Arc::new(move || counter.progress.load(Ordering::Relaxed)))
+    /// A sampler of a VM's progress, and of `pages` where given.
+    pub fn of(telemetry: Arc<crate::vm::Telemetry>, pages: Option<Counter>) -> Self {
+        Self::start(Arc::new(move || telemetry.progress.load(Ordering::Relaxed)), pages)
     }
 
     pub fn stop(self) -> Samples {
@@ -48,20 +53,21 @@ impl RateSampler {
 /// Progress counter readings, in time order.
 #[derive(Debug, Clone)]
 pub struct Samples {
-    points: Vec<(Instant, u64)>,
+    /// (when, progress, pages)
+    points: Vec<(Instant, u64, u64)>,
 }
 
 impl Samples {
     /// Progress at `t`, interpolated between the readings around it (clamped to the ends).
     fn progress_at(&self, t: Instant) -> f64 {
-        let i = self.points.partition_point(|&(at, _)| at <= t);
+        let i = self.points.partition_point(|&(at, _, _)| at <= t);
         match (i.checked_sub(1).and_then(|j| self.points.get(j)), self.points.get(i)) {
-            (Some(&(t0, p0)), Some(&(t1, p1))) => {
+            (Some(&(t0, p0, _)), Some(&(t1, p1, _))) => {
                 let span = (t1 - t0).as_secs_f64();
                 let f = if span > 0.0 { (t - t0).as_secs_f64() / span } else { 0.0 };
                 p0 as f64 + f * (p1 as f64 - p0 as f64)
             }
-            (Some(&(_, p)), None) | (None, Some(&(_, p))) => p as f64,
+            (Some(&(_, p, _)), None) | (None, Some(&(_, p, _))) => p as f64,
             (None, None) => 0.0,
         }
     }
@@ -94,22 +100,23 @@ impl Samples {
     }
 
     /// The rate in consecutive windows of `window` over `from..to`: (ms since `origin` at the
-    /// window's start, units per second).
-    pub fn series(&self, origin: Instant, from: Instant, to: Instant, window: Duration) -> Vec<(f64, f64)> {
+    /// window's start, units per second, pages sampled at the window's end).
+    pub fn series(&self, origin: Instant, from: Instant, to: Instant, window: Duration) -> Vec<(f64, f64, u64)> {
         let mut out = Vec::new();
         let mut t = from;
         while t < to {
             let end = (t + window).min(to);
             let ms = t.saturating_duration_since(origin).as_secs_f64() * 1e3
                 - origin.saturating_duration_since(t).as_secs_f64() * 1e3;
-            out.push((ms, self.rate(t, end)));
+            let i = self.points.partition_point(|&(at, _, _)| at <= end).saturating_sub(1);
+            out.push((ms, self.rate(t, end), self.points.get(i).map_or(0, |p| p.2)));
             t = end;
         }
         out
     }
 
     pub fn last_time(&self) -> Option<Instant> {
-        self.points.last().map(|&(t, _)| t)
+        self.points.last().map(|&(t, _, _)| t)
     }
 }
 
@@ -119,7 +126,7 @@ mod tests {
 
     fn samples(points: &[(u64, u64)]) -> (Instant, Samples) {
         let t0 = Instant::now();
-        (t0, Samples { points: points.iter().map(|&(ms, p)| (t0 + Duration::from_millis(ms), p)).collect() })
+        (t0, Samples { points: points.iter().map(|&(ms, p)| (t0 + Duration::from_millis(ms), p, p / 10)).collect() })
     }
 
     #[test]
@@ -152,5 +159,6 @@ mod tests {
         assert_eq!(series.len(), 2);
         assert!((series[0].0 + 100.0).abs() < 1e-6 && (series[0].1 - 10_000.0).abs() < 1e-6);
         assert!(series[1].0.abs() < 1e-6 && series[1].1 == 0.0);
+        assert_eq!((series[0].2, series[1].2), (100, 100), "pages read at each window's end");
     }
 }
