@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_fault_handler::{run_fault_loop, BulkInstaller, Claim, DestinationMemory, FaultQueue, FaultStats};
-use ferry_prepager::{BatchSizer, Policy, PolicyKind, Push};
+use ferry_fault_handler::{run_fault_loop, BulkInstaller, DestinationMemory, FaultQueue, FaultStats};
+use ferry_prepager::{BatchSizer, Policy, PolicyKind, Push, Replay};
 use ferry_transport::{BulkLane, PageSource};
 
 use crate::error::{MigrationError, Result};
@@ -30,13 +30,29 @@ pub struct EngineConfig {
     pub policy: PolicyKind,
     /// Pivots the fault thread may queue for the pre-pager before the oldest are dropped.
     pub fault_queue: usize,
+    /// A recorded working set to fetch first, in order, before `policy` ([`Replay`]).
+    pub replay: Option<Arc<Vec<u64>>>,
+    /// Record the order of the guest's first faults (`DestinationReport::first_faults`).
+    pub record_first_faults: bool,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { policy: PolicyKind::Bubbling, fault_queue: 4096 }
+        EngineConfig { policy: PolicyKind::Bubbling, fault_queue: 4096, replay: None, record_first_faults: false }
     }
 }
+
+impl EngineConfig {
+    fn build_policy(&self) -> Box<dyn Policy> {
+        match &self.replay {
+            Some(order) => Box::new(Replay::new(order.clone(), self.policy.build())),
+            None => self.policy.build(),
+        }
+    }
+}
+
+/// Most first faults recorded (bounds the working set a restore keeps).
+const MAX_RECORDED_FAULTS: usize = 1 << 22;
 
 /// What a post-copy destination measured.
 #[derive(Clone, Debug, Default)]
@@ -60,6 +76,10 @@ pub struct DestinationReport {
     pub pivot_pages: u64,
     /// Bulk pages fetched by [`PostcopyEngine::finish`]'s sweep after the policy ran dry.
     pub swept_pages: u64,
+    /// Bulk pages fetched from a recorded working set ([`EngineConfig::replay`]).
+    pub replayed_pages: u64,
+    /// The pages the guest faulted on, first faults only, in order (when recorded).
+    pub first_faults: Vec<u64>,
     pub zero_pages: u64,
     pub skipped_free_pages: u64,
     pub discarded_pages: u64,
@@ -89,12 +109,13 @@ struct Flags {
 struct Prepaged {
     pivot_pages: u64,
     swept_pages: u64,
+    replayed_pages: u64,
+    first_faults: Vec<u64>,
 }
 
 /// The bulk side, waiting for [`PostcopyEngine::start_prepaging`].
 struct Pending {
     bulk: Box<dyn BulkLane>,
-    zero: Vec<Claim>,
 }
 
 /// A running post-copy engine: the guest may run on `memory` while this brings its pages in.
@@ -118,8 +139,8 @@ impl std::fmt::Debug for PostcopyEngine {
 
 impl PostcopyEngine {
     /// Starts serving faults on `memory` from `source`'s urgent lane. `zero` are pages known to be
-    /// zero (free pages): claimed now, so nothing ever asks the source for them, and installed as
-    /// zero pages first once pre-paging starts. From here on a guest may run on `memory`.
+    /// zero (free pages, an image's zero pages): present from now on and never installed nor asked
+    /// for (a fault on one gets a zero page). From here on a guest may run on `memory`.
     pub fn start(
         memory: Arc<DestinationMemory>,
         source: PageSource,
@@ -139,9 +160,10 @@ impl PostcopyEngine {
         // no-op here: a destination registers before the guest pauses (see `register_landings`),
         // and registering twice is skipped.
         unsafe { register_landings(&memory, &mut source)? };
-        let zero = claim_pages(&memory, zero);
         let PageSource { mut urgent, bulk, .. } = source;
         let stats = Arc::new(FaultStats::default());
+        let zero_pages = if zero.pages() == 0 { 0 } else { memory.states().mark_present_words(zero.words()) };
+        FaultStats::add(&stats.skipped_free_pages, zero_pages);
         let queue = Arc::new(FaultQueue::new(config.fault_queue));
         let flags = Arc::new(Flags::default());
         let fault_thread = {
@@ -168,24 +190,25 @@ impl PostcopyEngine {
             flags,
             fault_thread: Some(fault_thread),
             prepager_thread: None,
-            pending: Some(Pending { bulk, zero }),
+            pending: Some(Pending { bulk }),
             started_at: Instant::now(),
         })
     }
 
-    /// Starts the pre-pager: the zero pages, then the policy's runs on the bulk lane. Call it once
-    /// the guest runs; [`Self::wait`] calls it if nobody did.
+    /// Starts the pre-pager: the policy's runs on the bulk lane. Call it once the guest runs;
+    /// [`Self::wait`] calls it if nobody did.
     pub fn start_prepaging(&mut self) -> Result<()> {
-        let Some(Pending { bulk, zero }) = self.pending.take() else { return Ok(()) };
+        let Some(Pending { bulk }) = self.pending.take() else { return Ok(()) };
         let (memory, queue, stats, flags) =
             (self.memory.clone(), self.queue.clone(), self.stats.clone(), self.flags.clone());
-        let policy = self.config.policy.build();
+        let policy = self.config.build_policy();
+        let record = self.config.record_first_faults;
         let thread = std::thread::Builder::new()
             .name("ferry-prepager".into())
             .spawn(move || {
                 let installer = BulkInstaller::new(bulk, max_run_pages(&memory) as usize * memory.page_size() as usize);
                 // The installer (and its lane) is dropped inside prepage, while `memory` is held here.
-                let result = prepage(&memory, installer, policy, zero, &queue, &stats, &flags);
+                let result = prepage(&memory, installer, policy, &queue, &stats, &flags, record);
                 if result.is_err() {
                     flags.abort.store(true, Ordering::Release);
                 }
@@ -252,10 +275,10 @@ impl PostcopyEngine {
             )));
         }
         self.memory.release()?;
-        Ok(self.report(samples, &prepaged))
+        Ok(self.report(samples, prepaged))
     }
 
-    fn report(&self, mut samples: Vec<Duration>, prepaged: &Prepaged) -> DestinationReport {
+    fn report(&self, mut samples: Vec<Duration>, prepaged: Prepaged) -> DestinationReport {
         samples.sort_unstable();
         let q =
             |f: f64| samples.get(((samples.len().max(1) - 1) as f64 * f).round() as usize).copied().unwrap_or_default();
@@ -274,6 +297,8 @@ impl PostcopyEngine {
             bulk_pages: get(&s.bulk_pages),
             pivot_pages: prepaged.pivot_pages,
             swept_pages: prepaged.swept_pages,
+            replayed_pages: prepaged.replayed_pages,
+            first_faults: prepaged.first_faults,
             zero_pages: get(&s.zero_pages),
             skipped_free_pages: get(&s.skipped_free_pages),
             discarded_pages: get(&s.discarded_pages),
@@ -321,49 +346,34 @@ fn max_run_pages(memory: &DestinationMemory) -> u32 {
     (MAX_BULK_RUN_BYTES / memory.page_size()).max(1) as u32
 }
 
-/// Claims the pages set in `pages`, in runs, so neither a fault nor the pre-pager asks for them.
-fn claim_pages(memory: &DestinationMemory, pages: &FreePages) -> Vec<Claim> {
-    let states = memory.states();
-    let mut claims = Vec::new();
-    for (first, count) in pages.runs() {
-        let mut p = first;
-        while p < first + count {
-            let want = (first + count - p).min(u64::from(u32::MAX)) as u32;
-            match states.claim_up(p, want) {
-                Some(c) => {
-                    p = c.first() + u64::from(c.count());
-                    claims.push(c);
-                }
-                None => p += 1,
-            }
-        }
-    }
-    claims
-}
-
-/// The pre-pager thread: zero pages first, then the policy's runs (and, once finishing and the
-/// policy is dry, an address-order sweep) keeping the bulk lane full, until every page is present.
+/// The pre-pager thread: the policy's runs (and, once finishing and the policy is dry, an
+/// address-order sweep) keeping the bulk lane full, until every page is present. With `record`,
+/// it notes each page's first fault, in order.
 fn prepage(
     memory: &DestinationMemory,
     mut installer: BulkInstaller,
     mut policy: Box<dyn Policy>,
-    zero: Vec<Claim>,
     queue: &FaultQueue,
     stats: &FaultStats,
     flags: &Flags,
+    record: bool,
 ) -> Result<Prepaged> {
-    for claim in &zero {
-        memory.install_zero(claim)?;
-        FaultStats::add(&stats.skipped_free_pages, u64::from(claim.count()));
-    }
     let states = memory.states();
     let page_size = memory.page_size();
     let mut sizer = BatchSizer::new(page_size, max_run_pages(memory));
     let mut sweep: Option<Push> = None;
     let mut swept_pages = 0;
+    let mut first_faults = Vec::new();
+    let mut faulted = if record { vec![0u64; states.pages().div_ceil(64) as usize] } else { Vec::new() };
     while !states.all_present() && !flags.abort.load(Ordering::Acquire) {
         while let Some(page) = queue.pop() {
             policy.on_fault(page);
+            if let Some(word) = faulted.get_mut((page / 64) as usize) {
+                if *word & (1 << (page % 64)) == 0 && first_faults.len() < MAX_RECORDED_FAULTS {
+                    *word |= 1 << (page % 64);
+                    first_faults.push(page);
+                }
+            }
         }
         while installer.has_room() {
             let want = sizer.pages();
@@ -391,7 +401,12 @@ fn prepage(
         // At once: a guest touching a zero page left absent must not wait for the fault thread.
         memory.release()?;
     }
-    Ok(Prepaged { pivot_pages: policy.pivot_pages(), swept_pages })
+    Ok(Prepaged {
+        pivot_pages: policy.pivot_pages(),
+        swept_pages,
+        replayed_pages: policy.replayed_pages(),
+        first_faults,
+    })
 }
 
 /// Lets both lanes of `source` read straight into `memory`'s alias mappings (continue mode), for

@@ -65,6 +65,17 @@ impl FreePages {
         }
     }
 
+    /// Flips every page: set pages become clear and clear ones set.
+    pub fn invert(&mut self) {
+        for w in &mut self.words {
+            *w = !*w;
+        }
+        let tail = self.pages % 64;
+        if let (true, Some(last)) = (tail != 0, self.words.last_mut()) {
+            *last &= (1u64 << tail) - 1;
+        }
+    }
+
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }

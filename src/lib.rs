@@ -6,6 +6,8 @@
 //! destination that resumes at once and lets the engine pull memory behind the running guest, the
 //! source's side) and [`precopy`] (dirty-log rounds pulled by the destination until the
 //! predicted downtime meets its target, and hybrid: rounds, then post-copy for the stale pages),
+//! and [`restore`] (snapshots saved in ferry's image format and restored eagerly, or lazily by the
+//! engine over the image, fetching a recorded working set first),
 //! all speaking the session messages of [`handoff`]. Back-and-forth and fault tolerance are to
 //! follow on the same parts. [`toucher`] is a guest stand-in that verifies every page it touches,
 //! for tests, benchmarks and demos without KVM; [`loopback`] runs a whole migration in one process.
@@ -17,6 +19,7 @@ pub mod handoff;
 pub mod loopback;
 pub mod postcopy;
 pub mod precopy;
+pub mod restore;
 pub mod toucher;
 
 pub use engine::{register_landings, Canceller, DestinationReport, EngineConfig, PostcopyEngine};

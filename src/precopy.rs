@@ -206,7 +206,7 @@ pub fn run_hybrid_destination(
 }
 
 /// Reads every page set in `dirty` through the bulk lane and writes it into `memory`.
-fn pull(memory: &GuestMemory, source: &mut PageSource, dirty: &FreePages) -> Result<u64> {
+pub(crate) fn pull(memory: &GuestMemory, source: &mut PageSource, dirty: &FreePages) -> Result<u64> {
     let layout = memory.layout();
     let ps = u64::from(layout.page_size());
     let max = layout.max_run_pages().min(256);

@@ -51,6 +51,16 @@ impl Bitmap {
         self.0[(i / 64) as usize].fetch_or(mask, Ordering::AcqRel) & mask == 0
     }
 
+    /// Sets all 64 bits of word `w` if none was set; true if this call did.
+    fn set_word_if_clear(&self, w: u64) -> bool {
+        self.0[w as usize].compare_exchange(0, u64::MAX, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Sets all 64 bits of word `w`; returns how many were clear.
+    fn set_word(&self, w: u64) -> u32 {
+        self.0[w as usize].fetch_or(u64::MAX, Ordering::AcqRel).count_zeros()
+    }
+
     fn get(&self, i: u64) -> bool {
         self.0[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
     }
@@ -135,8 +145,17 @@ impl PageStates {
         }
         let (_, end) = self.region_span(start);
         let mut n = 0;
-        while n < max && start + u64::from(n) < end && self.claimed.set(start + u64::from(n)) {
-            n += 1;
+        while n < max && start + u64::from(n) < end {
+            let page = start + u64::from(n);
+            // A whole clear word at once: claiming the zero pages of a large guest before it
+            // resumes must not cost an atomic operation per page.
+            if page % 64 == 0 && max - n >= 64 && page + 64 <= end && self.claimed.set_word_if_clear(page / 64) {
+                n += 64;
+            } else if self.claimed.set(page) {
+                n += 1;
+            } else {
+                break;
+            }
         }
         (n > 0).then(|| self.issue(start, n))
     }
@@ -183,13 +202,26 @@ impl PageStates {
 
     /// Records a claim as installed. A page installed twice is counted, never hidden.
     pub fn mark_present(&self, claim: &Claim) {
-        let mut fresh = 0;
-        for p in claim.first..claim.first + u64::from(claim.count) {
-            if self.present.set(p) {
-                fresh += 1;
+        let (mut fresh, mut twice) = (0, 0);
+        let end = claim.first + u64::from(claim.count);
+        let mut p = claim.first;
+        while p < end {
+            if p % 64 == 0 && p + 64 <= end {
+                let clear = u64::from(self.present.set_word(p / 64));
+                fresh += clear;
+                twice += 64 - clear;
+                p += 64;
             } else {
-                self.installed_twice.fetch_add(1, Ordering::Relaxed);
+                if self.present.set(p) {
+                    fresh += 1;
+                } else {
+                    twice += 1;
+                }
+                p += 1;
             }
+        }
+        if twice > 0 {
+            self.installed_twice.fetch_add(twice, Ordering::Relaxed);
         }
         self.present_count.fetch_add(fresh, Ordering::AcqRel);
     }
@@ -205,6 +237,20 @@ impl PageStates {
             }
         }
         self.present_count.fetch_add(fresh, Ordering::AcqRel);
+    }
+
+    /// Marks the pages set in `words` (one bit per global page) claimed and present, a word at a
+    /// time: zero and free pages known before the guest runs, which are never installed. Returns
+    /// how many were not present yet. Bits past the last page must be clear.
+    pub fn mark_present_words(&self, words: &[u64]) -> u64 {
+        let mut fresh = 0;
+        for (i, &w) in words.iter().enumerate().take(self.present.0.len()).filter(|(_, &w)| w != 0) {
+            self.claimed.0[i].fetch_or(w, Ordering::AcqRel);
+            let before = self.present.0[i].fetch_or(w, Ordering::AcqRel);
+            fresh += u64::from((w & !before).count_ones());
+        }
+        self.present_count.fetch_add(fresh, Ordering::AcqRel);
+        fresh
     }
 
     /// Marks pages the guest discarded: they read as zero and must never be filled from the source.
@@ -267,6 +313,39 @@ mod tests {
         assert_eq!(s.next_unclaimed(0), Some(0));
         assert_eq!(s.next_unclaimed(5), Some(21));
         assert_eq!(s.claim_up(150, 1), None);
+    }
+
+    #[test]
+    fn whole_words_are_claimed_and_marked_at_once_but_never_over_a_claimed_page() {
+        let l = MemoryLayout::new(4096, vec![RegionLayout { guest_phys_addr: 0, size: 1000 * 4096 }]).unwrap();
+        let s = PageStates::new(&l);
+        let _fault = s.claim(200).unwrap();
+        let c = s.claim_up(10, 500).unwrap();
+        assert_eq!(c.span(), (10, 190), "words 64..128 and 128..192 at once, then page by page to 200");
+        assert!((10..200).all(|p| s.is_claimed(p)) && !s.is_claimed(201) && !s.is_claimed(9));
+        s.mark_present(&c);
+        assert_eq!(s.present_count(), 190);
+        assert!((10..200).all(|p| s.is_present(p)) && !s.is_present(9) && !s.is_present(200));
+        let again = s.claim_up(640, 64).unwrap();
+        s.mark_present(&again);
+        s.mark_present(&s.present_page(700));
+        s.mark_present(&again);
+        assert_eq!(s.installed_twice(), 65, "a word marked twice counts every page in it");
+        assert_eq!(s.present_count(), 254);
+    }
+
+    #[test]
+    fn known_zero_pages_are_marked_a_word_at_a_time() {
+        let s = two_regions();
+        let _fault = s.claim(3).unwrap();
+        let mut words = vec![0u64; 3];
+        words[0] = 0b1110; // pages 1, 2, 3
+        words[2] = 1 << 20; // page 148
+        assert_eq!(s.mark_present_words(&words), 4);
+        assert!(s.is_present(1) && s.is_present(3) && s.is_present(148) && !s.is_present(4));
+        assert!(s.is_claimed(2) && s.claim(148).is_none(), "nobody fetches them");
+        assert_eq!(s.mark_present_words(&words), 0, "already present");
+        assert_eq!(s.present_count(), 4);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! the page states: `demand` claims nothing (faults only), `push` sweeps memory in address order
 //! (active push), and `bubbling` (Hines & Gopalan, VEE'09) grows a bubble outward from each pivot in
 //! both directions, newest pivot first, each side stopping where it meets pages already claimed;
-//! when no bubble can grow it continues the push sweep. [`BatchSizer`] sizes runs to the link's
+//! when no bubble can grow it continues the push sweep; [`Replay`] fetches a recorded working set
+//! first, in its order, then defers to another policy. [`BatchSizer`] sizes runs to the link's
 //! measured bandwidth. Policies are pure logic over [`PageStates`], so their order is testable
 //! without a transport.
 
@@ -22,6 +23,10 @@ pub trait Policy: Send {
     fn next(&mut self, states: &PageStates, max_pages: u32) -> Option<Claim>;
     /// Pages this policy claimed around fault pivots so far (bubbles), as opposed to its sweep.
     fn pivot_pages(&self) -> u64 {
+        0
+    }
+    /// Pages this policy claimed from a recorded working set so far ([`Replay`]).
+    fn replayed_pages(&self) -> u64 {
         0
     }
 }
@@ -170,6 +175,72 @@ impl Policy for Bubbling {
 
     fn pivot_pages(&self) -> u64 {
         self.pivot_pages
+    }
+}
+
+/// Working-set replay (after REAP, ASPLOS'21): the pages a previous run of the guest touched
+/// first, in that order (consecutive pages fetched as one run), then `then`. Faults go to `then`,
+/// whose bubbles grow once the set is in.
+pub struct Replay {
+    order: std::sync::Arc<Vec<u64>>,
+    next: usize,
+    then: Box<dyn Policy>,
+    replayed: u64,
+}
+
+impl std::fmt::Debug for Replay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replay").field("next", &self.next).field("of", &self.order.len()).finish_non_exhaustive()
+    }
+}
+
+impl Replay {
+    pub fn new(order: std::sync::Arc<Vec<u64>>, then: Box<dyn Policy>) -> Self {
+        Replay { order, next: 0, then, replayed: 0 }
+    }
+
+    /// Pages claimed from the working set so far.
+    pub fn replayed(&self) -> u64 {
+        self.replayed
+    }
+}
+
+impl Policy for Replay {
+    fn name(&self) -> &'static str {
+        "replay"
+    }
+
+    fn on_fault(&mut self, page: u64) {
+        self.then.on_fault(page);
+    }
+
+    fn next(&mut self, states: &PageStates, max_pages: u32) -> Option<Claim> {
+        while let Some(&first) = self.order.get(self.next) {
+            self.next += 1;
+            if first >= states.pages() || states.is_claimed(first) {
+                continue;
+            }
+            let mut n = 1u32;
+            while n < max_pages && self.order.get(self.next) == Some(&(first + u64::from(n))) {
+                n += 1;
+                self.next += 1;
+            }
+            if let Some(claim) = states.claim_up(first, n) {
+                // Stopped short at a claimed page or a region's end: the rest are looked at again.
+                self.next -= (n - claim.count()) as usize;
+                self.replayed += u64::from(claim.count());
+                return Some(claim);
+            }
+        }
+        self.then.next(states, max_pages)
+    }
+
+    fn pivot_pages(&self) -> u64 {
+        self.then.pivot_pages()
+    }
+
+    fn replayed_pages(&self) -> u64 {
+        self.replayed
     }
 }
 

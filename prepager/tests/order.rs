@@ -125,3 +125,19 @@ proptest! {
         prop_assert!(owner.iter().all(|&n| n == 1), "claims per page: {:?}", owner);
     }
 }
+
+#[test]
+fn replay_fetches_the_working_set_in_order_coalescing_runs_then_defers() {
+    let s = states(100);
+    let _fault = s.claim(31).unwrap();
+    let order = std::sync::Arc::new(vec![30, 31, 32, 33, 7, 8, 90, 91, 92, 93, 94, 200]);
+    let mut r = ferry_prepager::Replay::new(order, Box::new(Push::default()));
+    assert_eq!(
+        spans(&mut r, &s, 4, 6),
+        // 30 alone (31 was claimed by a fault), then 32..34, 7..9, 90..94 in runs of at most 4,
+        // 94; page 200 lies outside the guest; then the push sweep from page 0.
+        vec![(30, 1), (32, 2), (7, 2), (90, 4), (94, 1), (0, 4)]
+    );
+    assert_eq!(r.replayed(), 10);
+    assert_eq!(r.replayed_pages(), 10);
+}

@@ -3,10 +3,12 @@
 //! Format (little-endian, every section 4 KiB aligned so the data can be read with O_DIRECT):
 //! ```text
 //! 0        header (8 KiB): magic, format version, page size, page count, section offsets,
-//!          the memory layout, crc32c of the metadata, crc32c of the header itself (last 4 bytes)
+//!          the memory layout, crc32c of the metadata, length and crc32c of the state blob,
+//!          crc32c of the header itself (last 4 bytes)
 //! 8 KiB    one crc32c per page, all regions in order
-//! ...      zero-page bitmap, one bit per page
-//! ...      page data, aligned to the page size; zero pages are holes and cost no disk
+//! ...      zero-page bitmap, one bit per page (zero pages and the free pages the VMM named)
+//! ...      page data, aligned to the page size; zero and free pages are holes and cost no disk
+//! ...      the VMM's state blob (vCPUs, devices), 4 KiB aligned
 //! ```
 //! The header is written last and the file synced, so an interrupted write leaves an image that
 //! fails to open instead of one that restores a corrupt guest. Every page read back is checked
@@ -32,7 +34,12 @@ use crate::memory::GuestMemory;
 use crate::wire::{SessionId, ZeroMask};
 
 const MAGIC: &[u8; 8] = b"FRRYSNAP";
-const FORMAT_VERSION: u16 = 1;
+/// 2: the state blob section and the free-page count.
+const FORMAT_VERSION: u16 = 2;
+/// Where the layout starts in the header.
+const HEADER_LAYOUT_AT: usize = 80;
+/// Largest state blob an image may hold.
+pub const MAX_STATE_BYTES: u64 = 256 << 20;
 const HEADER_LEN: u64 = 8192;
 const ALIGN: u64 = 4096;
 /// Bytes the writer moves per io_uring write at most.
@@ -74,7 +81,10 @@ impl Sections {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WriteStats {
     pub data_pages: u64,
+    /// Pages found zero (free pages not included).
     pub zero_pages: u64,
+    /// Pages the VMM named free: neither read nor written.
+    pub free_pages: u64,
     pub bytes_written: u64,
 }
 
@@ -91,14 +101,30 @@ fn open_maybe_direct(path: &Path, opts: &mut OpenOptions) -> Result<(File, bool)
     }
 }
 
-/// Writes `memory` as an image at `path` (replacing any file there). The guest should be paused:
-/// the image is a consistent copy of each chunk, not of the whole memory at one instant.
+/// Writes `memory` as an image at `path` (replacing any file there), with no state blob and no
+/// free pages. The guest should be paused: see [`write_snapshot`].
 pub fn write_image(path: impl AsRef<Path>, memory: &GuestMemory) -> Result<WriteStats> {
+    write_snapshot(path, memory, &[], &|_| false)
+}
+
+/// Writes a paused guest as an image at `path` (replacing any file there): its memory (pages for
+/// which `free(global page)` holds are neither read nor stored, and restore as zero) and the
+/// VMM's `state` blob. The image is a consistent copy of each chunk, not of the whole memory at
+/// one instant: the guest must be paused. Crash-safe: the header is written and synced last.
+pub fn write_snapshot(
+    path: impl AsRef<Path>,
+    memory: &GuestMemory,
+    state: &[u8],
+    free: &dyn Fn(u64) -> bool,
+) -> Result<WriteStats> {
     let path = path.as_ref();
+    if state.len() as u64 > MAX_STATE_BYTES {
+        return Err(snap_err(path, format!("a state blob of {} bytes (at most {MAX_STATE_BYTES})", state.len())));
+    }
     let layout = memory.layout();
     let sections = Sections::of(layout);
     let (file, _direct) = open_maybe_direct(path, OpenOptions::new().write(true).create(true).truncate(true))?;
-    file.set_len(sections.file_len)?;
+    file.set_len(sections.file_len + (state.len() as u64).next_multiple_of(ALIGN))?;
     let ps = layout.page_size() as usize;
     let pages_per_chunk = (WRITE_CHUNK / ps).max(1);
     let mut writer = ChunkWriter::new(pages_per_chunk * ps, path)?;
@@ -113,12 +139,30 @@ pub fn write_image(path: impl AsRef<Path>, memory: &GuestMemory) -> Result<Write
             let n = (region_pages - page).min(pages_per_chunk as u64) as usize;
             let b = writer.acquire()?;
             let buf = &mut writer.buffers[b];
-            region.read(page * ps as u64, &mut buf[..n * ps])?;
+            // Free pages are never read (a balloon's pages may not even be mapped in).
+            let mut i = 0;
+            while i < n {
+                let start = i;
+                let is_free = free(global_page + i as u64);
+                while i < n && free(global_page + i as u64) == is_free {
+                    i += 1;
+                }
+                let (at, len) = ((page + start as u64) * ps as u64, (i - start) * ps);
+                if is_free {
+                    buf[start * ps..start * ps + len].fill(0);
+                    stats.free_pages += (i - start) as u64;
+                } else {
+                    region.read(at, &mut buf[start * ps..start * ps + len])?;
+                }
+            }
             let mut zero = vec![false; n];
             for (i, z) in zero.iter_mut().enumerate() {
                 let bytes = &buf[i * ps..(i + 1) * ps];
                 let g = (global_page + i as u64) as usize;
-                if bytes.iter().all(|&x| x == 0) {
+                if free(g as u64) {
+                    *z = true;
+                    metadata[bitmap_at + g / 8] |= 1 << (g % 8);
+                } else if bytes.iter().all(|&x| x == 0) {
                     *z = true;
                     metadata[bitmap_at + g / 8] |= 1 << (g % 8);
                     stats.zero_pages += 1;
@@ -149,8 +193,15 @@ pub fn write_image(path: impl AsRef<Path>, memory: &GuestMemory) -> Result<Write
     }
     writer.drain()?;
     let mut header = PageBuf::new(HEADER_LEN as usize);
-    encode_header(layout, &sections, crc32c::crc32c(&metadata), &mut header);
+    let blob = StateSection { len: state.len() as u64, crc: crc32c::crc32c(state), free_pages: stats.free_pages };
+    encode_header(layout, &sections, crc32c::crc32c(&metadata), &blob, &mut header);
     write_all_at(&mut writer.ring, &file, &metadata, sections.table_offset, path)?;
+    if !state.is_empty() {
+        let mut aligned = PageBuf::new(state.len().next_multiple_of(ALIGN as usize));
+        aligned[..state.len()].copy_from_slice(state);
+        write_all_at(&mut writer.ring, &file, &aligned, sections.file_len, path)?;
+        stats.bytes_written += aligned.len() as u64;
+    }
     file.sync_data()?;
     write_all_at(&mut writer.ring, &file, &header, 0, path)?;
     file.sync_data()?;
@@ -279,7 +330,15 @@ fn write_all_at(ring: &mut IoUring, file: &File, buf: &PageBuf, offset: u64, pat
     Ok(())
 }
 
-fn encode_header(layout: &MemoryLayout, s: &Sections, metadata_crc: u32, out: &mut [u8]) {
+/// The state blob's place in an image (it starts at the end of the data section).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct StateSection {
+    len: u64,
+    crc: u32,
+    free_pages: u64,
+}
+
+fn encode_header(layout: &MemoryLayout, s: &Sections, metadata_crc: u32, state: &StateSection, out: &mut [u8]) {
     let mut h = Vec::with_capacity(HEADER_LEN as usize);
     h.extend_from_slice(MAGIC);
     h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -288,6 +347,11 @@ fn encode_header(layout: &MemoryLayout, s: &Sections, metadata_crc: u32, out: &m
     for v in [s.total_pages, s.table_offset, s.bitmap_offset, s.data_offset, s.file_len] {
         h.extend_from_slice(&v.to_le_bytes());
     }
+    h.extend_from_slice(&state.len.to_le_bytes());
+    h.extend_from_slice(&state.crc.to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&state.free_pages.to_le_bytes());
+    debug_assert_eq!(h.len(), HEADER_LAYOUT_AT);
     crate::wire::encode_layout(layout, &mut h);
     out[..h.len()].copy_from_slice(&h);
     let crc = crc32c::crc32c(&out[..HEADER_LEN as usize - 4]);
@@ -308,6 +372,8 @@ pub struct SnapshotImage {
     zero: Vec<u8>,
     /// Global index of each region's first page.
     region_base: Vec<u64>,
+    state: Vec<u8>,
+    free_pages: u64,
 }
 
 impl SnapshotImage {
@@ -323,12 +389,13 @@ impl SnapshotImage {
         let mut header = PageBuf::new(HEADER_LEN as usize);
         let mut ring = IoUring::new(4)?;
         read_exact_at(&mut ring, &buffered, &mut header, 0, path)?;
-        let (layout, sections, metadata_crc) = decode_header(&header, path)?;
+        let (layout, sections, metadata_crc, state_section) = decode_header(&header, path)?;
         if let Some(why) = expected_layout.and_then(|ours| ours.mismatch(&layout)) {
             return Err(TransportError::LayoutMismatch(why));
         }
-        if file_len < sections.file_len {
-            return Err(snap_err(path, format!("truncated: {file_len} bytes, the header says {}", sections.file_len)));
+        let full_len = sections.file_len + state_section.len.next_multiple_of(ALIGN);
+        if file_len < full_len {
+            return Err(snap_err(path, format!("truncated: {file_len} bytes, the header says {full_len}")));
         }
         let mut metadata = PageBuf::new(sections.metadata_len());
         read_exact_at(&mut ring, &buffered, &mut metadata, sections.table_offset, path)?;
@@ -340,6 +407,14 @@ impl SnapshotImage {
             metadata[..n * 4].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
         let bitmap_at = (sections.bitmap_offset - sections.table_offset) as usize;
         let zero = metadata[bitmap_at..bitmap_at + n.div_ceil(8)].to_vec();
+        let mut state = PageBuf::new(state_section.len.next_multiple_of(ALIGN) as usize);
+        if state_section.len > 0 {
+            read_exact_at(&mut ring, &buffered, &mut state, sections.file_len, path)?;
+        }
+        let state = state[..state_section.len as usize].to_vec();
+        if crc32c::crc32c(&state) != state_section.crc {
+            return Err(snap_err(path, "the state blob is corrupt"));
+        }
         let mut region_base = Vec::with_capacity(layout.regions().len());
         let mut base = 0;
         for i in 0..layout.regions().len() as u32 {
@@ -356,7 +431,32 @@ impl SnapshotImage {
             checksums,
             zero,
             region_base,
+            state,
+            free_pages: state_section.free_pages,
         }))
+    }
+
+    /// The VMM's state blob saved with the image (empty if none was).
+    pub fn state(&self) -> &[u8] {
+        &self.state
+    }
+
+    /// Pages the VMM named free when saving.
+    pub fn free_pages(&self) -> u64 {
+        self.free_pages
+    }
+
+    /// The pages that restore as zero (zero when saved, or free), one bit per global page in
+    /// 64-bit words: a restore claims them up front and never reads them.
+    pub fn zero_map(&self) -> Vec<u64> {
+        self.zero
+            .chunks(8)
+            .map(|c| {
+                let mut w = [0u8; 8];
+                w[..c.len()].copy_from_slice(c);
+                u64::from_le_bytes(w)
+            })
+            .collect()
     }
 
     pub fn layout(&self) -> &MemoryLayout {
@@ -422,7 +522,7 @@ impl SnapshotImage {
     }
 }
 
-fn decode_header(h: &[u8], path: &Path) -> Result<(MemoryLayout, Sections, u32)> {
+fn decode_header(h: &[u8], path: &Path) -> Result<(MemoryLayout, Sections, u32, StateSection)> {
     let crc = u32::from_le_bytes(h[HEADER_LEN as usize - 4..].try_into().expect("4 bytes"));
     if &h[..8] != MAGIC {
         return Err(snap_err(path, "not a ferry snapshot (bad magic)"));
@@ -443,7 +543,15 @@ fn decode_header(h: &[u8], path: &Path) -> Result<(MemoryLayout, Sections, u32)>
         data_offset: word(3),
         file_len: word(4),
     };
-    let layout = crate::wire::decode_layout_bytes(&h[56..HEADER_LEN as usize - 4])
+    let state = StateSection {
+        len: word(5),
+        crc: u32::from_le_bytes(h[64..68].try_into().expect("4 bytes")),
+        free_pages: u64::from_le_bytes(h[72..80].try_into().expect("8 bytes")),
+    };
+    if state.len > MAX_STATE_BYTES {
+        return Err(snap_err(path, format!("a state blob of {} bytes (at most {MAX_STATE_BYTES})", state.len)));
+    }
+    let layout = crate::wire::decode_layout_bytes(&h[HEADER_LAYOUT_AT..HEADER_LEN as usize - 4])
         .map_err(|e| snap_err(path, format!("layout: {e}")))?;
     if layout.total_bytes() > MAX_IMAGE_GUEST_BYTES {
         return Err(snap_err(
@@ -455,7 +563,10 @@ fn decode_header(h: &[u8], path: &Path) -> Result<(MemoryLayout, Sections, u32)>
     if stored != expected {
         return Err(snap_err(path, "section offsets do not match the layout"));
     }
-    Ok((layout, expected, metadata_crc))
+    if state.free_pages > expected.total_pages {
+        return Err(snap_err(path, format!("{} free pages of {}", state.free_pages, expected.total_pages)));
+    }
+    Ok((layout, expected, metadata_crc, state))
 }
 
 fn read_exact_at(ring: &mut IoUring, file: &File, buf: &mut PageBuf, offset: u64, path: &Path) -> Result<()> {

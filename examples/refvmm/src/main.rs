@@ -10,12 +10,19 @@
 //!                   [--transport tcp|local]
 //! ferry-vmm receive --listen ADDR [--key-hex K] [--json]
 //! ferry-vmm migrate --to ADDR [--key-hex K] [demo's options]
+//! ferry-vmm snapshot --out FILE [run's options]
+//! ferry-vmm restore --from FILE [--lazy|--eager] [--prepager P] [--record] [--replay]
+//!                   [--backing B] [--seconds 1] [--json]
 //! ```
 //! `migrate` boots the guest, runs it for `--seconds`, then migrates it to a `receive` waiting at
 //! ADDR: it tells the destination where its page server listens and the guest's shape, and the
 //! destination connects back (the pre-shared key, from `--key-hex` or FERRY_KEY, authenticates both
 //! sides). `demo` runs both halves in this process over tcp loopback. After the migration the
 //! guest checks its own memory; each side prints its report (`demo` one merged report).
+//! `snapshot` runs the guest for `--seconds`, pauses it and saves it in ferry's image format;
+//! `restore` brings it back, eagerly or lazily (running at once while the image's pages fault in
+//! behind it), `--record` keeping the order of its first faults beside the image (FILE.ws) and
+//! `--replay` fetching that working set first; the guest then checks its own memory.
 
 mod guest;
 mod rate;
@@ -67,11 +74,17 @@ struct Args {
     prepager: PolicyKind,
     backing: Backing,
     json: bool,
+    out: Option<std::path::PathBuf>,
+    from: Option<std::path::PathBuf>,
+    lazy: bool,
+    record: bool,
+    replay: bool,
 }
 
 fn parse() -> Result<Args> {
     let mut raw = std::env::args().skip(1);
-    let command = raw.next().ok_or_else(|| anyhow!("usage: ferry-vmm run|demo|migrate|receive [options]"))?;
+    let command =
+        raw.next().ok_or_else(|| anyhow!("usage: ferry-vmm run|demo|migrate|receive|snapshot|restore [options]"))?;
     let mut a = Args {
         command,
         local: false,
@@ -91,6 +104,11 @@ fn parse() -> Result<Args> {
         prepager: PolicyKind::Bubbling,
         backing: Backing::Anonymous,
         json: false,
+        out: None,
+        from: None,
+        lazy: true,
+        record: false,
+        replay: false,
     };
     while let Some(flag) = raw.next() {
         let mut value = || raw.next().ok_or_else(|| anyhow!("{flag} needs a value"));
@@ -133,6 +151,12 @@ fn parse() -> Result<Args> {
                 }
             }
             "--json" => a.json = true,
+            "--out" => a.out = Some(value()?.into()),
+            "--from" => a.from = Some(value()?.into()),
+            "--lazy" => a.lazy = true,
+            "--eager" => a.lazy = false,
+            "--record" => a.record = true,
+            "--replay" => a.replay = true,
             other => bail!("unknown option {other}"),
         }
     }
@@ -165,6 +189,8 @@ fn main() -> Result<()> {
     match a.command.as_str() {
         "run" => run(&a),
         "demo" => demo(&a),
+        "snapshot" => snapshot(&a),
+        "restore" => restore(&a),
         "migrate" => {
             let to = a.to.clone().ok_or_else(|| anyhow!("migrate needs --to ADDR"))?;
             print_report(&a, &source_half(&a, &to, &key(&a)?)?.report)
@@ -174,7 +200,7 @@ fn main() -> Result<()> {
             eprintln!("ferry-vmm: receiving on {}", listener.local_addr()?);
             print_report(&a, &destination_half(&listener, &key(&a)?)?.report)
         }
-        other => bail!("unknown command {other:?}: run, demo, migrate or receive"),
+        other => bail!("unknown command {other:?}: run, demo, migrate, receive, snapshot or restore"),
     }
 }
 
@@ -206,6 +232,122 @@ fn run(a: &Args) -> Result<()> {
     }
     if mismatches != 0 {
         bail!("the guest found {mismatches} wrong pages");
+    }
+    Ok(())
+}
+
+/// Boots the guest, runs it for `--seconds`, pauses it and saves it with its free pages.
+fn snapshot(a: &Args) -> Result<()> {
+    let out = a.out.clone().ok_or_else(|| anyhow!("snapshot needs --out FILE"))?;
+    let layout = layout(a)?;
+    let memory = Arc::new(GuestMemory::create(layout.clone(), a.backing)?);
+    let mut vm = Vm::new(Memory::Plain(memory.clone()), a.vcpus)?;
+    boot(&mut vm, a)?;
+    let running = vm.start()?;
+    let rate = measure_rate(&vm, a.seconds);
+    vm.stop(running)?;
+    let state = vm.save()?;
+    let free = vm.telemetry.free_pages(layout.total_pages(), u64::from(layout.page_size()));
+    let t0 = Instant::now();
+    let w = ferry::restore::save(&out, &memory, &state, &free)?;
+    let took = t0.elapsed();
+    let report = json!({
+        "image": out.display().to_string(),
+        "mem_mib": a.mem_mib,
+        "vcpus": a.vcpus,
+        "workload": a.workload.name(),
+        "rate": rate,
+        "save_ms": took.as_secs_f64() * 1e3,
+        "data_pages": w.data_pages,
+        "zero_pages": w.zero_pages,
+        "free_pages": w.free_pages,
+        "bytes_written": w.bytes_written,
+        "write_gbps": w.bytes_written as f64 / took.as_secs_f64() / 1e9,
+    });
+    print_report(a, &report)
+}
+
+/// Restores a snapshot eagerly or lazily, lets the guest run for `--seconds`, and has it check
+/// its memory.
+fn restore(a: &Args) -> Result<()> {
+    use ferry::restore::{restore_eager, LazyRestore, WorkingSet};
+    use ferry_transport::snapshot::SnapshotImage;
+    let from = a.from.clone().ok_or_else(|| anyhow!("restore needs --from FILE"))?;
+    let t0 = Instant::now();
+    let image = SnapshotImage::open(&from, None)?;
+    let layout = image.layout().clone();
+    let vcpus = Vm::vcpus_in(image.state())?;
+    if (layout.page_size() > 4096) != (a.backing == Backing::HugetlbMemfd) {
+        bail!(
+            "the image has {} byte pages: restore it with --backing hugetlb exactly when they are 2 MiB",
+            layout.page_size()
+        );
+    }
+    let mut report = json!({
+        "image": from.display().to_string(),
+        "mode": if a.lazy { "lazy" } else { "eager" },
+        "mem_mib": layout.total_bytes() >> 20,
+        "vcpus": vcpus,
+        "direct_io": image.uses_direct_io(),
+        "open_ms": t0.elapsed().as_secs_f64() * 1e3,
+    });
+    let mut running = None;
+    let mut resumed = None;
+    let mut vm;
+    if a.lazy {
+        let memory = Arc::new(DestinationMemory::register(GuestMemory::create(layout.clone(), a.backing)?)?);
+        vm = Vm::new(Memory::Arriving(memory.clone()), vcpus)?;
+        report["prepared_ms"] = json!(t0.elapsed().as_secs_f64() * 1e3);
+        let ws_path = WorkingSet::path_for(&from);
+        let mut config = EngineConfig { policy: a.prepager, record_first_faults: a.record, ..EngineConfig::default() };
+        if a.replay {
+            let ws = WorkingSet::load(&ws_path, layout.total_pages())?;
+            report["working_set_pages"] = json!(ws.pages.len());
+            config = ws.replay_config(a.prepager, &config);
+        }
+        let session =
+            LazyRestore::start(&image, memory, &config, |blob| resume(&mut vm, blob, &mut running, &mut resumed))?;
+        report["restore_to_running_ms"] = json!(t0.elapsed().as_secs_f64() * 1e3);
+        let during = Instant::now();
+        let p0 = vm.telemetry.progress.load(Ordering::Relaxed);
+        if a.prepager == PolicyKind::Demand {
+            std::thread::sleep(Duration::from_secs_f64(a.seconds));
+            session.finish();
+        }
+        let r = session.wait()?;
+        let lazy_ms = during.elapsed().as_secs_f64() * 1e3;
+        report["all_present_ms"] = json!(t0.elapsed().as_secs_f64() * 1e3);
+        report["rate_during"] =
+            json!((vm.telemetry.progress.load(Ordering::Relaxed) - p0) as f64 / lazy_ms.max(1e-3) * 1e3);
+        report["prepager"] = json!(r.policy);
+        report["faults"] = json!(r.faults);
+        report["network_faults"] = json!(r.network_faults);
+        report["fault_p50_us"] = json!(r.fault_p50.as_secs_f64() * 1e6);
+        report["fault_p99_us"] = json!(r.fault_p99.as_secs_f64() * 1e6);
+        report["bulk_pages"] = json!(r.bulk_pages);
+        report["replayed_pages"] = json!(r.replayed_pages);
+        report["zero_pages"] = json!(r.zero_pages + r.skipped_free_pages);
+        report["pages_installed_twice"] = json!(r.pages_installed_twice);
+        if a.record {
+            WorkingSet { pages: r.first_faults.clone() }.save(&ws_path)?;
+            report["recorded_working_set_pages"] = json!(r.first_faults.len());
+        }
+    } else {
+        let memory = Arc::new(GuestMemory::create(layout.clone(), a.backing)?);
+        vm = Vm::new(Memory::Plain(memory.clone()), vcpus)?;
+        let e = restore_eager(&image, &memory)?;
+        report["pages_read"] = json!(e.pages_read);
+        resume(&mut vm, image.state(), &mut running, &mut resumed).map_err(|e| anyhow!(e))?;
+        report["restore_to_running_ms"] = json!(t0.elapsed().as_secs_f64() * 1e3);
+        report["all_present_ms"] = report["restore_to_running_ms"].clone();
+    }
+    let running = running.ok_or_else(|| anyhow!("the guest never resumed"))?;
+    report["rate_after"] = json!(measure_rate(&vm, a.seconds));
+    let mismatches = self_check(&mut vm, running)?;
+    report["guest_mismatches"] = json!(mismatches);
+    print_report(a, &report)?;
+    if mismatches != 0 {
+        bail!("the guest found {mismatches} wrong pages after the restore");
     }
     Ok(())
 }

@@ -242,6 +242,15 @@ impl Vm {
         Ok(serde_json::to_vec(&states)?)
     }
 
+    /// How many vCPUs a state blob describes (a restore builds its VM to match).
+    pub fn vcpus_in(blob: &[u8]) -> Result<usize> {
+        let states: Vec<VcpuState> = serde_json::from_slice(blob).context("state blob")?;
+        if !(1..=MAX_VCPUS).contains(&states.len()) {
+            bail!("the state blob holds {} vCPUs (1 to {MAX_VCPUS})", states.len());
+        }
+        Ok(states.len())
+    }
+
     pub fn restore(&mut self, blob: &[u8]) -> Result<()> {
         let states: Vec<VcpuState> = serde_json::from_slice(blob).context("state blob")?;
         if states.len() != self.vcpus.len() {

@@ -329,3 +329,50 @@ fn the_local_transport_migrates_in_every_mode() {
         assert_eq!(r["transport"], "local", "{r}");
     }
 }
+
+/// `ferry-vmm snapshot` then `restore`: eagerly, lazily with every pre-pager, recording the
+/// working set (demand paging sees every first touch) and replaying it; the guest's check passes
+/// each time.
+#[test]
+fn a_snapshot_restores_eagerly_and_lazily_and_replays_its_working_set() {
+    if !kvm_available("a_snapshot_restores_eagerly_and_lazily_and_replays_its_working_set") {
+        return;
+    }
+    let image = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kvm-snap-{}.img", std::process::id()));
+    let image = image.to_str().unwrap();
+    let saved = vmm(&[
+        "snapshot",
+        "--out",
+        image,
+        "--mem-mib",
+        "256",
+        "--data-mib",
+        "64",
+        "--workload",
+        "rand-write",
+        "--seconds",
+        "0.3",
+    ]);
+    assert!(saved["data_pages"].as_u64().unwrap() > 0, "{saved}");
+    let restore = |extra: &[&str]| {
+        let mut args = vec!["restore", "--from", image, "--seconds", "0.2"];
+        args.extend_from_slice(extra);
+        let r = vmm(&args);
+        assert_eq!(r["guest_mismatches"], 0, "{extra:?}: {r}");
+        r
+    };
+    let eager = restore(&["--eager"]);
+    assert_eq!(eager["pages_read"], saved["data_pages"], "{eager}");
+    for prepager in ["push", "bubbling"] {
+        let r = restore(&["--lazy", "--prepager", prepager]);
+        assert_eq!(r["pages_installed_twice"], 0, "{r}");
+        assert_eq!(r["zero_pages"], saved["zero_pages"].as_u64().unwrap() + saved["free_pages"].as_u64().unwrap());
+    }
+    let recorded = restore(&["--lazy", "--prepager", "demand", "--record"]);
+    assert!(recorded["recorded_working_set_pages"].as_u64().unwrap() > 0, "{recorded}");
+    let replayed = restore(&["--lazy", "--replay"]);
+    assert!(replayed["replayed_pages"].as_u64().unwrap() > 0, "{replayed}");
+    assert_eq!(replayed["working_set_pages"], recorded["recorded_working_set_pages"]);
+    let _ = std::fs::remove_file(image);
+    let _ = std::fs::remove_file(format!("{image}.ws"));
+}
