@@ -315,9 +315,10 @@ enum FerryStatus ferry_destination_start(struct FerryDestination *destination,
                                          void *user);
 
 /**
- * Fetches everything still missing in address order, whatever the pre-pager (a `demand`
- * destination otherwise only fetches what the guest touches). Thread safety: any thread once
- * started.
+ * Once the pre-pager has nothing more to fetch, fetches what is still missing in address order.
+ * Push and bubbling never run dry while a page is missing, so only a `demand` destination (which
+ * otherwise only fetches what the guest touches) needs it to complete. Thread safety: any thread
+ * once started.
  *
  * # Safety
  * `destination` is a live handle.

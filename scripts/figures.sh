@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Regenerates the README's figures from the project's own commands and prints each table with the
+# command that made it. Ranges are min-max over RUNS runs (default 3): these machines are noisy.
+#   bash scripts/figures.sh [kvm|modes|restore|toucher|transport|all]   (default: all)
+# Needs /dev/kvm for kvm and restore. Raw JSON goes to target/figures/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+runs=${RUNS:-3}
+out=target/figures
+mkdir -p "$out"
+cargo build --release -q -p ferry-refvmm -p ferry-benches
+vmm=target/release/ferry-vmm
+bench=target/release/ferry-bench
+
+# min-max of a JSON field over the lines of a file, with a unit scale.
+range() { # file field scale digits
+  python3 - "$@" <<'EOF'
+import json, sys
+path, field, scale, digits = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+vals = [json.loads(l)[field] * scale for l in open(path) if l.strip()]
+lo, hi = min(vals), max(vals)
+f = lambda v: f"{v:.{digits}f}"
+print(f(lo) if f(lo) == f(hi) else f"{f(lo)}-{f(hi)}")
+EOF
+}
+
+kvm() {
+  echo "## KVM post-copy, 2 GiB guest, random writes over 1 GiB, tcp loopback ($runs runs each)"
+  echo
+  echo "| backing | prepager | total s | downtime ms | rate during / steady | during / cold VM | work lost ms | network faults | pages sent twice |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  for backing in anon memfd; do
+    for prepager in bubbling push; do
+      f=$out/kvm-$backing-$prepager.jsonl
+      : > "$f"
+      for _ in $(seq "$runs"); do
+        $vmm demo --mem 2G --workload rand-write --mode postcopy --prepager $prepager --backing $backing --json \
+          | python3 -c 'import json,sys; r=json.load(sys.stdin); [r.pop(k) for k in ("rate_series_50ms","cold_series_50ms")]; print(json.dumps(r))' >> "$f"
+      done
+      echo "| $backing | $prepager | $(range "$f" postcopy_ms 0.001 2) | $(range "$f" downtime_ms 1 2) | $(range "$f" rate_during_over_baseline 100 1)% | $(range "$f" rate_during_over_cold 100 0)% | $(range "$f" work_lost_ms 1 0) | $(range "$f" network_faults 1 0) | $(range "$f" pages_sent_twice 1 0) |"
+    done
+  done
+  echo
+  echo "command: $vmm demo --mem 2G --workload rand-write --mode postcopy --prepager P --backing B --json"
+  echo
+}
+
+modes() {
+  echo "## KVM, other modes and transports ($runs runs each)"
+  echo
+  echo "| run | total s | downtime ms | rounds | notes |"
+  echo "| --- | --- | --- | --- | --- |"
+  local f=$out/local.jsonl
+  : > "$f"
+  for _ in $(seq "$runs"); do
+    $vmm demo --mem 1G --workload rand-write --mode postcopy --transport local --backing memfd --json \
+      | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({k: r[k] for k in ("postcopy_ms","downtime_ms","guest_mismatches")}))' >> "$f"
+  done
+  echo "| post-copy, --transport local, 1 GiB memfd | $(range "$f" postcopy_ms 0.001 2) | $(range "$f" downtime_ms 1 2) | | $(range "$f" guest_mismatches 1 0) wrong pages |"
+  f=$out/precopy.jsonl
+  : > "$f"
+  for _ in $(seq "$runs"); do
+    $vmm demo --mem 2G --workload seq-write --rate-mib 256 --mode precopy --json \
+      | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"total_ms": r["total_ms"], "downtime_ms": r["downtime_ms"], "rounds": r["rounds"], "rate_after": r["rate_after"], "baseline_rate": r["baseline_rate"], "guest_mismatches": r["guest_mismatches"]}))' >> "$f"
+  done
+  echo "| pre-copy, seq-write at 256 MiB/s, 2 GiB, 50 ms target | $(range "$f" total_ms 0.001 2) | $(range "$f" downtime_ms 1 1) | $(range "$f" rounds 1 0) | writer $(range "$f" rate_after 0.001 1)k pages/s after vs $(range "$f" baseline_rate 0.001 1)k before |"
+  f=$out/hybrid.jsonl
+  : > "$f"
+  for _ in $(seq "$runs"); do
+    $vmm demo --mem 2G --workload rand-write --mode hybrid --max-rounds 3 --json \
+      | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"total_ms": r["total_ms"], "downtime_ms": r["downtime_ms"], "rounds": r["precopy_rounds"], "postcopy_pages": r["postcopy_pages"], "guest_mismatches": r["guest_mismatches"]}))' >> "$f"
+  done
+  echo "| hybrid, rand-write, 2 GiB, 3 rounds | $(range "$f" total_ms 0.001 2) | $(range "$f" downtime_ms 1 1) | $(range "$f" rounds 1 0) | $(range "$f" postcopy_pages 1 0) pages left for post-copy |"
+  echo
+  echo "commands: $vmm demo --mem 1G --workload rand-write --mode postcopy --transport local --backing memfd;"
+  echo "$vmm demo --mem 2G --workload seq-write --rate-mib 256 --mode precopy;"
+  echo "$vmm demo --mem 2G --workload rand-write --mode hybrid --max-rounds 3 (each --json)"
+  echo
+}
+
+restore() {
+  echo "## Snapshot restore, 2 GiB guest (random writes for 1 s, then saved) ($runs runs each)"
+  echo
+  local img=$out/guest.img
+  $vmm snapshot --out "$img" --mem 2G --workload rand-write --seconds 1 --json > "$out/snapshot.json"
+  python3 - "$out/snapshot.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"saved: {r['data_pages']} data pages, {r['zero_pages']} zero pages, in {r['save_ms']:.0f} ms ({r['write_gbps']:.2f} GB/s)")
+EOF
+  echo
+  echo "| restore | to running ms | all pages in ms | faults | network faults | guest check |"
+  echo "| --- | --- | --- | --- | --- | --- |"
+  $vmm restore --from "$img" --lazy --prepager demand --record --json > /dev/null
+  for mode in "--eager" "--lazy --prepager demand" "--lazy --prepager bubbling" "--lazy --prepager bubbling --replay"; do
+    f=$out/restore-$(echo "$mode" | tr -d ' -').jsonl
+    : > "$f"
+    for _ in $(seq "$runs"); do
+      # shellcheck disable=SC2086
+      $vmm restore --from "$img" $mode --json | python3 -c 'import json,sys; r=json.load(sys.stdin); r.setdefault("faults",0); r.setdefault("network_faults",0); print(json.dumps(r))' >> "$f"
+    done
+    echo "| $mode | $(range "$f" restore_to_running_ms 1 1) | $(range "$f" all_present_ms 1 0) | $(range "$f" faults 1 0) | $(range "$f" network_faults 1 0) | $(range "$f" guest_mismatches 1 0) wrong |"
+  done
+  echo
+  echo "command: $vmm snapshot --out IMG --mem 2G --workload rand-write --seconds 1; $vmm restore --from IMG MODE --json"
+  echo
+}
+
+toucher() {
+  echo "## ferry-bench postcopy (toucher, 1 GiB, tcp loopback, one run)"
+  echo
+  $bench postcopy --mem-mib 1024 --json > "$out/postcopy.jsonl"
+  echo "| policy | pattern | network faults | total ms | rate during / after | fault p50 us |"
+  echo "| --- | --- | --- | --- | --- | --- |"
+  python3 - "$out/postcopy.jsonl" <<'EOF'
+import json, sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    if "policy" in r:
+        print(f"| {r['policy']} | {r['pattern']} | {r['network_faults']} | {r['total_ms']:.0f} | {r['rate_during_over_after']:.2f} | {r['fault_p50_us']:.1f} |")
+EOF
+  echo
+  echo "command: $bench postcopy --mem-mib 1024 --json"
+  echo
+}
+
+transport() {
+  echo "## ferry-bench transport"
+  echo
+  $bench transport --reps 5
+  echo
+  echo "command: $bench transport --reps 5"
+  echo
+}
+
+case "$what" in
+  kvm) kvm ;;
+  modes) modes ;;
+  restore) restore ;;
+  toucher) toucher ;;
+  transport) transport ;;
+  all) kvm; modes; restore; toucher; transport ;;
+  *) echo "usage: $0 [kvm|modes|restore|toucher|transport|all]" >&2; exit 2 ;;
+esac
