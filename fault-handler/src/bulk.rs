@@ -99,12 +99,22 @@ impl BulkInstaller {
         };
         let claim =
             self.in_flight.remove(&done.tag).ok_or_else(|| FaultError::Lane("a bulk completion for no read".into()))?;
-        match done.buf {
-            BulkTarget::Mapped(_) => memory.map_filled(&claim, &done.zero, stats)?,
-            BulkTarget::Buffer(buf) => {
-                memory.install(&claim, &buf, &done.zero, stats)?;
-                self.pool.push(buf);
+        // The fault thread takes in the remove that makes the kernel answer EAGAIN; wait for it.
+        let deadline = Instant::now() + crate::handler::BUSY_DEADLINE;
+        loop {
+            let installed = match &done.buf {
+                BulkTarget::Mapped(_) => memory.map_filled(&claim, &done.zero, stats),
+                BulkTarget::Buffer(buf) => memory.install(&claim, buf, &done.zero, stats),
+            };
+            match installed {
+                Err(FaultError::Busy { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                other => break other?,
             }
+        }
+        if let BulkTarget::Buffer(buf) = done.buf {
+            self.pool.push(buf);
         }
         FaultStats::add(&stats.bulk_pages, u64::from(claim.count()));
         let now = Instant::now();

@@ -17,6 +17,10 @@ pub enum FaultError {
     InvalidMemory(String),
     #[error("bulk lane: {0}")]
     Lane(String),
+    /// The kernel kept answering EAGAIN: the mapping is changing (a remove event waits to be
+    /// read). Retry after reading the fault events.
+    #[error("install at {addr:#x} kept meeting a changing mapping (a remove event is pending)")]
+    Busy { addr: u64 },
 }
 
 pub type Result<T, E = FaultError> = std::result::Result<T, E>;

@@ -1,6 +1,7 @@
 //! The fault thread: reads userfaultfd events, serves each fault at once on the urgent lane, and
 //! hands every faulting page to the pre-pager as a pivot through a bounded lock-free queue.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,25 @@ impl FaultQueue {
 /// Most fault latency samples kept for exact percentiles (the histogram counts all of them).
 const MAX_SAMPLES: usize = 1 << 22;
 
+/// How long an install may keep meeting a changing mapping before it is an error.
+pub const BUSY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Reads events (up to `timeout_ms`) into `pending`. Removes take effect as they are read (the
+/// memory marks their pages discarded), so the faults behind them in `pending` see it.
+fn read_into(
+    memory: &DestinationMemory,
+    buf: &mut [Event],
+    pending: &mut VecDeque<Event>,
+    stats: &FaultStats,
+    timeout_ms: i32,
+) -> Result<()> {
+    let mut discarded = 0;
+    let n = memory.read_events(buf, timeout_ms, &mut discarded)?;
+    FaultStats::add(&stats.discarded_pages, discarded);
+    pending.extend(buf[..n].iter().filter(|e| !matches!(e, Event::Remove { .. })));
+    Ok(())
+}
+
 /// Serves faults until `stop` is set or every page is present, then releases the memory if every
 /// page is (faults on zero pages left absent keep coming until then). Returns the service time of
 /// each network fault, for percentiles.
@@ -56,10 +76,13 @@ pub fn run_fault_loop(
     let mut staging = urgent.buffer(memory.page_size() as usize)?;
     let mut samples = Vec::new();
     let states = memory.states();
+    let mut pending: VecDeque<Event> = VecDeque::new();
     while !stop.load(Ordering::Acquire) && !states.all_present() {
-        let n = memory.read_events(&mut events, 20)?;
-        for event in &events[..n] {
-            match *event {
+        if pending.is_empty() {
+            read_into(memory, &mut events, &mut pending, stats, 20)?;
+        }
+        while let Some(event) = pending.pop_front() {
+            match event {
                 Event::PageFault { address, minor, .. } => {
                     let t0 = Instant::now();
                     FaultStats::add(&stats.faults, 1);
@@ -67,9 +90,24 @@ pub fn run_fault_loop(
                     queue.push(page);
                     if let Some(claim) = states.claim(page) {
                         let run = states.to_run(&claim);
-                        if !memory.fill_in_place(&claim, stats, |dst| urgent.read(run, dst))? {
-                            let zero = urgent.read(run, &mut staging)?;
-                            memory.install(&claim, &staging, &zero, stats)?;
+                        let deadline = Instant::now() + BUSY_DEADLINE;
+                        loop {
+                            let installed = match memory.fill_in_place(&claim, stats, |dst| urgent.read(run, dst)) {
+                                Ok(true) => Ok(()),
+                                Ok(false) => urgent
+                                    .read(run, &mut staging)
+                                    .map_err(FaultError::from)
+                                    .and_then(|zero| memory.install(&claim, &staging, &zero, stats)),
+                                Err(e) => Err(e),
+                            };
+                            match installed {
+                                // A remove waiting in our own queue keeps the kernel answering
+                                // EAGAIN: take it in (the install then leaves its pages zero).
+                                Err(FaultError::Busy { .. }) if Instant::now() < deadline => {
+                                    read_into(memory, &mut events, &mut pending, stats, 1)?;
+                                }
+                                other => break other?,
+                            }
                         }
                         let took = t0.elapsed();
                         FaultStats::add(&stats.network_faults, 1);
@@ -87,13 +125,7 @@ pub fn run_fault_loop(
                         FaultStats::add(&stats.inflight_faults, 1);
                     }
                 }
-                Event::Remove { start, end } => {
-                    if let Some((first, count)) = memory.removed_pages(start, end) {
-                        let fresh = states.discard(first, count);
-                        FaultStats::add(&stats.discarded_pages, fresh);
-                    }
-                }
-                Event::Other(_) => {}
+                Event::Remove { .. } | Event::Other(_) => {}
             }
         }
     }

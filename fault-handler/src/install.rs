@@ -40,6 +40,13 @@ pub struct DestinationMemory {
     in_use: std::sync::atomic::AtomicBool,
     states: PageStates,
     page_size: u64,
+    /// A zero page to copy from where UFFDIO_ZEROPAGE does not exist (hugetlb in copy mode).
+    zero_page: Option<Vec<u8>>,
+    /// Installs hold it shared from their check of discarded pages through their ioctl; reading
+    /// events and marking what a remove discarded holds it exclusively. Reading a remove event
+    /// lets the kernel go on to drop the range; without this an install that checked before the
+    /// mark could land after the drop and leave stale data in a page the guest discarded.
+    events: std::sync::RwLock<()>,
 }
 
 impl DestinationMemory {
@@ -53,6 +60,9 @@ impl DestinationMemory {
     /// pages): `valid(page)` says which; those are present from the start and never fetched. Every
     /// other page must be absent (never touched, or dropped with [`RegionMapping::discard`]).
     pub fn register_with_valid(guest: std::sync::Arc<GuestMemory>, valid: impl Fn(u64) -> bool) -> Result<Self> {
+        if guest.regions().iter().any(|r| r.is_foreign()) {
+            return Err(FaultError::InvalidMemory("registering another process's memory here (see adopt)".into()));
+        }
         let page_size = u64::from(guest.layout().page_size());
         let with_fd = guest.regions().iter().filter(|r| r.fd().is_some()).count();
         let mode = match with_fd {
@@ -94,6 +104,35 @@ impl DestinationMemory {
             in_use: std::sync::atomic::AtomicBool::new(false),
             states,
             page_size,
+            zero_page: None,
+            events: std::sync::RwLock::new(()),
+        })
+    }
+
+    /// Takes over guest memory that another process registered with `uffd` (MISSING mode), as
+    /// Firecracker's UFFD protocol hands it over: every region of `guest` must be
+    /// [`ferry_transport::RegionMapping::foreign`], filled by UFFDIO_COPY through `uffd`.
+    ///
+    /// # Safety
+    /// `uffd` must be the userfaultfd of the process whose address space `guest`'s regions
+    /// describe, with exactly those ranges registered, and they must stay mapped there while this
+    /// value lives (the process may exit: its ranges go with it).
+    pub unsafe fn adopt(uffd: Userfault, guest: std::sync::Arc<GuestMemory>) -> Result<Self> {
+        if guest.regions().iter().any(|r| !r.is_foreign()) {
+            return Err(FaultError::InvalidMemory("adopting a userfaultfd for memory of this process".into()));
+        }
+        let page_size = u64::from(guest.layout().page_size());
+        let states = PageStates::new(guest.layout());
+        Ok(DestinationMemory {
+            guest,
+            alias: None,
+            uffd: std::mem::ManuallyDrop::new(uffd),
+            released: std::sync::atomic::AtomicBool::new(false),
+            in_use: std::sync::atomic::AtomicBool::new(true),
+            states,
+            page_size,
+            zero_page: (page_size > 4096).then(|| vec![0u8; page_size as usize]),
+            events: std::sync::RwLock::new(()),
         })
     }
 
@@ -156,6 +195,7 @@ impl DestinationMemory {
         let dst = unsafe { alias[region as usize].slice_mut(offset, len)? };
         let zero = fill(dst)?;
         FaultStats::add(&stats.zero_pages, u64::from(zero.count()));
+        let _installing = self.installing();
         self.map_claim(claim)?;
         Ok(true)
     }
@@ -184,6 +224,7 @@ impl DestinationMemory {
     /// Maps a claim whose bytes a bulk read put in place through [`Self::mapped_target`]: its
     /// data pages; its zero pages stay holes (see the module doc).
     pub fn map_filled(&self, claim: &Claim, zero: &ZeroMask, stats: &FaultStats) -> Result<()> {
+        let _installing = self.installing();
         FaultStats::add(&stats.zero_pages, u64::from(zero.count()));
         if self.discarded_in(claim) {
             // Page by page: discarded pages are dropped again, zero pages stay holes.
@@ -227,6 +268,11 @@ impl DestinationMemory {
 
     /// Installs a claim whose bytes are in `data` (pages marked in `zero` are zero).
     pub fn install(&self, claim: &Claim, data: &[u8], zero: &ZeroMask, stats: &FaultStats) -> Result<()> {
+        let _installing = self.installing();
+        self.install_locked(claim, data, zero, stats)
+    }
+
+    fn install_locked(&self, claim: &Claim, data: &[u8], zero: &ZeroMask, stats: &FaultStats) -> Result<()> {
         if self.discarded_in(claim) {
             // The guest discarded some of these pages while the read was in flight: they must
             // stay zero, so install the others one by one.
@@ -237,7 +283,12 @@ impl DestinationMemory {
                     if zero.is_zero(i as u32) {
                         one_zero.set(0);
                     }
-                    self.install(&self.states.present_page(page), &data[i * ps..(i + 1) * ps], &one_zero, stats)?;
+                    self.install_locked(
+                        &self.states.present_page(page),
+                        &data[i * ps..(i + 1) * ps],
+                        &one_zero,
+                        stats,
+                    )?;
                 }
             }
             return Ok(());
@@ -320,8 +371,8 @@ impl DestinationMemory {
                 Outcome::Again(done) => {
                     at += done;
                     again += 1;
-                    if again > 1000 {
-                        return Err(FaultError::Install { addr: at, errno: libc::EAGAIN });
+                    if again > 100 {
+                        return Err(FaultError::Busy { addr: at });
                     }
                     std::thread::yield_now();
                 }
@@ -335,6 +386,7 @@ impl DestinationMemory {
     /// discarded by the guest): map what the page cache has (MINOR), else a zero page; a page that
     /// exists already only needs its waiters woken.
     pub fn resolve_present(&self, page: u64, minor: bool) -> Result<()> {
+        let _installing = self.installing();
         let claim = self.states.present_page(page);
         let (region, addr, offset, len) = self.span(&claim);
         let outcome = match (&self.alias, minor) {
@@ -345,7 +397,10 @@ impl DestinationMemory {
                 alias[region as usize].allocate_zeroed(offset, len)?;
                 self.uffd.continue_range(addr, len as u64, true)
             }
-            (None, _) => self.uffd.zeropage(addr, len as u64, true),
+            (None, _) => match &self.zero_page {
+                Some(zeros) => self.uffd.copy(addr, &zeros[..len], true),
+                None => self.uffd.zeropage(addr, len as u64, true),
+            },
         };
         match outcome {
             Outcome::Done => Ok(()),
@@ -382,8 +437,28 @@ impl DestinationMemory {
     }
 
     /// Waits up to `timeout_ms` for userfaultfd events.
-    pub fn read_events(&self, out: &mut [Event], timeout_ms: i32) -> Result<usize> {
-        self.uffd.read_events(out, timeout_ms)
+    /// Waits up to `timeout_ms` for userfaultfd events and reads them. The pages of a remove
+    /// event are marked discarded before any install can run again (see `events`); the event is
+    /// still returned. `discarded` counts those pages not claimed before.
+    pub fn read_events(&self, out: &mut [Event], timeout_ms: i32, discarded: &mut u64) -> Result<usize> {
+        if !self.uffd.wait_readable(timeout_ms)? {
+            return Ok(0);
+        }
+        let _reading = self.events.write().unwrap_or_else(|e| e.into_inner());
+        let n = self.uffd.read_ready(out)?;
+        for event in &out[..n] {
+            if let Event::Remove { start, end } = *event {
+                if let Some((first, count)) = self.removed_pages(start, end) {
+                    *discarded += self.states.discard(first, count);
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Held while an install checks for discarded pages and runs its ioctls.
+    fn installing(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.events.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Global pages covered by a removed host range, clipped to guest memory.

@@ -134,6 +134,26 @@ impl Userfault {
         Ok(Userfault { fd, features: api.features })
     }
 
+    /// Adopts a userfaultfd another process opened and registered (Firecracker's UFFD protocol
+    /// hands one over a Unix socket with SCM_RIGHTS). Refuses an fd that is not a userfaultfd.
+    /// Its features are not known here and read as 0.
+    ///
+    /// # Safety
+    /// The ioctls of the returned value write into every range the fd has registered. Those ranges
+    /// must be memory that no Rust reference in this process aliases: in the protocol's case they
+    /// belong to another process's address space.
+    pub unsafe fn adopt(fd: OwnedFd) -> Result<Self> {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+        if link.to_str() != Some("anon_inode:[userfaultfd]") {
+            return Err(FaultError::InvalidMemory(format!(
+                "fd {} is {}, not a userfaultfd",
+                fd.as_raw_fd(),
+                link.display()
+            )));
+        }
+        Ok(Userfault { fd, features: 0 })
+    }
+
     pub fn features(&self) -> u64 {
         self.features
     }
@@ -203,18 +223,34 @@ impl Userfault {
     /// Waits up to `timeout_ms` for events and reads up to `out.len()` of them. Returns 0 on
     /// timeout, so a fault loop can check for shutdown.
     pub fn read_events(&self, out: &mut [Event], timeout_ms: i32) -> Result<usize> {
+        if !self.wait_readable(timeout_ms)? {
+            return Ok(0);
+        }
+        self.read_ready(out)
+    }
+
+    /// Waits up to `timeout_ms` for an event to read; whether there is one.
+    pub fn wait_readable(&self, timeout_ms: i32) -> Result<bool> {
         let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd that lives across the call.
         let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
         if rc < 0 {
             let err = std::io::Error::last_os_error();
-            return if err.kind() == std::io::ErrorKind::Interrupted { Ok(0) } else { Err(FaultError::Io(err)) };
+            return if err.kind() == std::io::ErrorKind::Interrupted { Ok(false) } else { Err(FaultError::Io(err)) };
         }
-        if rc == 0 {
-            return Ok(0);
-        }
+        Ok(rc > 0)
+    }
+
+    /// Reads the events queued now, without waiting (none if another reader took them).
+    pub fn read_ready(&self, out: &mut [Event]) -> Result<usize> {
         let mut buf = [0u8; MSG_LEN * 64];
         let want = out.len().min(64) * MSG_LEN;
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd that lives across the call; a zero timeout never blocks, so a
+        // blocking userfaultfd is never read without an event.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 {
+            return Ok(0);
+        }
         // SAFETY: reads at most `want` bytes into buf, which has room for them.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), want) };
         if n < 0 {

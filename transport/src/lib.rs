@@ -4,7 +4,8 @@
 //! destination's two-lane page reading API ([`UrgentLane`] for faults, [`BulkLane`] for
 //! pre-paging), and the backends that implement it: [`tcp`] (a page server on the source),
 //! [`local`] (same host: the source's sealed memfds mapped read-only, so a read costs the source
-//! nothing) and [`snapshot`] (a checksummed memory image written and read through io_uring).
+//! nothing), [`snapshot`] (a checksummed memory image written and read through io_uring) and
+//! [`rawfile`] (a flat memory file, as Firecracker saves guest memory).
 //! Raw memory and syscalls are confined to `memory`, `lane::PageBuf`, and the small
 //! `unsafe` helpers of each backend; everything above them is safe Rust.
 
@@ -18,6 +19,7 @@ pub mod local;
 pub mod memory;
 mod pagebits;
 pub mod pattern;
+pub mod rawfile;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod snapshot;

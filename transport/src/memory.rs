@@ -31,6 +31,8 @@ pub struct RegionMapping {
     /// Whether dropping this value unmaps the memory (false for adopted mappings).
     owns_mapping: bool,
     writable: bool,
+    /// An address range of another process (see [`RegionMapping::foreign`]): never accessed here.
+    foreign: bool,
 }
 
 // SAFETY: a RegionMapping is a pointer to process-wide shared memory; every access goes through
@@ -46,13 +48,13 @@ impl RegionMapping {
             Backing::Anonymous => {
                 let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
                 let ptr = mmap(len, libc::PROT_READ | libc::PROT_WRITE, flags, None)?;
-                Ok(RegionMapping { ptr, len, fd: None, owns_mapping: true, writable: true })
+                Ok(RegionMapping { ptr, len, fd: None, owns_mapping: true, writable: true, foreign: false })
             }
             Backing::Memfd | Backing::HugetlbMemfd => {
                 let hugetlb = backing == Backing::HugetlbMemfd;
                 let fd = memfd_create(len, hugetlb)?;
                 let ptr = mmap(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, Some(fd.as_fd()))?;
-                Ok(RegionMapping { ptr, len, fd: Some(fd), owns_mapping: true, writable: true })
+                Ok(RegionMapping { ptr, len, fd: Some(fd), owns_mapping: true, writable: true, foreign: false })
             }
         }
     }
@@ -76,7 +78,7 @@ impl RegionMapping {
             return Err(TransportError::BadSharedMemory("memfd is not sealed against shrinking".into()));
         }
         let ptr = mmap(len, libc::PROT_READ, libc::MAP_SHARED, Some(fd.as_fd()))?;
-        Ok(RegionMapping { ptr, len, fd: Some(fd), owns_mapping: true, writable: false })
+        Ok(RegionMapping { ptr, len, fd: Some(fd), owns_mapping: true, writable: false, foreign: false })
     }
 
     /// Maps this region's backing file a second time, read-write and shared: the alias through
@@ -86,7 +88,7 @@ impl RegionMapping {
         let fd = self.fd().ok_or_else(|| TransportError::BadSharedMemory("anonymous memory has no alias".into()))?;
         let fd = fd.try_clone_to_owned()?;
         let ptr = mmap(self.len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, Some(fd.as_fd()))?;
-        Ok(RegionMapping { ptr, len: self.len, fd: Some(fd), owns_mapping: true, writable: true })
+        Ok(RegionMapping { ptr, len: self.len, fd: Some(fd), owns_mapping: true, writable: true, foreign: false })
     }
 
     /// A mutable view of `len` bytes at `offset`, for receiving data straight into the mapping.
@@ -185,7 +187,23 @@ impl RegionMapping {
     /// mapped, and is not remapped, for as long as the returned value lives. If `fd` is given it
     /// must be the file backing exactly that range from offset 0.
     pub unsafe fn from_raw(ptr: NonNull<u8>, len: usize, fd: Option<OwnedFd>, writable: bool) -> Self {
-        RegionMapping { ptr, len, fd, owns_mapping: false, writable }
+        RegionMapping { ptr, len, fd, owns_mapping: false, writable, foreign: false }
+    }
+
+    /// A range of another process's address space, known only by address and length: the guest
+    /// memory of a VMM that registered it with a userfaultfd and handed that over (Firecracker's
+    /// UFFD protocol), to be filled through ioctls on that userfaultfd. Nothing here reads or
+    /// writes it: every accessor fails, only [`Self::host_addr`] and [`Self::len`] answer.
+    pub fn foreign(addr: u64, len: usize) -> Result<Self> {
+        let ptr = NonNull::new(addr as *mut u8)
+            .filter(|_| len > 0 && addr.checked_add(len as u64).is_some())
+            .ok_or_else(|| TransportError::InvalidLayout(format!("a foreign range of {len} bytes at {addr:#x}")))?;
+        Ok(RegionMapping { ptr, len, fd: None, owns_mapping: false, writable: false, foreign: true })
+    }
+
+    /// Whether this is another process's range ([`Self::foreign`]).
+    pub fn is_foreign(&self) -> bool {
+        self.foreign
     }
 
     pub fn len(&self) -> usize {
@@ -206,6 +224,9 @@ impl RegionMapping {
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<usize> {
+        if self.foreign {
+            return Err(TransportError::OutOfRange("another process's memory is not accessible here".into()));
+        }
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.len as u64 => Ok(offset as usize),
             _ => Err(TransportError::OutOfRange(format!("{len} bytes at {offset} in a region of {}", self.len))),

@@ -1,0 +1,137 @@
+//! A drop-in page-fault handler for Firecracker's snapshot restore with `mem_backend:
+//! {backend_type: "Uffd", backend_path}`: it listens on that Unix socket, receives Firecracker's
+//! JSON array of `GuestRegionUffdMapping` with the userfaultfd in the same message (SCM_RIGHTS),
+//! keeps the socket open, and serves the guest's faults from Firecracker's raw memory file with
+//! ferry's post-copy engine: urgent reads for faults, bubbling (or push, or demand) on the bulk
+//! path behind them, holes of the file and zero pages never installed, working-set recording and
+//! replay. It follows Firecracker's rules for the balloon: after `UFFD_EVENT_REMOVE` the removed
+//! pages read as zero on their next fault, an install meeting EAGAIN (a remove pending) is retried
+//! after the remove is read, a fault may arrive before the remove that precedes it, and EEXIST is
+//! success.
+//!
+//! [`protocol`] is the wire format (both sides, so tests can be Firecracker); [`serve`] runs one
+//! restore. The raw socket calls (SCM_RIGHTS) live in `protocol`.
+
+pub mod protocol;
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry::engine::{DestinationReport, EngineConfig, PostcopyEngine};
+use ferry::restore::WorkingSet;
+use ferry::FreePages;
+use ferry_fault_handler::uffd::Userfault;
+use ferry_fault_handler::DestinationMemory;
+use ferry_transport::rawfile::RawMemoryFile;
+use ferry_transport::{GuestMemory, MemoryLayout, RegionLayout, RegionMapping};
+
+pub use protocol::GuestRegionUffdMapping;
+
+/// Errors of the handler.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    #[error("the Firecracker handshake: {0}")]
+    Handshake(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] ferry_transport::TransportError),
+    #[error("fault handler: {0}")]
+    Fault(#[from] ferry_fault_handler::FaultError),
+    #[error("engine: {0}")]
+    Engine(#[from] ferry::MigrationError),
+}
+
+pub type Result<T, E = HandlerError> = std::result::Result<T, E>;
+
+/// How one restore is served.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Firecracker's guest memory file (`mem_file_path` of its snapshot).
+    pub mem_file: PathBuf,
+    pub engine: EngineConfig,
+    /// Record the order of first faults beside the memory file (`MEMFILE.ws`).
+    pub record: bool,
+    /// Fetch the working set recorded beside the memory file first.
+    pub replay: bool,
+    /// How long Firecracker may take to send its handshake once connected.
+    pub handshake_timeout: Duration,
+}
+
+/// What a served restore measured.
+#[derive(Debug)]
+pub struct Served {
+    pub regions: usize,
+    pub page_size: u64,
+    /// From the handshake received to the engine serving faults.
+    pub ready: Duration,
+    /// The engine's report once every page was present; `None` when Firecracker went away first
+    /// (a demand handler serves until then).
+    pub report: Option<DestinationReport>,
+    pub faults: u64,
+    pub network_faults: u64,
+    pub working_set_pages: Option<usize>,
+}
+
+/// Serves one Firecracker restore on `stream` (accepted on the handler's socket) until every page
+/// of its guest is present; the userfaultfd is then released and Firecracker's later faults are
+/// the kernel's.
+pub fn serve(stream: &UnixStream, config: &ServeConfig) -> Result<Served> {
+    let (mappings, fd) = protocol::receive_handshake(stream, config.handshake_timeout)?;
+    let t0 = Instant::now();
+    let page_size = protocol::page_size_of(&mappings)?;
+    let layout = MemoryLayout::new(
+        page_size as u32,
+        mappings.iter().map(|m| RegionLayout { guest_phys_addr: m.offset, size: m.size }).collect(),
+    )
+    .map_err(|e| HandlerError::Handshake(format!("the regions do not form a layout: {e}")))?;
+    let regions = mappings
+        .iter()
+        .map(|m| RegionMapping::foreign(m.base_host_virt_addr, m.size as usize))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let guest = Arc::new(GuestMemory::new(layout.clone(), regions)?);
+    // SAFETY: the fd came from the peer with these mappings in one message, as Firecracker's
+    // protocol sends its guest memory's userfaultfd and the ranges it registered with it; the
+    // ranges are Firecracker's address space, which no reference in this process aliases.
+    let uffd = unsafe { Userfault::adopt(fd)? };
+    // SAFETY: as above: `guest`'s foreign regions are exactly the ranges registered with `uffd`.
+    let memory = Arc::new(unsafe { DestinationMemory::adopt(uffd, guest)? });
+    let file = RawMemoryFile::open(&config.mem_file, layout.clone(), mappings.iter().map(|m| m.offset).collect())?;
+    let holes = FreePages::from_words(file.holes()?, layout.total_pages())
+        .ok_or_else(|| HandlerError::Handshake("the hole map does not fit the layout".into()))?;
+    let ws_path = WorkingSet::path_for(&config.mem_file);
+    let mut engine_config = EngineConfig { record_first_faults: config.record, ..config.engine.clone() };
+    let mut working_set_pages = None;
+    if config.replay {
+        let ws = WorkingSet::load(&ws_path, layout.total_pages())?;
+        working_set_pages = Some(ws.pages.len());
+        engine_config = ws.replay_config(config.engine.policy, &engine_config);
+    }
+    let mut engine = PostcopyEngine::start(memory, file.page_source(32), &engine_config, &holes)?;
+    engine.start_prepaging()?;
+    let ready = t0.elapsed();
+    let stats = engine.stats_handle();
+    // Firecracker closing the socket (or dying) ends the restore: a demand handler, which only
+    // serves faults, runs until then, like Firecracker's example handler.
+    let watcher = protocol::HangupWatch::start(stream, engine.canceller())?;
+    let outcome = engine.wait();
+    let peer_gone = watcher.stop();
+    let get = ferry_fault_handler::FaultStats::get;
+    let (faults, network_faults) = (get(&stats.faults), get(&stats.network_faults));
+    let report = match outcome {
+        Ok(report) => Some(report),
+        Err(_) if peer_gone => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let (true, Some(r)) = (config.record, &report) {
+        WorkingSet { pages: r.first_faults.clone() }.save(&ws_path)?;
+    }
+    Ok(Served { regions: mappings.len(), page_size, ready, report, faults, network_faults, working_set_pages })
+}
+
+/// Whether `path` is a socket someone listens on (a second handler must not steal it).
+pub fn socket_in_use(path: &Path) -> bool {
+    UnixStream::connect(path).is_ok()
+}
