@@ -47,6 +47,8 @@ pub struct DestinationMemory {
     /// lets the kernel go on to drop the range; without this an install that checked before the
     /// mark could land after the drop and leave stale data in a page the guest discarded.
     events: std::sync::RwLock<()>,
+    /// Where remove events are written as they are read, for a handler that takes over.
+    remove_journal: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 impl DestinationMemory {
@@ -106,6 +108,7 @@ impl DestinationMemory {
             page_size,
             zero_page: None,
             events: std::sync::RwLock::new(()),
+            remove_journal: std::sync::Mutex::new(None),
         })
     }
 
@@ -123,6 +126,11 @@ impl DestinationMemory {
         }
         let page_size = u64::from(guest.layout().page_size());
         let states = PageStates::new(guest.layout());
+        // A handler that died may have read faults it never served: their threads still sleep.
+        // Wake every waiter so each faults again, into this handler's queue.
+        for r in guest.regions() {
+            uffd.wake(r.host_addr().as_ptr() as u64, r.len() as u64)?;
+        }
         Ok(DestinationMemory {
             guest,
             alias: None,
@@ -133,6 +141,7 @@ impl DestinationMemory {
             page_size,
             zero_page: (page_size > 4096).then(|| vec![0u8; page_size as usize]),
             events: std::sync::RwLock::new(()),
+            remove_journal: std::sync::Mutex::new(None),
         })
     }
 
@@ -230,6 +239,10 @@ impl DestinationMemory {
             // Page by page: discarded pages are dropped again, zero pages stay holes.
             for (i, page) in (claim.first()..claim.first() + u64::from(claim.count())).enumerate() {
                 let one = self.states.present_page(page);
+                if self.states.is_present(page) && !self.states.is_discarded(page) {
+                    // Mapped by an earlier attempt that met a changing mapping.
+                    continue;
+                }
                 if zero.is_zero(i as u32) && !self.states.is_discarded(page) {
                     self.present_with_holes(&one, 1)?;
                 } else {
@@ -275,10 +288,11 @@ impl DestinationMemory {
     fn install_locked(&self, claim: &Claim, data: &[u8], zero: &ZeroMask, stats: &FaultStats) -> Result<()> {
         if self.discarded_in(claim) {
             // The guest discarded some of these pages while the read was in flight: they must
-            // stay zero, so install the others one by one.
+            // stay zero, so install the others one by one (skipping those an attempt that met a
+            // changing mapping already installed: the claim is ours, so only we marked them).
             let ps = self.page_size as usize;
             for (i, page) in (claim.first()..claim.first() + u64::from(claim.count())).enumerate() {
-                if !self.states.is_discarded(page) {
+                if !self.states.is_discarded(page) && !self.states.is_present(page) {
                     let mut one_zero = ZeroMask::default();
                     if zero.is_zero(i as u32) {
                         one_zero.set(0);
@@ -340,7 +354,8 @@ impl DestinationMemory {
                 if self.states.is_discarded(page) {
                     let (region, _, offset, len) = self.span(&one);
                     alias[region as usize].punch_hole(offset, len)?;
-                } else {
+                } else if !self.states.is_present(page) {
+                    // (Present already: mapped by an earlier attempt that met a changing mapping.)
                     self.map_claim(&one)?;
                 }
             }
@@ -448,12 +463,50 @@ impl DestinationMemory {
         let n = self.uffd.read_ready(out)?;
         for event in &out[..n] {
             if let Event::Remove { start, end } = *event {
+                self.journal_remove(start, end)?;
                 if let Some((first, count)) = self.removed_pages(start, end) {
                     *discarded += self.states.discard(first, count);
                 }
             }
         }
         Ok(n)
+    }
+
+    /// Keeps every remove this memory reads in `path` (appended, 16 bytes each), after first
+    /// applying the removes already there: a handler that takes over from one that died must not
+    /// fill a page the guest had discarded. Returns how many removes were replayed. Call it before
+    /// any install.
+    pub fn journal_removes(&self, path: &std::path::Path) -> Result<u64> {
+        let old = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        let mut replayed = 0;
+        for rec in old.chunks_exact(16) {
+            let start = u64::from_le_bytes(rec[..8].try_into().expect("8 bytes"));
+            let end = u64::from_le_bytes(rec[8..].try_into().expect("8 bytes"));
+            if let Some((first, count)) = self.removed_pages(start, end) {
+                self.states.discard(first, count);
+            }
+            replayed += 1;
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        *self.remove_journal.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+        Ok(replayed)
+    }
+
+    fn journal_remove(&self, start: u64, end: u64) -> Result<()> {
+        use std::io::Write;
+        if let Some(file) = self.remove_journal.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            let mut rec = [0u8; 16];
+            rec[..8].copy_from_slice(&start.to_le_bytes());
+            rec[8..].copy_from_slice(&end.to_le_bytes());
+            // In the page cache is enough: it is read back by the next handler, not after a crash
+            // of the machine (which takes the guest too).
+            file.write_all(&rec)?;
+        }
+        Ok(())
     }
 
     /// Held while an install checks for discarded pages and runs its ioctls.

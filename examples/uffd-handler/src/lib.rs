@@ -58,6 +58,9 @@ pub struct ServeConfig {
     pub replay: bool,
     /// How long Firecracker may take to send its handshake once connected.
     pub handshake_timeout: Duration,
+    /// Under a supervisor: the removes of this restore, journaled by each worker and replayed by
+    /// the next.
+    pub remove_journal: Option<PathBuf>,
 }
 
 /// What a served restore measured.
@@ -73,6 +76,8 @@ pub struct Served {
     pub faults: u64,
     pub network_faults: u64,
     pub working_set_pages: Option<usize>,
+    /// Removes read by a handler before this one, applied before serving.
+    pub removes_replayed: u64,
 }
 
 /// Serves one Firecracker restore on `stream` (accepted on the handler's socket) until every page
@@ -98,6 +103,11 @@ pub fn serve(stream: &UnixStream, config: &ServeConfig) -> Result<Served> {
     let uffd = unsafe { Userfault::adopt(fd)? };
     // SAFETY: as above: `guest`'s foreign regions are exactly the ranges registered with `uffd`.
     let memory = Arc::new(unsafe { DestinationMemory::adopt(uffd, guest)? });
+    // Removes a worker before us read: the guest discarded those pages for good.
+    let removes_replayed = match &config.remove_journal {
+        Some(path) => memory.journal_removes(path)?,
+        None => 0,
+    };
     let file = RawMemoryFile::open(&config.mem_file, layout.clone(), mappings.iter().map(|m| m.offset).collect())?;
     let holes = FreePages::from_words(file.holes()?, layout.total_pages())
         .ok_or_else(|| HandlerError::Handshake("the hole map does not fit the layout".into()))?;
@@ -128,7 +138,16 @@ pub fn serve(stream: &UnixStream, config: &ServeConfig) -> Result<Served> {
     if let (true, Some(r)) = (config.record, &report) {
         WorkingSet { pages: r.first_faults.clone() }.save(&ws_path)?;
     }
-    Ok(Served { regions: mappings.len(), page_size, ready, report, faults, network_faults, working_set_pages })
+    Ok(Served {
+        regions: mappings.len(),
+        page_size,
+        ready,
+        report,
+        faults,
+        network_faults,
+        working_set_pages,
+        removes_replayed,
+    })
 }
 
 /// Whether `path` is a socket someone listens on (a second handler must not steal it).

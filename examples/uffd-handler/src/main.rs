@@ -2,10 +2,18 @@
 //!
 //! ```text
 //! ferry-uffd-handler --socket PATH --mem-file PATH [--prepager bubbling|push|demand]
-//!                    [--record] [--replay] [--accept-timeout-s 60] [--json]
+//!                    [--record] [--replay] [--accept-timeout-s 60] [--supervise] [--json]
 //! ```
 //! Listens on PATH (what Firecracker's `/snapshot/load` gets as `mem_backend.backend_path`),
 //! serves one restore from Firecracker's memory file, and prints what it measured.
+//!
+//! With `--supervise` it only keeps Firecracker's socket and userfaultfd, and hands them to a
+//! worker (this program, on a private socket, by the same handshake); if the worker dies, a new
+//! one gets them and wakes every thread still waiting on a fault, so each faults again into it.
+//! Firecracker, which would otherwise hang on its next fault, never notices. Pages the dead
+//! worker installed are kept (a new install of them meets EEXIST); the removes it had read are
+//! replayed from the journal every worker appends to (`PATH.removed`, `--remove-journal`). One
+//! window is left: a worker killed between reading a remove and journaling it.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
@@ -19,19 +27,33 @@ use serde_json::json;
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut socket, mut mem_file, mut json, mut accept_timeout) = (None, None, false, 60.0);
+    let mut remove_journal = None;
     let mut config = EngineConfig::default();
-    let (mut record, mut replay) = (false, false);
+    let (mut record, mut replay, mut supervise) = (false, false, false);
+    let mut passthrough = Vec::new();
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| anyhow!("{flag} needs a value"));
         match flag.as_str() {
             "--socket" => socket = Some(std::path::PathBuf::from(value()?)),
             "--mem-file" => mem_file = Some(std::path::PathBuf::from(value()?)),
-            "--prepager" => config.policy = value()?.parse().map_err(|e: String| anyhow!(e))?,
-            "--record" => record = true,
-            "--replay" => replay = true,
+            "--prepager" => {
+                let v = value()?;
+                config.policy = v.parse().map_err(|e: String| anyhow!(e))?;
+                passthrough.extend(["--prepager".to_string(), v]);
+            }
+            "--record" => {
+                record = true;
+                passthrough.push(flag);
+            }
+            "--replay" => {
+                replay = true;
+                passthrough.push(flag);
+            }
+            "--supervise" => supervise = true,
+            "--remove-journal" => remove_journal = Some(std::path::PathBuf::from(value()?)),
             "--accept-timeout-s" => accept_timeout = value()?.parse()?,
             "--json" => json = true,
-            other => bail!("unknown option {other}; usage: ferry-uffd-handler --socket PATH --mem-file PATH [--prepager P] [--record] [--replay] [--json]"),
+            other => bail!("unknown option {other}; usage: ferry-uffd-handler --socket PATH --mem-file PATH [--prepager P] [--record] [--replay] [--supervise] [--json]"),
         }
     }
     let socket = socket.ok_or_else(|| anyhow!("--socket PATH is required"))?;
@@ -43,9 +65,21 @@ fn main() -> Result<()> {
     let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
     eprintln!("ferry-uffd-handler: listening on {}", socket.display());
     let stream = accept_within(&listener, Duration::from_secs_f64(accept_timeout))?;
+    if supervise {
+        let result = supervisor::run(&stream, &socket, &mem_file, &passthrough, json);
+        let _ = std::fs::remove_file(&socket);
+        return result;
+    }
     let served = serve(
         &stream,
-        &ServeConfig { mem_file, engine: config, record, replay, handshake_timeout: Duration::from_secs(10) },
+        &ServeConfig {
+            mem_file,
+            engine: config,
+            record,
+            replay,
+            handshake_timeout: Duration::from_secs(10),
+            remove_journal,
+        },
     )?;
     let mut out = json!({
         "regions": served.regions,
@@ -55,6 +89,7 @@ fn main() -> Result<()> {
         "network_faults": served.network_faults,
         "complete": served.report.is_some(),
         "working_set_pages": served.working_set_pages,
+        "removes_replayed": served.removes_replayed,
     });
     if let Some(r) = &served.report {
         out["policy"] = json!(r.policy);
@@ -75,6 +110,97 @@ fn main() -> Result<()> {
     }
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+mod supervisor {
+    //! Keeps Firecracker's socket and userfaultfd, and runs workers that serve them.
+
+    use std::io::{BufRead, BufReader, Read};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    use anyhow::{anyhow, bail, Context, Result};
+    use ferry_uffd_handler::protocol::{receive_handshake, send_handshake};
+
+    /// Workers started at most, the first included.
+    const MAX_WORKERS: usize = 8;
+
+    pub fn run(firecracker: &UnixStream, socket: &Path, mem_file: &Path, options: &[String], json: bool) -> Result<()> {
+        let (mappings, uffd) = receive_handshake(firecracker, Duration::from_secs(10))?;
+        let worker_socket = socket.with_extension("worker");
+        let journal = socket.with_extension("removed");
+        std::fs::write(&journal, b"")?;
+        let result = supervise(firecracker, &mappings, &uffd, &worker_socket, &journal, mem_file, options, json);
+        let _ = std::fs::remove_file(&journal);
+        let _ = std::fs::remove_file(&worker_socket);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn supervise(
+        firecracker: &UnixStream,
+        mappings: &[ferry_uffd_handler::GuestRegionUffdMapping],
+        uffd: &std::os::fd::OwnedFd,
+        worker_socket: &Path,
+        journal: &Path,
+        mem_file: &Path,
+        options: &[String],
+        json: bool,
+    ) -> Result<()> {
+        for attempt in 1..=MAX_WORKERS {
+            let _ = std::fs::remove_file(worker_socket);
+            let mut child = Command::new(std::env::current_exe()?)
+                .arg("--socket")
+                .arg(worker_socket)
+                .arg("--mem-file")
+                .arg(mem_file)
+                .arg("--remove-journal")
+                .arg(journal)
+                .args(options)
+                .args(json.then_some("--json"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting a worker")?;
+            let mut stderr = BufReader::new(child.stderr.take().ok_or_else(|| anyhow!("no worker stderr"))?);
+            let mut line = String::new();
+            stderr.read_line(&mut line)?;
+            if !line.contains("listening on") {
+                let _ = child.kill();
+                bail!("the worker did not start: {line}");
+            }
+            eprintln!("ferry-uffd-handler: worker {} serving (attempt {attempt})", child.id());
+            let worker = UnixStream::connect(worker_socket)?;
+            send_handshake(&worker, mappings, uffd.as_raw_fd())?;
+            // Firecracker hanging up ends the worker too: its socket closes.
+            let watch = {
+                let (firecracker, worker) = (firecracker.try_clone()?, worker.try_clone()?);
+                std::thread::spawn(move || {
+                    // Firecracker sends nothing after its handshake: any readiness is its end.
+                    let mut pfd = libc::pollfd { fd: firecracker.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+                    // SAFETY: one valid pollfd that lives across the call; -1 waits for an event.
+                    while unsafe { libc::poll(&mut pfd, 1, -1) } <= 0 {}
+                    let _ = worker.shutdown(std::net::Shutdown::Both);
+                })
+            };
+            let mut report = String::new();
+            child.stdout.take().ok_or_else(|| anyhow!("no worker stdout"))?.read_to_string(&mut report)?;
+            let status = child.wait()?;
+            let mut rest = String::new();
+            let _ = stderr.read_to_string(&mut rest);
+            drop(watch);
+            if status.success() {
+                print!("{report}");
+                return Ok(());
+            }
+            eprintln!("ferry-uffd-handler: worker {} ended ({status}): {}; starting another", child.id(), rest.trim());
+            drop(worker);
+        }
+        bail!("{MAX_WORKERS} workers died; giving up (Firecracker's faults now wait for a handler)")
+    }
 }
 
 /// Waits up to `timeout` for Firecracker to connect.

@@ -370,3 +370,57 @@ fn removes_racing_bulk_installs_always_read_as_zero() {
     assert_eq!(r["pages_installed_twice"], 0, "{r}");
     drop(fc);
 }
+
+/// Under `--supervise` the worker serving Firecracker is killed mid-restore: a new worker takes
+/// over the same userfaultfd, the pages it had not served still arrive, the pages the balloon
+/// removed before the kill still read as zero, and Firecracker never sees a failure.
+#[test]
+fn a_supervised_handler_survives_its_worker_being_killed() {
+    let d = dir("supervise");
+    let (socket, mem) = (d.join("uffd.sock"), d.join("mem"));
+    memory_file(&mem, 8 << 20, 4096);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-uffd-handler"))
+        .args(["--socket", socket.to_str().unwrap(), "--mem-file", mem.to_str().unwrap(), "--json"])
+        .args(["--supervise", "--prepager", "demand"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("listening on"), "{line}");
+    let mut fc = Firecracker::load(&socket, &[8 << 20], 4096);
+    line.clear();
+    stderr.read_line(&mut line).unwrap();
+    let pid: i32 = line.split_whitespace().nth(2).and_then(|w| w.parse().ok()).unwrap_or_else(|| panic!("{line}"));
+    let pages = fc.pages();
+    for g in 0..pages / 4 {
+        assert_eq!(fc.read(g), expected(g, 4096), "page {g}");
+    }
+    fc.remove(10, 5);
+    fc.remove(pages - 10, 5);
+    // The worker journals a remove just after reading it, which is what lets madvise return: a
+    // kill inside that window loses the remove (the handler's doc says so). Kill after it.
+    let journal = socket.with_extension("removed");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::fs::metadata(&journal).map_or(0, |m| m.len()) < 32 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // SAFETY: kill(2) on the worker's pid, which this test read from the supervisor.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    for g in 0..pages {
+        let removed = (10..15).contains(&g) || (pages - 10..pages - 5).contains(&g);
+        let want = if removed { vec![0; 4096] } else { expected(g, 4096) };
+        let got = fc.read(g);
+        assert!(got == want, "page {g} after the worker died: {:?}.. instead of {:?}..", &got[..16], &want[..16]);
+    }
+    fc.hang_up();
+    let out = child.wait_with_output().unwrap();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+    assert!(out.status.success(), "{rest}");
+    assert!(rest.contains("starting another"), "{rest}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["removes_replayed"].as_u64().unwrap() >= 2, "the new worker replayed the removes: {r}");
+}
