@@ -102,6 +102,16 @@ struct Flags {
     abort: AtomicBool,
     /// Stop serving faults.
     stop_faults: AtomicBool,
+    /// The first error a thread of the engine failed with.
+    failure: std::sync::Mutex<Option<String>>,
+}
+
+impl Flags {
+    /// A thread failed: stop pre-paging and keep the first reason.
+    fn fail(&self, why: String) {
+        self.abort.store(true, Ordering::Release);
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(why);
+    }
 }
 
 /// What the pre-pager thread counted.
@@ -174,8 +184,8 @@ impl PostcopyEngine {
                     let result = run_fault_loop(&memory, urgent.as_mut(), &queue, &stats, &flags.stop_faults);
                     // Before `memory`: the lane may have registered its alias mappings.
                     drop(urgent);
-                    if result.is_err() {
-                        flags.abort.store(true, Ordering::Release);
+                    if let Err(e) = &result {
+                        flags.fail(format!("the fault thread: {e}"));
                     }
                     result
                 })
@@ -209,8 +219,8 @@ impl PostcopyEngine {
                 let installer = BulkInstaller::new(bulk, max_run_pages(&memory) as usize * memory.page_size() as usize);
                 // The installer (and its lane) is dropped inside prepage, while `memory` is held here.
                 let result = prepage(&memory, installer, policy, &queue, &stats, &flags, record);
-                if result.is_err() {
-                    flags.abort.store(true, Ordering::Release);
+                if let Err(e) = &result {
+                    flags.fail(format!("the pre-pager: {e}"));
                 }
                 result
             })
@@ -242,6 +252,17 @@ impl PostcopyEngine {
     /// pages it brings are reported as `swept_pages`.
     pub fn finish(&self) {
         self.flags.finish.store(true, Ordering::Release);
+    }
+
+    /// Why the engine failed, once one of its threads did; `None` while it works. A VMM whose
+    /// vCPUs may be blocked on missing pages watches this (faults are no longer served).
+    pub fn failure(&self) -> Option<String> {
+        self.failure_watch().failure()
+    }
+
+    /// [`Self::failure`] from any thread.
+    pub fn failure_watch(&self) -> FailureWatch {
+        FailureWatch { flags: self.flags.clone() }
     }
 
     /// A handle that stops the engine from any thread: the fault thread and the pre-pager stop,
@@ -325,6 +346,18 @@ impl Drop for PostcopyEngine {
         }
         // The bulk lane before `memory`, as the threads do.
         drop(self.pending.take());
+    }
+}
+
+/// Tells from any thread whether a [`PostcopyEngine`] failed, and why.
+#[derive(Clone, Debug)]
+pub struct FailureWatch {
+    flags: Arc<Flags>,
+}
+
+impl FailureWatch {
+    pub fn failure(&self) -> Option<String> {
+        self.flags.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

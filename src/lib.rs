@@ -22,7 +22,7 @@ pub mod precopy;
 pub mod restore;
 pub mod toucher;
 
-pub use engine::{register_landings, Canceller, DestinationReport, EngineConfig, PostcopyEngine};
+pub use engine::{register_landings, Canceller, DestinationReport, EngineConfig, FailureWatch, PostcopyEngine};
 pub use error::{MigrationError, Result};
 pub use ferry_fault_handler as fault_handler;
 pub use ferry_prepager as prepager;

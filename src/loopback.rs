@@ -118,8 +118,10 @@ pub fn migrate(config: &LoopbackConfig) -> Result<LoopbackOutcome> {
         },
     )?;
     let walk = Walk::new(config.pattern);
+    let watchdog = crate::toucher::EngineWatchdog::start(session.failure_watch());
     let during = touch(memory.guest(), walk, seed, &free, config.touches)?;
     session.finish();
+    drop(watchdog);
     let dest = session.wait()?;
     let after = touch(memory.guest(), walk, seed, &free, config.touches)?;
     let verify_mismatches = verify_all(memory.guest(), seed, &free)?;

@@ -68,6 +68,16 @@ impl PostcopyDestination {
         self.engine.canceller()
     }
 
+    /// See [`PostcopyEngine::failure`].
+    pub fn failure(&self) -> Option<String> {
+        self.engine.failure()
+    }
+
+    /// See [`PostcopyEngine::failure_watch`].
+    pub fn failure_watch(&self) -> crate::engine::FailureWatch {
+        self.engine.failure_watch()
+    }
+
     /// See [`PostcopyEngine::finish`]: only a `demand` session needs it to complete.
     pub fn finish(&self) {
         self.engine.finish();

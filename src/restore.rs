@@ -108,6 +108,11 @@ impl LazyRestore {
         self.engine.canceller()
     }
 
+    /// See [`PostcopyEngine::failure`].
+    pub fn failure(&self) -> Option<String> {
+        self.engine.failure()
+    }
+
     /// See [`PostcopyEngine::finish`]: only a `demand` restore needs it to complete.
     pub fn finish(&self) {
         self.engine.finish();

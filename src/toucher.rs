@@ -223,3 +223,40 @@ pub fn reserve_hugepages(needed: u64) -> u64 {
     }
     free()
 }
+
+/// While a guest stand-in touches memory on its own thread, a failed engine would leave it blocked
+/// on a missing page for good: this watchdog ends the process with the engine's reason instead
+/// (tests and demos only; a VMM stops its vCPUs).
+#[derive(Debug)]
+pub struct EngineWatchdog {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EngineWatchdog {
+    pub fn start(watch: crate::engine::FailureWatch) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    if let Some(why) = watch.failure() {
+                        eprintln!("ferry: the post-copy engine failed while the guest stand-in waited on it: {why}");
+                        std::process::exit(3);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            })
+        };
+        EngineWatchdog { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for EngineWatchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

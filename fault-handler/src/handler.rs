@@ -62,9 +62,9 @@ fn read_into(
     Ok(())
 }
 
-/// Serves faults until `stop` is set or every page is present, then releases the memory if every
-/// page is (faults on zero pages left absent keep coming until then). Returns the service time of
-/// each network fault, for percentiles.
+/// Serves faults until `stop` is set or the memory is released, releasing it itself once every
+/// page is present (faults on zero pages left absent keep coming until then). Returns the service
+/// time of each network fault, for percentiles.
 pub fn run_fault_loop(
     memory: &DestinationMemory,
     urgent: &mut dyn UrgentLane,
@@ -77,7 +77,19 @@ pub fn run_fault_loop(
     let mut samples = Vec::new();
     let states = memory.states();
     let mut pending: VecDeque<Event> = VecDeque::new();
-    while !stop.load(Ordering::Acquire) && !states.all_present() {
+    let mut release_error = None;
+    // Until the memory is released, not merely until every page is present: zero pages are
+    // present without an install and fault until then.
+    while !stop.load(Ordering::Acquire) && !memory.is_released() {
+        if states.all_present() && pending.is_empty() {
+            if let Err(e) = memory.release() {
+                // Keep serving: the engine's wait reports it, and a guest must not hang meanwhile.
+                release_error.get_or_insert(e);
+            }
+            if memory.is_released() {
+                break;
+            }
+        }
         if pending.is_empty() {
             read_into(memory, &mut events, &mut pending, stats, 20)?;
         }
@@ -129,8 +141,8 @@ pub fn run_fault_loop(
             }
         }
     }
-    if states.all_present() {
-        memory.release()?;
+    match release_error {
+        Some(e) if !memory.is_released() => Err(e),
+        _ => Ok(samples),
     }
-    Ok(samples)
 }

@@ -36,6 +36,9 @@ pub struct DestinationMemory {
     /// Closed on drop only once every page is present or memory was released (see Drop).
     uffd: std::mem::ManuallyDrop<Userfault>,
     released: std::sync::atomic::AtomicBool,
+    releasing: std::sync::Mutex<()>,
+    /// Set as unregistering begins: an ioctl failing from then on met a range already released.
+    unregistering: std::sync::atomic::AtomicBool,
     /// Set once a guest may run on this memory (see [`Self::begin_use`]).
     in_use: std::sync::atomic::AtomicBool,
     states: PageStates,
@@ -103,6 +106,8 @@ impl DestinationMemory {
             alias,
             uffd: std::mem::ManuallyDrop::new(uffd),
             released: std::sync::atomic::AtomicBool::new(false),
+            releasing: std::sync::Mutex::new(()),
+            unregistering: std::sync::atomic::AtomicBool::new(false),
             in_use: std::sync::atomic::AtomicBool::new(false),
             states,
             page_size,
@@ -136,6 +141,8 @@ impl DestinationMemory {
             alias: None,
             uffd: std::mem::ManuallyDrop::new(uffd),
             released: std::sync::atomic::AtomicBool::new(false),
+            releasing: std::sync::Mutex::new(()),
+            unregistering: std::sync::atomic::AtomicBool::new(false),
             in_use: std::sync::atomic::AtomicBool::new(true),
             states,
             page_size,
@@ -275,7 +282,8 @@ impl DestinationMemory {
         Ok(())
     }
 
-    fn is_released(&self) -> bool {
+    /// Whether [`Self::release`] has succeeded: the kernel handles every fault from then on.
+    pub fn is_released(&self) -> bool {
         self.released.load(std::sync::atomic::Ordering::Acquire)
     }
 
@@ -420,7 +428,7 @@ impl DestinationMemory {
         match outcome {
             Outcome::Done => Ok(()),
             // Released meanwhile: unregistering woke the thread, and the kernel serves it now.
-            _ if self.is_released() => Ok(()),
+            _ if self.unregistering.load(std::sync::atomic::Ordering::Acquire) => Ok(()),
             Outcome::Exists(_) | Outcome::Again(_) => Ok(self.uffd.wake(addr, len as u64)?),
             Outcome::Failed(errno) => Err(FaultError::Install { addr, errno }),
         }
@@ -442,16 +450,20 @@ impl DestinationMemory {
         if missing > 0 {
             return Err(FaultError::InvalidMemory(format!("releasing userfaultfd with {missing} pages missing")));
         }
-        if self.released.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        // One caller unregisters; the others wait for it, and only success counts as released
+        // (the fault thread serves faults until then: zero pages left absent still fault).
+        let _releasing = self.releasing.lock().unwrap_or_else(|e| e.into_inner());
+        if self.is_released() {
             return Ok(());
         }
+        self.unregistering.store(true, std::sync::atomic::Ordering::Release);
         for r in self.guest.regions() {
             self.uffd.unregister(r.host_addr().as_ptr() as u64, r.len() as u64)?;
         }
+        self.released.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
-    /// Waits up to `timeout_ms` for userfaultfd events.
     /// Waits up to `timeout_ms` for userfaultfd events and reads them. The pages of a remove
     /// event are marked discarded before any install can run again (see `events`); the event is
     /// still returned. `discarded` counts those pages not claimed before.
