@@ -63,19 +63,29 @@ pub fn page_size_of(mappings: &[GuestRegionUffdMapping]) -> Result<u64> {
     Ok(page_size)
 }
 
+/// A control-message buffer with room for `fds` file descriptors.
+fn control_buffer(fds: usize) -> Vec<u8> {
+    // SAFETY: CMSG_SPACE only computes a size.
+    vec![0u8; unsafe { libc::CMSG_SPACE((fds * std::mem::size_of::<RawFd>()) as u32) } as usize]
+}
+
+/// A message header over one iovec and a control buffer; both must outlive its use.
+fn message(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    // SAFETY: msghdr is plain old data; all-zero is a valid empty header, filled in below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() as _;
+    msg
+}
+
 /// Firecracker's side: sends `mappings` with `uffd` in one message.
 pub fn send_handshake(stream: &UnixStream, mappings: &[GuestRegionUffdMapping], uffd: RawFd) -> Result<()> {
     let body = serde_json::to_vec(mappings).map_err(|e| handshake(e.to_string()))?;
     let mut iov = libc::iovec { iov_base: body.as_ptr() as *mut libc::c_void, iov_len: body.len() };
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: msghdr is plain old data; all-zero is a valid empty header filled in below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
+    let mut control = control_buffer(1);
+    let msg = message(&mut iov, &mut control);
     // SAFETY: msg points at `control`, which has room for one header and one fd (CMSG_SPACE), so
     // CMSG_FIRSTHDR is non-null and CMSG_DATA lies inside it.
     unsafe {
@@ -103,15 +113,8 @@ pub fn receive_handshake(stream: &UnixStream, timeout: Duration) -> Result<(Vec<
     let mut body = vec![0u8; MAX_HANDSHAKE_BYTES];
     let mut iov = libc::iovec { iov_base: body.as_mut_ptr().cast(), iov_len: body.len() };
     // Room for a few fds: a peer sending more than one must not leak them into our table unseen.
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(4 * std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: msghdr is plain old data; all-zero is a valid empty header filled in below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
+    let mut control = control_buffer(4);
+    let mut msg = message(&mut iov, &mut control);
     // SAFETY: msg points at buffers that live across the call; MSG_CMSG_CLOEXEC marks received fds.
     let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {
