@@ -113,6 +113,11 @@ impl LazyRestore {
         self.engine.failure()
     }
 
+    /// See [`PostcopyEngine::failure_watch`].
+    pub fn failure_watch(&self) -> crate::engine::FailureWatch {
+        self.engine.failure_watch()
+    }
+
     /// See [`PostcopyEngine::finish`]: only a `demand` restore needs it to complete.
     pub fn finish(&self) {
         self.engine.finish();
