@@ -1,11 +1,13 @@
 //! `ferry-fault-handler` is the destination half of post-copy below the policy: it registers guest
-//! memory with userfaultfd (MISSING mode with UFFDIO_COPY/ZEROPAGE for anonymous memory; MISSING
-//! and MINOR mode with UFFDIO_CONTINUE for memfd and hugetlbfs memory, filled through an alias
-//! mapping so no page is copied on the host), keeps every page's state in atomic bitmaps so a page
-//! is requested once and installed once, serves faults on the transport's urgent lane, and feeds
-//! faulting pages to the pre-pager through a bounded lock-free queue; [`BulkInstaller`] keeps a
-//! bulk lane busy with the runs the pre-pager claims and installs them as they land. The raw
-//! ioctls live in [`uffd`], the crate's only syscall place.
+//! memory with userfaultfd (MISSING mode with UFFDIO_COPY for anonymous memory; MISSING and MINOR
+//! mode with UFFDIO_CONTINUE for memfd and hugetlbfs memory, filled through an alias mapping so no
+//! page is copied on the host), or adopts a userfaultfd another process registered over its own
+//! memory (Firecracker's UFFD protocol); keeps every page's state in atomic bitmaps so a page is
+//! requested once and installed once (zero pages are never installed: present, and resolved when
+//! touched); serves faults on the transport's urgent lane, and feeds faulting pages to the
+//! pre-pager through a bounded lock-free queue; [`BulkInstaller`] keeps a bulk lane busy with the
+//! runs the pre-pager claims and installs them as they land. The raw ioctls live in [`uffd`], the
+//! crate's only syscall place.
 
 pub mod bulk;
 pub mod error;
