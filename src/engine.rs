@@ -104,6 +104,9 @@ struct Flags {
     stop_faults: AtomicBool,
     /// The first error a thread of the engine failed with.
     failure: std::sync::Mutex<Option<String>>,
+    /// Set as each thread ends, for diagnostics.
+    faults_ended: AtomicBool,
+    prepager_ended: AtomicBool,
 }
 
 impl Flags {
@@ -184,6 +187,7 @@ impl PostcopyEngine {
                     let result = run_fault_loop(&memory, urgent.as_mut(), &queue, &stats, &flags.stop_faults);
                     // Before `memory`: the lane may have registered its alias mappings.
                     drop(urgent);
+                    flags.faults_ended.store(true, Ordering::Release);
                     if let Err(e) = &result {
                         flags.fail(format!("the fault thread: {e}"));
                     }
@@ -219,6 +223,7 @@ impl PostcopyEngine {
                 let installer = BulkInstaller::new(bulk, max_run_pages(&memory) as usize * memory.page_size() as usize);
                 // The installer (and its lane) is dropped inside prepage, while `memory` is held here.
                 let result = prepage(&memory, installer, policy, &queue, &stats, &flags, record);
+                flags.prepager_ended.store(true, Ordering::Release);
                 if let Err(e) = &result {
                     flags.fail(format!("the pre-pager: {e}"));
                 }
@@ -262,7 +267,7 @@ impl PostcopyEngine {
 
     /// [`Self::failure`] from any thread.
     pub fn failure_watch(&self) -> FailureWatch {
-        FailureWatch { flags: self.flags.clone() }
+        FailureWatch { flags: self.flags.clone(), memory: self.memory.clone() }
     }
 
     /// A handle that stops the engine from any thread: the fault thread and the pre-pager stop,
@@ -353,11 +358,29 @@ impl Drop for PostcopyEngine {
 #[derive(Clone, Debug)]
 pub struct FailureWatch {
     flags: Arc<Flags>,
+    memory: Arc<DestinationMemory>,
 }
 
 impl FailureWatch {
     pub fn failure(&self) -> Option<String> {
         self.flags.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The engine's state in one line, for a guest that seems stuck.
+    pub fn describe(&self) -> String {
+        let states = self.memory.states();
+        let load = |b: &AtomicBool| b.load(Ordering::Acquire);
+        format!(
+            "{} of {} pages present, released {}, fault thread ended {}, pre-pager ended {}, abort {}, stop {}, failure {:?}",
+            states.present_count(),
+            states.pages(),
+            self.memory.is_released(),
+            load(&self.flags.faults_ended),
+            load(&self.flags.prepager_ended),
+            load(&self.flags.abort),
+            load(&self.flags.stop_faults),
+            self.failure()
+        )
     }
 }
 

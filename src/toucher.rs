@@ -239,10 +239,20 @@ impl EngineWatchdog {
         let thread = {
             let stop = stop.clone();
             std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let mut next_report = std::time::Duration::from_secs(60);
                 while !stop.load(std::sync::atomic::Ordering::Acquire) {
                     if let Some(why) = watch.failure() {
                         eprintln!("ferry: the post-copy engine failed while the guest stand-in waited on it: {why}");
                         std::process::exit(3);
+                    }
+                    if started.elapsed() > next_report {
+                        // Only a report: the open hang under load is still being chased.
+                        eprintln!(
+                            "ferry: the guest stand-in is still running after {next_report:?}: {}",
+                            watch.describe()
+                        );
+                        next_report *= 2;
                     }
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
