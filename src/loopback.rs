@@ -118,7 +118,7 @@ pub fn migrate(config: &LoopbackConfig) -> Result<LoopbackOutcome> {
         },
     )?;
     let walk = Walk::new(config.pattern);
-    let watchdog = crate::toucher::EngineWatchdog::start(session.failure_watch());
+    let watchdog = crate::toucher::EngineWatchdog::start(session.engine().failure_watch());
     let during = touch(memory.guest(), walk, seed, &free, config.touches)?;
     session.finish();
     drop(watchdog);

@@ -68,14 +68,9 @@ impl PostcopyDestination {
         self.engine.canceller()
     }
 
-    /// See [`PostcopyEngine::failure`].
-    pub fn failure(&self) -> Option<String> {
-        self.engine.failure()
-    }
-
-    /// See [`PostcopyEngine::failure_watch`].
-    pub fn failure_watch(&self) -> crate::engine::FailureWatch {
-        self.engine.failure_watch()
+    /// The engine behind this session (its failure watch, among others).
+    pub fn engine(&self) -> &PostcopyEngine {
+        &self.engine
     }
 
     /// See [`PostcopyEngine::finish`]: only a `demand` session needs it to complete.

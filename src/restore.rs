@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_fault_handler::{DestinationMemory, FaultStats};
+use ferry_fault_handler::DestinationMemory;
 use ferry_prepager::PolicyKind;
 use ferry_transport::snapshot::{write_snapshot, SnapshotImage, WriteStats};
 use ferry_transport::GuestMemory;
 
-use crate::engine::{Canceller, DestinationReport, EngineConfig, PostcopyEngine};
+use crate::engine::{DestinationReport, EngineConfig, PostcopyEngine};
 use crate::error::{MigrationError, Result};
 use crate::freepages::FreePages;
 
@@ -96,31 +96,10 @@ impl LazyRestore {
         self.resume_latency
     }
 
-    pub fn memory(&self) -> &Arc<DestinationMemory> {
-        self.engine.memory()
-    }
-
-    pub fn stats_handle(&self) -> Arc<FaultStats> {
-        self.engine.stats_handle()
-    }
-
-    pub fn canceller(&self) -> Canceller {
-        self.engine.canceller()
-    }
-
-    /// See [`PostcopyEngine::failure`].
-    pub fn failure(&self) -> Option<String> {
-        self.engine.failure()
-    }
-
-    /// See [`PostcopyEngine::failure_watch`].
-    pub fn failure_watch(&self) -> crate::engine::FailureWatch {
-        self.engine.failure_watch()
-    }
-
-    /// See [`PostcopyEngine::finish`]: only a `demand` restore needs it to complete.
-    pub fn finish(&self) {
-        self.engine.finish();
+    /// The engine behind this restore: its memory, counters, canceller, failure watch, and
+    /// `finish` (which only a `demand` restore needs to complete).
+    pub fn engine(&self) -> &PostcopyEngine {
+        &self.engine
     }
 
     /// Waits until every page is in and reports; the report's `first_faults` is the working set

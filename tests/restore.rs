@@ -87,7 +87,7 @@ fn lazy(path: &std::path::Path, backing: Backing, config: &EngineConfig) -> ferr
     .unwrap();
     assert_eq!(state, b"vcpu state");
     // The guest stand-in touches pages while they arrive: each must already be right.
-    let watchdog = ferry::toucher::EngineWatchdog::start(restore.failure_watch());
+    let watchdog = ferry::toucher::EngineWatchdog::start(restore.engine().failure_watch());
     let total = layout().total_pages();
     let mut page = vec![0u8; 4096];
     let bases = ferry::transport::pattern::region_bases(&layout());
@@ -99,7 +99,7 @@ fn lazy(path: &std::path::Path, backing: Backing, config: &EngineConfig) -> ferr
         assert!(ok, "page {g} was wrong when first touched");
     }
     if config.policy == PolicyKind::Demand {
-        restore.finish();
+        restore.engine().finish();
     }
     drop(watchdog);
     let report = restore.wait().unwrap();

@@ -240,7 +240,7 @@ fn dest(a: &Args) -> Result<()> {
     // The walk goes on where the source's stopped; a second walk with the same seed after the
     // migration, over memory that is all local, is the baseline the first is compared with.
     let walk = Walk { pattern: a.pattern, seed: SEED ^ position, start: position };
-    let watchdog = ferry::toucher::EngineWatchdog::start(session.failure_watch());
+    let watchdog = ferry::toucher::EngineWatchdog::start(session.engine().failure_watch());
     let during = touch(memory.guest(), walk, SEED, &free, touches)?;
     session.finish();
     drop(watchdog);

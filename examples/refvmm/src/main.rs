@@ -312,7 +312,7 @@ fn restore(a: &Args) -> Result<()> {
         let p0 = vm.telemetry.progress.load(Ordering::Relaxed);
         if a.prepager == PolicyKind::Demand {
             std::thread::sleep(Duration::from_secs_f64(a.seconds));
-            session.finish();
+            session.engine().finish();
         }
         let r = session.wait()?;
         let lazy_ms = during.elapsed().as_secs_f64() * 1e3;
