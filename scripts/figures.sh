@@ -28,8 +28,8 @@ EOF
 kvm() {
   echo "## KVM post-copy, 2 GiB guest, random writes over 1 GiB, tcp loopback ($runs runs each)"
   echo
-  echo "| backing | prepager | total s | downtime ms | rate during / steady | during / cold VM | work lost ms | network faults | pages sent twice |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| backing | prepager | total s | downtime ms | rate during / steady | during / cold VM | steady writes/s | cold writes/s | work lost ms | network faults | pages sent twice |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   for backing in anon memfd; do
     for prepager in bubbling push; do
       f=$out/kvm-$backing-$prepager.jsonl
@@ -38,7 +38,7 @@ kvm() {
         $vmm demo --mem 2G --workload rand-write --mode postcopy --prepager $prepager --backing $backing --json \
           | python3 -c 'import json,sys; r=json.load(sys.stdin); [r.pop(k) for k in ("rate_series_50ms","cold_series_50ms")]; print(json.dumps(r))' >> "$f"
       done
-      echo "| $backing | $prepager | $(range "$f" postcopy_ms 0.001 2) | $(range "$f" downtime_ms 1 2) | $(range "$f" rate_during_over_baseline 100 1)% | $(range "$f" rate_during_over_cold 100 0)% | $(range "$f" work_lost_ms 1 0) | $(range "$f" network_faults 1 0) | $(range "$f" pages_sent_twice 1 0) |"
+      echo "| $backing | $prepager | $(range "$f" postcopy_ms 0.001 2) | $(range "$f" downtime_ms 1 2) | $(range "$f" rate_during_over_baseline 100 1)% | $(range "$f" rate_during_over_cold 100 0)% | $(range "$f" baseline_rate 0.001 0)k | $(range "$f" cold_rate 0.001 0)k | $(range "$f" work_lost_ms 1 0) | $(range "$f" network_faults 1 0) | $(range "$f" pages_sent_twice 1 0) |"
     done
   done
   echo
