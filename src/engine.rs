@@ -256,7 +256,7 @@ impl PostcopyEngine {
     /// them; a `demand` engine otherwise never completes on pages the guest does not touch. The
     /// pages it brings are reported as `swept_pages`.
     pub fn finish(&self) {
-        self.flags.finish.store(true, Ordering::Release);
+        self.control().finish();
     }
 
     /// Why the engine failed, once one of its threads did; `None` while it works. A VMM whose
@@ -270,11 +270,9 @@ impl PostcopyEngine {
         FailureWatch { flags: self.flags.clone(), memory: self.memory.clone() }
     }
 
-    /// A handle that stops the engine from any thread: the fault thread and the pre-pager stop,
-    /// `wait` then fails with the pages still missing. Guest threads faulting on missing pages
-    /// stay blocked: stop the vCPUs.
-    pub fn canceller(&self) -> Canceller {
-        Canceller { flags: self.flags.clone() }
+    /// A handle that finishes or cancels the engine from any thread, also while another waits.
+    pub fn control(&self) -> EngineControl {
+        EngineControl { flags: self.flags.clone() }
     }
 
     /// Waits until every page is present, releases userfaultfd, and reports. `resume_latency` is
@@ -384,13 +382,20 @@ impl FailureWatch {
     }
 }
 
-/// Stops a running [`PostcopyEngine`] from any thread.
+/// Finishes or stops a running [`PostcopyEngine`] from any thread.
 #[derive(Clone, Debug)]
-pub struct Canceller {
+pub struct EngineControl {
     flags: Arc<Flags>,
 }
 
-impl Canceller {
+impl EngineControl {
+    /// [`PostcopyEngine::finish`].
+    pub fn finish(&self) {
+        self.flags.finish.store(true, Ordering::Release);
+    }
+
+    /// Stops the fault thread and the pre-pager: `wait` then fails with the pages still missing.
+    /// Guest threads faulting on missing pages stay blocked: stop the vCPUs.
     pub fn cancel(&self) {
         self.flags.abort.store(true, Ordering::Release);
         self.flags.stop_faults.store(true, Ordering::Release);

@@ -22,7 +22,7 @@ pub mod precopy;
 pub mod restore;
 pub mod toucher;
 
-pub use engine::{register_landings, Canceller, DestinationReport, EngineConfig, FailureWatch, PostcopyEngine};
+pub use engine::{register_landings, DestinationReport, EngineConfig, EngineControl, FailureWatch, PostcopyEngine};
 pub use error::{MigrationError, Result};
 pub use ferry_fault_handler as fault_handler;
 pub use ferry_prepager as prepager;

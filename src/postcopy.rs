@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ferry_fault_handler::{DestinationMemory, FaultStats};
 use ferry_transport::{ControlStream, PageSource};
 
-use crate::engine::{Canceller, DestinationReport, EngineConfig, PostcopyEngine};
+use crate::engine::{DestinationReport, EngineConfig, PostcopyEngine};
 use crate::error::{MigrationError, Result};
 use crate::freepages::FreePages;
 use crate::handoff::{self, DoneCounters};
@@ -55,17 +55,6 @@ impl PostcopyDestination {
 
     pub fn stats(&self) -> &FaultStats {
         self.engine.stats()
-    }
-
-    /// The live counters, shareable with threads that outlive a borrow of this session.
-    pub fn stats_handle(&self) -> Arc<FaultStats> {
-        self.engine.stats_handle()
-    }
-
-    /// Stops the session from any thread (see [`PostcopyEngine::canceller`]); `wait` then reports
-    /// the pages still missing and tells the source.
-    pub fn canceller(&self) -> Canceller {
-        self.engine.canceller()
     }
 
     /// The engine behind this session (its failure watch, among others).

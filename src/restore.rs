@@ -96,7 +96,7 @@ impl LazyRestore {
         self.resume_latency
     }
 
-    /// The engine behind this restore: its memory, counters, canceller, failure watch, and
+    /// The engine behind this restore: its memory, counters, control (cancel), failure watch, and
     /// `finish` (which only a `demand` restore needs to complete).
     pub fn engine(&self) -> &PostcopyEngine {
         &self.engine

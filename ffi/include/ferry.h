@@ -20,6 +20,18 @@
 #define FERRY_ABI_VERSION 1
 
 /**
+ * `ferry_restore_lazy` flag: keep the order of the guest's first faults in `IMAGE.ws` when the
+ * restore completes (written by ferry_restore_wait).
+ */
+#define FERRY_RESTORE_RECORD 1
+
+/**
+ * `ferry_restore_lazy` flag: fetch the working set in `IMAGE.ws` first, in its order, then go on
+ * with the pre-pager.
+ */
+#define FERRY_RESTORE_REPLAY 2
+
+/**
  * Result of every call.
  */
 typedef enum FerryStatus {
@@ -79,6 +91,16 @@ typedef enum FerryPrepager {
 typedef struct FerryDestination FerryDestination;
 
 /**
+ * An opened, verified snapshot image.
+ */
+typedef struct FerryImage FerryImage;
+
+/**
+ * A lazy restore in progress: the guest runs while its memory arrives from the image.
+ */
+typedef struct FerryRestore FerryRestore;
+
+/**
  * A post-copy source: a page server over the guest's memory.
  */
 typedef struct FerrySource FerrySource;
@@ -104,6 +126,12 @@ typedef struct FerryRegion {
 } FerryRegion;
 
 /**
+ * Called once with the state blob when the handoff arrives; load it and start the vCPUs, then
+ * return 0 (anything else aborts the migration). `state` is valid only during the call.
+ */
+typedef int32_t (*FerryResumeFn)(const uint8_t *state, size_t len, void *user);
+
+/**
  * Counters of a migration. Fields a side does not measure are 0.
  */
 typedef struct FerryStats {
@@ -127,6 +155,24 @@ typedef struct FerryStats {
 } FerryStats;
 
 /**
+ * What an image holds: map guest memory of this shape before restoring it.
+ */
+typedef struct FerryImageInfo {
+  uint32_t page_size;
+  uint32_t region_count;
+  uint64_t total_bytes;
+  /**
+   * Pages restored as zero without a read (zero when saved, or free).
+   */
+  uint64_t zero_pages;
+  size_t state_len;
+  /**
+   * 1 if `IMAGE.ws` holds a working set for FERRY_RESTORE_REPLAY.
+   */
+  uint32_t has_working_set;
+} FerryImageInfo;
+
+/**
  * Fills `words` (`word_count` 64-bit words, zeroed by ferry; bit i = global page i) with the pages
  * the guest wrote since the previous call, and clears that record; returns 0, anything else aborts.
  * The first call starts tracking. KVM VMMs answer with KVM_GET_DIRTY_LOG.
@@ -138,12 +184,6 @@ typedef int32_t (*FerryDirtyLogFn)(uint64_t *words, size_t word_count, void *use
  * until ferry_source_precopy returns; returns 0, anything else aborts.
  */
 typedef int32_t (*FerryPauseFn)(const uint8_t **state, size_t *len, void *user);
-
-/**
- * Called once with the state blob when the handoff arrives; load it and start the vCPUs, then
- * return 0 (anything else aborts the migration). `state` is valid only during the call.
- */
-typedef int32_t (*FerryResumeFn)(const uint8_t *state, size_t len, void *user);
 
 #ifdef __cplusplus
 extern "C" {
@@ -160,6 +200,264 @@ uint32_t ferry_abi_version(void);
  * ferry call on this thread. Thread safety: per thread.
  */
 const char *ferry_last_error(void);
+
+/**
+ * The destination of a pre-copy migration, in one call: connects to the source at `addr` (TCP or
+ * "unix:PATH"), pulls its rounds into the guest memory in `regions` (plain memory: no
+ * userfaultfd), and calls `resume` with the state blob after the final round. Returns once the
+ * guest runs. Thread safety: any thread.
+ *
+ * # Safety
+ * As ferry_destination_connect; `resume` is a valid function.
+ */
+enum FerryStatus ferry_precopy_receive(const struct FerryRegion *regions,
+                                       size_t region_count,
+                                       uint32_t page_size,
+                                       const char *addr,
+                                       const uint8_t *key,
+                                       size_t key_len,
+                                       FerryResumeFn resume,
+                                       void *user);
+
+/**
+ * Connects a post-copy destination to the source at `addr` (a TCP address, "unix:PATH" for
+ * the local transport, or "rdma:HOST:PORT[#DEVICE]"; pre-pager: a `FerryPrepager` value) and registers the guest memory in
+ * `regions` with userfaultfd. The memory must be mapped but never touched (touched pages are
+ * taken as present). Regions with an fd are filled in place and mapped with UFFDIO_CONTINUE.
+ * Thread safety: any thread; then start, finish and wait from one thread at a time, stats and
+ * cancel from any thread at any time.
+ *
+ * # Safety
+ * As ferry_source_start, with `addr` NUL-terminated.
+ */
+enum FerryStatus ferry_destination_connect(const struct FerryRegion *regions,
+                                           size_t region_count,
+                                           uint32_t page_size,
+                                           const char *addr,
+                                           const uint8_t *key,
+                                           size_t key_len,
+                                           uint32_t prepager,
+                                           struct FerryDestination **out);
+
+/**
+ * Blocks until the source hands over, serves faults from then on, calls `resume`, and returns
+ * once the guest runs; memory keeps arriving until ferry_destination_wait. Thread safety: not
+ * concurrently with start, finish or wait on the same handle.
+ *
+ * # Safety
+ * `destination` is a live handle; `resume` is a valid function; `user` is passed through.
+ */
+enum FerryStatus ferry_destination_start(struct FerryDestination *destination,
+                                         FerryResumeFn resume,
+                                         void *user);
+
+/**
+ * Once the pre-pager has nothing more to fetch, fetches what is still missing in address order.
+ * Push and bubbling never run dry while a page is missing, so only a `demand` destination (which
+ * otherwise only fetches what the guest touches) needs it to complete. Thread safety: any thread
+ * once started, also during ferry_destination_wait.
+ *
+ * # Safety
+ * `destination` is a live handle.
+ */
+enum FerryStatus ferry_destination_finish(struct FerryDestination *destination);
+
+/**
+ * Live counters while memory arrives (latencies are filled in by ferry_destination_wait).
+ * Thread safety: any thread, concurrently with the others.
+ *
+ * # Safety
+ * `destination` is a live handle; `stats` is writable.
+ */
+enum FerryStatus ferry_destination_stats(const struct FerryDestination *destination,
+                                         struct FerryStats *stats);
+
+/**
+ * Blocks until every page is present, tells the source, releases userfaultfd, and fills `stats`
+ * (may be null). Thread safety: one waiter per handle; stats and cancel may run meanwhile.
+ *
+ * # Safety
+ * `destination` is a live handle; `stats` is null or writable.
+ */
+enum FerryStatus ferry_destination_wait(struct FerryDestination *destination,
+                                        struct FerryStats *stats);
+
+/**
+ * Stops a started destination: its fault thread and pre-pager stop, and ferry_destination_wait
+ * returns FERRY_STATUS_ERR_PEER with the pages still missing. Guest threads faulting on missing
+ * pages stay blocked: stop the vCPUs. Thread safety: any thread, also during
+ * ferry_destination_wait.
+ *
+ * # Safety
+ * `destination` is a live handle.
+ */
+enum FerryStatus ferry_destination_cancel(const struct FerryDestination *destination);
+
+/**
+ * Frees the handle. A destination freed before every page arrived keeps its userfaultfd open,
+ * so guest threads faulting on missing pages stay blocked instead of reading zeros: stop the
+ * vCPUs first. Null is ignored. Thread safety: once, when no other call on the handle is running.
+ *
+ * # Safety
+ * `destination` is null or a live handle, not used afterwards.
+ */
+void ferry_destination_free(struct FerryDestination *destination);
+
+/**
+ * Saves a paused guest to `path`: the memory in `regions` (free pages, per `free_bitmap` as in
+ * ferry_source_handoff, are neither read nor stored; zero pages are stored as a map), and the
+ * VMM's `state`. Crash-safe: the file is complete or absent. `bytes_written` (may be null) gets
+ * the image's size. Thread safety: any thread; the guest must not run meanwhile.
+ *
+ * # Safety
+ * `regions` points to `region_count` regions whose mappings are readable for the call; `path` is
+ * NUL-terminated; `state` points to `state_len` bytes (or is null with 0); `free_bitmap` to
+ * `free_words` words (or null with 0); `bytes_written` is null or writable.
+ */
+enum FerryStatus ferry_snapshot_save(const struct FerryRegion *regions,
+                                     size_t region_count,
+                                     uint32_t page_size,
+                                     const char *path,
+                                     const uint8_t *state,
+                                     size_t state_len,
+                                     const uint64_t *free_bitmap,
+                                     size_t free_words,
+                                     uint64_t *bytes_written);
+
+/**
+ * Opens and verifies the image at `path` (header, checksums of its maps and state): a truncated,
+ * corrupt or foreign file is FERRY_STATUS_ERR_INVALID_ARGUMENT or FERRY_STATUS_ERR_IO with the
+ * reason. Thread safety: any thread; the handle may then be shared by readers.
+ *
+ * # Safety
+ * `path` is NUL-terminated; `out` is writable.
+ */
+enum FerryStatus ferry_image_open(const char *path, struct FerryImage **out);
+
+/**
+ * The shape of the image's guest memory, its zero pages and state size. Thread safety: any thread.
+ *
+ * # Safety
+ * `image` is a live handle; `info` is writable.
+ */
+enum FerryStatus ferry_image_info(const struct FerryImage *image, struct FerryImageInfo *info);
+
+/**
+ * Region `index` of the image: where it sits in the guest and its size in bytes. Map each with
+ * this size and pass them in this order to a restore. Thread safety: any thread.
+ *
+ * # Safety
+ * `image` is a live handle; `guest_phys_addr` and `size` are writable.
+ */
+enum FerryStatus ferry_image_region(const struct FerryImage *image,
+                                    uint32_t index,
+                                    uint64_t *guest_phys_addr,
+                                    uint64_t *size);
+
+/**
+ * Points `*state`/`*len` at the VMM state saved with the image; valid until ferry_image_free.
+ * Thread safety: any thread.
+ *
+ * # Safety
+ * `image` is a live handle; `state` and `len` are writable.
+ */
+enum FerryStatus ferry_image_state(const struct FerryImage *image,
+                                   const uint8_t **state,
+                                   size_t *len);
+
+/**
+ * Frees an image. Restores started from it keep what they need. Null is ignored. Thread
+ * safety: once, when no other call on the handle is running.
+ *
+ * # Safety
+ * `image` is null or a live handle, not used afterwards.
+ */
+void ferry_image_free(struct FerryImage *image);
+
+/**
+ * Reads every non-zero page of the image into the memory in `regions` (fresh mappings of the
+ * image's layout, see ferry_image_region), through io_uring; then load ferry_image_state and run
+ * the guest. `stats` (may be null) gets the pages read (bulk_pages) and the time (total_us).
+ * Thread safety: any thread.
+ *
+ * # Safety
+ * `image` is a live handle; `regions` points to `region_count` regions whose mappings are
+ * writable for the call; `stats` is null or writable.
+ */
+enum FerryStatus ferry_restore_eager(const struct FerryImage *image,
+                                     const struct FerryRegion *regions,
+                                     size_t region_count,
+                                     struct FerryStats *stats);
+
+/**
+ * Restores the image lazily into the memory in `regions` (mapped, never touched, of the image's
+ * layout): registers it with userfaultfd, serves faults from the file, calls `resume` with the
+ * image's state (load it and start the vCPUs), and returns once the guest runs; memory keeps
+ * arriving, by `prepager` (a `FerryPrepager` value), until ferry_restore_wait. `flags`:
+ * FERRY_RESTORE_RECORD, FERRY_RESTORE_REPLAY (FERRY_STATUS_ERR_INVALID_ARGUMENT if the image has
+ * no working set to replay). Regions with an fd are filled in place (UFFDIO_CONTINUE).
+ * Thread safety: any thread; then wait from one thread, stats, finish and cancel from any.
+ *
+ * # Safety
+ * `image` is a live handle; `regions` points to `region_count` regions whose mappings stay valid
+ * until ferry_restore_free; `resume` is a valid function; `user` is passed through; `out` is
+ * writable.
+ */
+enum FerryStatus ferry_restore_lazy(const struct FerryImage *image,
+                                    const struct FerryRegion *regions,
+                                    size_t region_count,
+                                    uint32_t prepager,
+                                    uint32_t flags,
+                                    FerryResumeFn resume,
+                                    void *user,
+                                    struct FerryRestore **out);
+
+/**
+ * Live counters while memory arrives, as ferry_destination_stats. Thread safety: any thread.
+ *
+ * # Safety
+ * `restore` is a live handle; `stats` is writable.
+ */
+enum FerryStatus ferry_restore_stats(const struct FerryRestore *restore, struct FerryStats *stats);
+
+/**
+ * Fetches what is still missing in address order once the pre-pager runs dry: only a `demand`
+ * restore needs it to complete. Thread safety: any thread, also during ferry_restore_wait.
+ *
+ * # Safety
+ * `restore` is a live handle.
+ */
+enum FerryStatus ferry_restore_finish(const struct FerryRestore *restore);
+
+/**
+ * Stops the restore: ferry_restore_wait returns FERRY_STATUS_ERR_PEER with the pages still
+ * missing; guest threads faulting on them stay blocked (stop the vCPUs). Thread safety: any
+ * thread, also during ferry_restore_wait.
+ *
+ * # Safety
+ * `restore` is a live handle.
+ */
+enum FerryStatus ferry_restore_cancel(const struct FerryRestore *restore);
+
+/**
+ * Blocks until every page is in, releases userfaultfd, writes the working set if asked
+ * (FERRY_RESTORE_RECORD), and fills `stats` (may be null; downtime_us is the time from
+ * ferry_restore_lazy to the guest running). Thread safety: one waiter per handle.
+ *
+ * # Safety
+ * `restore` is a live handle; `stats` is null or writable.
+ */
+enum FerryStatus ferry_restore_wait(const struct FerryRestore *restore, struct FerryStats *stats);
+
+/**
+ * Frees a restore. One freed before every page arrived keeps its userfaultfd open, so guest
+ * threads faulting on missing pages stay blocked instead of reading zeros: stop the vCPUs first.
+ * Null is ignored. Thread safety: once, when no other call on the handle is running.
+ *
+ * # Safety
+ * `restore` is null or a live handle, not used afterwards.
+ */
+void ferry_restore_free(struct FerryRestore *restore);
 
 /**
  * Starts a post-copy source: serves the guest memory in `regions` to an authenticated destination
@@ -247,24 +545,6 @@ enum FerryStatus ferry_source_precopy(struct FerrySource *source,
                                       struct FerryStats *stats);
 
 /**
- * The destination of a pre-copy migration, in one call: connects to the source at `addr` (TCP or
- * "unix:PATH"), pulls its rounds into the guest memory in `regions` (plain memory: no
- * userfaultfd), and calls `resume` with the state blob after the final round. Returns once the
- * guest runs. Thread safety: any thread.
- *
- * # Safety
- * As ferry_destination_connect; `resume` is a valid function.
- */
-enum FerryStatus ferry_precopy_receive(const struct FerryRegion *regions,
-                                       size_t region_count,
-                                       uint32_t page_size,
-                                       const char *addr,
-                                       const uint8_t *key,
-                                       size_t key_len,
-                                       FerryResumeFn resume,
-                                       void *user);
-
-/**
  * Drops every connection of the source: a handoff in progress fails with FERRY_STATUS_ERR_PEER and the
  * destination sees its lanes fail. Thread safety: any thread, also during ferry_source_handoff.
  *
@@ -281,90 +561,6 @@ enum FerryStatus ferry_source_cancel(const struct FerrySource *source);
  * `source` is null or a live handle, not used afterwards.
  */
 void ferry_source_free(struct FerrySource *source);
-
-/**
- * Connects a post-copy destination to the source at `addr` (a TCP address, "unix:PATH" for
- * the local transport, or "rdma:HOST:PORT[#DEVICE]"; pre-pager: a `FerryPrepager` value) and registers the guest memory in
- * `regions` with userfaultfd. The memory must be mapped but never touched (touched pages are
- * taken as present). Regions with an fd are filled in place and mapped with UFFDIO_CONTINUE.
- * Thread safety: any thread; then start, finish and wait from one thread at a time, stats and
- * cancel from any thread at any time.
- *
- * # Safety
- * As ferry_source_start, with `addr` NUL-terminated.
- */
-enum FerryStatus ferry_destination_connect(const struct FerryRegion *regions,
-                                           size_t region_count,
-                                           uint32_t page_size,
-                                           const char *addr,
-                                           const uint8_t *key,
-                                           size_t key_len,
-                                           uint32_t prepager,
-                                           struct FerryDestination **out);
-
-/**
- * Blocks until the source hands over, serves faults from then on, calls `resume`, and returns
- * once the guest runs; memory keeps arriving until ferry_destination_wait. Thread safety: not
- * concurrently with start, finish or wait on the same handle.
- *
- * # Safety
- * `destination` is a live handle; `resume` is a valid function; `user` is passed through.
- */
-enum FerryStatus ferry_destination_start(struct FerryDestination *destination,
-                                         FerryResumeFn resume,
-                                         void *user);
-
-/**
- * Once the pre-pager has nothing more to fetch, fetches what is still missing in address order.
- * Push and bubbling never run dry while a page is missing, so only a `demand` destination (which
- * otherwise only fetches what the guest touches) needs it to complete. Thread safety: any thread
- * once started.
- *
- * # Safety
- * `destination` is a live handle.
- */
-enum FerryStatus ferry_destination_finish(struct FerryDestination *destination);
-
-/**
- * Live counters while memory arrives (latencies are filled in by ferry_destination_wait).
- * Thread safety: any thread, concurrently with the others.
- *
- * # Safety
- * `destination` is a live handle; `stats` is writable.
- */
-enum FerryStatus ferry_destination_stats(const struct FerryDestination *destination,
-                                         struct FerryStats *stats);
-
-/**
- * Blocks until every page is present, tells the source, releases userfaultfd, and fills `stats`
- * (may be null). Thread safety: one waiter per handle; stats and cancel may run meanwhile.
- *
- * # Safety
- * `destination` is a live handle; `stats` is null or writable.
- */
-enum FerryStatus ferry_destination_wait(struct FerryDestination *destination,
-                                        struct FerryStats *stats);
-
-/**
- * Stops a started destination: its fault thread and pre-pager stop, and ferry_destination_wait
- * returns FERRY_STATUS_ERR_PEER with the pages still missing. Guest threads faulting on missing
- * pages stay blocked: stop the vCPUs. Thread safety: any thread, also during
- * ferry_destination_wait.
- *
- * # Safety
- * `destination` is a live handle.
- */
-enum FerryStatus ferry_destination_cancel(const struct FerryDestination *destination);
-
-/**
- * Frees the handle. A destination freed before every page arrived keeps its userfaultfd open,
- * so guest threads faulting on missing pages stay blocked instead of reading zeros: stop the
- * vCPUs first. Null is ignored. Thread safety: once, when no other call on the handle is running.
- *
- * # Safety
- * `destination` is null or a live handle, not used afterwards.
- */
-void ferry_destination_free(struct FerryDestination *destination);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -1,7 +1,7 @@
 //! The C ABI as a C program sees it: `scripts/install-c.sh` installs the library, header and
 //! pkg-config file into a scratch prefix; the system C compiler builds `examples/c-embed` against
 //! them (shared through pkg-config, and static); the programs migrate memory between two of their
-//! processes and walk the error paths.
+//! processes, snapshot and restore it, and walk the error paths.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -100,6 +100,19 @@ fn c_program_links_the_static_library() {
 fn c_program_migrates_pre_copy_with_its_own_dirty_log() {
     let out = run(&compile("precopy", false), &[]);
     assert!(out.contains("c-precopy: PASS"), "{out}");
+}
+
+#[test]
+fn c_program_snapshots_and_restores_eagerly_lazily_and_with_replay() {
+    let program = compile("restore", false);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c-restore");
+    std::fs::create_dir_all(&dir).unwrap();
+    for backing in ["anon", "memfd"] {
+        let out = run(&program, &[dir.to_str().unwrap(), backing]);
+        assert!(out.contains("c-restore: PASS"), "{out}");
+        assert_eq!(out.matches(" 0 words wrong").count(), 3, "{out}");
+        assert_eq!(out.matches("refused as expected").count(), 7, "{out}");
+    }
 }
 
 #[test]

@@ -126,7 +126,7 @@ pub fn serve(stream: &UnixStream, config: &ServeConfig) -> Result<Served> {
     let stats = engine.stats_handle();
     // Firecracker closing the socket (or dying) ends the restore: a demand handler, which only
     // serves faults, runs until then, like Firecracker's example handler.
-    let watcher = protocol::HangupWatch::start(stream, engine.canceller())?;
+    let watcher = protocol::HangupWatch::start(stream, engine.control())?;
     let outcome = engine.wait();
     let peer_gone = watcher.stop();
     let get = ferry_fault_handler::FaultStats::get;

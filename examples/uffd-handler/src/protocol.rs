@@ -169,7 +169,7 @@ pub struct HangupWatch {
 }
 
 impl HangupWatch {
-    pub fn start(stream: &UnixStream, canceller: ferry::Canceller) -> Result<Self> {
+    pub fn start(stream: &UnixStream, engine: ferry::EngineControl) -> Result<Self> {
         let stream = stream.try_clone()?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -180,7 +180,7 @@ impl HangupWatch {
                     // SAFETY: one valid pollfd that lives across the call.
                     let rc = unsafe { libc::poll(&mut pfd, 1, 100) };
                     if rc > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-                        canceller.cancel();
+                        engine.cancel();
                         return true;
                     }
                 }

@@ -1,0 +1,334 @@
+//! The source side: a page server over the VMM's guest memory, the post-copy handoff, and
+//! pre-copy rounds driven by the VMM's dirty log.
+
+use std::ffi::{c_char, c_void};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry::transport::local::LocalPageServer;
+use ferry::transport::tcp::{TcpOptions, TcpPageServer};
+use ferry::transport::ControlStream;
+use ferry::{FreePages, MigrationError};
+
+use crate::*;
+
+/// A post-copy source: a page server over the guest's memory.
+#[derive(Debug)]
+pub struct FerrySource {
+    server: SourceServer,
+    pages: u64,
+    page_size: u64,
+    /// The destination's control lane, once accepted.
+    control: Mutex<Option<Box<dyn ControlStream>>>,
+}
+
+#[derive(Debug)]
+enum SourceServer {
+    Tcp(TcpPageServer),
+    /// `unix:PATH`: the same-host transport; guest memory must be memfd or hugetlbfs backed.
+    Local(LocalPageServer),
+    /// `rdma:HOST:PORT[#DEVICE]`: one-sided RDMA READs (built with feature `rdma`).
+    #[cfg(feature = "rdma")]
+    Rdma(ferry::transport::rdma::RdmaPageServer),
+}
+
+/// Starts a post-copy source: serves the guest memory in `regions` to an authenticated destination
+/// on TCP address `listen_addr` (for example "0.0.0.0:7070", or port 0 for any free port); as
+/// "unix:PATH", on a Unix socket for a destination on this host (local transport: the destination
+/// maps the memory itself, so every region needs an fd); as "rdma:HOST:PORT" or
+/// "rdma:HOST:PORT#DEVICE", by one-sided RDMA READs, the memory registered read-only for the
+/// peer (a library built with the rdma feature; otherwise FERRY_STATUS_ERR_UNSUPPORTED).
+/// The guest should be paused before ferry_source_handoff; pages are read while it is.
+/// Thread safety: any thread; the handle may then be used from one thread at a time, except
+/// ferry_source_cancel, which any thread may call.
+///
+/// # Safety
+/// `regions` points to `region_count` regions whose mappings stay valid until ferry_source_free;
+/// `key` to `key_len` bytes; `listen_addr` is NUL-terminated; `out` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_source_start(
+    regions: *const FerryRegion,
+    region_count: usize,
+    page_size: u32,
+    listen_addr: *const c_char,
+    key: *const u8,
+    key_len: usize,
+    out: *mut *mut FerrySource,
+) -> FerryStatus {
+    guard(|| {
+        if out.is_null() {
+            return Err(invalid("out is null"));
+        }
+        // SAFETY: forwarded caller contracts (see this function's Safety section).
+        let (regions, key, addr) = unsafe {
+            (regions_arg(regions, region_count)?, key_arg(key, key_len)?, str_arg(listen_addr, "listen_addr")?)
+        };
+        // SAFETY: forwarded caller contract on the mappings.
+        let memory = unsafe { adopt(regions, page_size)? };
+        let pages = memory.layout().total_pages();
+        let page_size = u64::from(memory.layout().page_size());
+        let memory = Arc::new(memory);
+        let server = match parse_address(addr) {
+            Address::Unix(path) => SourceServer::Local(LocalPageServer::start(path, memory, key).map_err(transport)?),
+            Address::Tcp(addr) => {
+                SourceServer::Tcp(TcpPageServer::start(addr, memory, key, TcpOptions::default()).map_err(transport)?)
+            }
+            #[cfg(feature = "rdma")]
+            Address::Rdma { addr, device } => SourceServer::Rdma(
+                ferry::transport::rdma::RdmaPageServer::start(addr, memory, key, rdma_options(device))
+                    .map_err(transport)?,
+            ),
+            #[cfg(not(feature = "rdma"))]
+            Address::Rdma { addr, device } => return Err(no_rdma(addr, device)),
+        };
+        let handle = Box::new(FerrySource { server, pages, page_size, control: Mutex::new(None) });
+        // SAFETY: out is non-null (checked) and writable (caller contract).
+        unsafe { *out = Box::into_raw(handle) };
+        Ok(())
+    })
+}
+
+/// The TCP port the source listens on, also for an rdma: source (FERRY_STATUS_ERR_STATE for a
+/// unix: source).
+/// Thread safety: any thread.
+///
+/// # Safety
+/// `source` is a live handle; `port` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_source_port(source: *const FerrySource, port: *mut u16) -> FerryStatus {
+    guard(|| {
+        // SAFETY: caller contract: a live handle or null.
+        let source = unsafe { source.as_ref() }.ok_or_else(|| invalid("source is null"))?;
+        // SAFETY: caller contract: writable or null.
+        let port = unsafe { port.as_mut() }.ok_or_else(|| invalid("port is null"))?;
+        match &source.server {
+            SourceServer::Tcp(server) => *port = server.local_addr().port(),
+            #[cfg(feature = "rdma")]
+            SourceServer::Rdma(server) => *port = server.local_addr().port(),
+            SourceServer::Local(_) => return Err((FerryStatus::ErrState, "a unix: source has no TCP port".into())),
+        }
+        Ok(())
+    })
+}
+
+/// Waits up to `timeout_ms` for the destination to connect and authenticate. Call it before
+/// pausing the guest, so that the downtime does not include connection setup; otherwise
+/// ferry_source_handoff waits itself. Thread safety: one thread per handle.
+///
+/// # Safety
+/// `source` is a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_source_wait_destination(source: *const FerrySource, timeout_ms: u32) -> FerryStatus {
+    guard(|| {
+        // SAFETY: caller contract: a live handle or null.
+        let source = unsafe { source.as_ref() }.ok_or_else(|| invalid("source is null"))?;
+        let control = source.accept(Duration::from_millis(u64::from(timeout_ms)))?;
+        *lock(&source.control) = Some(control);
+        Ok(())
+    })
+}
+
+impl FerrySource {
+    fn accept(&self, timeout: Duration) -> Result<Box<dyn ControlStream>, (FerryStatus, String)> {
+        Ok(match &self.server {
+            SourceServer::Tcp(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
+            SourceServer::Local(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
+            #[cfg(feature = "rdma")]
+            SourceServer::Rdma(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
+        })
+    }
+}
+
+/// With the guest paused: waits up to `timeout_ms` for the destination (unless
+/// ferry_source_wait_destination already did), hands over `state` and the
+/// free-page bitmap (`free_words` 64-bit words, bit i = global page i is free; may be null), then
+/// blocks until the destination holds every page. `stats` (may be null) receives the downtime
+/// (from this call to the guest running there), total time and served-twice count. After FERRY_STATUS_OK
+/// the source may release guest memory. Thread safety: one thread per handle.
+///
+/// # Safety
+/// `source` is a live handle; `state` points to `state_len` bytes (or is null with 0);
+/// `free_bitmap` to `free_words` words (or null with 0); `stats` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_source_handoff(
+    source: *mut FerrySource,
+    state: *const u8,
+    state_len: usize,
+    free_bitmap: *const u64,
+    free_words: usize,
+    timeout_ms: u32,
+    stats: *mut FerryStats,
+) -> FerryStatus {
+    guard(|| {
+        let paused_at = Instant::now();
+        // SAFETY: caller contract: a live handle or null.
+        let source = unsafe { source.as_ref() }.ok_or_else(|| invalid("source is null"))?;
+        // SAFETY: caller contracts on `state` and `free_bitmap`.
+        let (state, free) =
+            unsafe { (bytes_arg(state, state_len, "state")?, free_pages_arg(free_bitmap, free_words, source.pages)?) };
+        let accepted = lock(&source.control).take();
+        let mut control = match accepted {
+            Some(control) => control,
+            None => source.accept(Duration::from_millis(u64::from(timeout_ms)))?,
+        };
+        let report = ferry::run_source(control.as_mut(), paused_at, state, &free).map_err(migration)?;
+        // SAFETY: caller contract: null or writable.
+        if let Some(stats) = unsafe { stats.as_mut() } {
+            *stats = FerryStats {
+                pages_total: source.pages,
+                network_faults: report.done.network_faults,
+                urgent_pages: report.done.urgent_pages,
+                bulk_pages: report.done.bulk_pages,
+                skipped_free_pages: report.done.skipped_free_pages,
+                pages_sent_twice: match &source.server {
+                    SourceServer::Tcp(server) => {
+                        server.stats().pages_served_twice.load(std::sync::atomic::Ordering::Relaxed)
+                    }
+                    // One-sided reads: the source sees none of them.
+                    SourceServer::Local(_) => 0,
+                    #[cfg(feature = "rdma")]
+                    SourceServer::Rdma(_) => 0,
+                },
+                total_us: micros(report.total),
+                downtime_us: micros(report.downtime),
+                ..FerryStats::default()
+            };
+        }
+        Ok(())
+    })
+}
+
+/// Fills `words` (`word_count` 64-bit words, zeroed by ferry; bit i = global page i) with the pages
+/// the guest wrote since the previous call, and clears that record; returns 0, anything else aborts.
+/// The first call starts tracking. KVM VMMs answer with KVM_GET_DIRTY_LOG.
+pub type FerryDirtyLogFn = Option<unsafe extern "C" fn(words: *mut u64, word_count: usize, user: *mut c_void) -> i32>;
+
+/// Stops the guest's vCPUs and points `*state`/`*len` at its state blob, which must stay valid
+/// until ferry_source_precopy returns; returns 0, anything else aborts.
+pub type FerryPauseFn = Option<unsafe extern "C" fn(state: *mut *const u8, len: *mut usize, user: *mut c_void) -> i32>;
+
+struct CallbackDirtyLog {
+    collect: unsafe extern "C" fn(*mut u64, usize, *mut c_void) -> i32,
+    user: *mut c_void,
+    pages: u64,
+}
+
+impl ferry::precopy::DirtyLog for CallbackDirtyLog {
+    fn collect(&mut self) -> ferry::Result<FreePages> {
+        let mut words = vec![0u64; self.pages.div_ceil(64) as usize];
+        // SAFETY: the VMM's callback, given a buffer of exactly `words.len()` words it may write.
+        let rc = unsafe { (self.collect)(words.as_mut_ptr(), words.len(), self.user) };
+        if rc != 0 {
+            return Err(MigrationError::Vmm(format!("the dirty-log callback returned {rc}")));
+        }
+        let tail = self.pages % 64;
+        if tail != 0 {
+            if let Some(last) = words.last_mut() {
+                *last &= (1 << tail) - 1;
+            }
+        }
+        FreePages::from_words(words, self.pages)
+            .ok_or_else(|| MigrationError::Vmm("dirty bitmap of the wrong size".into()))
+    }
+}
+
+/// Pre-copy, with the guest running: waits up to `timeout_ms` for a destination that called
+/// ferry_precopy_receive (unless ferry_source_wait_destination already did), lets it pull every
+/// page, then the pages `dirty_log` reports, round after round, until the predicted downtime is at
+/// most `downtime_target_ms` or `max_rounds` rounds ran; then calls `pause` and sends the last
+/// dirty pages and the state. Returns once the destination's guest runs; `stats` (may be null)
+/// gets the downtime and total time. Thread safety: one thread per handle.
+///
+/// # Safety
+/// `source` is a live handle; the callbacks are valid functions; `user` is passed through;
+/// `stats` is null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_source_precopy(
+    source: *mut FerrySource,
+    dirty_log: FerryDirtyLogFn,
+    pause: FerryPauseFn,
+    user: *mut c_void,
+    downtime_target_ms: u32,
+    max_rounds: u32,
+    timeout_ms: u32,
+    stats: *mut FerryStats,
+) -> FerryStatus {
+    guard(|| {
+        // SAFETY: caller contract: a live handle or null.
+        let source = unsafe { source.as_ref() }.ok_or_else(|| invalid("source is null"))?;
+        let collect = dirty_log.ok_or_else(|| invalid("dirty_log is null"))?;
+        let pause = pause.ok_or_else(|| invalid("pause is null"))?;
+        let accepted = lock(&source.control).take();
+        let mut control = match accepted {
+            Some(control) => control,
+            None => source.accept(Duration::from_millis(u64::from(timeout_ms)))?,
+        };
+        let mut log = CallbackDirtyLog { collect, user, pages: source.pages };
+        let config = ferry::precopy::PrecopyConfig {
+            downtime_target: Duration::from_millis(u64::from(downtime_target_ms)),
+            max_rounds: max_rounds.max(1),
+        };
+        let pause_guest = || -> ferry::Result<Vec<u8>> {
+            let (mut state, mut len): (*const u8, usize) = (std::ptr::null(), 0);
+            // SAFETY: the VMM's callback writes the two out-parameters, which live across the call.
+            let rc = unsafe { pause(&mut state, &mut len, user) };
+            if rc != 0 {
+                return Err(MigrationError::Vmm(format!("the pause callback returned {rc}")));
+            }
+            match (state.is_null(), len) {
+                (_, 0) => Ok(Vec::new()),
+                (true, _) => Err(MigrationError::Vmm("the pause callback gave a null state".into())),
+                // SAFETY: the callback promises `len` readable bytes at `state` until we return.
+                (false, n) => Ok(unsafe { std::slice::from_raw_parts(state, n) }.to_vec()),
+            }
+        };
+        let page_size = source.page_size;
+        let report = ferry::precopy::run_source(control.as_mut(), page_size, &mut log, pause_guest, &config)
+            .map_err(migration)?;
+        // SAFETY: caller contract: null or writable.
+        if let Some(stats) = unsafe { stats.as_mut() } {
+            *stats = FerryStats {
+                pages_total: source.pages,
+                bulk_pages: report.pages_per_round.iter().sum(),
+                total_us: micros(report.total),
+                downtime_us: micros(report.downtime),
+                ..FerryStats::default()
+            };
+        }
+        Ok(())
+    })
+}
+
+/// Drops every connection of the source: a handoff in progress fails with FERRY_STATUS_ERR_PEER and the
+/// destination sees its lanes fail. Thread safety: any thread, also during ferry_source_handoff.
+///
+/// # Safety
+/// `source` is a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_source_cancel(source: *const FerrySource) -> FerryStatus {
+    guard(|| {
+        // SAFETY: caller contract: a live handle or null.
+        let source = unsafe { source.as_ref() }.ok_or_else(|| invalid("source is null"))?;
+        match &source.server {
+            SourceServer::Tcp(server) => server.drop_connections(),
+            SourceServer::Local(server) => server.drop_connections(),
+            #[cfg(feature = "rdma")]
+            SourceServer::Rdma(server) => server.drop_connections(),
+        }
+        Ok(())
+    })
+}
+
+/// Stops serving and frees the handle. Null is ignored. Thread safety: once, when no other call
+/// on the handle is running.
+///
+/// # Safety
+/// `source` is null or a live handle, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn ferry_source_free(source: *mut FerrySource) {
+    if !source.is_null() {
+        // SAFETY: caller contract: a handle from ferry_source_start, freed once.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(source) })));
+    }
+}
