@@ -9,4 +9,5 @@ pub mod fixtures;
 pub mod raw;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+pub mod restore;
 pub mod stats;

@@ -127,9 +127,11 @@ pub fn io_uring_read(path: &Path, offset: u64, len: u64, chunk: usize, depth: us
     Ok(start.elapsed())
 }
 
-/// Latencies of single 4 KiB O_DIRECT io_uring reads at pseudo-random page offsets in a range.
-pub fn io_uring_page_reads(path: &Path, offset: u64, len: u64, n: usize) -> Result<Latencies> {
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path)?;
+/// Latencies of single 4 KiB io_uring reads at pseudo-random page offsets in a range: O_DIRECT
+/// with `direct`, else through the page cache.
+pub fn io_uring_page_reads(path: &Path, offset: u64, len: u64, n: usize, direct: bool) -> Result<Latencies> {
+    let flags = if direct { libc::O_DIRECT } else { 0 };
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path)?;
     let mut ring = IoUring::new(4)?;
     let mut buf = PageBuf::new(4096);
     let pages = len / 4096;
@@ -156,7 +158,8 @@ pub fn uffd_local_faults(n: usize) -> Result<Latencies> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    let pages = n as u64 * 2;
+    // A power of two: the odd multiplier below then visits distinct pages, so every read faults.
+    let pages = (n as u64 * 2).next_power_of_two();
     let region = Arc::new(RegionMapping::create(pages as usize * 4096, Backing::Anonymous)?);
     let uffd = Arc::new(Userfault::open(0)?);
     let base = region.host_addr().as_ptr() as u64;

@@ -15,6 +15,14 @@ impl Latencies {
         self.0.push(d.as_nanos() as u64);
     }
 
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Times `f` `n` times after `warmup` untimed calls.
     pub fn measure<E>(warmup: usize, n: usize, mut f: impl FnMut(usize) -> Result<(), E>) -> Result<Self, E> {
         for i in 0..warmup {

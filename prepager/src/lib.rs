@@ -179,10 +179,14 @@ impl Policy for Bubbling {
 }
 
 /// Working-set replay (after REAP, ASPLOS'21): the pages a previous run of the guest touched
-/// first, in that order (consecutive pages fetched as one run), then `then`. Faults go to `then`,
-/// whose bubbles grow once the set is in.
+/// first, in that order (consecutive pages fetched as one run), then `then`. A fault on a page
+/// further along the set means the guest has overtaken the replay: it jumps to just past that
+/// page, so what it fetches next is what the guest needs next, not what it already passed.
+/// Faults also go to `then`, whose bubbles grow once the set is in.
 pub struct Replay {
     order: std::sync::Arc<Vec<u64>>,
+    /// Where each page first appears in `order`.
+    position: std::collections::HashMap<u64, usize>,
     next: usize,
     then: Box<dyn Policy>,
     replayed: u64,
@@ -196,7 +200,11 @@ impl std::fmt::Debug for Replay {
 
 impl Replay {
     pub fn new(order: std::sync::Arc<Vec<u64>>, then: Box<dyn Policy>) -> Self {
-        Replay { order, next: 0, then, replayed: 0 }
+        let mut position = std::collections::HashMap::with_capacity(order.len());
+        for (i, &page) in order.iter().enumerate() {
+            position.entry(page).or_insert(i);
+        }
+        Replay { order, position, next: 0, then, replayed: 0 }
     }
 
     /// Pages claimed from the working set so far.
@@ -211,6 +219,9 @@ impl Policy for Replay {
     }
 
     fn on_fault(&mut self, page: u64) {
+        if let Some(&at) = self.position.get(&page) {
+            self.next = self.next.max(at + 1);
+        }
         self.then.on_fault(page);
     }
 

@@ -141,3 +141,19 @@ fn replay_fetches_the_working_set_in_order_coalescing_runs_then_defers() {
     assert_eq!(r.replayed(), 10);
     assert_eq!(r.replayed_pages(), 10);
 }
+
+#[test]
+fn replay_jumps_past_a_fault_further_along_the_set() {
+    let s = states(100);
+    let order = std::sync::Arc::new(vec![10, 20, 30, 40, 50, 60]);
+    let mut r = ferry_prepager::Replay::new(order, Box::new(Demand));
+    assert_eq!(spans(&mut r, &s, 1, 1), vec![(10, 1)]);
+    // The guest overtook the replay: it faulted on 40 (claimed by the fault thread).
+    let _fault = s.claim(40).unwrap();
+    r.on_fault(40);
+    // 20 and 30 are behind the guest now: the replay goes on from 50.
+    assert_eq!(spans(&mut r, &s, 1, 3), vec![(50, 1), (60, 1)]);
+    // A fault behind the replay's position moves nothing.
+    r.on_fault(10);
+    assert_eq!(spans(&mut r, &s, 1, 1), Vec::<(u64, u32)>::new());
+}

@@ -3,8 +3,8 @@
 //! Format (little-endian, every section 4 KiB aligned so the data can be read with O_DIRECT):
 //! ```text
 //! 0        header (8 KiB): magic, format version, page size, page count, section offsets,
-//!          the memory layout, crc32c of the metadata, length and crc32c of the state blob,
-//!          crc32c of the header itself (last 4 bytes)
+//!          the memory layout, crc32c of the zero-page bitmap, length and crc32c of the state
+//!          blob, crc32c of the header itself (last 4 bytes)
 //! 8 KiB    one crc32c per page, all regions in order
 //! ...      zero-page bitmap, one bit per page (zero pages and the free pages the VMM named)
 //! ...      page data, aligned to the page size; zero and free pages are holes and cost no disk
@@ -12,7 +12,11 @@
 //! ```
 //! The header is written last and the file synced, so an interrupted write leaves an image that
 //! fails to open instead of one that restores a corrupt guest. Every page read back is checked
-//! against its checksum.
+//! against its checksum. Opening reads the header, the zero map and the state blob, not the
+//! checksum table: its entries are read a 4 KiB chunk at a time when a page first needs one, so
+//! opening a large image costs little more than a small one. The table needs no checksum of its
+//! own: a corrupt entry makes its page fail its check, an error, never a page accepted wrongly;
+//! the zero map does (a corrupt bit there would turn a data page into zeros).
 //!
 //! The writer copies guest memory through bounce buffers before it checksums and writes: the copy
 //! is what both the checksum and the disk see, so a guest writing meanwhile cannot make them differ,
@@ -34,8 +38,11 @@ use crate::memory::GuestMemory;
 use crate::wire::{SessionId, ZeroMask};
 
 const MAGIC: &[u8; 8] = b"FRRYSNAP";
-/// 2: the state blob section and the free-page count.
-const FORMAT_VERSION: u16 = 2;
+/// 2: the state blob section and the free-page count. 3: the header's metadata checksum covers
+/// the zero map alone, and the checksum table is read lazily.
+const FORMAT_VERSION: u16 = 3;
+/// Checksum table entries read at a time (one 4 KiB read).
+const TABLE_CHUNK: u64 = ALIGN / 4;
 /// Where the layout starts in the header.
 const HEADER_LAYOUT_AT: usize = 80;
 /// Largest state blob an image may hold.
@@ -57,7 +64,8 @@ struct Sections {
 }
 
 /// Largest guest an image may describe. Bounds the metadata a (possibly hostile, possibly sparse)
-/// image can make the reader allocate: 4 bytes and 1 bit per page, 1.1 GiB at this size.
+/// image can make the reader allocate: 1 bit per page at open, and 4 bytes per page as the
+/// checksums are read, 1.1 GiB in all at this size.
 pub const MAX_IMAGE_GUEST_BYTES: u64 = 1 << 40;
 
 impl Sections {
@@ -74,6 +82,36 @@ impl Sections {
 
     fn metadata_len(&self) -> usize {
         (self.data_offset - self.table_offset) as usize
+    }
+}
+
+/// The per-page checksums, read from the image a chunk at a time on first use. Any thread may
+/// ask; two that race on a chunk both read it, and one copy is kept.
+#[derive(Debug)]
+struct ChecksumTable {
+    file: File,
+    offset: u64,
+    chunks: Vec<std::sync::OnceLock<Box<[u32]>>>,
+}
+
+impl ChecksumTable {
+    fn new(file: File, sections: &Sections) -> Self {
+        let chunks = sections.total_pages.div_ceil(TABLE_CHUNK) as usize;
+        ChecksumTable { file, offset: sections.table_offset, chunks: (0..chunks).map(|_| Default::default()).collect() }
+    }
+
+    fn get(&self, page: u64, path: &Path) -> Result<u32> {
+        let chunk = &self.chunks[(page / TABLE_CHUNK) as usize];
+        if chunk.get().is_none() {
+            // The table section is padded to ALIGN, so every chunk is a whole 4 KiB read.
+            let mut bytes = vec![0u8; ALIGN as usize];
+            let at = self.offset + page / TABLE_CHUNK * ALIGN;
+            std::os::unix::fs::FileExt::read_exact_at(&self.file, &mut bytes, at)
+                .map_err(|e| snap_err(path, format!("reading the checksum table: {e}")))?;
+            let _ =
+                chunk.set(bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect());
+        }
+        Ok(chunk.get().expect("set above")[(page % TABLE_CHUNK) as usize])
     }
 }
 
@@ -194,7 +232,7 @@ pub fn write_snapshot(
     writer.drain()?;
     let mut header = PageBuf::new(HEADER_LEN as usize);
     let blob = StateSection { len: state.len() as u64, crc: crc32c::crc32c(state), free_pages: stats.free_pages };
-    encode_header(layout, &sections, crc32c::crc32c(&metadata), &blob, &mut header);
+    encode_header(layout, &sections, crc32c::crc32c(&metadata[bitmap_at..]), &blob, &mut header);
     write_all_at(&mut writer.ring, &file, &metadata, sections.table_offset, path)?;
     if !state.is_empty() {
         let mut aligned = PageBuf::new(state.len().next_multiple_of(ALIGN as usize));
@@ -338,12 +376,12 @@ struct StateSection {
     free_pages: u64,
 }
 
-fn encode_header(layout: &MemoryLayout, s: &Sections, metadata_crc: u32, state: &StateSection, out: &mut [u8]) {
+fn encode_header(layout: &MemoryLayout, s: &Sections, zero_map_crc: u32, state: &StateSection, out: &mut [u8]) {
     let mut h = Vec::with_capacity(HEADER_LEN as usize);
     h.extend_from_slice(MAGIC);
     h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     h.extend_from_slice(&0u16.to_le_bytes());
-    h.extend_from_slice(&metadata_crc.to_le_bytes());
+    h.extend_from_slice(&zero_map_crc.to_le_bytes());
     for v in [s.total_pages, s.table_offset, s.bitmap_offset, s.data_offset, s.file_len] {
         h.extend_from_slice(&v.to_le_bytes());
     }
@@ -358,7 +396,7 @@ fn encode_header(layout: &MemoryLayout, s: &Sections, metadata_crc: u32, state: 
     out[HEADER_LEN as usize - 4..HEADER_LEN as usize].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// An image opened for reading: its layout, checksums and zero map, verified.
+/// An image opened for reading: its layout, zero map and state blob, verified.
 #[derive(Debug)]
 pub struct SnapshotImage {
     path: PathBuf,
@@ -368,7 +406,7 @@ pub struct SnapshotImage {
     direct: File,
     direct_ok: bool,
     buffered: File,
-    checksums: Vec<u32>,
+    checksums: ChecksumTable,
     zero: Vec<u8>,
     /// Global index of each region's first page.
     region_base: Vec<u64>,
@@ -376,12 +414,37 @@ pub struct SnapshotImage {
     free_pages: u64,
 }
 
+/// How an image's pages are read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ImageReads {
+    /// O_DIRECT where the filesystem allows it: from the disk, bypassing (and not filling) the
+    /// page cache; for an image read once, or larger than the cache.
+    #[default]
+    Direct,
+    /// Through the page cache: for an image that is already there (just written, or restored
+    /// often, as a function's template), where a read is a copy out of memory.
+    PageCache,
+}
+
 impl SnapshotImage {
-    /// Opens and verifies an image. With `expected_layout`, an image of another layout is refused.
+    /// Opens and verifies an image, read with [`ImageReads::Direct`]. With `expected_layout`, an
+    /// image of another layout is refused.
     pub fn open(path: impl AsRef<Path>, expected_layout: Option<&MemoryLayout>) -> Result<Arc<Self>> {
+        Self::open_with(path, expected_layout, ImageReads::Direct)
+    }
+
+    /// [`Self::open`], choosing how pages are read.
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        expected_layout: Option<&MemoryLayout>,
+        reads: ImageReads,
+    ) -> Result<Arc<Self>> {
         let path = path.as_ref();
         let buffered = File::open(path)?;
-        let (direct, direct_ok) = open_maybe_direct(path, OpenOptions::new().read(true))?;
+        let (direct, direct_ok) = match reads {
+            ImageReads::Direct => open_maybe_direct(path, OpenOptions::new().read(true))?,
+            ImageReads::PageCache => (buffered.try_clone()?, false),
+        };
         let file_len = buffered.metadata()?.len();
         if file_len < HEADER_LEN {
             return Err(snap_err(path, format!("{file_len} bytes: too short for a header")));
@@ -389,7 +452,7 @@ impl SnapshotImage {
         let mut header = PageBuf::new(HEADER_LEN as usize);
         let mut ring = IoUring::new(4)?;
         read_exact_at(&mut ring, &buffered, &mut header, 0, path)?;
-        let (layout, sections, metadata_crc, state_section) = decode_header(&header, path)?;
+        let (layout, sections, zero_map_crc, state_section) = decode_header(&header, path)?;
         if let Some(why) = expected_layout.and_then(|ours| ours.mismatch(&layout)) {
             return Err(TransportError::LayoutMismatch(why));
         }
@@ -397,16 +460,14 @@ impl SnapshotImage {
         if file_len < full_len {
             return Err(snap_err(path, format!("truncated: {file_len} bytes, the header says {full_len}")));
         }
-        let mut metadata = PageBuf::new(sections.metadata_len());
-        read_exact_at(&mut ring, &buffered, &mut metadata, sections.table_offset, path)?;
-        if crc32c::crc32c(&metadata) != metadata_crc {
-            return Err(snap_err(path, "checksum table or zero map is corrupt"));
+        let mut zero_map = PageBuf::new((sections.data_offset - sections.bitmap_offset) as usize);
+        read_exact_at(&mut ring, &buffered, &mut zero_map, sections.bitmap_offset, path)?;
+        if crc32c::crc32c(&zero_map) != zero_map_crc {
+            return Err(snap_err(path, "the zero map is corrupt"));
         }
         let n = sections.total_pages as usize;
-        let checksums =
-            metadata[..n * 4].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
-        let bitmap_at = (sections.bitmap_offset - sections.table_offset) as usize;
-        let zero = metadata[bitmap_at..bitmap_at + n.div_ceil(8)].to_vec();
+        let zero = zero_map[..n.div_ceil(8)].to_vec();
+        let checksums = ChecksumTable::new(buffered.try_clone()?, &sections);
         let mut state = PageBuf::new(state_section.len.next_multiple_of(ALIGN) as usize);
         if state_section.len > 0 {
             read_exact_at(&mut ring, &buffered, &mut state, sections.file_len, path)?;
@@ -463,6 +524,12 @@ impl SnapshotImage {
         &self.layout
     }
 
+    /// Where the pages' data starts in the file (the data of global page g is at
+    /// `data_offset() + g * page_size`), for raw reads of the same bytes beside ferry's.
+    pub fn data_offset(&self) -> u64 {
+        self.sections.data_offset
+    }
+
     /// Whether reads into aligned buffers bypass the page cache.
     pub fn uses_direct_io(&self) -> bool {
         self.direct_ok
@@ -514,7 +581,7 @@ impl SnapshotImage {
             if self.is_zero(g) {
                 page.fill(0);
                 zero.set(i as u32);
-            } else if crc32c::crc32c(page) != self.checksums[g as usize] {
+            } else if crc32c::crc32c(page) != self.checksums.get(g, &self.path)? {
                 return Err(TransportError::Checksum { region: run.region, page: run.first_page + i as u64 });
             }
         }
@@ -534,7 +601,7 @@ fn decode_header(h: &[u8], path: &Path) -> Result<(MemoryLayout, Sections, u32, 
     if crc32c::crc32c(&h[..HEADER_LEN as usize - 4]) != crc {
         return Err(snap_err(path, "header checksum mismatch (incomplete or corrupt image)"));
     }
-    let metadata_crc = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
+    let zero_map_crc = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
     let word = |i: usize| u64::from_le_bytes(h[16 + i * 8..24 + i * 8].try_into().expect("8 bytes"));
     let stored = Sections {
         total_pages: word(0),
@@ -566,7 +633,7 @@ fn decode_header(h: &[u8], path: &Path) -> Result<(MemoryLayout, Sections, u32, 
     if state.free_pages > expected.total_pages {
         return Err(snap_err(path, format!("{} free pages of {}", state.free_pages, expected.total_pages)));
     }
-    Ok((layout, expected, metadata_crc, state))
+    Ok((layout, expected, zero_map_crc, state))
 }
 
 fn read_exact_at(ring: &mut IoUring, file: &File, buf: &mut PageBuf, offset: u64, path: &Path) -> Result<()> {

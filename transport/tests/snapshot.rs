@@ -55,17 +55,29 @@ fn a_flipped_data_byte_fails_that_page_checksum() {
 }
 
 #[test]
-fn corrupt_header_metadata_or_truncation_is_refused() {
+fn corrupt_header_zero_map_table_or_truncation_is_refused() {
     let (path, layout) = image("corrupt");
     poke(&path, 30, 0x55);
     assert!(
         matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("header"))
     );
 
-    let (path, _) = image("meta");
-    poke(&path, 8192 + 40, 0x55);
+    // The checksum table is read lazily: a corrupt entry fails its page's read, not the open.
+    let (path, layout) = image("table");
+    poke(&path, 8192 + 4 * 11, 0x55);
+    let img = SnapshotImage::open(&path, None).unwrap();
+    let mut source = img.page_source(4).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let page = |p: u64| PageRun::new(0, p, 1);
+    let r = source.urgent.read(page(11), &mut buf);
+    assert!(matches!(r, Err(TransportError::Checksum { page: 11, .. })), "{r:?}");
+    assert!(source.urgent.read(page(12), &mut buf).is_ok(), "the other pages of the chunk still read");
+
+    let (path, _) = image("zero-map");
+    let zero_map_at = 8192 + (layout.total_pages() * 4).next_multiple_of(4096);
+    poke(&path, zero_map_at, 0x55);
     assert!(
-        matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("corrupt"))
+        matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("zero map is corrupt"))
     );
 
     let (path, _) = image("trunc");

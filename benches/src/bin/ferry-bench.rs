@@ -3,9 +3,11 @@
 //! ```text
 //! ferry-bench transport [--json] [--mem-mib N] [--total-mib N] [--samples N] [--reps N] [--dir DIR]
 //! ferry-bench postcopy  [--json] [--mem-mib N] [--samples N] [--transport tcp|local]
+//! ferry-bench restore   [--json] [--mem-mib N] [--ws-pages N] [--dir DIR] [--scale-gib 1,4,16]
 //! ferry-bench rdma      --device NAME [--listen ADDR | --peer ADDR] [--mem-mib N] [--samples N] [--json] [--quick]
 //! ```
-//! `rdma` (feature `rdma`) is described in `ferry_benches::rdma`.
+//! `rdma` (feature `rdma`) is described in `ferry_benches::rdma`, `restore` in
+//! `ferry_benches::restore`.
 //! `transport` prints, for each backend, urgent-lane latency beside the raw round trip of one
 //! 4 KiB page and bulk-lane bandwidth beside the raw bulk limit, with their ratios.
 //! `postcopy` migrates a guest of `--mem-mib` (default 1024 here: pass it) for every pre-pager x
@@ -70,12 +72,13 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("transport") => transport(&parse(&args[1..])?),
         Some("postcopy") => postcopy(&parse(&args[1..])?),
+        Some("restore") => ferry_benches::restore::run(&args[1..]),
         #[cfg(feature = "rdma")]
         Some("rdma") => ferry_benches::rdma::run(&args[1..]),
         #[cfg(not(feature = "rdma"))]
         Some("rdma") => bail!("this ferry-bench was built without the rdma feature: cargo build --release -p ferry-benches --features rdma"),
         _ => {
-            eprintln!("usage: ferry-bench transport|postcopy|rdma [--json] [--mem-mib N] [--total-mib N] [--samples N] [--reps N] [--dir DIR]");
+            eprintln!("usage: ferry-bench transport|postcopy|restore|rdma [--json] [--mem-mib N] [--total-mib N] [--samples N] [--reps N] [--dir DIR]");
             std::process::exit(2);
         }
     }
@@ -227,10 +230,10 @@ fn transport(o: &Options) -> Result<()> {
         drop(memory);
         let Fixture::Snapshot { path, .. } = &fx else { unreachable!("built as a snapshot fixture") };
         let path = path.clone();
-        let data_offset = std::fs::metadata(&path)?.len() - mem;
+        let data_offset = ferry_transport::snapshot::SnapshotImage::open(&path, None)?.data_offset();
         let mut page = PageBuf::new(PAGE);
         let urgent = Latencies::measure(n / 10, n, |i| urgent_page(fx.source(), &mut page, i))?;
-        let raw_rtt = raw::io_uring_page_reads(&path, data_offset, mem, n)?;
+        let raw_rtt = raw::io_uring_page_reads(&path, data_offset, mem, n, true)?;
         let run = 2 << 20;
         let (bulk, raw_bulk) = paired_bandwidth(
             o.reps,
