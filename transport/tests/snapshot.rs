@@ -56,7 +56,7 @@ fn a_flipped_data_byte_fails_that_page_checksum() {
 
 #[test]
 fn corrupt_header_zero_map_table_or_truncation_is_refused() {
-    let (path, layout) = image("corrupt");
+    let (path, _) = image("corrupt");
     poke(&path, 30, 0x55);
     assert!(
         matches!(SnapshotImage::open(&path, None), Err(TransportError::Snapshot { why, .. }) if why.contains("header"))
