@@ -9,6 +9,7 @@
 //! then on), the VMM resumes the guest, [`PostcopyEngine::start_prepaging`] once it runs (nothing
 //! competes with the resume for the CPU), [`PostcopyEngine::wait`] until every page is present.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -115,6 +116,28 @@ impl Flags {
         self.abort.store(true, Ordering::Release);
         self.failure.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(why);
     }
+
+    /// How an engine thread ended: an error or a panic is the engine's failure at once (a VMM
+    /// watching [`PostcopyEngine::failure`] must not wait for a join to learn it); a panic goes on
+    /// to whoever joins the thread.
+    fn settle<T>(&self, thread: &str, ended: std::thread::Result<Result<T>>) -> Result<T> {
+        match ended {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.fail(format!("{thread}: {e}"));
+                Err(e)
+            }
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                self.fail(format!("{thread} panicked: {what}"));
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
 }
 
 /// What the pre-pager thread counted.
@@ -138,7 +161,7 @@ pub struct PostcopyEngine {
     queue: Arc<FaultQueue>,
     config: EngineConfig,
     flags: Arc<Flags>,
-    fault_thread: Option<JoinHandle<ferry_fault_handler::Result<Vec<Duration>>>>,
+    fault_thread: Option<JoinHandle<Result<Vec<Duration>>>>,
     prepager_thread: Option<JoinHandle<Result<Prepaged>>>,
     pending: Option<Pending>,
     started_at: Instant,
@@ -184,14 +207,13 @@ impl PostcopyEngine {
             std::thread::Builder::new()
                 .name("ferry-faults".into())
                 .spawn(move || {
-                    let result = run_fault_loop(&memory, urgent.as_mut(), &queue, &stats, &flags.stop_faults);
+                    let result = catch_unwind(AssertUnwindSafe(|| {
+                        run_fault_loop(&memory, urgent.as_mut(), &queue, &stats, &flags.stop_faults)
+                    }));
                     // Before `memory`: the lane may have registered its alias mappings.
                     drop(urgent);
                     flags.faults_ended.store(true, Ordering::Release);
-                    if let Err(e) = &result {
-                        flags.fail(format!("the fault thread: {e}"));
-                    }
-                    result
+                    flags.settle("the fault thread", result.map(|r| r.map_err(MigrationError::from)))
                 })
                 .map_err(|e| MigrationError::Protocol(format!("spawning the fault thread: {e}")))?
         };
@@ -222,12 +244,11 @@ impl PostcopyEngine {
             .spawn(move || {
                 let installer = BulkInstaller::new(bulk, max_run_pages(&memory) as usize * memory.page_size() as usize);
                 // The installer (and its lane) is dropped inside prepage, while `memory` is held here.
-                let result = prepage(&memory, installer, policy, &queue, &stats, &flags, record);
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    prepage(&memory, installer, policy, &queue, &stats, &flags, record)
+                }));
                 flags.prepager_ended.store(true, Ordering::Release);
-                if let Err(e) = &result {
-                    flags.fail(format!("the pre-pager: {e}"));
-                }
-                result
+                flags.settle("the pre-pager", result)
             })
             .map_err(|e| MigrationError::Protocol(format!("spawning the pre-pager: {e}")))?;
         self.prepager_thread = Some(thread);

@@ -9,17 +9,20 @@
 //! and [`restore`] (snapshots saved in ferry's image format and restored eagerly, or lazily by the
 //! engine over the image, fetching a recorded working set first),
 //! all speaking the session messages of [`handoff`]. Back-and-forth and fault tolerance are to
-//! follow on the same parts. [`toucher`] is a guest stand-in that verifies every page it touches,
-//! for tests, benchmarks and demos without KVM; [`loopback`] runs a whole migration in one process.
+//! follow on the same parts. With the `testkit` feature (tests, benchmarks and demos without KVM;
+//! not part of the API): `toucher`, a guest stand-in that verifies every page it touches, and
+//! `loopback`, a whole migration in one process.
 
 pub mod engine;
 pub mod error;
 pub mod freepages;
 pub mod handoff;
+#[cfg(feature = "testkit")]
 pub mod loopback;
 pub mod postcopy;
 pub mod precopy;
 pub mod restore;
+#[cfg(feature = "testkit")]
 pub mod toucher;
 
 pub use engine::{register_landings, DestinationReport, EngineConfig, EngineControl, FailureWatch, PostcopyEngine};

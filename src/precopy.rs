@@ -187,7 +187,7 @@ pub fn run_hybrid_destination(
     };
     let layout = memory.layout();
     let ps = u64::from(layout.page_size());
-    let bases = ferry_transport::pattern::region_bases(layout);
+    let bases = layout.region_bases();
     // Inside the downtime: one madvise per run of stale pages, split only at region edges.
     for (first, count) in stale.runs() {
         let mut g = first;
@@ -210,7 +210,7 @@ pub(crate) fn pull(memory: &GuestMemory, source: &mut PageSource, dirty: &FreePa
     let layout = memory.layout();
     let ps = u64::from(layout.page_size());
     let max = layout.max_run_pages().min(256);
-    let bases = ferry_transport::pattern::region_bases(layout);
+    let bases = layout.region_bases();
     let mut runs = Vec::new();
     for (first, count) in dirty.runs() {
         let mut g = first;

@@ -90,7 +90,7 @@ fn lazy(path: &std::path::Path, backing: Backing, config: &EngineConfig) -> ferr
     let watchdog = ferry::toucher::EngineWatchdog::start(restore.engine().failure_watch());
     let total = layout().total_pages();
     let mut page = vec![0u8; 4096];
-    let bases = ferry::transport::pattern::region_bases(&layout());
+    let bases = layout().region_bases();
     for i in 0..3000u64 {
         let g = (i * 7919) % total;
         let region = bases.partition_point(|&b| b <= g) - 1;

@@ -458,7 +458,12 @@ impl DestinationMemory {
         }
         self.unregistering.store(true, std::sync::atomic::Ordering::Release);
         for r in self.guest.regions() {
-            self.uffd.unregister(r.host_addr().as_ptr() as u64, r.len() as u64)?;
+            let (start, len) = (r.host_addr().as_ptr() as u64, r.len() as u64);
+            self.uffd.unregister(start, len)?;
+            // Unregistering wakes every waiter already; waking again costs one ioctl and covers a
+            // thread seen asleep in handle_userfault after UFFDIO_UNREGISTER under load (the
+            // README's open bug; a signal frees it).
+            self.uffd.wake(start, len)?;
         }
         self.released.store(true, std::sync::atomic::Ordering::Release);
         Ok(())

@@ -79,6 +79,19 @@ impl MemoryLayout {
         self.regions.get(region as usize).map(|r| r.size / u64::from(self.page_size))
     }
 
+    /// Global index of each region's first page (pages are numbered across regions in order).
+    pub fn region_bases(&self) -> Vec<u64> {
+        let mut base = 0;
+        self.regions
+            .iter()
+            .map(|r| {
+                let b = base;
+                base += r.size / u64::from(self.page_size);
+                b
+            })
+            .collect()
+    }
+
     pub fn total_pages(&self) -> u64 {
         self.regions.iter().map(|r| r.size / u64::from(self.page_size)).sum()
     }

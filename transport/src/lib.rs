@@ -18,6 +18,7 @@ pub mod layout;
 pub mod local;
 pub mod memory;
 mod pagebits;
+#[cfg(feature = "testkit")]
 pub mod pattern;
 pub mod rawfile;
 #[cfg(feature = "rdma")]

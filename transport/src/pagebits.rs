@@ -13,10 +13,7 @@ pub(crate) struct PageBits {
 impl PageBits {
     pub(crate) fn new(layout: &MemoryLayout) -> Self {
         let words = layout.total_pages().div_ceil(64);
-        PageBits {
-            words: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            region_base: crate::pattern::region_bases(layout),
-        }
+        PageBits { words: (0..words).map(|_| AtomicU64::new(0)).collect(), region_base: layout.region_bases() }
     }
 
     /// Sets the bits of a checked run; returns how many were already set.

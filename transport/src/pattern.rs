@@ -43,18 +43,6 @@ pub fn check_page(page: &[u8], global_page: u64, seed: u64) -> bool {
     })
 }
 
-/// Global index of each region's first page.
-pub fn region_bases(memory_layout: &crate::MemoryLayout) -> Vec<u64> {
-    let mut base = 0;
-    (0..memory_layout.regions().len() as u32)
-        .map(|i| {
-            let b = base;
-            base += memory_layout.region_pages(i).expect("region in range");
-            b
-        })
-        .collect()
-}
-
 /// Writes the pattern into every page of `memory`.
 pub fn fill_memory(memory: &GuestMemory, seed: u64) -> Result<()> {
     let ps = memory.layout().page_size() as usize;

@@ -476,12 +476,7 @@ impl SnapshotImage {
         if crc32c::crc32c(&state) != state_section.crc {
             return Err(snap_err(path, "the state blob is corrupt"));
         }
-        let mut region_base = Vec::with_capacity(layout.regions().len());
-        let mut base = 0;
-        for i in 0..layout.regions().len() as u32 {
-            region_base.push(base);
-            base += layout.region_pages(i).expect("region index in range");
-        }
+        let region_base = layout.region_bases();
         Ok(Arc::new(SnapshotImage {
             path: path.to_path_buf(),
             layout,

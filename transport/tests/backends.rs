@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use ferry_transport::lane::{BulkRead, PageBuf, PageSource};
-use ferry_transport::pattern::{check_page, fill_memory, page_is_zero, region_bases};
+use ferry_transport::pattern::{check_page, fill_memory, page_is_zero};
 use ferry_transport::tcp::{self, TcpOptions};
 use ferry_transport::{local, snapshot, Backing, GuestMemory, MemoryLayout, PageRun, PreSharedKey, RegionLayout};
 use rand::seq::SliceRandom;
@@ -55,7 +55,7 @@ impl Verifier {
     fn new(layout: &MemoryLayout) -> Self {
         Verifier {
             layout: layout.clone(),
-            bases: region_bases(layout),
+            bases: layout.region_bases(),
             seen: vec![false; layout.total_pages() as usize],
             zero_marked: 0,
         }
@@ -344,7 +344,7 @@ mod rdma {
         }
         while src.bulk.complete().unwrap().is_some() {}
         // Every byte is now in the destination's memory, read through its own mapping.
-        let bases = region_bases(&layout);
+        let bases = layout.region_bases();
         let mut page = vec![0u8; ps];
         for (region, m) in dest.iter().enumerate() {
             for p in 0..layout.region_pages(region as u32).unwrap() {
