@@ -35,11 +35,19 @@ pub struct EngineConfig {
     pub replay: Option<Arc<Vec<u64>>>,
     /// Record the order of the guest's first faults (`DestinationReport::first_faults`).
     pub record_first_faults: bool,
+    /// Heartbeats on a network session's control lane (not used by snapshot restores).
+    pub liveness: crate::liveness::Liveness,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { policy: PolicyKind::Bubbling, fault_queue: 4096, replay: None, record_first_faults: false }
+        EngineConfig {
+            policy: PolicyKind::Bubbling,
+            fault_queue: 4096,
+            replay: None,
+            record_first_faults: false,
+            liveness: crate::liveness::Liveness::default(),
+        }
     }
 }
 
@@ -105,9 +113,18 @@ struct Flags {
     stop_faults: AtomicBool,
     /// The first error a thread of the engine failed with.
     failure: std::sync::Mutex<Option<String>>,
+    /// Set with `failure` when the session stopped the engine because of its peer.
+    peer_failure: std::sync::Mutex<Option<PeerFailure>>,
     /// Set as each thread ends, for diagnostics.
     faults_ended: AtomicBool,
     prepager_ended: AtomicBool,
+}
+
+/// Why a session stopped its engine, so `wait` reports it with its own type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PeerFailure {
+    Silent,
+    Aborted,
 }
 
 impl Flags {
@@ -313,11 +330,16 @@ impl PostcopyEngine {
         };
         let states = self.memory.states();
         if !states.all_present() {
-            return Err(MigrationError::Protocol(format!(
-                "the engine stopped with {} of {} pages missing",
-                states.pages() - states.present_count(),
-                states.pages()
-            )));
+            let missing = format!("{} of {} pages missing", states.pages() - states.present_count(), states.pages());
+            let peer = *self.flags.peer_failure.lock().unwrap_or_else(|e| e.into_inner());
+            return Err(match (self.failure(), peer) {
+                (Some(why), Some(PeerFailure::Silent)) => {
+                    MigrationError::Transport(ferry_transport::TransportError::Silent(format!("{why} ({missing})")))
+                }
+                (Some(why), Some(PeerFailure::Aborted)) => MigrationError::PeerAborted(format!("{why} ({missing})")),
+                (Some(why), None) => MigrationError::Protocol(format!("{why}: the engine stopped with {missing}")),
+                (None, _) => MigrationError::Protocol(format!("the engine stopped with {missing}")),
+            });
         }
         self.memory.release()?;
         Ok(self.report(samples, prepaged))
@@ -413,6 +435,27 @@ impl EngineControl {
     /// [`PostcopyEngine::finish`].
     pub fn finish(&self) {
         self.flags.finish.store(true, Ordering::Release);
+    }
+
+    /// Stops the engine because of `error` (a session's peer went silent or aborted, or the VMM
+    /// gave up): it becomes the engine's failure, and `wait` returns it (a silent peer as
+    /// [`ferry_transport::TransportError::Silent`], an abort as [`MigrationError::PeerAborted`])
+    /// unless every page is in by then.
+    pub fn fail(&self, error: &MigrationError) {
+        let (peer, why) = match error {
+            MigrationError::Transport(ferry_transport::TransportError::Silent(why)) => {
+                (Some(PeerFailure::Silent), why.clone())
+            }
+            MigrationError::PeerAborted(why) => (Some(PeerFailure::Aborted), why.clone()),
+            other => (None, other.to_string()),
+        };
+        let mut failure = self.flags.failure.lock().unwrap_or_else(|e| e.into_inner());
+        if failure.is_none() {
+            *failure = Some(why);
+            *self.flags.peer_failure.lock().unwrap_or_else(|e| e.into_inner()) = peer;
+        }
+        drop(failure);
+        self.cancel();
     }
 
     /// Stops the fault thread and the pre-pager: `wait` then fails with the pages still missing.

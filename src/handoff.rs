@@ -7,6 +7,7 @@
 //!                                        <-   Resumed            (vCPUs run: downtime ends)
 //!                                        <-   Done{counters}     (every page present)
 //!   Abort{reason} either way on failure
+//!   Heartbeat either way, from the handoff's first message on (see crate::liveness)
 //! ```
 //! Pre-copy uses `Round{dirty bitmap}` (answered by `RoundDone{pages, micros}`) and a final
 //! `Round{dirty bitmap, state blob}` (answered by `Resumed`).
@@ -233,13 +234,22 @@ pub fn expect_done(control: &mut dyn ControlStream) -> Result<DoneCounters> {
     })
 }
 
-/// Reads a session message, turning the peer's `Abort` into an error.
+/// Reads a session message, skipping heartbeats ([`crate::liveness`]) and turning the peer's
+/// `Abort` into an error.
 fn read_message(control: &mut dyn ControlStream) -> Result<Vec<u8>> {
-    let msg = read_session(control)?;
-    if msg.first() == Some(&ABORT) {
-        return Err(MigrationError::PeerAborted(String::from_utf8_lossy(&msg[1..]).into_owned()));
+    loop {
+        let msg = read_session(control)?;
+        match msg.first() {
+            Some(&ABORT) => return Err(MigrationError::PeerAborted(String::from_utf8_lossy(&msg[1..]).into_owned())),
+            Some(&crate::liveness::HEARTBEAT) if msg.len() == 1 => continue,
+            _ => return Ok(msg),
+        }
     }
-    Ok(msg)
+}
+
+/// The reason in an `Abort` message, if `msg` is one.
+pub(crate) fn abort_reason(msg: &[u8]) -> Option<String> {
+    (msg.first() == Some(&ABORT)).then(|| String::from_utf8_lossy(&msg[1..]).into_owned())
 }
 
 #[cfg(test)]

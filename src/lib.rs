@@ -17,6 +17,7 @@ pub mod engine;
 pub mod error;
 pub mod freepages;
 pub mod handoff;
+pub mod liveness;
 #[cfg(feature = "testkit")]
 pub mod loopback;
 pub mod postcopy;
@@ -31,4 +32,5 @@ pub use ferry_fault_handler as fault_handler;
 pub use ferry_prepager as prepager;
 pub use ferry_transport as transport;
 pub use freepages::FreePages;
+pub use liveness::Liveness;
 pub use postcopy::{run_source, PostcopyDestination, SourceReport};

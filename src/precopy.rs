@@ -28,11 +28,17 @@ pub struct PrecopyConfig {
     pub downtime_target: Duration,
     /// Stop after this many rounds whatever the prediction.
     pub max_rounds: u32,
+    /// Heartbeats once a hybrid migration turns to post-copy.
+    pub liveness: crate::liveness::Liveness,
 }
 
 impl Default for PrecopyConfig {
     fn default() -> Self {
-        PrecopyConfig { downtime_target: Duration::from_millis(50), max_rounds: 30 }
+        PrecopyConfig {
+            downtime_target: Duration::from_millis(50),
+            max_rounds: 30,
+            liveness: crate::liveness::Liveness::default(),
+        }
     }
 }
 
@@ -90,7 +96,8 @@ pub fn run_hybrid_source(
     dirty.union_with(&dirty_log.collect()?);
     handoff::send_round(control, &dirty, &handoff::RoundKind::SwitchToPostcopy)?;
     report.pages_per_round.push(dirty.count());
-    let post = crate::postcopy::run_source(control, paused_at, &state, &FreePages::new(dirty.pages()))?;
+    let post =
+        crate::postcopy::run_source(control, paused_at, &state, &FreePages::new(dirty.pages()), config.liveness)?;
     report.downtime = post.downtime;
     report.total = started.elapsed();
     Ok((report, post))

@@ -172,7 +172,8 @@ pub unsafe extern "C" fn ferry_source_handoff(
             Some(control) => control,
             None => source.accept(Duration::from_millis(u64::from(timeout_ms)))?,
         };
-        let report = ferry::run_source(control.as_mut(), paused_at, state, &free).map_err(migration)?;
+        let report = ferry::run_source(control.as_mut(), paused_at, state, &free, ferry::Liveness::default())
+            .map_err(migration)?;
         // SAFETY: caller contract: null or writable.
         if let Some(stats) = unsafe { stats.as_mut() } {
             *stats = FerryStats {
@@ -268,6 +269,7 @@ pub unsafe extern "C" fn ferry_source_precopy(
         let config = ferry::precopy::PrecopyConfig {
             downtime_target: Duration::from_millis(u64::from(downtime_target_ms)),
             max_rounds: max_rounds.max(1),
+            ..Default::default()
         };
         let pause_guest = || -> ferry::Result<Vec<u8>> {
             let (mut state, mut len): (*const u8, usize) = (std::ptr::null(), 0);

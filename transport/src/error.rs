@@ -43,6 +43,9 @@ pub enum TransportError {
     Rdma { op: &'static str, detail: String },
     #[error("snapshot checksum mismatch in region {region}, page {page}")]
     Checksum { region: u32, page: u64 },
+    /// Nothing arrived within a deadline: the peer (or the link) went silent.
+    #[error("the peer went silent: {0}")]
+    Silent(String),
 }
 
 pub type Result<T, E = TransportError> = std::result::Result<T, E>;
@@ -52,13 +55,16 @@ impl TransportError {
         TransportError::Malformed { what, why: why.into() }
     }
 
-    /// Maps an end-of-stream while reading to [`TransportError::PeerClosed`] so callers can tell a
-    /// vanished peer from other I/O failures.
-    pub(crate) fn from_read(err: std::io::Error) -> Self {
-        if err.kind() == std::io::ErrorKind::UnexpectedEof {
-            TransportError::PeerClosed
-        } else {
-            TransportError::Io(err)
+    /// Maps an end-of-stream while reading to [`TransportError::PeerClosed`], and a read that hit
+    /// its deadline (SO_RCVTIMEO) to [`TransportError::Silent`], so callers can tell a vanished or
+    /// silent peer from other I/O failures.
+    pub fn from_read(err: std::io::Error) -> Self {
+        match err.kind() {
+            std::io::ErrorKind::UnexpectedEof => TransportError::PeerClosed,
+            std::io::ErrorKind::WouldBlock => TransportError::Silent("nothing arrived within the read deadline".into()),
+            // Our own timeouts carry their own words (see ferry's LiveControl).
+            std::io::ErrorKind::TimedOut => TransportError::Silent(err.to_string()),
+            _ => TransportError::Io(err),
         }
     }
 }

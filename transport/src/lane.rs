@@ -243,19 +243,55 @@ impl std::fmt::Debug for PageSource {
 pub trait ControlStream: std::io::Read + std::io::Write + Send + std::fmt::Debug {
     /// Sets how long a read may wait (`None`: forever).
     fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()>;
+    /// Sets how long a write may wait for the peer to take the bytes (`None`: forever).
+    fn set_write_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()>;
+    /// A second handle on the same connection (one thread reads while another writes).
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn ControlStream>>;
+    /// Waits up to `timeout` for something to read (or the peer's close); `false` on timeout.
+    fn wait_readable(&self, timeout: std::time::Duration) -> std::io::Result<bool>;
 }
 
-impl ControlStream for std::net::TcpStream {
-    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
-        std::net::TcpStream::set_read_timeout(self, timeout)
+/// poll(2) for input on `fd`, retrying on EINTR.
+fn poll_readable(fd: std::os::fd::RawFd, timeout: std::time::Duration) -> std::io::Result<bool> {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    loop {
+        // SAFETY: one pollfd, valid for the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        match n {
+            0 => return Ok(false),
+            n if n > 0 => return Ok(true),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
     }
 }
 
-impl ControlStream for std::os::unix::net::UnixStream {
-    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
-        std::os::unix::net::UnixStream::set_read_timeout(self, timeout)
-    }
+macro_rules! control_stream {
+    ($t:ty) => {
+        impl ControlStream for $t {
+            fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+                <$t>::set_read_timeout(self, timeout)
+            }
+            fn set_write_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+                <$t>::set_write_timeout(self, timeout)
+            }
+            fn try_clone_box(&self) -> std::io::Result<Box<dyn ControlStream>> {
+                Ok(Box::new(self.try_clone()?))
+            }
+            fn wait_readable(&self, timeout: std::time::Duration) -> std::io::Result<bool> {
+                poll_readable(std::os::fd::AsRawFd::as_raw_fd(self), timeout)
+            }
+        }
+    };
 }
+
+control_stream!(std::net::TcpStream);
+control_stream!(std::os::unix::net::UnixStream);
 
 /// Waits up to `timeout` for a control lane a server's accept loop handed over, and makes its
 /// reads block (a session may wait long between messages). Shared by the tcp and local servers.

@@ -13,7 +13,7 @@ use crate::layout::{MemoryLayout, PageRun, RegionLayout, MAX_REGIONS, MAX_RUN_BY
 /// `FRRY` read as a little-endian `u32`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRRY");
 /// Bumped on every incompatible change; peers with different versions refuse each other.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 12;
 /// Cap for handshake and other control payloads.
 pub const MAX_CONTROL_PAYLOAD: u32 = 16 * 1024;
@@ -388,6 +388,10 @@ pub fn read_session<R: Read + ?Sized>(r: &mut R) -> Result<Vec<u8>> {
     let mut h = [0u8; HEADER_LEN];
     r.read_exact(&mut h).map_err(TransportError::from_read)?;
     let header = parse_header(&h)?;
+    // The kind before the allocation: no other frame may make a session reader allocate.
+    if !matches!(header.kind, MessageKind::Session | MessageKind::Reject) {
+        return Err(TransportError::Unexpected { expected: "a session message", got: header.kind as u16 });
+    }
     let mut payload = vec![0u8; header.len as usize];
     r.read_exact(&mut payload).map_err(TransportError::from_read)?;
     match header.kind {

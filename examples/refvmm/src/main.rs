@@ -519,6 +519,7 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
     let config = ferry::precopy::PrecopyConfig {
         downtime_target: Duration::from_millis(a.downtime_ms),
         max_rounds: a.max_rounds,
+        ..Default::default()
     };
     let mut report = json!({
         "baseline_rate": baseline_rate,
@@ -530,7 +531,7 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
         (Mode::Postcopy, _) | (_, None) => {
             let paused_at = Instant::now();
             let blob = pause()?;
-            let r = run_source(control.as_mut(), paused_at, &blob, &free)?;
+            let r = run_source(control.as_mut(), paused_at, &blob, &free, config.liveness)?;
             report["source_downtime_ms"] = json!(r.downtime.as_secs_f64() * 1e3);
             report["total_ms"] = json!(r.total.as_secs_f64() * 1e3);
         }
