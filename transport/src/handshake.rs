@@ -145,3 +145,92 @@ fn transcript(hello_payload: &[u8], c: &Challenge) -> Transcript {
 fn reject<S: Write>(stream: &mut S, reason: RejectReason, detail: &str) {
     let _ = write_control(stream, &Control::Reject { reason, detail: detail.to_owned() });
 }
+
+/// The timeouts of a socket, for [`Deadline`].
+pub(crate) trait SocketTimeouts {
+    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()>;
+    fn set_write_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()>;
+}
+
+macro_rules! socket_timeouts {
+    ($t:ty) => {
+        impl SocketTimeouts for $t {
+            fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+                <$t>::set_read_timeout(self, timeout)
+            }
+            fn set_write_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+                <$t>::set_write_timeout(self, timeout)
+            }
+        }
+    };
+}
+
+socket_timeouts!(std::net::TcpStream);
+socket_timeouts!(std::os::unix::net::UnixStream);
+
+/// A socket whose reads and writes must all finish by one instant, `limit` after it was wrapped:
+/// before each call its timeouts are set to what is left, so a peer that sends a byte at a time
+/// cannot keep a handshake open past the limit (a per-read timeout alone would let it). When
+/// dropped, the socket's timeouts are `limit` again.
+pub(crate) struct Deadline<'a, S: SocketTimeouts> {
+    stream: &'a S,
+    until: std::time::Instant,
+    limit: std::time::Duration,
+}
+
+impl<'a, S: SocketTimeouts> Deadline<'a, S> {
+    pub(crate) fn new(stream: &'a S, limit: std::time::Duration) -> Self {
+        Deadline { stream, until: std::time::Instant::now() + limit, limit }
+    }
+
+    fn left(&self) -> std::io::Result<std::time::Duration> {
+        let left = self.until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the handshake did not finish within {:?}", self.limit),
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl<S: SocketTimeouts> Read for Deadline<'_, S>
+where
+    for<'b> &'b S: Read,
+{
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        let mut s = self.stream;
+        s.read(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock => std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the handshake did not finish within {:?}", self.limit),
+            ),
+            _ => e,
+        })
+    }
+}
+
+impl<S: SocketTimeouts> Write for Deadline<'_, S>
+where
+    for<'b> &'b S: Write,
+{
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        let mut s = self.stream;
+        s.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let mut s = self.stream;
+        s.flush()
+    }
+}
+
+impl<S: SocketTimeouts> Drop for Deadline<'_, S> {
+    fn drop(&mut self) {
+        let _ = self.stream.set_read_timeout(Some(self.limit));
+        let _ = self.stream.set_write_timeout(Some(self.limit));
+    }
+}

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use crate::auth::PreSharedKey;
 use crate::error::{Result, TransportError};
-use crate::handshake::{client_handshake, server_handshake};
+use crate::handshake::{client_handshake, server_handshake, Deadline};
 use crate::lane::{run_dst, BulkDone, BulkLane, BulkRead, PageSource, UrgentLane};
 use crate::layout::{MemoryLayout, PageRun};
 use crate::memory::{GuestMemory, RegionMapping};
@@ -150,7 +150,8 @@ fn serve(
 ) -> Result<Option<UnixStream>> {
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    if server_handshake(&mut &*stream, key, session, memory.layout())? == Lane::Control {
+    if server_handshake(&mut Deadline::new(stream, HANDSHAKE_TIMEOUT), key, session, memory.layout())? == Lane::Control
+    {
         return Ok(Some(stream.try_clone()?));
     }
     let fds: Vec<BorrowedFd<'_>> = memory.regions().iter().filter_map(|r| r.fd()).collect();
@@ -182,10 +183,16 @@ pub fn connect_session(
     bulk_depth: usize,
 ) -> Result<(PageSource, UnixStream)> {
     let path = path.as_ref();
-    let mut control = UnixStream::connect(path)?;
+    let control = UnixStream::connect(path)?;
     control.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     control.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    let cs = client_handshake(&mut control, key, Lane::Control, SessionId::NEW, expected_layout)?;
+    let cs = client_handshake(
+        &mut Deadline::new(&control, HANDSHAKE_TIMEOUT),
+        key,
+        Lane::Control,
+        SessionId::NEW,
+        expected_layout,
+    )?;
     control.set_read_timeout(None)?;
     let source = map_lanes(path, key, cs.session, Some(&cs.layout), bulk_depth)?;
     Ok((source, control))
@@ -198,10 +205,11 @@ fn map_lanes(
     expected_layout: Option<&MemoryLayout>,
     bulk_depth: usize,
 ) -> Result<PageSource> {
-    let mut stream = UnixStream::connect(path)?;
+    let stream = UnixStream::connect(path)?;
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    let cs = client_handshake(&mut stream, key, Lane::Bulk, session, expected_layout)?;
+    let cs =
+        client_handshake(&mut Deadline::new(&stream, HANDSHAKE_TIMEOUT), key, Lane::Bulk, session, expected_layout)?;
     let fds = recv_fds(&stream, cs.layout.regions().len())?;
     let mappings = fds
         .into_iter()

@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::acceptor::{Acceptor, Served};
 use crate::auth::PreSharedKey;
 use crate::error::{Result, TransportError};
-use crate::handshake::{client_handshake, server_handshake};
+use crate::handshake::{client_handshake, server_handshake, Deadline};
 use crate::lane::{run_dst, BulkDone, BulkLane, BulkRead, BulkTarget, PageSource, UrgentLane};
 use crate::layout::{MemoryLayout, PageRun};
 use crate::memory::GuestMemory;
@@ -142,7 +142,8 @@ fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<Served> {
     stream.set_write_timeout(Some(shared.options.io_timeout))?;
     let memory = &shared.memory;
     let layout = memory.layout();
-    let lane = server_handshake(&mut &*stream, &shared.key, shared.session, layout)?;
+    let lane =
+        server_handshake(&mut Deadline::new(stream, shared.options.io_timeout), &shared.key, shared.session, layout)?;
     if lane == Lane::Control {
         return Ok(Served::Control);
     }
@@ -318,11 +319,11 @@ pub(crate) fn open_lane(
     let mut last = None;
     for a in addrs {
         match TcpStream::connect_timeout(a, io_timeout) {
-            Ok(mut s) => {
+            Ok(s) => {
                 s.set_nodelay(true)?;
                 s.set_read_timeout(Some(io_timeout))?;
                 s.set_write_timeout(Some(io_timeout))?;
-                let cs = client_handshake(&mut s, key, lane, session, expected_layout)?;
+                let cs = client_handshake(&mut Deadline::new(&s, io_timeout), key, lane, session, expected_layout)?;
                 return Ok((s, cs));
             }
             Err(e) => last = Some(e),

@@ -387,3 +387,38 @@ fn local_server_refuses_a_wrong_key() {
     let err = ferry_transport::local::LocalPageServer::start(path.with_extension("2"), anon, key_a()).unwrap_err();
     assert!(matches!(err, TransportError::BadSharedMemory(_)), "anonymous memory cannot be shared: {err:?}");
 }
+
+#[test]
+fn a_handshake_trickled_a_byte_at_a_time_is_cut_at_its_deadline() {
+    // Each byte arrives well inside the per-read timeout; the handshake as a whole may not take
+    // longer than it either.
+    let options = TcpOptions { io_timeout: std::time::Duration::from_millis(500), ..TcpOptions::default() };
+    let memory = Arc::new(GuestMemory::create(small_layout(), Backing::Anonymous).unwrap());
+    let server = TcpPageServer::start("127.0.0.1:0", memory, key_a(), options).unwrap();
+    let mut peer = TcpStream::connect(server.local_addr()).unwrap();
+    let hello =
+        Control::Hello(Hello { lane: Lane::Urgent, session: SessionId::NEW, nonce: [7; 32], layout: None }).encode();
+    peer.set_read_timeout(Some(std::time::Duration::from_millis(100))).unwrap();
+    let mut cut_after = None;
+    for (i, byte) in hello.iter().cycle().take(400).enumerate() {
+        let mut buf = [0u8; 64];
+        // A closed connection reads as end-of-stream (or a reset) instead of timing out.
+        match peer.read(&mut buf) {
+            Ok(0) => {
+                cut_after = Some(i);
+                break;
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
+                cut_after = Some(i);
+                break;
+            }
+            _ => {}
+        }
+        if peer.write_all(&[*byte]).is_err() {
+            cut_after = Some(i);
+            break;
+        }
+    }
+    let n = cut_after.expect("the server kept a trickling handshake open for 400 bytes (40 s)");
+    assert!(n < hello.len(), "cut after {n} bytes, the hello alone has {}", hello.len());
+}

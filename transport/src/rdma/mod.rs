@@ -436,7 +436,12 @@ fn serve_connection(stream: &TcpStream, shared: &ServerShared) -> Result<Served>
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(shared.options.io_timeout))?;
     stream.set_write_timeout(Some(shared.options.io_timeout))?;
-    let lane = server_handshake(&mut &*stream, &shared.key, shared.session, &shared.layout)?;
+    let lane = server_handshake(
+        &mut crate::handshake::Deadline::new(stream, shared.options.io_timeout),
+        &shared.key,
+        shared.session,
+        &shared.layout,
+    )?;
     if lane == Lane::Control {
         return Ok(Served::Control);
     }
