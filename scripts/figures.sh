@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the README's figures from the project's own commands and prints each table with the
 # command that made it. Ranges are min-max over RUNS runs (default 3): these machines are noisy.
-#   bash scripts/figures.sh [kvm|modes|restore|toucher|transport|all]   (default: all)
+#   bash scripts/figures.sh [kvm|modes|restore|restore-bench|two-hosts|toucher|transport|all]   (default: all)
 # Needs /dev/kvm for kvm and restore. Raw JSON goes to target/figures/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -107,6 +107,56 @@ EOF
   echo
 }
 
+restore_bench() {
+  echo "## ferry-bench restore: 2 GiB guest, a working set of 32768 random pages, against Firecracker's example handler ($runs runs)"
+  echo
+  local f=$out/restore-bench.jsonl
+  : > "$f"
+  for _ in $(seq "$runs"); do
+    $bench restore --mem-mib 2048 --json --dir "$out" >> "$f"
+  done
+  python3 - "$f" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+def rng(vals, digits):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "never"
+    lo, hi = min(vals), max(vals)
+    f = lambda v: f"{v:.{digits}f}"
+    return f(lo) if f(lo) == f(hi) else f"{f(lo)}-{f(hi)}"
+print("| cache | mode | to running ms | to working set ms | faults | fault p50 us | fault p99 us | all in ms | raw fault + read p50 us |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for cache in ["page-cache", "dropped"]:
+    for mode in ["firecracker-example", "demand", "bubbling", "bubbling+replay", "eager"]:
+        rs = [r for r in rows if r.get("mode") == mode and r.get("cache") == cache]
+        g = lambda k: [r[k] for r in rs]
+        raw = [r["raw_fault_p50_us"] + r["raw_read_p50_us"] for r in rs]
+        print(f"| {cache} | {mode} | {rng(g('restore_to_running_ms'), 2)} | {rng(g('time_to_working_set_ms'), 1)} | "
+              f"{rng(g('faults'), 0)} | {rng(g('fault_p50_us'), 1)} | {rng(g('fault_p99_us'), 0)} | {rng(g('total_ms'), 0)} | {rng(raw, 1)} |")
+print()
+for cache in ["page-cache", "dropped"]:
+    s = [r for r in rows if r.get("summary") == "restore" and r["cache"] == cache]
+    print(f"{cache}: replay reaches the working set in {rng([r['replay_ws_over_firecracker'] for r in s], 2)}x Firecracker's "
+          f"time with {rng([100 * r['replay_faults_cut'] for r in s], 1)}% fewer faults; a demand fault's p50 is "
+          f"{rng([r['demand_fault_p50_over_raw'] for r in s], 2)}x (raw fault + raw read)")
+print()
+print("| guest | data | open ms | to running ms | all in ms |")
+print("| --- | --- | --- | --- | --- |")
+for gib in sorted({r["mem_gib"] for r in rows if r.get("scale")}):
+    s = [r for r in rows if r.get("scale") and r["mem_gib"] == gib]
+    print(f"| {gib} GiB | {s[0]['data_mib']} MiB | {rng([r['open_ms'] for r in s], 2)} | {rng([r['restore_to_running_ms'] for r in s], 2)} | {rng([r['total_ms'] for r in s], 0)} |")
+EOF
+  echo
+  echo "command: $bench restore --mem-mib 2048 --json --dir $out"
+  echo
+}
+
+two_hosts() {
+  bash scripts/two-hosts.sh
+  echo
+}
+
 toucher() {
   echo "## ferry-bench postcopy (toucher, 1 GiB, tcp loopback, one run)"
   echo
@@ -138,8 +188,10 @@ case "$what" in
   kvm) kvm ;;
   modes) modes ;;
   restore) restore ;;
+  restore-bench) restore_bench ;;
+  two-hosts) two_hosts ;;
   toucher) toucher ;;
   transport) transport ;;
-  all) kvm; modes; restore; toucher; transport ;;
-  *) echo "usage: $0 [kvm|modes|restore|toucher|transport|all]" >&2; exit 2 ;;
+  all) kvm; modes; restore; restore_bench; two_hosts; toucher; transport ;;
+  *) echo "usage: $0 [kvm|modes|restore|restore-bench|two-hosts|toucher|transport|all]" >&2; exit 2 ;;
 esac

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_fault_handler::{run_fault_loop, BulkInstaller, DestinationMemory, FaultQueue, FaultStats};
+use ferry_fault_handler::{run_fault_loop, BulkInstaller, DestinationMemory, FaultQueue, FaultStats, Recovery};
 use ferry_prepager::{BatchSizer, Policy, PolicyKind, Push, Replay};
 use ferry_transport::{BulkLane, PageSource};
 
@@ -37,6 +37,10 @@ pub struct EngineConfig {
     pub record_first_faults: bool,
     /// Heartbeats on a network session's control lane (not used by snapshot restores).
     pub liveness: crate::liveness::Liveness,
+    /// How long a data lane that broke or went silent is reopened for (with backoff, under the
+    /// same session) before its failure stands; faults waiting on it stay blocked meanwhile, the
+    /// rest of the guest runs. Zero: no recovery. Only backends that can reconnect (tcp) recover.
+    pub recovery_window: Duration,
 }
 
 impl Default for EngineConfig {
@@ -47,6 +51,7 @@ impl Default for EngineConfig {
             replay: None,
             record_first_faults: false,
             liveness: crate::liveness::Liveness::default(),
+            recovery_window: Duration::from_secs(10),
         }
     }
 }
@@ -87,6 +92,12 @@ pub struct DestinationReport {
     pub swept_pages: u64,
     /// Bulk pages fetched from a recorded working set ([`EngineConfig::replay`]).
     pub replayed_pages: u64,
+    /// Lanes reopened after they broke or went silent.
+    pub recoveries: u64,
+    /// Pages asked again on a reopened lane (apart from first sends).
+    pub resent_pages: u64,
+    /// Time spent reopening lanes.
+    pub paused: Duration,
     /// The pages the guest faulted on, first faults only, in order (when recorded).
     pub first_faults: Vec<u64>,
     pub zero_pages: u64,
@@ -169,6 +180,7 @@ struct Prepaged {
 /// The bulk side, waiting for [`PostcopyEngine::start_prepaging`].
 struct Pending {
     bulk: Box<dyn BulkLane>,
+    recovery: Option<Recovery>,
 }
 
 /// A running post-copy engine: the guest may run on `memory` while this brings its pages in.
@@ -213,19 +225,23 @@ impl PostcopyEngine {
         // no-op here: a destination registers before the guest pauses (see `register_landings`),
         // and registering twice is skipped.
         unsafe { register_landings(&memory, &mut source)? };
-        let PageSource { mut urgent, bulk, .. } = source;
+        let PageSource { mut urgent, bulk, reconnect, .. } = source;
+        let recovery = reconnect
+            .filter(|_| !config.recovery_window.is_zero())
+            .map(|reconnect| Recovery { reconnect, window: config.recovery_window });
         let stats = Arc::new(FaultStats::default());
         let zero_pages = if zero.pages() == 0 { 0 } else { memory.states().mark_present_words(zero.words()) };
         FaultStats::add(&stats.skipped_free_pages, zero_pages);
         let queue = Arc::new(FaultQueue::new(config.fault_queue));
         let flags = Arc::new(Flags::default());
         let fault_thread = {
-            let (memory, queue, stats, flags) = (memory.clone(), queue.clone(), stats.clone(), flags.clone());
+            let (memory, queue, stats, flags, recovery) =
+                (memory.clone(), queue.clone(), stats.clone(), flags.clone(), recovery.clone());
             std::thread::Builder::new()
                 .name("ferry-faults".into())
                 .spawn(move || {
                     let result = catch_unwind(AssertUnwindSafe(|| {
-                        run_fault_loop(&memory, urgent.as_mut(), &queue, &stats, &flags.stop_faults)
+                        run_fault_loop(&memory, &mut urgent, recovery.as_ref(), &queue, &stats, &flags.stop_faults)
                     }));
                     // Before `memory`: the lane may have registered its alias mappings.
                     drop(urgent);
@@ -243,7 +259,7 @@ impl PostcopyEngine {
             flags,
             fault_thread: Some(fault_thread),
             prepager_thread: None,
-            pending: Some(Pending { bulk }),
+            pending: Some(Pending { bulk, recovery }),
             started_at: Instant::now(),
         })
     }
@@ -251,7 +267,7 @@ impl PostcopyEngine {
     /// Starts the pre-pager: the policy's runs on the bulk lane. Call it once the guest runs;
     /// [`Self::wait`] calls it if nobody did.
     pub fn start_prepaging(&mut self) -> Result<()> {
-        let Some(Pending { bulk }) = self.pending.take() else { return Ok(()) };
+        let Some(Pending { bulk, recovery }) = self.pending.take() else { return Ok(()) };
         let (memory, queue, stats, flags) =
             (self.memory.clone(), self.queue.clone(), self.stats.clone(), self.flags.clone());
         let policy = self.config.build_policy();
@@ -262,7 +278,7 @@ impl PostcopyEngine {
                 let installer = BulkInstaller::new(bulk, max_run_pages(&memory) as usize * memory.page_size() as usize);
                 // The installer (and its lane) is dropped inside prepage, while `memory` is held here.
                 let result = catch_unwind(AssertUnwindSafe(|| {
-                    prepage(&memory, installer, policy, &queue, &stats, &flags, record)
+                    prepage(&memory, installer, recovery.as_ref(), policy, &queue, &stats, &flags, record)
                 }));
                 flags.prepager_ended.store(true, Ordering::Release);
                 flags.settle("the pre-pager", result)
@@ -365,6 +381,9 @@ impl PostcopyEngine {
             pivot_pages: prepaged.pivot_pages,
             swept_pages: prepaged.swept_pages,
             replayed_pages: prepaged.replayed_pages,
+            recoveries: get(&s.recoveries),
+            resent_pages: get(&s.resent_pages),
+            paused: Duration::from_nanos(get(&s.paused_ns)),
             first_faults: prepaged.first_faults,
             zero_pages: get(&s.zero_pages),
             skipped_free_pages: get(&s.skipped_free_pages),
@@ -466,6 +485,26 @@ impl EngineControl {
     }
 }
 
+/// After the bulk lane failed with `error`: reopens it and asks again for what was in flight
+/// when [`Recovery`] can cure it, else the error stands.
+fn recover_bulk(
+    memory: &DestinationMemory,
+    installer: &mut BulkInstaller,
+    recovery: Option<&Recovery>,
+    error: ferry_fault_handler::FaultError,
+    stats: &FaultStats,
+    flags: &Flags,
+) -> Result<()> {
+    let Some(recovery) = recovery.filter(|_| Recovery::cures(&error)) else { return Err(error.into()) };
+    let paused = Instant::now();
+    let lane = recovery.reopen(&flags.abort, &error, |r| r.bulk())?;
+    let resent = installer.replace_lane(memory, lane)?;
+    FaultStats::add(&stats.recoveries, 1);
+    FaultStats::add(&stats.resent_pages, resent);
+    FaultStats::add(&stats.paused_ns, paused.elapsed().as_nanos() as u64);
+    Ok(())
+}
+
 /// Longest bulk run in pages: [`MAX_BULK_RUN_BYTES`], or one page where pages are larger.
 fn max_run_pages(memory: &DestinationMemory) -> u32 {
     (MAX_BULK_RUN_BYTES / memory.page_size()).max(1) as u32
@@ -474,9 +513,11 @@ fn max_run_pages(memory: &DestinationMemory) -> u32 {
 /// The pre-pager thread: the policy's runs (and, once finishing and the policy is dry, an
 /// address-order sweep) keeping the bulk lane full, until every page is present. With `record`,
 /// it notes each page's first fault, in order.
+#[allow(clippy::too_many_arguments)]
 fn prepage(
     memory: &DestinationMemory,
     mut installer: BulkInstaller,
+    recovery: Option<&Recovery>,
     mut policy: Box<dyn Policy>,
     queue: &FaultQueue,
     stats: &FaultStats,
@@ -511,15 +552,19 @@ fn prepage(
                 }
                 None => break,
             };
-            installer.submit(memory, claim)?;
+            if let Err(e) = installer.submit(memory, claim) {
+                recover_bulk(memory, &mut installer, recovery, e, stats, flags)?;
+            }
         }
         if installer.in_flight() == 0 {
             // Nothing to fetch until the guest faults again (demand) or the engine finishes.
             std::thread::park_timeout(Duration::from_micros(200));
             continue;
         }
-        if let Some(done) = installer.complete(memory, stats)? {
-            sizer.record(done.bytes, done.lane_time);
+        match installer.complete(memory, stats) {
+            Ok(Some(done)) => sizer.record(done.bytes, done.lane_time),
+            Ok(None) => {}
+            Err(e) => recover_bulk(memory, &mut installer, recovery, e, stats, flags)?,
         }
     }
     if states.all_present() {

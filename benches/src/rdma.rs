@@ -165,7 +165,7 @@ fn fault_service(addr: &str, o: &Options) -> Result<(f64, f64, usize)> {
     let fault_thread = {
         let (memory, queue, stats, stop) = (memory.clone(), queue.clone(), stats.clone(), stop.clone());
         std::thread::spawn(move || {
-            let r = run_fault_loop(&memory, urgent.as_mut(), &queue, &stats, &stop);
+            let r = run_fault_loop(&memory, &mut urgent, None, &queue, &stats, &stop);
             drop(urgent);
             r
         })

@@ -62,6 +62,7 @@ impl BulkInstaller {
     }
 
     /// Starts reading `claim`, which must belong to `memory` and be at most `max_run_bytes` long.
+    /// If the lane fails, the claim is kept with those in flight, for [`Self::replace_lane`].
     pub fn submit(&mut self, memory: &DestinationMemory, claim: Claim) -> Result<()> {
         let bytes = claim.count() as usize * memory.page_size() as usize;
         if bytes > self.max_run_bytes {
@@ -70,6 +71,16 @@ impl BulkInstaller {
                 self.max_run_bytes
             )));
         }
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        self.in_flight.insert(tag, claim);
+        self.send(memory, tag)
+    }
+
+    /// Puts the read of in-flight claim `tag` on the lane.
+    fn send(&mut self, memory: &DestinationMemory, tag: u64) -> Result<()> {
+        let claim = self.in_flight.get(&tag).expect("a claim in flight");
+        let bytes = claim.count() as usize * memory.page_size() as usize;
         let buf = match memory.mapped_target(&claim) {
             Some(target) => target,
             None => match self.pool.iter().position(|b| b.len() >= bytes) {
@@ -80,12 +91,26 @@ impl BulkInstaller {
         if self.lane.in_flight() == 0 {
             self.last_completion = Instant::now();
         }
-        let run = memory.states().to_run(&claim);
-        let tag = self.next_tag;
-        self.next_tag += 1;
+        let run = memory.states().to_run(claim);
         self.lane.submit(BulkRead { run, buf, tag })?;
-        self.in_flight.insert(tag, claim);
         Ok(())
+    }
+
+    /// Swaps in a reopened lane after the old one broke, and asks again, in their order, for every
+    /// read that was in flight on it (their claims never left this installer, so each page is
+    /// still installed once). Returns the pages asked again.
+    pub fn replace_lane(&mut self, memory: &DestinationMemory, lane: Box<dyn BulkLane>) -> Result<u64> {
+        // The old lane goes first: its buffers and any read it still had land nowhere after this.
+        drop(std::mem::replace(&mut self.lane, lane));
+        let mut tags: Vec<u64> = self.in_flight.keys().copied().collect();
+        tags.sort_unstable();
+        let mut pages = 0;
+        for tag in tags {
+            pages += u64::from(self.in_flight[&tag].count());
+            self.send(memory, tag)?;
+        }
+        self.last_completion = Instant::now();
+        Ok(pages)
     }
 
     /// Waits for one read and installs it; `None` when nothing is in flight.

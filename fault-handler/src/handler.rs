@@ -10,6 +10,7 @@ use ferry_transport::UrgentLane;
 
 use crate::error::{FaultError, Result};
 use crate::install::DestinationMemory;
+use crate::recovery::Recovery;
 use crate::stats::FaultStats;
 use crate::uffd::Event;
 
@@ -67,7 +68,8 @@ fn read_into(
 /// time of each network fault, for percentiles.
 pub fn run_fault_loop(
     memory: &DestinationMemory,
-    urgent: &mut dyn UrgentLane,
+    urgent: &mut Box<dyn UrgentLane>,
+    recovery: Option<&Recovery>,
     queue: &FaultQueue,
     stats: &FaultStats,
     stop: &AtomicBool,
@@ -117,6 +119,16 @@ pub fn run_fault_loop(
                                 // EAGAIN: take it in (the install then leaves its pages zero).
                                 Err(FaultError::Busy { .. }) if Instant::now() < deadline => {
                                     read_into(memory, &mut events, &mut pending, stats, 1)?;
+                                }
+                                // The claim stays ours: reopen the lane and ask again.
+                                Err(e) if recovery.is_some() && Recovery::cures(&e) => {
+                                    let recovery = recovery.expect("checked");
+                                    let paused = Instant::now();
+                                    *urgent = recovery.reopen(stop, &e, |r| r.urgent())?;
+                                    staging = urgent.buffer(memory.page_size() as usize)?;
+                                    FaultStats::add(&stats.recoveries, 1);
+                                    FaultStats::add(&stats.resent_pages, u64::from(claim.count()));
+                                    FaultStats::add(&stats.paused_ns, paused.elapsed().as_nanos() as u64);
                                 }
                                 other => break other?,
                             }

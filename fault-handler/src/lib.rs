@@ -6,13 +6,15 @@
 //! requested once and installed once (zero pages are never installed: present, and resolved when
 //! touched); serves faults on the transport's urgent lane, and feeds faulting pages to the
 //! pre-pager through a bounded lock-free queue; [`BulkInstaller`] keeps a bulk lane busy with the
-//! runs the pre-pager claims and installs them as they land. The raw ioctls live in [`uffd`], the
-//! crate's only syscall place.
+//! runs the pre-pager claims and installs them as they land; [`Recovery`] reopens a lane that broke
+//! and asks again what was in flight on it. The raw ioctls live in [`uffd`], the crate's only
+//! syscall place.
 
 pub mod bulk;
 pub mod error;
 pub mod handler;
 pub mod install;
+pub mod recovery;
 pub mod state;
 pub mod stats;
 pub mod uffd;
@@ -21,5 +23,6 @@ pub use bulk::{BulkInstaller, Installed};
 pub use error::{FaultError, Result};
 pub use handler::{run_fault_loop, FaultQueue};
 pub use install::{DestinationMemory, InstallMode};
+pub use recovery::Recovery;
 pub use state::{Claim, PageStates};
 pub use stats::{FaultStats, Histogram};

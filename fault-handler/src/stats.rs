@@ -29,6 +29,13 @@ impl Histogram {
 pub struct FaultStats {
     /// Page-fault events read from the userfaultfd.
     pub faults: AtomicU64,
+    /// Lanes reopened after they broke or went silent ([`crate::Recovery`]).
+    pub recoveries: AtomicU64,
+    /// Pages asked again after a lane was reopened: counted apart from first sends, so a page the
+    /// source serves twice is a resend or a bug, never both.
+    pub resent_pages: AtomicU64,
+    /// Time spent reopening lanes, while the faults waiting on them stayed blocked.
+    pub paused_ns: AtomicU64,
     /// Faults whose page had to be read from the source on the urgent lane.
     pub network_faults: AtomicU64,
     /// Faults on pages the pre-pager already had in flight: they waited for that read.

@@ -27,7 +27,7 @@ fn faults_over(backing: Backing) {
     let stop = Arc::new(AtomicBool::new(false));
     let handler = {
         let (dest, stats, queue, stop) = (dest.clone(), stats.clone(), queue.clone(), stop.clone());
-        std::thread::spawn(move || run_fault_loop(&dest, lanes.urgent.as_mut(), &queue, &stats, &stop))
+        std::thread::spawn(move || run_fault_loop(&dest, &mut lanes.urgent, None, &queue, &stats, &stop))
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let mut page = vec![0u8; 4096];
@@ -68,7 +68,7 @@ fn discarded_pages_are_never_fetched_and_read_as_zero() {
     let stop = Arc::new(AtomicBool::new(false));
     let handler = {
         let (dest, stats, stop) = (dest.clone(), stats.clone(), stop.clone());
-        std::thread::spawn(move || run_fault_loop(&dest, lanes.urgent.as_mut(), &FaultQueue::new(8), &stats, &stop))
+        std::thread::spawn(move || run_fault_loop(&dest, &mut lanes.urgent, None, &FaultQueue::new(8), &stats, &stop))
     };
     let region = &dest.guest().regions()[0];
     // The guest discards pages 100..200 before touching them, as a balloon inflating would.
@@ -112,7 +112,7 @@ fn pages_discarded_while_in_flight_stay_zero() {
         let ferry_transport::PageSource { mut urgent, mut bulk, .. } = lanes;
         let handler = {
             let (dest, stats, stop) = (dest.clone(), stats.clone(), stop.clone());
-            std::thread::spawn(move || run_fault_loop(&dest, urgent.as_mut(), &FaultQueue::new(8), &stats, &stop))
+            std::thread::spawn(move || run_fault_loop(&dest, &mut urgent, None, &FaultQueue::new(8), &stats, &stop))
         };
         let states = dest.states();
         // Pages 100..108 are claimed and read on the bulk lane ...
@@ -159,7 +159,7 @@ fn zero_pages_left_absent(backing: Backing) {
     let (stats, stop) = (Arc::new(FaultStats::default()), Arc::new(AtomicBool::new(false)));
     let handler = {
         let (dest, stats, stop) = (dest.clone(), stats.clone(), stop.clone());
-        std::thread::spawn(move || run_fault_loop(&dest, lanes.urgent.as_mut(), &FaultQueue::new(8), &stats, &stop))
+        std::thread::spawn(move || run_fault_loop(&dest, &mut lanes.urgent, None, &FaultQueue::new(8), &stats, &stop))
     };
     let pages = dest.states().pages();
     let zero = dest.states().claim_up(0, (pages / 2) as u32).unwrap();

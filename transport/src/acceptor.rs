@@ -91,6 +91,20 @@ impl Acceptor {
         }
     }
 
+    /// Closes the connections still being served (data lanes, handshakes), not the control lanes
+    /// handed to their owner (their threads have ended); keeps accepting.
+    pub(crate) fn drop_served_connections(&self) {
+        let mut conns = self.connections.lock().expect("connection list poisoned");
+        let (live, ended): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut *conns).into_iter().partition(|(_, t)| !t.is_finished());
+        *conns = ended;
+        drop(conns);
+        for (stream, thread) in live {
+            let _ = stream.shutdown(Shutdown::Both);
+            let _ = thread.join();
+        }
+    }
+
     /// Stops accepting, closes every connection and joins every thread. Idempotent.
     pub(crate) fn stop(&mut self) {
         let Some(thread) = self.thread.take() else { return };

@@ -231,6 +231,16 @@ pub struct PageSource {
     pub layout: MemoryLayout,
     pub urgent: Box<dyn UrgentLane>,
     pub bulk: Box<dyn BulkLane>,
+    /// How to reopen a lane of this session after it broke, where the backend can (`tcp`); a
+    /// file or a shared mapping does not break.
+    pub reconnect: Option<std::sync::Arc<dyn Reconnect>>,
+}
+
+/// Reopens one lane of an existing session after its connection broke: the same session id,
+/// authenticated again. Reads are idempotent, so what was in flight is simply asked again.
+pub trait Reconnect: Send + Sync + std::fmt::Debug {
+    fn urgent(&self) -> Result<Box<dyn UrgentLane>>;
+    fn bulk(&self) -> Result<Box<dyn BulkLane>>;
 }
 
 impl std::fmt::Debug for PageSource {

@@ -29,7 +29,9 @@ pub mod wire;
 
 pub use auth::PreSharedKey;
 pub use error::{Result, TransportError};
-pub use lane::{BulkDone, BulkLane, BulkRead, BulkTarget, ControlStream, MappedRange, PageBuf, PageSource, UrgentLane};
+pub use lane::{
+    BulkDone, BulkLane, BulkRead, BulkTarget, ControlStream, MappedRange, PageBuf, PageSource, Reconnect, UrgentLane,
+};
 pub use layout::{MemoryLayout, PageRun, RegionLayout};
 pub use memory::{Backing, GuestMemory, RegionMapping};
 pub use wire::{Lane, SessionId, ZeroMask};

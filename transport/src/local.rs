@@ -218,6 +218,7 @@ fn map_lanes(
         .collect::<Result<Vec<_>>>()?;
     let memory = Arc::new(GuestMemory::new(cs.layout.clone(), mappings)?);
     Ok(PageSource {
+        reconnect: None,
         session: cs.session,
         layout: cs.layout,
         urgent: Box::new(LocalUrgent { memory: memory.clone(), _control: stream }),

@@ -88,6 +88,7 @@ impl RawMemoryFile {
     /// it is completed: reads come from the page cache or the disk at the caller's pace.
     pub fn page_source(self: &Arc<Self>, depth: usize) -> PageSource {
         PageSource {
+            reconnect: None,
             session: SessionId::NEW,
             layout: self.layout.clone(),
             urgent: Box::new(RawUrgent { file: self.clone() }),

@@ -534,6 +534,7 @@ impl SnapshotImage {
     pub fn page_source(self: &Arc<Self>, bulk_depth: usize) -> Result<PageSource> {
         let depth = bulk_depth.clamp(1, 4096);
         Ok(PageSource {
+            reconnect: None,
             session: SessionId::NEW,
             layout: self.layout.clone(),
             urgent: Box::new(SnapshotUrgent { image: self.clone(), ring: IoUring::new(4)? }),

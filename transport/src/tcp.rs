@@ -18,7 +18,7 @@ use crate::acceptor::{Acceptor, Served};
 use crate::auth::PreSharedKey;
 use crate::error::{Result, TransportError};
 use crate::handshake::{client_handshake, server_handshake, Deadline};
-use crate::lane::{run_dst, BulkDone, BulkLane, BulkRead, BulkTarget, PageSource, UrgentLane};
+use crate::lane::{run_dst, BulkDone, BulkLane, BulkRead, BulkTarget, PageSource, Reconnect, UrgentLane};
 use crate::layout::{MemoryLayout, PageRun};
 use crate::memory::GuestMemory;
 use crate::wire::{Lane, ReadReply, ReadRequest, ReadStatus, SessionId, ZeroMask, READ_REQUEST_FRAME_LEN};
@@ -128,6 +128,13 @@ impl TcpPageServer {
     /// and to force reconnection.
     pub fn drop_connections(&self) {
         self.acceptor.drop_connections();
+    }
+
+    /// Breaks the session's data lanes (urgent, bulk) as a cut link would, keeping its control
+    /// lane and accepting new connections: the destination reconnects and asks again. For fault
+    /// injection and tests.
+    pub fn cut_data_lanes(&self) {
+        self.acceptor.drop_served_connections();
     }
 
     /// Stops accepting, closes every connection and joins every thread.
@@ -291,20 +298,51 @@ fn open_lanes(
 ) -> Result<PageSource> {
     let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
     let (urgent, first) = open_lane(&addrs, key, Lane::Urgent, session, expected_layout, options.io_timeout)?;
-    let (bulk, _) = open_lane(&addrs, key, Lane::Bulk, first.session, Some(&first.layout), options.io_timeout)?;
-    let layout = first.layout;
+    let lanes = TcpLanes {
+        addrs,
+        key: key.clone(),
+        session: first.session,
+        layout: first.layout.clone(),
+        options: options.clone(),
+    };
+    let urgent = Box::new(TcpUrgent { conn: Conn::new(urgent, first.layout.clone())?, next_id: 1 });
     Ok(PageSource {
         session: first.session,
-        layout: layout.clone(),
-        urgent: Box::new(TcpUrgent { conn: Conn::new(urgent, layout.clone())?, next_id: 1 }),
-        bulk: Box::new(TcpBulk {
-            conn: Conn::new(bulk, layout)?,
-            depth: options.bulk_depth.max(1),
+        layout: first.layout,
+        urgent,
+        bulk: lanes.bulk()?,
+        reconnect: Some(Arc::new(lanes)),
+    })
+}
+
+/// What reopens a session's lanes: where the server is, the key, and the session.
+#[derive(Debug)]
+struct TcpLanes {
+    addrs: Vec<SocketAddr>,
+    key: PreSharedKey,
+    session: SessionId,
+    layout: MemoryLayout,
+    options: TcpOptions,
+}
+
+impl Reconnect for TcpLanes {
+    fn urgent(&self) -> Result<Box<dyn UrgentLane>> {
+        let (s, _) =
+            open_lane(&self.addrs, &self.key, Lane::Urgent, self.session, Some(&self.layout), self.options.io_timeout)?;
+        Ok(Box::new(TcpUrgent { conn: Conn::new(s, self.layout.clone())?, next_id: 1 }))
+    }
+
+    fn bulk(&self) -> Result<Box<dyn BulkLane>> {
+        let (s, _) =
+            open_lane(&self.addrs, &self.key, Lane::Bulk, self.session, Some(&self.layout), self.options.io_timeout)?;
+        Ok(Box::new(TcpBulk {
+            conn: Conn::new(s, self.layout.clone())?,
+            depth: self.options.bulk_depth.max(1),
             in_flight: VecDeque::new(),
             unsent: Vec::new(),
             next_id: 1,
-        }),
-    })
+        }))
+    }
 }
 
 /// Connects to the first address that answers and runs the handshake for `lane`.

@@ -620,7 +620,13 @@ fn open_lanes(
         wcs: Vec::with_capacity(16),
         _setup: setup,
     };
-    let source = PageSource { session: cs.session, layout: cs.layout, urgent: Box::new(urgent), bulk: Box::new(bulk) };
+    let source = PageSource {
+        session: cs.session,
+        layout: cs.layout,
+        urgent: Box::new(urgent),
+        bulk: Box::new(bulk),
+        reconnect: None,
+    };
     Ok((source, ledger))
 }
 
