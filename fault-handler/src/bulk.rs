@@ -81,7 +81,7 @@ impl BulkInstaller {
     fn send(&mut self, memory: &DestinationMemory, tag: u64) -> Result<()> {
         let claim = self.in_flight.get(&tag).expect("a claim in flight");
         let bytes = claim.count() as usize * memory.page_size() as usize;
-        let buf = match memory.mapped_target(&claim) {
+        let buf = match memory.mapped_target(claim) {
             Some(target) => target,
             None => match self.pool.iter().position(|b| b.len() >= bytes) {
                 Some(i) => self.pool.swap_remove(i).into(),
