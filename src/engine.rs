@@ -497,12 +497,20 @@ fn recover_bulk(
 ) -> Result<()> {
     let Some(recovery) = recovery.filter(|_| Recovery::cures(&error)) else { return Err(error.into()) };
     let paused = Instant::now();
-    let lane = recovery.reopen(&flags.abort, &error, |r| r.bulk())?;
-    let resent = installer.replace_lane(memory, lane)?;
-    FaultStats::add(&stats.recoveries, 1);
-    FaultStats::add(&stats.resent_pages, resent);
-    FaultStats::add(&stats.paused_ns, paused.elapsed().as_nanos() as u64);
-    Ok(())
+    let mut error = error;
+    loop {
+        let lane = recovery.reopen(&flags.abort, &error, |r| r.bulk())?;
+        // The new lane may break while the reads are asked again: that is one more recovery.
+        match installer.replace_lane(memory, lane, stats) {
+            Ok(()) => {
+                FaultStats::add(&stats.recoveries, 1);
+                FaultStats::add(&stats.paused_ns, paused.elapsed().as_nanos() as u64);
+                return Ok(());
+            }
+            Err(e) if Recovery::cures(&e) && paused.elapsed() < recovery.window => error = e,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Longest bulk run in pages: [`MAX_BULK_RUN_BYTES`], or one page where pages are larger.

@@ -34,7 +34,8 @@ fn migrate_with_cuts(policy: PolicyKind, backing: Backing, cuts: u64) {
         })
     };
     let memory = Arc::new(DestinationMemory::register(GuestMemory::create(layout.clone(), backing).unwrap()).unwrap());
-    let (lanes, control) = tcp::connect_session(server.local_addr(), &key, Some(&layout), &TcpOptions::default()).unwrap();
+    let (lanes, control) =
+        tcp::connect_session(server.local_addr(), &key, Some(&layout), &TcpOptions::default()).unwrap();
     let config = EngineConfig { policy, recovery_window: Duration::from_secs(20), ..EngineConfig::default() };
     let session = PostcopyDestination::start(Box::new(control), memory.clone(), lanes, &config, |_| Ok(())).unwrap();
     // Cut at evenly spread fractions of the pages present, so the cuts land mid-migration
@@ -75,8 +76,11 @@ fn migrate_with_cuts(policy: PolicyKind, backing: Backing, cuts: u64) {
     assert_eq!(source_report.done.pages_present, pages);
 }
 
+/// 60 cuts here and 40 in the KVM test: 100 per CI run.
 #[test]
 fn cut_data_lanes_recover_and_the_migration_completes() {
-    migrate_with_cuts(PolicyKind::Bubbling, Backing::Anonymous, 10);
-    migrate_with_cuts(PolicyKind::Push, Backing::Memfd, 10);
+    migrate_with_cuts(PolicyKind::Bubbling, Backing::Anonymous, 15);
+    migrate_with_cuts(PolicyKind::Push, Backing::Memfd, 15);
+    migrate_with_cuts(PolicyKind::Demand, Backing::Anonymous, 15);
+    migrate_with_cuts(PolicyKind::Bubbling, Backing::Memfd, 15);
 }

@@ -98,19 +98,24 @@ impl BulkInstaller {
 
     /// Swaps in a reopened lane after the old one broke, and asks again, in their order, for every
     /// read that was in flight on it (their claims never left this installer, so each page is
-    /// still installed once). Returns the pages asked again.
-    pub fn replace_lane(&mut self, memory: &DestinationMemory, lane: Box<dyn BulkLane>) -> Result<u64> {
+    /// still installed once). Each page asked again counts in `stats.resent_pages` as it is,
+    /// also when the new lane breaks before the rest are.
+    pub fn replace_lane(
+        &mut self,
+        memory: &DestinationMemory,
+        lane: Box<dyn BulkLane>,
+        stats: &FaultStats,
+    ) -> Result<()> {
         // The old lane goes first: its buffers and any read it still had land nowhere after this.
         drop(std::mem::replace(&mut self.lane, lane));
         let mut tags: Vec<u64> = self.in_flight.keys().copied().collect();
         tags.sort_unstable();
-        let mut pages = 0;
         for tag in tags {
-            pages += u64::from(self.in_flight[&tag].count());
+            FaultStats::add(&stats.resent_pages, u64::from(self.in_flight[&tag].count()));
             self.send(memory, tag)?;
         }
         self.last_completion = Instant::now();
-        Ok(pages)
+        Ok(())
     }
 
     /// Waits for one read and installs it; `None` when nothing is in flight.

@@ -7,7 +7,7 @@
 //!                   [--rate-mib N] [--seconds 1] [--json]
 //! ferry-vmm demo    [run's options] [--mem 2G] [--mode postcopy|precopy|hybrid]
 //!                   [--prepager demand|push|bubbling] [--downtime-ms 50] [--max-rounds 30]
-//!                   [--transport tcp|local]
+//!                   [--transport tcp|local] [--inject cut-lanes=N]
 //! ferry-vmm receive --listen ADDR [--key-hex K] [--json]
 //! ferry-vmm migrate --to ADDR [--key-hex K] [demo's options]
 //! ferry-vmm snapshot --out FILE [run's options]
@@ -17,7 +17,9 @@
 //! `migrate` boots the guest, runs it for `--seconds`, then migrates it to a `receive` waiting at
 //! ADDR: it tells the destination where its page server listens and the guest's shape, and the
 //! destination connects back (the pre-shared key, from `--key-hex` or FERRY_KEY, authenticates both
-//! sides). `demo` runs both halves in this process over tcp loopback. After the migration the
+//! sides). `demo` runs both halves in this process over tcp loopback; `--inject cut-lanes=N`
+//! breaks the data lanes N times during a tcp post-copy (the destination reconnects and asks
+//! again for what was in flight). After the migration the
 //! guest checks its own memory; each side prints its report (`demo` one merged report).
 //! `snapshot` runs the guest for `--seconds`, pauses it and saves it in ferry's image format;
 //! `restore` brings it back, eagerly or lazily (running at once while the image's pages fault in
@@ -79,6 +81,8 @@ struct Args {
     lazy: bool,
     record: bool,
     replay: bool,
+    /// Data-lane cuts injected into a tcp post-copy (`--inject cut-lanes=N`).
+    cut_lanes: u64,
 }
 
 fn parse() -> Result<Args> {
@@ -109,6 +113,7 @@ fn parse() -> Result<Args> {
         lazy: true,
         record: false,
         replay: false,
+        cut_lanes: 0,
     };
     while let Some(flag) = raw.next() {
         let mut value = || raw.next().ok_or_else(|| anyhow!("{flag} needs a value"));
@@ -157,6 +162,13 @@ fn parse() -> Result<Args> {
             "--eager" => a.lazy = false,
             "--record" => a.record = true,
             "--replay" => a.replay = true,
+            "--inject" => {
+                let v = value()?;
+                match v.split_once('=') {
+                    Some(("cut-lanes", n)) => a.cut_lanes = n.parse().with_context(|| format!("--inject {v}"))?,
+                    _ => bail!("--inject {v}: cut-lanes=N (more kinds of fault to come)"),
+                }
+            }
             other => bail!("unknown option {other}"),
         }
     }
@@ -435,8 +447,45 @@ fn mode_name(m: Mode) -> &'static str {
 
 /// The source's page server.
 enum Server {
-    Tcp(TcpPageServer),
+    Tcp(Arc<TcpPageServer>),
     Local(LocalPageServer),
+}
+
+/// Fault injection: breaks the data lanes `cuts` times while the destination pulls the guest,
+/// at evenly spread fractions of the pages served, so the cuts land mid-migration however fast
+/// it goes.
+struct LaneCutter {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl LaneCutter {
+    fn start(server: Arc<TcpPageServer>, cuts: u64, pages: u64) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut made = 0;
+                while made < cuts && !stop.load(Ordering::Acquire) {
+                    let s = server.stats();
+                    let served = s.data_pages.load(Ordering::Relaxed) + s.zero_pages.load(Ordering::Relaxed);
+                    if served >= (made + 1) * pages / (cuts + 2) {
+                        server.cut_data_lanes();
+                        made += 1;
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                made
+            })
+        };
+        LaneCutter { stop, thread }
+    }
+
+    /// Stops cutting; how many cuts were made.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().unwrap_or(0)
+    }
 }
 
 /// What one half of a migration reports, and when (wall clock) its side of the downtime was.
@@ -469,7 +518,7 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
         Server::Local(LocalPageServer::start(&path, source_mem, key.clone())?)
     } else {
         let page_addr = SocketAddr::new(rendezvous.local_addr()?.ip(), 0);
-        Server::Tcp(TcpPageServer::start(page_addr, source_mem, key.clone(), TcpOptions::default())?)
+        Server::Tcp(Arc::new(TcpPageServer::start(page_addr, source_mem, key.clone(), TcpOptions::default())?))
     };
     // The baseline is the guest's steady state: after a warm-up, the rate just before the pause.
     std::thread::sleep(Duration::from_secs_f64(a.seconds));
@@ -531,7 +580,17 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
         (Mode::Postcopy, _) | (_, None) => {
             let paused_at = Instant::now();
             let blob = pause()?;
-            let r = run_source(control.as_mut(), paused_at, &blob, &free, config.liveness)?;
+            let cutter = match &server {
+                Server::Tcp(s) if a.cut_lanes > 0 => {
+                    Some(LaneCutter::start(s.clone(), a.cut_lanes, layout.total_pages()))
+                }
+                _ => None,
+            };
+            let r = run_source(control.as_mut(), paused_at, &blob, &free, config.liveness);
+            if let Some(cutter) = cutter {
+                report["lane_cuts"] = json!(cutter.stop());
+            }
+            let r = r?;
             report["source_downtime_ms"] = json!(r.downtime.as_secs_f64() * 1e3);
             report["total_ms"] = json!(r.total.as_secs_f64() * 1e3);
         }
@@ -703,6 +762,9 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
         report["fault_p99_us"] = json!(r.fault_p99.as_secs_f64() * 1e6);
         report["blocktime_ms"] = json!(r.blocktime.as_secs_f64() * 1e3);
         report["pages_installed_twice"] = json!(r.pages_installed_twice);
+        report["recoveries"] = json!(r.recoveries);
+        report["pages_resent"] = json!(r.resent_pages);
+        report["paused_ms"] = json!(r.paused.as_secs_f64() * 1e3);
     }
     let running = running.ok_or_else(|| anyhow!("the destination never resumed"))?;
     let (at, resumed_at) = resumed.ok_or_else(|| anyhow!("the destination never resumed"))?;
@@ -810,8 +872,11 @@ fn demo(a: &Args) -> Result<()> {
             report["rate_during_over_cold"] = json!(during / cold_rate.max(1e-9));
         }
     }
-    let twice =
-        report["pages_sent_twice"].as_u64().unwrap_or(0) + report["pages_installed_twice"].as_u64().unwrap_or(0);
+    // Pages served again because a cut lane's reads were asked again are resends, not a second
+    // send: only what is left beyond them (and any second install) would be a bug.
+    let served_twice = report["pages_sent_twice"].as_u64().unwrap_or(0);
+    let resent = report["pages_resent"].as_u64().unwrap_or(0);
+    let twice = served_twice.saturating_sub(resent) + report["pages_installed_twice"].as_u64().unwrap_or(0);
     report["pages_sent_twice"] = json!(twice);
     print_report(a, &report)
 }

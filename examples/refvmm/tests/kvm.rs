@@ -376,3 +376,28 @@ fn a_snapshot_restores_eagerly_and_lazily_and_replays_its_working_set() {
     let _ = std::fs::remove_file(image);
     let _ = std::fs::remove_file(format!("{image}.ws"));
 }
+
+#[test]
+fn a_kvm_guest_survives_its_data_lanes_being_cut_twenty_times() {
+    if !kvm_available("a_kvm_guest_survives_its_data_lanes_being_cut_twenty_times") {
+        return;
+    }
+    for (prepager, backing) in [("bubbling", "anon"), ("push", "memfd")] {
+        let r = demo(&[
+            "--workload",
+            "rand-write",
+            "--prepager",
+            prepager,
+            "--backing",
+            backing,
+            "--inject",
+            "cut-lanes=20",
+        ]);
+        assert_eq!(r["guest_mismatches"], 0, "{r}");
+        assert_eq!(r["pages_installed_twice"], 0, "{r}");
+        assert_eq!(r["pages_sent_twice"], 0, "a page served twice that was not a resend: {r}");
+        let cuts = r["lane_cuts"].as_u64().unwrap();
+        assert!(cuts > 0, "no cut landed: {r}");
+        assert!(r["recoveries"].as_u64().unwrap() > 0, "{cuts} cuts and no recovery: {r}");
+    }
+}
