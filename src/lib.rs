@@ -33,4 +33,4 @@ pub use ferry_prepager as prepager;
 pub use ferry_transport as transport;
 pub use freepages::FreePages;
 pub use liveness::Liveness;
-pub use postcopy::{run_source, PostcopyDestination, SourceReport};
+pub use postcopy::{run_source, ControlAcceptor, PostcopyDestination, SourceOptions, SourceReport};

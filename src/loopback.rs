@@ -80,7 +80,7 @@ pub fn migrate(config: &LoopbackConfig) -> Result<LoopbackOutcome> {
     let source_mem = Arc::new(GuestMemory::create(layout.clone(), source_backing)?);
     prepare_source(&source_mem, SEED, &free)?;
     let paused = move |mut control: Box<dyn ControlStream>, free: FreePages| -> Result<SourceReport> {
-        run_source(control.as_mut(), Instant::now(), &SEED.to_le_bytes(), &free, crate::Liveness::default())
+        run_source(control.as_mut(), Instant::now(), &SEED.to_le_bytes(), &free, &Default::default())
     };
     // Register first: the source pauses its guest as soon as our control lane connects.
     let memory = Arc::new(DestinationMemory::register(GuestMemory::create(layout.clone(), config.dest_backing)?)?);

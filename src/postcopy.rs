@@ -25,6 +25,7 @@ pub struct PostcopyDestination {
     engine: PostcopyEngine,
     watch: SourceWatch,
     resume_latency: Duration,
+    rejoin: Option<Rejoin>,
 }
 
 impl PostcopyDestination {
@@ -47,6 +48,7 @@ impl PostcopyDestination {
         while !live.wait_readable(Duration::from_secs(3600)).map_err(ferry_transport::TransportError::Io)? {}
         let (state, free) = handoff::receive_handoff(&mut live, memory.states().pages())?;
         let handoff_at = Instant::now();
+        let rejoin = Rejoin::of(&source, config);
         let mut engine = PostcopyEngine::start(memory, source, config, &free)?;
         if let Err(why) = resume(&state) {
             handoff::send_abort(&mut live, &why);
@@ -55,8 +57,8 @@ impl PostcopyDestination {
         let resume_latency = handoff_at.elapsed();
         handoff::send_resumed(&mut live)?;
         engine.start_prepaging()?;
-        let watch = SourceWatch::start(live, engine.control())?;
-        Ok(PostcopyDestination { engine, watch, resume_latency })
+        let watch = SourceWatch::start(live, engine.control(), rejoin.clone())?;
+        Ok(PostcopyDestination { engine, watch, resume_latency, rejoin })
     }
 
     pub fn memory(&self) -> &Arc<DestinationMemory> {
@@ -85,16 +87,22 @@ impl PostcopyDestination {
         match (engine, self.watch.stop()) {
             (Ok(mut report), Ok(mut live)) => {
                 report.resume_latency = self.resume_latency;
-                handoff::send_done(
-                    &mut live,
-                    &DoneCounters {
-                        pages_present: report.pages_total,
-                        network_faults: report.network_faults,
-                        urgent_pages: report.urgent_pages,
-                        bulk_pages: report.bulk_pages,
-                        skipped_free_pages: report.skipped_free_pages,
-                    },
-                )?;
+                let done = DoneCounters {
+                    pages_present: report.pages_total,
+                    network_faults: report.network_faults,
+                    urgent_pages: report.urgent_pages,
+                    bulk_pages: report.bulk_pages,
+                    skipped_free_pages: report.skipped_free_pages,
+                };
+                match (handoff::send_done(&mut live, &done), &self.rejoin) {
+                    (Ok(()), _) => {}
+                    // The control lane broke just now: say it on a new one.
+                    (Err(e), Some(rejoin)) if lane_broke(&e) => {
+                        let mut again = rejoin.open(Instant::now(), &AtomicBool::new(false)).ok_or(e)?;
+                        handoff::send_done(&mut again, &done)?;
+                    }
+                    (Err(e), _) => return Err(e),
+                }
                 Ok(report)
             }
             (Err(e), Ok(mut live)) => {
@@ -121,7 +129,7 @@ impl SourceWatch {
     /// How long the watcher sleeps between looks at its stop flag.
     const TICK: Duration = Duration::from_millis(50);
 
-    fn start(mut live: LiveControl, engine: EngineControl) -> Result<Self> {
+    fn start(mut live: LiveControl, engine: EngineControl, rejoin: Option<Rejoin>) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
@@ -129,9 +137,35 @@ impl SourceWatch {
                 .name("ferry-source-watch".into())
                 .spawn(move || {
                     let mut last_heard = Instant::now();
+                    // When the control lane last worked: rejoining goes on for one recovery
+                    // window from then, however many times a reopened lane fails again.
+                    let mut trouble_since: Option<Instant> = None;
                     while !stop.load(Ordering::Acquire) {
+                        let heard = last_heard;
                         let failure = match live.poll(Self::TICK, &mut last_heard) {
-                            Ok(None) => continue,
+                            Ok(None) => {
+                                if last_heard != heard {
+                                    trouble_since = None;
+                                }
+                                continue;
+                            }
+                            // A broken or silent control lane: open it again, if the session can.
+                            Err(e)
+                                if lane_broke(&e)
+                                    && rejoin
+                                        .as_ref()
+                                        .is_some_and(|r| trouble_since.get_or_insert(heard).elapsed() < r.window) =>
+                            {
+                                let rejoin = rejoin.as_ref().expect("checked");
+                                match rejoin.open(trouble_since.expect("set"), &stop) {
+                                    Some(again) => {
+                                        live = again;
+                                        last_heard = Instant::now();
+                                        continue;
+                                    }
+                                    None => e,
+                                }
+                            }
                             Ok(Some(msg)) => match handoff::abort_reason(&msg) {
                                 Some(why) => MigrationError::PeerAborted(why),
                                 None => MigrationError::Protocol("an unexpected message from the source".into()),
@@ -163,6 +197,42 @@ impl SourceWatch {
     }
 }
 
+/// How a destination opens its control lane again after it broke: the session's reconnector,
+/// the heartbeat settings and the recovery window.
+#[derive(Clone, Debug)]
+struct Rejoin {
+    reconnect: Arc<dyn ferry_transport::Reconnect>,
+    liveness: Liveness,
+    window: Duration,
+}
+
+impl Rejoin {
+    fn of(source: &PageSource, config: &EngineConfig) -> Option<Self> {
+        let reconnect = source.reconnect.clone()?;
+        (!config.recovery_window.is_zero()).then_some(Rejoin {
+            reconnect,
+            liveness: config.liveness,
+            window: config.recovery_window,
+        })
+    }
+
+    /// Reopens the control lane with backoff until the window from `since` ends (or `stop`);
+    /// `None` then, and the failure that started it stands.
+    fn open(&self, since: Instant, stop: &AtomicBool) -> Option<LiveControl> {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            match self.reconnect.control() {
+                Ok(control) => return LiveControl::start(control.as_ref(), self.liveness).ok(),
+                Err(_) if since.elapsed() + backoff > self.window || stop.load(Ordering::Acquire) => return None,
+                Err(_) => {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+}
+
 impl Drop for SourceWatch {
     fn drop(&mut self) {
         if self.thread.is_some() {
@@ -179,6 +249,59 @@ pub struct SourceReport {
     /// From the pause to every page present at the destination.
     pub total: Duration,
     pub done: DoneCounters,
+    /// Times the destination opened the control lane again after it broke.
+    pub control_recoveries: u64,
+}
+
+/// Where a source takes a destination's control lane again after it broke: its page server.
+pub trait ControlAcceptor: Sync {
+    fn accept_control(&self, timeout: Duration) -> Result<Box<dyn ControlStream>>;
+}
+
+impl ControlAcceptor for ferry_transport::tcp::TcpPageServer {
+    fn accept_control(&self, timeout: Duration) -> Result<Box<dyn ControlStream>> {
+        Ok(Box::new(ferry_transport::tcp::TcpPageServer::accept_control(self, timeout)?))
+    }
+}
+
+/// How a post-copy source runs its side of the session.
+#[derive(Clone, Copy)]
+pub struct SourceOptions<'a> {
+    pub liveness: Liveness,
+    /// How long to wait for a destination whose control lane broke to open it again (it does,
+    /// under the same session, when it can reconnect); zero: a broken control lane ends the
+    /// migration.
+    pub recovery_window: Duration,
+    /// Where the control lane comes back: the session's page server.
+    pub reaccept: Option<&'a dyn ControlAcceptor>,
+}
+
+impl Default for SourceOptions<'_> {
+    fn default() -> Self {
+        SourceOptions { liveness: Liveness::default(), recovery_window: Duration::from_secs(10), reaccept: None }
+    }
+}
+
+impl std::fmt::Debug for SourceOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceOptions")
+            .field("liveness", &self.liveness)
+            .field("recovery_window", &self.recovery_window)
+            .field("reaccept", &self.reaccept.is_some())
+            .finish()
+    }
+}
+
+/// A broken or silent lane, which reconnecting may cure (not a refusal or a protocol violation).
+fn lane_broke(e: &MigrationError) -> bool {
+    matches!(
+        e,
+        MigrationError::Transport(
+            ferry_transport::TransportError::PeerClosed
+                | ferry_transport::TransportError::Io(_)
+                | ferry_transport::TransportError::Silent(_)
+        )
+    )
 }
 
 /// Source side, called with the guest paused at `paused_at`: hands over `state` and the free
@@ -186,18 +309,33 @@ pub struct SourceReport {
 /// server must keep serving meanwhile; after this returns the source may release guest memory.
 /// Both sides send heartbeats meanwhile: a destination silent for `liveness.timeout` is
 /// [`ferry_transport::TransportError::Silent`] (the guest's only complete copy may then be
-/// split: keep the source's image).
+/// split: keep the source's image). Once the guest runs there, a control lane that breaks or
+/// goes silent is taken again from `options.reaccept` when the destination reopens it within
+/// the recovery window.
 pub fn run_source(
     control: &mut dyn ControlStream,
     paused_at: Instant,
     state: &[u8],
     free: &FreePages,
-    liveness: Liveness,
+    options: &SourceOptions<'_>,
 ) -> Result<SourceReport> {
-    let mut live = LiveControl::start(&*control, liveness)?;
+    let mut live = LiveControl::start(&*control, options.liveness)?;
     handoff::send_handoff(&mut live, state, free)?;
     handoff::expect_resumed(&mut live)?;
     let downtime = paused_at.elapsed();
-    let done = handoff::expect_done(&mut live)?;
-    Ok(SourceReport { downtime, total: paused_at.elapsed(), done })
+    let mut control_recoveries = 0;
+    let done = loop {
+        match handoff::expect_done(&mut live) {
+            Ok(done) => break done,
+            Err(e) if lane_broke(&e) && !options.recovery_window.is_zero() && options.reaccept.is_some() => {
+                let reaccept = options.reaccept.expect("checked");
+                // The destination's own error stands if it never comes back.
+                let again = reaccept.accept_control(options.recovery_window).map_err(|_| e)?;
+                live = LiveControl::start(again.as_ref(), options.liveness)?;
+                control_recoveries += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    Ok(SourceReport { downtime, total: paused_at.elapsed(), done, control_recoveries })
 }

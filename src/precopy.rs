@@ -96,8 +96,13 @@ pub fn run_hybrid_source(
     dirty.union_with(&dirty_log.collect()?);
     handoff::send_round(control, &dirty, &handoff::RoundKind::SwitchToPostcopy)?;
     report.pages_per_round.push(dirty.count());
-    let post =
-        crate::postcopy::run_source(control, paused_at, &state, &FreePages::new(dirty.pages()), config.liveness)?;
+    let post = crate::postcopy::run_source(
+        control,
+        paused_at,
+        &state,
+        &FreePages::new(dirty.pages()),
+        &crate::postcopy::SourceOptions { liveness: config.liveness, ..Default::default() },
+    )?;
     report.downtime = post.downtime;
     report.total = started.elapsed();
     Ok((report, post))

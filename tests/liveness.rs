@@ -23,6 +23,11 @@ const LIVENESS: Liveness = Liveness { interval: Duration::from_millis(50), timeo
 /// Far past the liveness timeout: only a hang gets here.
 const HANG: Duration = Duration::from_secs(60);
 
+/// Silence is not recovered from here: no page server to take the control lane again from.
+fn source_options() -> ferry::postcopy::SourceOptions<'static> {
+    ferry::postcopy::SourceOptions { liveness: LIVENESS, ..Default::default() }
+}
+
 fn layout() -> MemoryLayout {
     MemoryLayout::single(8 << 20).unwrap()
 }
@@ -113,7 +118,7 @@ fn silent_destination(backend: Backend) {
     let s = session(backend, &key);
     let (mut dest_control, mut source_control) = (s.dest_control, s.source_control);
     let source = std::thread::spawn(move || {
-        ferry::run_source(source_control.as_mut(), Instant::now(), b"state", &FreePages::new(2048), LIVENESS)
+        ferry::run_source(source_control.as_mut(), Instant::now(), b"state", &FreePages::new(2048), &source_options())
     });
     let (state, _) = handoff::receive_handoff(dest_control.as_mut(), layout().total_pages()).unwrap();
     assert_eq!(state, b"state");
@@ -130,7 +135,7 @@ fn destination_silent_mid_frame(backend: Backend) {
     let s = session(backend, &key);
     let (mut dest_control, mut source_control) = (s.dest_control, s.source_control);
     let source = std::thread::spawn(move || {
-        ferry::run_source(source_control.as_mut(), Instant::now(), b"state", &FreePages::new(2048), LIVENESS)
+        ferry::run_source(source_control.as_mut(), Instant::now(), b"state", &FreePages::new(2048), &source_options())
     });
     handoff::receive_handoff(dest_control.as_mut(), layout().total_pages()).unwrap();
     dest_control.write_all(&partial_frame(&[3], 7)).unwrap();
@@ -154,7 +159,14 @@ fn silent_source(backend: Backend) {
         source_control
     });
     // Demand: with no guest touching memory, only the source's silence can end this session.
-    let config = EngineConfig { policy: PolicyKind::Demand, liveness: LIVENESS, ..EngineConfig::default() };
+    // It rejoins the control lane (the page server is up) but hears nothing there either: after
+    // the recovery window the silence stands.
+    let config = EngineConfig {
+        policy: PolicyKind::Demand,
+        liveness: LIVENESS,
+        recovery_window: Duration::from_secs(1),
+        ..EngineConfig::default()
+    };
     let dest = PostcopyDestination::start(s.dest_control, memory, s.lanes, &config, |_| Ok(())).unwrap();
     let source_control = fake_source.join().unwrap();
     let result = within_hang_guard("the destination's wait", move || dest.wait());

@@ -1,19 +1,51 @@
 //! Automatic link recovery: the source's page server breaks the session's data lanes again and
-//! again while a guest stand-in touches memory and the pre-pager brings the rest; the destination
-//! reopens each lane under the same session and asks again for what was in flight. Every page
+//! again (and, every third time, the control lane too) while a guest stand-in touches memory and
+//! the pre-pager brings the rest; the destination reopens each lane under the same session and
+//! asks again for what was in flight, and the source takes the control lane again. Every page
 //! arrives right, none is installed twice, and every page the source served twice is one the
 //! destination asked again for (a resend, counted apart), never a duplicate install.
 
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry::fault_handler::DestinationMemory;
 use ferry::prepager::PolicyKind;
 use ferry::toucher::{demo_free_pages, prepare_source, touch, verify_all, Pattern, Walk};
 use ferry::transport::tcp::{self, TcpOptions, TcpPageServer};
-use ferry::transport::{Backing, GuestMemory, MemoryLayout, PreSharedKey};
-use ferry::{EngineConfig, Liveness, PostcopyDestination};
+use ferry::transport::{Backing, ControlStream, GuestMemory, MemoryLayout, PreSharedKey};
+use ferry::{ControlAcceptor, EngineConfig, MigrationError, PostcopyDestination, SourceOptions};
+
+/// The page server as the source's control acceptor, keeping a handle on the newest control
+/// lane so the test can cut it.
+struct Cuttable {
+    server: Arc<TcpPageServer>,
+    control: Mutex<Option<TcpStream>>,
+}
+
+impl Cuttable {
+    fn accept(&self, timeout: Duration) -> Result<TcpStream, MigrationError> {
+        let control = self.server.accept_control(timeout)?;
+        *self.control.lock().unwrap() = Some(control.try_clone().map_err(ferry::transport::TransportError::Io)?);
+        Ok(control)
+    }
+
+    fn cut(&self, control_too: bool) {
+        self.server.cut_data_lanes();
+        if control_too {
+            if let Some(c) = self.control.lock().unwrap().as_ref() {
+                let _ = c.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+impl ControlAcceptor for Cuttable {
+    fn accept_control(&self, timeout: Duration) -> Result<Box<dyn ControlStream>, MigrationError> {
+        Ok(Box::new(self.accept(timeout)?))
+    }
+}
 
 const SEED: u64 = 5;
 
@@ -26,11 +58,13 @@ fn migrate_with_cuts(policy: PolicyKind, backing: Backing, cuts: u64) {
     prepare_source(&source_mem, SEED, &free).unwrap();
     let key = PreSharedKey::generate().unwrap();
     let server = Arc::new(TcpPageServer::start("127.0.0.1:0", source_mem, key.clone(), TcpOptions::default()).unwrap());
+    let cuttable = Arc::new(Cuttable { server: server.clone(), control: Mutex::new(None) });
     let source = {
-        let (server, free) = (server.clone(), free.clone());
+        let (cuttable, free) = (cuttable.clone(), free.clone());
         std::thread::spawn(move || {
-            let mut control = server.accept_control(Duration::from_secs(30)).unwrap();
-            ferry::run_source(&mut control, Instant::now(), &SEED.to_le_bytes(), &free, Liveness::default())
+            let mut control = cuttable.accept(Duration::from_secs(30)).unwrap();
+            let options = SourceOptions { reaccept: Some(cuttable.as_ref()), ..Default::default() };
+            ferry::run_source(&mut control, Instant::now(), &SEED.to_le_bytes(), &free, &options)
         })
     };
     let memory = Arc::new(DestinationMemory::register(GuestMemory::create(layout.clone(), backing).unwrap()).unwrap());
@@ -42,13 +76,13 @@ fn migrate_with_cuts(policy: PolicyKind, backing: Backing, cuts: u64) {
     // however fast this machine is.
     let done = Arc::new(AtomicBool::new(false));
     let cutter = {
-        let (server, memory, done) = (server.clone(), memory.clone(), done.clone());
+        let (cuttable, memory, done) = (cuttable.clone(), memory.clone(), done.clone());
         std::thread::spawn(move || {
             let mut made = 0;
             while made < cuts && !done.load(Ordering::Acquire) {
                 let present = memory.states().present_count();
                 if present >= (made + 1) * pages / (cuts + 2) {
-                    server.cut_data_lanes();
+                    cuttable.cut(made % 3 == 2);
                     made += 1;
                 }
                 std::thread::sleep(Duration::from_micros(200));
@@ -65,8 +99,8 @@ fn migrate_with_cuts(policy: PolicyKind, backing: Backing, cuts: u64) {
     let wrong = verify_all(memory.guest(), SEED, &free).unwrap();
     let served_twice = server.stats().pages_served_twice.load(Ordering::Relaxed);
     eprintln!(
-        "{policy:?}/{backing:?}: {made} cuts, {} recoveries, {} pages resent, {served_twice} served twice, paused {:?}, {} wrong",
-        report.recoveries, report.resent_pages, report.paused, wrong + during.mismatches
+        "{policy:?}/{backing:?}: {made} cuts, {} recoveries, {} of the control lane, {} pages resent, {served_twice} served twice, paused {:?}, {} wrong",
+        report.recoveries, source_report.control_recoveries, report.resent_pages, report.paused, wrong + during.mismatches
     );
     assert_eq!(wrong + during.mismatches, 0, "guest memory differs from the source");
     assert_eq!(report.pages_installed_twice, 0);
@@ -74,11 +108,12 @@ fn migrate_with_cuts(policy: PolicyKind, backing: Backing, cuts: u64) {
     assert!(report.recoveries > 0, "{made} cuts, no recovery");
     assert!(served_twice <= report.resent_pages, "{served_twice} pages served twice, {} resent", report.resent_pages);
     assert_eq!(source_report.done.pages_present, pages);
+    assert!(made < 3 || source_report.control_recoveries > 0, "the control lane was cut and never taken again");
 }
 
 /// 60 cuts here and 40 in the KVM test: 100 per CI run.
 #[test]
-fn cut_data_lanes_recover_and_the_migration_completes() {
+fn cut_lanes_recover_and_the_migration_completes() {
     migrate_with_cuts(PolicyKind::Bubbling, Backing::Anonymous, 15);
     migrate_with_cuts(PolicyKind::Push, Backing::Memfd, 15);
     migrate_with_cuts(PolicyKind::Demand, Backing::Anonymous, 15);

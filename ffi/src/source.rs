@@ -130,6 +130,15 @@ pub unsafe extern "C" fn ferry_source_wait_destination(source: *const FerrySourc
 }
 
 impl FerrySource {
+    /// A destination whose control lane broke opens it again on a tcp server.
+    fn options(&self) -> ferry::SourceOptions<'_> {
+        let reaccept = match &self.server {
+            SourceServer::Tcp(s) => Some(s as &dyn ferry::ControlAcceptor),
+            _ => None,
+        };
+        ferry::SourceOptions { reaccept, ..Default::default() }
+    }
+
     fn accept(&self, timeout: Duration) -> Result<Box<dyn ControlStream>, (FerryStatus, String)> {
         Ok(match &self.server {
             SourceServer::Tcp(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
@@ -172,8 +181,8 @@ pub unsafe extern "C" fn ferry_source_handoff(
             Some(control) => control,
             None => source.accept(Duration::from_millis(u64::from(timeout_ms)))?,
         };
-        let report = ferry::run_source(control.as_mut(), paused_at, state, &free, ferry::Liveness::default())
-            .map_err(migration)?;
+        let report =
+            ferry::run_source(control.as_mut(), paused_at, state, &free, &source.options()).map_err(migration)?;
         // SAFETY: caller contract: null or writable.
         if let Some(stats) = unsafe { stats.as_mut() } {
             *stats = FerryStats {

@@ -135,7 +135,7 @@ fn source(a: &Args) -> Result<()> {
     // The workload runs until the migration starts; its position travels in the state blob.
     let before = touch(&memory, Walk::new(a.pattern), SEED, &free, 4096)?;
     let paused_at = Instant::now();
-    let report = run_source(&mut control, paused_at, &encode_state(before.touches), &free, ferry::Liveness::default())?;
+    let report = run_source(&mut control, paused_at, &encode_state(before.touches), &free, &Default::default())?;
     let mut out = json!({
         "role": "source",
         "downtime_ms": ms(report.downtime),

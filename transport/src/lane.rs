@@ -241,6 +241,8 @@ pub struct PageSource {
 pub trait Reconnect: Send + Sync + std::fmt::Debug {
     fn urgent(&self) -> Result<Box<dyn UrgentLane>>;
     fn bulk(&self) -> Result<Box<dyn BulkLane>>;
+    /// The session's control lane, reopened (reads block until a message comes).
+    fn control(&self) -> Result<Box<dyn ControlStream>>;
 }
 
 impl std::fmt::Debug for PageSource {

@@ -326,6 +326,19 @@ struct TcpLanes {
 }
 
 impl Reconnect for TcpLanes {
+    fn control(&self) -> Result<Box<dyn crate::lane::ControlStream>> {
+        let (s, _) = open_lane(
+            &self.addrs,
+            &self.key,
+            Lane::Control,
+            self.session,
+            Some(&self.layout),
+            self.options.io_timeout,
+        )?;
+        s.set_read_timeout(None)?;
+        Ok(Box::new(s))
+    }
+
     fn urgent(&self) -> Result<Box<dyn UrgentLane>> {
         let (s, _) =
             open_lane(&self.addrs, &self.key, Lane::Urgent, self.session, Some(&self.layout), self.options.io_timeout)?;

@@ -586,7 +586,16 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
                 }
                 _ => None,
             };
-            let r = run_source(control.as_mut(), paused_at, &blob, &free, config.liveness);
+            let options = ferry::SourceOptions {
+                liveness: config.liveness,
+                // A destination whose control lane broke opens it again on the page server.
+                reaccept: match &server {
+                    Server::Tcp(s) => Some(s.as_ref() as &dyn ferry::ControlAcceptor),
+                    Server::Local(_) => None,
+                },
+                ..Default::default()
+            };
+            let r = run_source(control.as_mut(), paused_at, &blob, &free, &options);
             if let Some(cutter) = cutter {
                 report["lane_cuts"] = json!(cutter.stop());
             }
