@@ -112,6 +112,10 @@ fn receive_stream(control: &mut dyn ControlStream, stream: u8, len: usize) -> Re
         if u64_at(&msg, 2)? != out.len() as u64 || out.len() + msg.len() - 10 > len {
             return Err(protocol("handoff chunk out of order or past its stream's end"));
         }
+        // An empty chunk moves nothing: a peer could send them forever.
+        if msg.len() == 10 {
+            return Err(protocol("an empty handoff chunk"));
+        }
         out.extend_from_slice(&msg[10..]);
     }
     Ok(out)
@@ -302,6 +306,7 @@ mod tests {
             ("chunk out of order", vec![handoff(8, 100), chunk(STREAM_STATE, 4, &[1; 4])]),
             ("chunk past the end", vec![handoff(4, 100), chunk(STREAM_STATE, 0, &[1; 8])]),
             ("wrong stream", vec![handoff(4, 100), chunk(STREAM_FREE, 0, &[1; 4])]),
+            ("empty chunks", vec![handoff(4, 100), chunk(STREAM_STATE, 0, &[]), chunk(STREAM_STATE, 0, &[])]),
             (
                 "bits past the last page",
                 vec![

@@ -122,6 +122,13 @@ fn rounds(
     loop {
         handoff::send_round(control, &dirty, &handoff::RoundKind::Pull)?;
         let (pages, micros) = handoff::expect_round_done(control)?;
+        // The peer's count bounds what we compute from it: no more than was asked.
+        if pages > dirty.count() {
+            return Err(MigrationError::Protocol(format!(
+                "the destination pulled {pages} pages of a round of {}",
+                dirty.count()
+            )));
+        }
         report.pages_per_round.push(pages);
         report.rounds += 1;
         if micros > 0 && pages > 0 {
@@ -253,4 +260,33 @@ pub(crate) fn pull(memory: &GuestMemory, source: &mut PageSource, dirty: &FreePa
         pool.extend(done.buf.into_buffer());
     }
     Ok(pulled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    struct EverythingDirty(u64);
+
+    impl DirtyLog for EverythingDirty {
+        fn collect(&mut self) -> Result<FreePages> {
+            Ok(FreePages::all(self.0))
+        }
+    }
+
+    #[test]
+    fn a_round_done_claiming_more_pages_than_asked_is_a_protocol_error_not_an_overflow() {
+        let (mut source, mut dest) = UnixStream::pair().unwrap();
+        let peer = std::thread::spawn(move || {
+            handoff::receive_round(&mut dest, 100).unwrap();
+            handoff::send_round_done(&mut dest, u64::MAX, 1).unwrap();
+            dest
+        });
+        let err =
+            run_source(&mut source, 4096, &mut EverythingDirty(100), || Ok(Vec::new()), &PrecopyConfig::default())
+                .unwrap_err();
+        assert!(matches!(err, MigrationError::Protocol(ref why) if why.contains("pulled")), "{err:?}");
+        drop(peer.join().unwrap());
+    }
 }

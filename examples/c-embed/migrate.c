@@ -92,6 +92,12 @@ static int source(int port_pipe) {
     if (st != FERRY_STATUS_OK) return fail("ferry_source_handoff", st);
     printf("source: downtime %llu us, total %llu us, pages sent twice %llu\n", (unsigned long long)stats.downtime_us,
            (unsigned long long)stats.total_us, (unsigned long long)stats.pages_sent_twice);
+    /* The guest is handed over once: a second handoff (another destination) would resume a copy. */
+    st = ferry_source_handoff(src, (const uint8_t *)STATE, sizeof STATE, NULL, 0, 100, NULL);
+    if (st != FERRY_STATUS_ERR_STATE) {
+        fprintf(stderr, "c-embed: a second handoff returned %d, not FERRY_STATUS_ERR_STATE\n", (int)st);
+        return 1;
+    }
     ferry_source_free(src);
     fflush(stdout); /* the child leaves through _exit, which does not flush */
     return stats.pages_sent_twice != 0;

@@ -459,7 +459,9 @@ impl DestinationMemory {
         self.unregistering.store(true, std::sync::atomic::Ordering::Release);
         for r in self.guest.regions() {
             let (start, len) = (r.host_addr().as_ptr() as u64, r.len() as u64);
-            self.uffd.unregister(start, len)?;
+            // SAFETY: every page is present (checked above, under the release lock; pages only
+            // ever become present), so the kernel has nothing left to fill with zeros.
+            unsafe { self.uffd.unregister(start, len)? };
             // Unregistering wakes every waiter already; waking again costs one ioctl and covers a
             // thread seen asleep in handle_userfault after UFFDIO_UNREGISTER under load (the
             // README's open bug; a signal frees it).

@@ -174,7 +174,13 @@ impl Userfault {
         Ok(())
     }
 
-    pub fn unregister(&self, start: u64, len: u64) -> Result<()> {
+    /// Ends userfaultfd over `start..start+len`: from then on the kernel serves every fault there
+    /// itself, a missing page as a zero page.
+    ///
+    /// # Safety
+    /// Every page of the range must hold its final contents (present), or a thread blocked on a
+    /// missing page, and any later touch of one, reads zeros: a silently corrupted guest.
+    pub unsafe fn unregister(&self, start: u64, len: u64) -> Result<()> {
         let mut arg = Range { start, len };
         // SAFETY: UFFDIO_UNREGISTER reads one Range; unregistering never writes memory.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER as _, &mut arg) } < 0 {

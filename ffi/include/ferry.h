@@ -509,7 +509,8 @@ enum FerryStatus ferry_source_wait_destination(const struct FerrySource *source,
  * free-page bitmap (`free_words` 64-bit words, bit i = global page i is free; may be null), then
  * blocks until the destination holds every page. `stats` (may be null) receives the downtime
  * (from this call to the guest running there), total time and served-twice count. After FERRY_STATUS_OK
- * the source may release guest memory. Thread safety: one thread per handle.
+ * the source may release guest memory. A source hands its guest over once: a second handoff
+ * (or pre-copy) is FERRY_STATUS_ERR_STATE. Thread safety: one thread per handle.
  *
  * # Safety
  * `source` is a live handle; `state` points to `state_len` bytes (or is null with 0);

@@ -21,6 +21,9 @@ pub struct FerrySource {
     page_size: u64,
     /// The destination's control lane, once accepted.
     control: Mutex<Option<Box<dyn ControlStream>>>,
+    /// Set when a migration starts: a source hands its guest over once (a second destination
+    /// would resume a second copy).
+    migrated: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -82,7 +85,13 @@ pub unsafe extern "C" fn ferry_source_start(
             #[cfg(not(feature = "rdma"))]
             Address::Rdma { addr, device } => return Err(no_rdma(addr, device)),
         };
-        let handle = Box::new(FerrySource { server, pages, page_size, control: Mutex::new(None) });
+        let handle = Box::new(FerrySource {
+            server,
+            pages,
+            page_size,
+            control: Mutex::new(None),
+            migrated: std::sync::atomic::AtomicBool::new(false),
+        });
         // SAFETY: out is non-null (checked) and writable (caller contract).
         unsafe { *out = Box::into_raw(handle) };
         Ok(())
@@ -130,6 +139,22 @@ pub unsafe extern "C" fn ferry_source_wait_destination(source: *const FerrySourc
 }
 
 impl FerrySource {
+    /// Refuses a second migration of the same guest (FERRY_STATUS_ERR_STATE); called once a
+    /// destination is connected, so a handoff that found none may be tried again.
+    fn check_not_migrated(&self) -> Result<(), (FerryStatus, String)> {
+        if self.migrated.load(std::sync::atomic::Ordering::Acquire) {
+            return Err((FerryStatus::ErrState, "this source already handed its guest over".into()));
+        }
+        Ok(())
+    }
+
+    fn begin_migration(&self) -> Result<(), (FerryStatus, String)> {
+        if self.migrated.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return Err((FerryStatus::ErrState, "this source already handed its guest over (or is doing so)".into()));
+        }
+        Ok(())
+    }
+
     /// A destination whose control lane broke opens it again on a tcp server.
     fn options(&self) -> ferry::SourceOptions<'_> {
         let reaccept = match &self.server {
@@ -154,7 +179,8 @@ impl FerrySource {
 /// free-page bitmap (`free_words` 64-bit words, bit i = global page i is free; may be null), then
 /// blocks until the destination holds every page. `stats` (may be null) receives the downtime
 /// (from this call to the guest running there), total time and served-twice count. After FERRY_STATUS_OK
-/// the source may release guest memory. Thread safety: one thread per handle.
+/// the source may release guest memory. A source hands its guest over once: a second handoff
+/// (or pre-copy) is FERRY_STATUS_ERR_STATE. Thread safety: one thread per handle.
 ///
 /// # Safety
 /// `source` is a live handle; `state` points to `state_len` bytes (or is null with 0);
@@ -176,11 +202,14 @@ pub unsafe extern "C" fn ferry_source_handoff(
         // SAFETY: caller contracts on `state` and `free_bitmap`.
         let (state, free) =
             unsafe { (bytes_arg(state, state_len, "state")?, free_pages_arg(free_bitmap, free_words, source.pages)?) };
+        source.check_not_migrated()?;
         let accepted = lock(&source.control).take();
         let mut control = match accepted {
             Some(control) => control,
             None => source.accept(Duration::from_millis(u64::from(timeout_ms)))?,
         };
+        // From here the destination may resume the guest: never again from this source.
+        source.begin_migration()?;
         let report =
             ferry::run_source(control.as_mut(), paused_at, state, &free, &source.options()).map_err(migration)?;
         // SAFETY: caller contract: null or writable.
@@ -269,6 +298,7 @@ pub unsafe extern "C" fn ferry_source_precopy(
         let source = unsafe { source.as_ref() }.ok_or_else(|| invalid("source is null"))?;
         let collect = dirty_log.ok_or_else(|| invalid("dirty_log is null"))?;
         let pause = pause.ok_or_else(|| invalid("pause is null"))?;
+        source.check_not_migrated()?;
         let accepted = lock(&source.control).take();
         let mut control = match accepted {
             Some(control) => control,
@@ -295,6 +325,7 @@ pub unsafe extern "C" fn ferry_source_precopy(
             }
         };
         let page_size = source.page_size;
+        source.begin_migration()?;
         let report = ferry::precopy::run_source(control.as_mut(), page_size, &mut log, pause_guest, &config)
             .map_err(migration)?;
         // SAFETY: caller contract: null or writable.

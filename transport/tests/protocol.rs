@@ -422,3 +422,16 @@ fn a_handshake_trickled_a_byte_at_a_time_is_cut_at_its_deadline() {
     let n = cut_after.expect("the server kept a trickling handshake open for 400 bytes (40 s)");
     assert!(n < hello.len(), "cut after {n} bytes, the hello alone has {}", hello.len());
 }
+
+#[test]
+fn a_session_reader_refuses_another_frame_kind_before_reading_its_payload() {
+    // A ReadReply header announcing a payload that never comes: refused on the header alone
+    // (reading, let alone allocating, the payload first would end in "peer closed" here, and
+    // on a socket wait for bytes never sent).
+    let header = encode_header(MessageKind::ReadReply, 1000);
+    let mut r = Cursor::new(header.to_vec());
+    match ferry_transport::wire::read_session(&mut r) {
+        Err(TransportError::Unexpected { got, .. }) => assert_eq!(got, MessageKind::ReadReply as u16),
+        other => panic!("expected a refusal of the frame kind, got {other:?}"),
+    }
+}
