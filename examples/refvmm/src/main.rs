@@ -664,28 +664,47 @@ fn resume(
 
 /// The destination: waits for a source on `listener`, builds the VM it describes, receives the
 /// guest in the source's mode, and has it check its own memory.
-fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> {
-    let (rendezvous, peer) = listener.accept()?;
-    rendezvous.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut line = String::new();
-    BufReader::new(rendezvous.take(MAX_RENDEZVOUS_BYTES)).read_line(&mut line)?;
-    let rv: Rendezvous = serde_json::from_str(line.trim()).context("the source's rendezvous line")?;
-    // Not yet authenticated: bound what it can make us allocate.
-    if rv.mem_mib == 0 || rv.mem_mib > MAX_GUEST_MIB || rv.vcpus == 0 || rv.vcpus > vm::MAX_VCPUS {
-        bail!(
-            "the source asks for {} MiB and {} vCPUs (1 to {MAX_GUEST_MIB} MiB, 1 to {} vCPUs)",
-            rv.mem_mib,
-            rv.vcpus,
-            vm::MAX_VCPUS
-        );
+/// Waits for a source's rendezvous on `listener`. A connection that does not send a sound
+/// rendezvous line within 10 s (a port scan, a stray HTTP request) is dropped with a note, and
+/// the wait goes on: it cannot end the receive.
+fn accept_rendezvous(listener: &TcpListener) -> Result<(SocketAddr, Rendezvous, Backing, PolicyKind)> {
+    loop {
+        let (rendezvous, peer) = listener.accept()?;
+        let read = || -> Result<(Rendezvous, Backing, PolicyKind)> {
+            rendezvous.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut line = String::new();
+            BufReader::new((&rendezvous).take(MAX_RENDEZVOUS_BYTES)).read_line(&mut line)?;
+            let rv: Rendezvous = serde_json::from_str(line.trim()).context("not a rendezvous line")?;
+            // Not yet authenticated: bound what it can make us allocate or compute.
+            if rv.mem_mib == 0 || rv.mem_mib > MAX_GUEST_MIB || rv.vcpus == 0 || rv.vcpus > vm::MAX_VCPUS {
+                bail!(
+                    "it asks for {} MiB and {} vCPUs (1 to {MAX_GUEST_MIB} MiB, 1 to {} vCPUs)",
+                    rv.mem_mib,
+                    rv.vcpus,
+                    vm::MAX_VCPUS
+                );
+            }
+            if !(0.0..=3600.0).contains(&rv.seconds) || !rv.baseline_rate.is_finite() || rv.baseline_rate < 0.0 {
+                bail!("it asks for {} s phases at a baseline of {} writes/s", rv.seconds, rv.baseline_rate);
+            }
+            let backing = match rv.backing.as_str() {
+                "anon" => Backing::Anonymous,
+                "memfd" => Backing::Memfd,
+                "hugetlb" => Backing::HugetlbMemfd,
+                other => bail!("it asks for backing {other:?}"),
+            };
+            let prepager: PolicyKind = rv.prepager.parse().map_err(|e: String| anyhow!(e))?;
+            Ok((rv, backing, prepager))
+        };
+        match read() {
+            Ok((rv, backing, prepager)) => return Ok((peer, rv, backing, prepager)),
+            Err(e) => eprintln!("ferry-vmm: ignoring a connection from {peer}: {e:#}"),
+        }
     }
-    let backing = match rv.backing.as_str() {
-        "anon" => Backing::Anonymous,
-        "memfd" => Backing::Memfd,
-        "hugetlb" => Backing::HugetlbMemfd,
-        other => bail!("the source asks for backing {other:?}"),
-    };
-    let prepager: PolicyKind = rv.prepager.parse().map_err(|e: String| anyhow!(e))?;
+}
+
+fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> {
+    let (peer, rv, backing, prepager) = accept_rendezvous(listener)?;
     let layout = MemoryLayout::new(
         rv.page_size,
         vec![ferry_transport::RegionLayout { guest_phys_addr: 0, size: rv.mem_mib << 20 }],

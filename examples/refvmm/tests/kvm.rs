@@ -276,6 +276,16 @@ fn receive_and_migrate_run_as_two_processes() {
         BufReader::new(receiver.stderr.as_mut().unwrap()).read_line(&mut banner).unwrap();
         let addr =
             banner.trim().strip_prefix("ferry-vmm: receiving on ").unwrap_or_else(|| panic!("{banner}")).to_string();
+        // Stray connections first (a scanner, an HTTP request, a negative phase length): each is
+        // dropped with a note, and the receive goes on to take the real source.
+        for stray in [
+            &b"GET / HTTP/1.0\r\n\r\n"[..],
+            br#"{"page_port":1,"local_path":null,"mem_mib":256,"page_size":4096,"vcpus":1,"backing":"anon","mode":"Postcopy","prepager":"push","seconds":-1.0,"baseline_rate":0.0}"#,
+        ] {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            std::io::Write::write_all(&mut s, stray).unwrap();
+            std::io::Write::write_all(&mut s, b"\n").unwrap();
+        }
         let source = vmm(&[
             "migrate",
             "--to",
