@@ -1,5 +1,6 @@
 //! `ferry-vmm`, ferry's reference VMM: runs a KVM guest whose workload runs at CPL3 and migrates
-//! it with ferry.
+//! it with ferry. `ferry-vmm --help` and `ferry-vmm COMMAND --help` list every option with its
+//! default (the command line is in `cli`).
 //!
 //! ```text
 //! ferry-vmm run     [--mem-mib 256] [--data-mib N] [--vcpus N] [--backing anon|memfd|hugetlb]
@@ -26,6 +27,7 @@
 //! behind it), `--record` keeping the order of its first faults beside the image (FILE.ws) and
 //! `--replay` fetching that working set first; the guest then checks its own memory.
 
+mod cli;
 mod guest;
 mod rate;
 mod vm;
@@ -48,7 +50,7 @@ use rate::RateSampler;
 use serde_json::json;
 use vm::{Memory, Vm};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 enum Mode {
     Postcopy,
     Precopy,
@@ -85,94 +87,35 @@ struct Args {
     cut_lanes: u64,
 }
 
-fn parse() -> Result<Args> {
-    let mut raw = std::env::args().skip(1);
-    let command =
-        raw.next().ok_or_else(|| anyhow!("usage: ferry-vmm run|demo|migrate|receive|snapshot|restore [options]"))?;
-    let mut a = Args {
-        command,
-        local: false,
-        to: None,
-        listen: None,
-        key_hex: None,
-        vcpus: 1,
-        guest_file: None,
-        rate_mib: None,
-        mode: Mode::Postcopy,
-        downtime_ms: 50,
-        max_rounds: 30,
-        mem_mib: 256,
-        data_mib: None,
-        workload: Workload::SeqWrite,
-        seconds: 1.0,
-        prepager: PolicyKind::Bubbling,
-        backing: Backing::Anonymous,
-        json: false,
-        out: None,
-        from: None,
-        lazy: true,
-        record: false,
-        replay: false,
-        cut_lanes: 0,
-    };
-    while let Some(flag) = raw.next() {
-        let mut value = || raw.next().ok_or_else(|| anyhow!("{flag} needs a value"));
-        match flag.as_str() {
-            "--mem-mib" => a.mem_mib = value()?.parse()?,
-            "--mem" => a.mem_mib = parse_size(&value()?)?,
-            "--data-mib" => a.data_mib = Some(value()?.parse()?),
-            "--workload" => a.workload = value()?.parse().map_err(|e: String| anyhow!(e))?,
-            "--seconds" => a.seconds = value()?.parse()?,
-            "--rate-mib" => a.rate_mib = Some(value()?.parse()?),
-            "--guest" => a.guest_file = Some(value()?.into()),
-            "--vcpus" => a.vcpus = value()?.parse()?,
-            "--to" => a.to = Some(value()?),
-            "--listen" => a.listen = Some(value()?),
-            "--key-hex" => a.key_hex = Some(value()?),
-            "--prepager" => a.prepager = value()?.parse().map_err(|e: String| anyhow!(e))?,
-            "--mode" => {
-                a.mode = match value()?.as_str() {
-                    "postcopy" => Mode::Postcopy,
-                    "precopy" => Mode::Precopy,
-                    "hybrid" => Mode::Hybrid,
-                    other => bail!("--mode {other}: postcopy, precopy or hybrid"),
-                }
-            }
-            "--downtime-ms" => a.downtime_ms = value()?.parse()?,
-            "--max-rounds" => a.max_rounds = value()?.parse()?,
-            "--transport" => {
-                a.local = match value()?.as_str() {
-                    "tcp" => false,
-                    "local" => true,
-                    other => bail!("--transport {other}: tcp or local"),
-                }
-            }
-            "--backing" => {
-                a.backing = match value()?.as_str() {
-                    "anon" => Backing::Anonymous,
-                    "memfd" => Backing::Memfd,
-                    "hugetlb" => Backing::HugetlbMemfd,
-                    other => bail!("--backing {other}: anon, memfd or hugetlb"),
-                }
-            }
-            "--json" => a.json = true,
-            "--out" => a.out = Some(value()?.into()),
-            "--from" => a.from = Some(value()?.into()),
-            "--lazy" => a.lazy = true,
-            "--eager" => a.lazy = false,
-            "--record" => a.record = true,
-            "--replay" => a.replay = true,
-            "--inject" => {
-                let v = value()?;
-                match v.split_once('=') {
-                    Some(("cut-lanes", n)) => a.cut_lanes = n.parse().with_context(|| format!("--inject {v}"))?,
-                    _ => bail!("--inject {v}: cut-lanes=N (more kinds of fault to come)"),
-                }
-            }
-            other => bail!("unknown option {other}"),
+impl Default for Args {
+    fn default() -> Self {
+        Args {
+            command: String::new(),
+            local: false,
+            to: None,
+            listen: None,
+            key_hex: None,
+            vcpus: 1,
+            guest_file: None,
+            rate_mib: None,
+            mode: Mode::Postcopy,
+            downtime_ms: 50,
+            max_rounds: 30,
+            mem_mib: 256,
+            data_mib: None,
+            workload: Workload::SeqWrite,
+            seconds: 1.0,
+            prepager: PolicyKind::Bubbling,
+            backing: Backing::Anonymous,
+            json: false,
+            out: None,
+            from: None,
+            lazy: true,
+            record: false,
+            replay: false,
+            cut_lanes: 0,
         }
     }
-    Ok(a)
 }
 
 /// "2G", "512M" or a number of MiB.
@@ -197,7 +140,7 @@ fn layout(a: &Args) -> Result<MemoryLayout> {
 }
 
 fn main() -> Result<()> {
-    let a = parse()?;
+    let a = cli::parse();
     match a.command.as_str() {
         "run" => run(&a),
         "demo" => demo(&a),

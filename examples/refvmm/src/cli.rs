@@ -1,0 +1,292 @@
+//! The command line, on clap: `--help` on every command, defaults shown, and a user's mistake
+//! reported in one line (clap's usage error, exit status 2), never a backtrace. An option given
+//! twice takes its last value, so scripts can override what they put first.
+
+use std::path::PathBuf;
+
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use ferry::prepager::PolicyKind;
+use ferry_transport::Backing;
+
+use crate::guest::Workload;
+use crate::{Args, Mode};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry-vmm",
+    version,
+    about = "ferry's reference VMM: runs a KVM guest whose workload runs at CPL3, and migrates, snapshots and restores it with ferry",
+    after_help = "The guest checks its own memory after every migration and restore. `ferry-vmm demo --mem 2G --workload rand-write` is the README's first command."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs the workload for --seconds and has the guest check its memory.
+    #[command(args_override_self = true)]
+    Run {
+        #[command(flatten)]
+        guest: GuestOpts,
+    },
+    /// Migrates a guest to a second VM in this process (tcp loopback or the local transport).
+    #[command(args_override_self = true)]
+    Demo {
+        #[command(flatten)]
+        guest: GuestOpts,
+        #[command(flatten)]
+        migration: MigrationOpts,
+    },
+    /// Boots a guest, runs it for --seconds, and migrates it to a `receive` waiting at --to.
+    #[command(args_override_self = true)]
+    Migrate {
+        /// Where `ferry-vmm receive` listens (HOST:PORT).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        key: KeyOpts,
+        #[command(flatten)]
+        guest: GuestOpts,
+        #[command(flatten)]
+        migration: MigrationOpts,
+    },
+    /// Waits for a source (`ferry-vmm migrate`), builds the VM it describes and receives its guest.
+    #[command(args_override_self = true)]
+    Receive {
+        /// Address to wait on.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: String,
+        #[command(flatten)]
+        key: KeyOpts,
+        /// Print the report as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Runs a guest for --seconds, pauses it and saves it in ferry's image format.
+    #[command(args_override_self = true)]
+    Snapshot {
+        /// The image to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        guest: GuestOpts,
+    },
+    /// Restores an image eagerly or lazily and has the guest check its memory.
+    #[command(args_override_self = true)]
+    Restore {
+        /// The image to restore.
+        #[arg(long)]
+        from: PathBuf,
+        /// Read every page before the guest runs (the default is lazy: run at once).
+        #[arg(long)]
+        eager: bool,
+        /// Run at once while the image's pages fault in behind the guest (the default).
+        #[arg(long, conflicts_with = "eager")]
+        lazy: bool,
+        /// What a lazy restore fetches besides the faults: demand, push or bubbling.
+        #[arg(long, default_value = "bubbling", value_parser = parse_policy)]
+        prepager: PolicyKind,
+        /// Keep the order of the guest's first faults beside the image (FILE.ws).
+        #[arg(long)]
+        record: bool,
+        /// Fetch the working set recorded beside the image first.
+        #[arg(long)]
+        replay: bool,
+        /// Guest memory backing (hugetlb for an image of 2 MiB pages).
+        #[arg(long, value_enum, default_value_t = BackingArg::Anon)]
+        backing: BackingArg,
+        /// How long the restored guest runs before it checks its memory.
+        #[arg(long, default_value_t = 1.0, value_parser = parse_seconds)]
+        seconds: f64,
+        /// Print the report as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The guest: its memory, vCPUs and workload.
+#[derive(ClapArgs, Debug)]
+struct GuestOpts {
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256, conflicts_with = "mem")]
+    mem_mib: u64,
+    /// Guest memory as a size (512M, 2G); instead of --mem-mib.
+    #[arg(long, value_parser = parse_size)]
+    mem: Option<u64>,
+    /// MiB the workload touches (default: half the memory).
+    #[arg(long)]
+    data_mib: Option<u64>,
+    /// vCPUs, each running the workload over its own share of the data.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=crate::vm::MAX_VCPUS as u64))]
+    vcpus: u64,
+    /// Guest memory backing: anonymous, a memfd (filled in place), or 2 MiB hugetlbfs pages.
+    #[arg(long, value_enum, default_value_t = BackingArg::Anon)]
+    backing: BackingArg,
+    /// What the guest runs: idle, seq-write, rand-write, read-mostly or hot-set.
+    #[arg(long, default_value = "seq-write", value_parser = parse_workload)]
+    workload: Workload,
+    /// A flat binary guest of your own instead of a generated workload.
+    #[arg(long)]
+    guest: Option<PathBuf>,
+    /// Cap the workload's writes at this many MiB/s.
+    #[arg(long)]
+    rate_mib: Option<f64>,
+    /// Length of each phase (warm-up, steady rate, after the migration), in seconds.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_seconds)]
+    seconds: f64,
+    /// Print the report as one JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How the guest moves.
+#[derive(ClapArgs, Debug)]
+struct MigrationOpts {
+    /// Post-copy (resume at once, memory behind), pre-copy (rounds, then a short stop) or hybrid.
+    #[arg(long, value_enum, default_value_t = Mode::Postcopy)]
+    mode: Mode,
+    /// What post-copy fetches besides the faults: demand, push or bubbling.
+    #[arg(long, default_value = "bubbling", value_parser = parse_policy)]
+    prepager: PolicyKind,
+    /// Pre-copy stops the guest once the predicted downtime is at most this.
+    #[arg(long, default_value_t = 50)]
+    downtime_ms: u64,
+    /// Pre-copy stops the guest after this many rounds whatever the prediction.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    max_rounds: u32,
+    /// tcp (loopback), or local (the destination maps the source's memfd; memfd or hugetlb only).
+    #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
+    transport: TransportArg,
+    /// Fault injection: cut-lanes=N breaks the data lanes N times during a tcp post-copy.
+    #[arg(long, value_parser = parse_inject)]
+    inject: Option<u64>,
+}
+
+#[derive(ClapArgs, Debug)]
+struct KeyOpts {
+    /// The pre-shared key, 64 hex digits (or set FERRY_KEY).
+    #[arg(long)]
+    key_hex: Option<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum BackingArg {
+    Anon,
+    Memfd,
+    Hugetlb,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum TransportArg {
+    Tcp,
+    Local,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    crate::parse_size(s).map_err(|e| format!("{e:#}"))
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!("{s:?}: a number of seconds above 0, at most 3600")),
+    }
+}
+
+fn parse_policy(s: &str) -> Result<PolicyKind, String> {
+    s.parse()
+}
+
+fn parse_workload(s: &str) -> Result<Workload, String> {
+    s.parse()
+}
+
+fn parse_inject(s: &str) -> Result<u64, String> {
+    match s.split_once('=') {
+        Some(("cut-lanes", n)) => n.parse().map_err(|_| format!("cut-lanes={n}: a number of cuts")),
+        _ => Err(format!("{s:?}: cut-lanes=N (more kinds of fault to come)")),
+    }
+}
+
+impl From<BackingArg> for Backing {
+    fn from(b: BackingArg) -> Backing {
+        match b {
+            BackingArg::Anon => Backing::Anonymous,
+            BackingArg::Memfd => Backing::Memfd,
+            BackingArg::Hugetlb => Backing::HugetlbMemfd,
+        }
+    }
+}
+
+impl GuestOpts {
+    fn apply(self, a: &mut Args) {
+        a.mem_mib = self.mem.unwrap_or(self.mem_mib);
+        a.data_mib = self.data_mib;
+        a.vcpus = self.vcpus as usize;
+        a.backing = self.backing.into();
+        a.workload = self.workload;
+        a.guest_file = self.guest;
+        a.rate_mib = self.rate_mib;
+        a.seconds = self.seconds;
+        a.json = self.json;
+    }
+}
+
+impl MigrationOpts {
+    fn apply(self, a: &mut Args) {
+        a.mode = self.mode;
+        a.prepager = self.prepager;
+        a.downtime_ms = self.downtime_ms;
+        a.max_rounds = self.max_rounds;
+        a.local = matches!(self.transport, TransportArg::Local);
+        a.cut_lanes = self.inject.unwrap_or(0);
+    }
+}
+
+/// The command line, parsed (clap prints help and usage errors itself, and exits).
+pub fn parse() -> Args {
+    let mut a = Args::default();
+    match Cli::parse().command {
+        Command::Run { guest } => {
+            a.command = "run".into();
+            guest.apply(&mut a);
+        }
+        Command::Demo { guest, migration } => {
+            a.command = "demo".into();
+            guest.apply(&mut a);
+            migration.apply(&mut a);
+        }
+        Command::Migrate { to, key, guest, migration } => {
+            a.command = "migrate".into();
+            a.to = Some(to);
+            a.key_hex = key.key_hex;
+            guest.apply(&mut a);
+            migration.apply(&mut a);
+        }
+        Command::Receive { listen, key, json } => {
+            a.command = "receive".into();
+            a.listen = Some(listen);
+            a.key_hex = key.key_hex;
+            a.json = json;
+        }
+        Command::Snapshot { out, guest } => {
+            a.command = "snapshot".into();
+            a.out = Some(out);
+            guest.apply(&mut a);
+        }
+        Command::Restore { from, eager, lazy: _, prepager, record, replay, backing, seconds, json } => {
+            a.command = "restore".into();
+            a.from = Some(from);
+            a.lazy = !eager;
+            a.prepager = prepager;
+            a.record = record;
+            a.replay = replay;
+            a.backing = backing.into();
+            a.seconds = seconds;
+            a.json = json;
+        }
+    }
+    a
+}
