@@ -26,7 +26,7 @@ use ferry::FreePages;
 use ferry_fault_handler::uffd::Userfault;
 use ferry_fault_handler::DestinationMemory;
 use ferry_transport::rawfile::RawMemoryFile;
-use ferry_transport::{GuestMemory, MemoryLayout, RegionLayout, RegionMapping};
+use ferry_transport::{GuestMemory, RegionMapping};
 
 pub use protocol::GuestRegionUffdMapping;
 
@@ -87,12 +87,7 @@ pub struct Served {
 pub fn serve(stream: &UnixStream, config: &ServeConfig) -> Result<Served> {
     let (mappings, fd) = protocol::receive_handshake(stream, config.handshake_timeout)?;
     let t0 = Instant::now();
-    let page_size = protocol::page_size_of(&mappings)?;
-    let layout = MemoryLayout::new(
-        page_size as u32,
-        mappings.iter().map(|m| RegionLayout { guest_phys_addr: m.offset, size: m.size }).collect(),
-    )
-    .map_err(|e| HandlerError::Handshake(format!("the regions do not form a layout: {e}")))?;
+    let layout = protocol::layout_of(&mappings)?;
     let regions = mappings
         .iter()
         .map(|m| RegionMapping::foreign(m.base_host_virt_addr, m.size as usize))
@@ -141,7 +136,7 @@ pub fn serve(stream: &UnixStream, config: &ServeConfig) -> Result<Served> {
     }
     Ok(Served {
         regions: mappings.len(),
-        page_size,
+        page_size: u64::from(layout.page_size()),
         ready,
         report,
         faults,

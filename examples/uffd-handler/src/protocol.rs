@@ -106,6 +106,27 @@ pub fn send_handshake(stream: &UnixStream, mappings: &[GuestRegionUffdMapping], 
     Ok(())
 }
 
+/// The JSON array of mappings Firecracker sends: 1 to [`MAX_REGIONS`] regions (their sizes and
+/// page sizes are checked where they are used, by [`page_size_of`] and the memory layout).
+pub fn parse_mappings(body: &[u8]) -> Result<Vec<GuestRegionUffdMapping>> {
+    let mappings: Vec<GuestRegionUffdMapping> =
+        serde_json::from_slice(body).map_err(|e| handshake(format!("the mappings: {e}")))?;
+    if mappings.is_empty() || mappings.len() > MAX_REGIONS {
+        return Err(handshake(format!("{} regions (1 to {MAX_REGIONS})", mappings.len())));
+    }
+    Ok(mappings)
+}
+
+/// The guest memory layout the mappings describe: one region per mapping, at its offset in the
+/// memory file, all of one page size.
+pub fn layout_of(mappings: &[GuestRegionUffdMapping]) -> Result<ferry::transport::MemoryLayout> {
+    let page_size = page_size_of(mappings)?;
+    let regions =
+        mappings.iter().map(|m| ferry::transport::RegionLayout { guest_phys_addr: m.offset, size: m.size }).collect();
+    ferry::transport::MemoryLayout::new(page_size as u32, regions)
+        .map_err(|e| handshake(format!("the regions do not form a layout: {e}")))
+}
+
 /// The handler's side: waits up to `timeout` for the handshake and returns the mappings and the
 /// userfaultfd. Malformed JSON, a missing or extra fd, or too many regions are typed errors.
 pub fn receive_handshake(stream: &UnixStream, timeout: Duration) -> Result<(Vec<GuestRegionUffdMapping>, OwnedFd)> {
@@ -152,11 +173,7 @@ pub fn receive_handshake(stream: &UnixStream, timeout: Duration) -> Result<(Vec<
     if fds.len() != 1 {
         return Err(handshake(format!("{} file descriptors with the mappings (one userfaultfd)", fds.len())));
     }
-    let mappings: Vec<GuestRegionUffdMapping> =
-        serde_json::from_slice(&body[..n as usize]).map_err(|e| handshake(format!("the mappings: {e}")))?;
-    if mappings.is_empty() || mappings.len() > MAX_REGIONS {
-        return Err(handshake(format!("{} regions (1 to {MAX_REGIONS})", mappings.len())));
-    }
+    let mappings = parse_mappings(&body[..n as usize])?;
     stream.set_read_timeout(None)?;
     Ok((mappings, fds.pop().expect("one fd")))
 }
