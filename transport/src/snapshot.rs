@@ -552,9 +552,14 @@ impl SnapshotImage {
         self.zero[(global / 8) as usize] & (1 << (global % 8)) != 0
     }
 
-    fn read_entry(&self, run: PageRun, dst: &mut [u8]) -> io_uring::squeue::Entry {
+    /// Where `run`'s data starts in the file.
+    fn data_offset_of(&self, run: PageRun) -> u64 {
         let global = self.region_base[run.region as usize] + run.first_page;
-        let offset = self.sections.data_offset + global * u64::from(self.layout.page_size());
+        self.sections.data_offset + global * u64::from(self.layout.page_size())
+    }
+
+    fn read_entry(&self, run: PageRun, dst: &mut [u8]) -> io_uring::squeue::Entry {
+        let offset = self.data_offset_of(run);
         let aligned = dst.as_ptr() as usize % PAGE_BUF_ALIGN == 0 && dst.len() as u64 % ALIGN == 0;
         let fd = if aligned && self.direct_ok { self.direct.as_raw_fd() } else { self.buffered.as_raw_fd() };
         opcode::Read::new(types::Fd(fd), dst.as_mut_ptr(), dst.len() as u32).offset(offset).build()
@@ -656,6 +661,15 @@ struct SnapshotUrgent {
 impl UrgentLane for SnapshotUrgent {
     fn read(&mut self, run: PageRun, dst: &mut [u8]) -> Result<ZeroMask> {
         let dst = run_dst(&self.image.layout, run, dst)?;
+        if !self.image.direct_ok {
+            // Through the page cache: one pread is a copy, with no ring to submit to and reap.
+            let offset = self.image.data_offset_of(run);
+            let res = match std::os::unix::fs::FileExt::read_exact_at(&self.image.buffered, dst, offset) {
+                Ok(()) => dst.len() as i32,
+                Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+            };
+            return self.image.verify(run, dst, res);
+        }
         let entry = self.image.read_entry(run, dst);
         // SAFETY: dst is exclusively borrowed until we have reaped this read's completion below.
         unsafe { self.ring.submission().push(&entry) }
