@@ -84,6 +84,11 @@ fn session(backend: Backend, key: &PreSharedKey) -> Session {
     }
 }
 
+/// Untouched guest memory registered with userfaultfd, as a destination holds it.
+fn destination_memory() -> Arc<DestinationMemory> {
+    Arc::new(DestinationMemory::register(GuestMemory::create(layout(), Backing::Anonymous).unwrap()).unwrap())
+}
+
 fn threads() -> usize {
     std::fs::read_dir("/proc/self/task").unwrap().count()
 }
@@ -149,8 +154,7 @@ fn destination_silent_mid_frame(backend: Backend) {
 fn silent_source(backend: Backend) {
     let key = PreSharedKey::generate().unwrap();
     let s = session(backend, &key);
-    let memory =
-        Arc::new(DestinationMemory::register(GuestMemory::create(layout(), Backing::Anonymous).unwrap()).unwrap());
+    let memory = destination_memory();
     let mut source_control = s.source_control;
     let fake_source = std::thread::spawn(move || {
         handoff::send_handoff(source_control.as_mut(), b"state", &FreePages::new(2048)).unwrap();
@@ -179,8 +183,7 @@ fn silent_source(backend: Backend) {
 fn source_silent_mid_frame(backend: Backend) {
     let key = PreSharedKey::generate().unwrap();
     let s = session(backend, &key);
-    let memory =
-        Arc::new(DestinationMemory::register(GuestMemory::create(layout(), Backing::Anonymous).unwrap()).unwrap());
+    let memory = destination_memory();
     let mut source_control = s.source_control;
     source_control.write_all(&partial_frame(&[1; 17], 9)).unwrap();
     let config = EngineConfig { liveness: LIVENESS, ..EngineConfig::default() };
