@@ -3,7 +3,9 @@
 //! memory over behind it: faults are served on the urgent lane by the fault thread, and the
 //! pre-pager fills the rest on the bulk lane, pivoting around faults. Free pages never cross.
 //! Every page crosses at most once: the page-state bitmaps guarantee it at the destination and the
-//! page server counts it at the source.
+//! page server counts it at the source (pages asked again after a lane broke are counted apart).
+//! Both sides watch each other with heartbeats ([`crate::liveness`]); a control lane that breaks
+//! is reopened under the same session, as the engine reopens its data lanes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,10 +34,10 @@ impl PostcopyDestination {
     /// Waits for the source's handoff on `control`, starts the engine (faults are served from
     /// then on; free pages never cross), calls `resume` with the state blob (the VMM loads it and
     /// starts its vCPUs), tells the source, and starts pre-paging. Returns while memory is still
-    /// arriving. From the first byte of the handoff on, both sides send heartbeats
-    /// ([`EngineConfig::liveness`]): a source silent past the timeout, or one that aborts, stops
-    /// the engine with that error. The wait for the handoff to begin has no deadline: the source
-    /// decides when to pause its guest.
+    /// arriving. The destination sends heartbeats from here on, the source from its handoff
+    /// ([`EngineConfig::liveness`]); a source silent past the timeout and the recovery window, or
+    /// one that aborts, stops the engine with that error. The wait for the handoff to begin has
+    /// no deadline: the source decides when to pause its guest.
     pub fn start(
         control: Box<dyn ControlStream>,
         memory: Arc<DestinationMemory>,
