@@ -179,9 +179,10 @@ fn transport_status(e: &TransportError) -> FerryStatus {
             ferry::transport::wire::RejectReason::Layout => FerryStatus::ErrLayout,
             _ => FerryStatus::ErrPeer,
         },
-        TransportError::PeerClosed | TransportError::Malformed { .. } | TransportError::Unexpected { .. } => {
-            FerryStatus::ErrPeer
-        }
+        TransportError::PeerClosed
+        | TransportError::Silent(_)
+        | TransportError::Malformed { .. }
+        | TransportError::Unexpected { .. } => FerryStatus::ErrPeer,
         _ => FerryStatus::ErrIo,
     }
 }
