@@ -16,6 +16,7 @@ use std::io::{Read, Write};
 
 use crate::auth::{nonce, PreSharedKey};
 use crate::error::{Result, TransportError};
+use crate::lane::ControlStream;
 use crate::layout::MemoryLayout;
 use crate::wire::{read_control, write_control, Challenge, Control, Hello, Lane, RejectReason, SessionId};
 
@@ -146,39 +147,17 @@ fn reject<S: Write>(stream: &mut S, reason: RejectReason, detail: &str) {
     let _ = write_control(stream, &Control::Reject { reason, detail: detail.to_owned() });
 }
 
-/// The timeouts of a socket, for [`Deadline`].
-pub(crate) trait SocketTimeouts {
-    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()>;
-    fn set_write_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()>;
-}
-
-macro_rules! socket_timeouts {
-    ($t:ty) => {
-        impl SocketTimeouts for $t {
-            fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
-                <$t>::set_read_timeout(self, timeout)
-            }
-            fn set_write_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
-                <$t>::set_write_timeout(self, timeout)
-            }
-        }
-    };
-}
-
-socket_timeouts!(std::net::TcpStream);
-socket_timeouts!(std::os::unix::net::UnixStream);
-
 /// A socket whose reads and writes must all finish by one instant, `limit` after it was wrapped:
 /// before each call its timeouts are set to what is left, so a peer that sends a byte at a time
 /// cannot keep a handshake open past the limit (a per-read timeout alone would let it). When
 /// dropped, the socket's timeouts are `limit` again.
-pub(crate) struct Deadline<'a, S: SocketTimeouts> {
+pub(crate) struct Deadline<'a, S: ControlStream> {
     stream: &'a S,
     until: std::time::Instant,
     limit: std::time::Duration,
 }
 
-impl<'a, S: SocketTimeouts> Deadline<'a, S> {
+impl<'a, S: ControlStream> Deadline<'a, S> {
     pub(crate) fn new(stream: &'a S, limit: std::time::Duration) -> Self {
         Deadline { stream, until: std::time::Instant::now() + limit, limit }
     }
@@ -195,7 +174,7 @@ impl<'a, S: SocketTimeouts> Deadline<'a, S> {
     }
 }
 
-impl<S: SocketTimeouts> Read for Deadline<'_, S>
+impl<S: ControlStream> Read for Deadline<'_, S>
 where
     for<'b> &'b S: Read,
 {
@@ -212,7 +191,7 @@ where
     }
 }
 
-impl<S: SocketTimeouts> Write for Deadline<'_, S>
+impl<S: ControlStream> Write for Deadline<'_, S>
 where
     for<'b> &'b S: Write,
 {
@@ -228,7 +207,7 @@ where
     }
 }
 
-impl<S: SocketTimeouts> Drop for Deadline<'_, S> {
+impl<S: ControlStream> Drop for Deadline<'_, S> {
     fn drop(&mut self) {
         let _ = self.stream.set_read_timeout(Some(self.limit));
         let _ = self.stream.set_write_timeout(Some(self.limit));
