@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_fault_handler::{DestinationMemory, FaultStats};
+use ferry_fault_handler::{DestinationMemory, FaultStats, Recovery};
 use ferry_transport::{ControlStream, PageSource};
 
 use crate::engine::{DestinationReport, EngineConfig, EngineControl, PostcopyEngine};
@@ -154,9 +154,9 @@ impl SourceWatch {
                             // A broken or silent control lane: open it again, if the session can.
                             Err(e)
                                 if lane_broke(&e)
-                                    && rejoin
-                                        .as_ref()
-                                        .is_some_and(|r| trouble_since.get_or_insert(heard).elapsed() < r.window) =>
+                                    && rejoin.as_ref().is_some_and(|r| {
+                                        trouble_since.get_or_insert(heard).elapsed() < r.recovery.window
+                                    }) =>
                             {
                                 let rejoin = rejoin.as_ref().expect("checked");
                                 match rejoin.open(trouble_since.expect("set"), &stop) {
@@ -199,39 +199,28 @@ impl SourceWatch {
     }
 }
 
-/// How a destination opens its control lane again after it broke: the session's reconnector,
-/// the heartbeat settings and the recovery window.
+/// How a destination opens its control lane again after it broke: the same reconnection and
+/// backoff as the engine's data lanes, then heartbeats on the new lane.
 #[derive(Clone, Debug)]
 struct Rejoin {
-    reconnect: Arc<dyn ferry_transport::Reconnect>,
+    recovery: Recovery,
     liveness: Liveness,
-    window: Duration,
 }
 
 impl Rejoin {
     fn of(source: &PageSource, config: &EngineConfig) -> Option<Self> {
         let reconnect = source.reconnect.clone()?;
         (!config.recovery_window.is_zero()).then_some(Rejoin {
-            reconnect,
+            recovery: Recovery { reconnect, window: config.recovery_window },
             liveness: config.liveness,
-            window: config.recovery_window,
         })
     }
 
-    /// Reopens the control lane with backoff until the window from `since` ends (or `stop`);
-    /// `None` then, and the failure that started it stands.
+    /// Reopens the control lane until the window from `since` ends (or `stop`); `None` then, and
+    /// the failure that started it stands.
     fn open(&self, since: Instant, stop: &AtomicBool) -> Option<LiveControl> {
-        let mut backoff = Duration::from_millis(10);
-        loop {
-            match self.reconnect.control() {
-                Ok(control) => return LiveControl::start(control.as_ref(), self.liveness).ok(),
-                Err(_) if since.elapsed() + backoff > self.window || stop.load(Ordering::Acquire) => return None,
-                Err(_) => {
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
-                }
-            }
-        }
+        let control = self.recovery.reopen_since(since, stop, &"the control lane broke", |r| r.control()).ok()?;
+        LiveControl::start(control.as_ref(), self.liveness).ok()
     }
 }
 

@@ -40,19 +40,26 @@ impl Recovery {
     pub fn reopen<T>(
         &self,
         stop: &AtomicBool,
-        why: &FaultError,
+        why: &dyn std::fmt::Display,
+        open: impl FnMut(&dyn Reconnect) -> ferry_transport::Result<T>,
+    ) -> Result<T> {
+        self.reopen_since(Instant::now(), stop, why, open)
+    }
+
+    /// [`Self::reopen`], with the window counted from `since` (when the lane last worked).
+    pub fn reopen_since<T>(
+        &self,
+        since: Instant,
+        stop: &AtomicBool,
+        why: &dyn std::fmt::Display,
         mut open: impl FnMut(&dyn Reconnect) -> ferry_transport::Result<T>,
     ) -> Result<T> {
-        let started = Instant::now();
         let mut backoff = FIRST_BACKOFF;
         loop {
             match open(self.reconnect.as_ref()) {
                 Ok(lane) => return Ok(lane),
-                Err(e) if started.elapsed() + backoff > self.window || stop.load(Ordering::Acquire) => {
-                    return Err(FaultError::Lane(format!(
-                        "{why}; reconnecting for {:?} failed: {e}",
-                        started.elapsed()
-                    )))
+                Err(e) if since.elapsed() + backoff > self.window || stop.load(Ordering::Acquire) => {
+                    return Err(FaultError::Lane(format!("{why}; reconnecting for {:?} failed: {e}", since.elapsed())))
                 }
                 Err(_) => {
                     std::thread::sleep(backoff);
