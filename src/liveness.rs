@@ -30,11 +30,18 @@ pub struct Liveness {
     /// Silence after which the peer is gone. Default 3 s: twelve heartbeats missed, long enough
     /// for a loaded host's scheduling hiccups, short enough that a guest waits little on a dead one.
     pub timeout: Duration,
+    /// How long a destination waits for the source to begin its handoff (the source sends no
+    /// heartbeat before: it pauses its guest when it chooses). Default 10 minutes.
+    pub handoff_wait: Duration,
 }
 
 impl Default for Liveness {
     fn default() -> Self {
-        Liveness { interval: Duration::from_millis(250), timeout: Duration::from_secs(3) }
+        Liveness {
+            interval: Duration::from_millis(250),
+            timeout: Duration::from_secs(3),
+            handoff_wait: Duration::from_secs(600),
+        }
     }
 }
 

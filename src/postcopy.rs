@@ -36,8 +36,8 @@ impl PostcopyDestination {
     /// starts its vCPUs), tells the source, and starts pre-paging. Returns while memory is still
     /// arriving. The destination sends heartbeats from here on, the source from its handoff
     /// ([`EngineConfig::liveness`]); a source silent past the timeout and the recovery window, or
-    /// one that aborts, stops the engine with that error. The wait for the handoff to begin has
-    /// no deadline: the source decides when to pause its guest.
+    /// one that aborts, stops the engine with that error. The wait for the handoff to begin is
+    /// `liveness.handoff_wait` (the source decides when to pause its guest).
     pub fn start(
         control: Box<dyn ControlStream>,
         memory: Arc<DestinationMemory>,
@@ -47,7 +47,13 @@ impl PostcopyDestination {
     ) -> Result<Self> {
         let mut live = LiveControl::start(control.as_ref(), config.liveness)?;
         drop(control);
-        while !live.wait_readable(Duration::from_secs(3600)).map_err(ferry_transport::TransportError::Io)? {}
+        if !live.wait_readable(config.liveness.handoff_wait).map_err(ferry_transport::TransportError::Io)? {
+            return Err(ferry_transport::TransportError::Silent(format!(
+                "the source began no handoff within {:?}",
+                config.liveness.handoff_wait
+            ))
+            .into());
+        }
         let (state, free) = handoff::receive_handoff(&mut live, memory.states().pages())?;
         let handoff_at = Instant::now();
         let rejoin = Rejoin::of(&source, config);

@@ -19,7 +19,11 @@ use ferry::transport::{
 };
 use ferry::{EngineConfig, FreePages, Liveness, MigrationError, PostcopyDestination};
 
-const LIVENESS: Liveness = Liveness { interval: Duration::from_millis(50), timeout: Duration::from_millis(600) };
+const LIVENESS: Liveness = Liveness {
+    interval: Duration::from_millis(50),
+    timeout: Duration::from_millis(600),
+    handoff_wait: Duration::from_millis(600),
+};
 /// Far past the liveness timeout: only a hang gets here.
 const HANG: Duration = Duration::from_secs(60);
 
@@ -178,6 +182,21 @@ fn silent_source(backend: Backend) {
     drop(source_control);
 }
 
+/// A source that never begins its handoff: the destination's start fails with Silent after
+/// `handoff_wait`.
+fn source_that_never_hands_over(backend: Backend) {
+    let key = PreSharedKey::generate().unwrap();
+    let s = session(backend, &key);
+    let memory = destination_memory();
+    let config = EngineConfig { liveness: LIVENESS, ..EngineConfig::default() };
+    let (dest_control, lanes) = (s.dest_control, s.lanes);
+    let result = within_hang_guard("the destination's start", move || {
+        PostcopyDestination::start(dest_control, memory, lanes, &config, |_| Ok(())).map(|_| ())
+    });
+    assert_silent(&format!("{backend:?}: source that never hands over"), result);
+    drop(s.source_control);
+}
+
 /// The source sends half of its handoff's first frame, then goes silent: the destination's start
 /// fails with Silent.
 fn source_silent_mid_frame(backend: Backend) {
@@ -205,6 +224,7 @@ fn a_silent_peer_is_an_error_within_the_liveness_timeout_and_no_thread_is_left()
             ("destination silent mid-frame", destination_silent_mid_frame),
             ("silent source", silent_source),
             ("source silent mid-frame", source_silent_mid_frame),
+            ("source that never hands over", source_that_never_hands_over),
         ] {
             let before = threads();
             scenario(backend);

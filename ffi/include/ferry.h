@@ -240,7 +240,8 @@ enum FerryStatus ferry_destination_connect(const struct FerryRegion *regions,
                                            struct FerryDestination **out);
 
 /**
- * Blocks until the source hands over, serves faults from then on, calls `resume`, and returns
+ * Blocks until the source hands over (at most 10 minutes; then FERRY_STATUS_ERR_PEER), serves
+ * faults from then on, calls `resume`, and returns
  * once the guest runs; memory keeps arriving until ferry_destination_wait. Thread safety: not
  * concurrently with start, finish or wait on the same handle.
  *

@@ -154,7 +154,8 @@ pub unsafe extern "C" fn ferry_destination_connect(
 /// return 0 (anything else aborts the migration). `state` is valid only during the call.
 pub type FerryResumeFn = Option<unsafe extern "C" fn(state: *const u8, len: usize, user: *mut c_void) -> i32>;
 
-/// Blocks until the source hands over, serves faults from then on, calls `resume`, and returns
+/// Blocks until the source hands over (at most 10 minutes; then FERRY_STATUS_ERR_PEER), serves
+/// faults from then on, calls `resume`, and returns
 /// once the guest runs; memory keeps arriving until ferry_destination_wait. Thread safety: not
 /// concurrently with start, finish or wait on the same handle.
 ///
