@@ -18,6 +18,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{MigrationError, Result};
@@ -129,6 +132,143 @@ impl Arbiter for LeaseFile {
     fn current(&self) -> Result<Option<Lease>> {
         let lease = self.update(|_, _| None)?;
         Ok(lease.filter(|l| !l.holder.is_empty()))
+    }
+}
+
+/// Who takes a lease, through which arbiter, for how long at a time.
+#[derive(Clone)]
+pub struct LeaseTerms {
+    pub arbiter: Arc<dyn Arbiter>,
+    /// This side's name (1-256 bytes, no spaces): unique per host and VM.
+    pub holder: String,
+    /// How long one acquisition or renewal holds. Renewed every quarter of it.
+    pub ttl: Duration,
+    /// The most the hosts' clocks differ by: a holder counts its lease lost this long before it
+    /// expires (give the arbiter the same).
+    pub clock_skew: Duration,
+}
+
+impl std::fmt::Debug for LeaseTerms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseTerms")
+            .field("holder", &self.holder)
+            .field("ttl", &self.ttl)
+            .field("clock_skew", &self.clock_skew)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A lease held and kept: a thread renews it every quarter of its time to live. When it cannot
+/// (another took it, or the arbiter stayed unreachable until this side's view of the expiry), it
+/// calls `on_lost` once and stops: the holder must stop its guest. Dropping the keeper releases
+/// the lease; [`LeaseKeeper::hand_over`] releases it on purpose (the guest stopped here).
+pub struct LeaseKeeper {
+    terms: LeaseTerms,
+    stop: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
+    epoch: u64,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for LeaseKeeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseKeeper")
+            .field("terms", &self.terms)
+            .field("epoch", &self.epoch)
+            .field("lost", &self.lost.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl LeaseKeeper {
+    /// Takes the lease, trying every 50 ms for up to `wait` (another holder's lease must expire
+    /// or be released first), then keeps it. [`MigrationError::LeaseHeld`] if it stayed taken.
+    pub fn acquire(terms: &LeaseTerms, wait: Duration, on_lost: impl FnOnce() + Send + 'static) -> Result<Self> {
+        if terms.ttl <= terms.clock_skew * 2 || terms.ttl < Duration::from_millis(40) {
+            return Err(MigrationError::Protocol(format!(
+                "a lease of {:?} cannot outlast twice the clock skew {:?} (and at least 40 ms)",
+                terms.ttl, terms.clock_skew
+            )));
+        }
+        let started = Instant::now();
+        let (lease, taken_at) = loop {
+            let asked = Instant::now();
+            match terms.arbiter.acquire(&terms.holder, terms.ttl) {
+                Ok(Some(lease)) => break (lease, asked),
+                Ok(None) if started.elapsed() < wait => {}
+                Err(_) if started.elapsed() < wait => {}
+                Ok(None) => {
+                    let holder = terms.arbiter.current().ok().flatten().map(|l| l.holder).unwrap_or_default();
+                    return Err(MigrationError::LeaseHeld(holder));
+                }
+                Err(e) => return Err(e),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let (stop, lost) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let thread = {
+            let (terms, stop, lost) = (terms.clone(), stop.clone(), lost.clone());
+            std::thread::Builder::new()
+                .name("ferry-lease".into())
+                .spawn(move || {
+                    // Until when this side may count on the lease, on its own clock.
+                    let mut valid_until = taken_at + terms.ttl - terms.clock_skew;
+                    while !stop.load(Ordering::Acquire) {
+                        std::thread::park_timeout(terms.ttl / 4);
+                        if stop.load(Ordering::Acquire) {
+                            return;
+                        }
+                        let asked = Instant::now();
+                        match terms.arbiter.renew(&terms.holder, terms.ttl) {
+                            Ok(Some(_)) => valid_until = asked + terms.ttl - terms.clock_skew,
+                            // Another holds it: lost now.
+                            Ok(None) => break,
+                            // Unreachable: the lease stands until this side's view of its expiry.
+                            Err(_) if Instant::now() + terms.ttl / 4 < valid_until => {}
+                            Err(_) => break,
+                        }
+                    }
+                    if !stop.load(Ordering::Acquire) {
+                        lost.store(true, Ordering::Release);
+                        on_lost();
+                    }
+                })
+                .map_err(|e| MigrationError::Protocol(format!("spawning the lease keeper: {e}")))?
+        };
+        Ok(LeaseKeeper { terms: terms.clone(), stop, lost, epoch: lease.epoch, thread: Some(thread) })
+    }
+
+    /// Whether the lease was lost (the guest must not run on this side).
+    pub fn lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    /// The epoch of this holding: a fencing token.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Stops renewing and gives the lease up (call once the guest no longer runs here).
+    pub fn hand_over(mut self) -> Result<()> {
+        self.stop_renewing();
+        self.terms.arbiter.release(&self.terms.holder)
+    }
+
+    fn stop_renewing(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop_renewing();
+            let _ = self.terms.arbiter.release(&self.terms.holder);
+        }
     }
 }
 
@@ -288,5 +428,43 @@ mod tests {
         let a = LeaseFile::new(&path, Duration::ZERO);
         assert!(a.acquire("source", Duration::from_secs(1)).is_err());
         assert!(a.acquire("bad name", Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn a_keeper_renews_past_its_ttl_hands_over_and_reports_a_stolen_lease() {
+        let path = lease_path("keeper");
+        let terms = |holder: &str| LeaseTerms {
+            arbiter: Arc::new(LeaseFile::new(&path, Duration::ZERO)),
+            holder: holder.into(),
+            ttl: Duration::from_millis(400),
+            clock_skew: Duration::ZERO,
+        };
+        let lost = Arc::new(AtomicBool::new(false));
+        let flag = lost.clone();
+        let keeper = LeaseKeeper::acquire(&terms("destination"), Duration::ZERO, move || {
+            flag.store(true, Ordering::Release);
+        })
+        .unwrap();
+        // Three times its ttl later, still held: the keeper renewed it.
+        std::thread::sleep(Duration::from_millis(1200));
+        let err = LeaseKeeper::acquire(&terms("source"), Duration::from_millis(100), || {}).unwrap_err();
+        assert!(matches!(err, MigrationError::LeaseHeld(ref h) if h == "destination"), "{err:?}");
+        keeper.hand_over().unwrap();
+        let source = LeaseKeeper::acquire(&terms("source"), Duration::ZERO, || {}).expect("handed over: free");
+        assert!(!lost.load(Ordering::Acquire));
+
+        // Stolen: an operator rewrites the lease file for another holder.
+        let flag = lost.clone();
+        drop(source);
+        let keeper = LeaseKeeper::acquire(&terms("destination"), Duration::ZERO, move || {
+            flag.store(true, Ordering::Release);
+        })
+        .unwrap();
+        std::fs::write(&path, format!("ferry-lease 1 intruder 99 {}\n", now_ms() + 60_000)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !keeper.lost() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(keeper.lost() && lost.load(Ordering::Acquire), "the keeper noticed and called on_lost");
     }
 }

@@ -111,6 +111,11 @@ pub struct DestinationReport {
     pub fault_histogram_us: Vec<u64>,
     /// Total time faulting threads waited on network faults.
     pub blocktime: Duration,
+    /// Reverse checkpoints sent by a protected session ([`crate::postcopy::Protection`]).
+    pub checkpoints: crate::checkpoint::CheckpointStats,
+    /// The lease a protected session took: keep it while the guest runs here (dropping the last
+    /// handle gives it up).
+    pub lease: Option<std::sync::Arc<crate::arbiter::LeaseKeeper>>,
 }
 
 /// Flags the engine's threads watch.
@@ -394,6 +399,8 @@ impl PostcopyEngine {
             fault_max: samples.last().copied().unwrap_or_default(),
             fault_histogram_us: s.fault_latency.counts(),
             blocktime: Duration::from_nanos(get(&s.blocktime_ns)),
+            checkpoints: Default::default(),
+            lease: None,
         }
     }
 }

@@ -6,6 +6,7 @@
 //!   Chunk{stream, offset, bytes}...      ->   (the state blob, then the free-page bitmap)
 //!                                        <-   Resumed            (vCPUs run: downtime ends)
 //!                                        <-   Done{counters}     (every page present)
+//!   Ckpt{...} / CkptAck{epoch}   reverse checkpoints while memory arrives (crate::checkpoint)
 //!   Abort{reason} either way on failure
 //!   Heartbeat either way, from the handoff's first message on (see crate::liveness)
 //! ```
@@ -225,16 +226,20 @@ pub fn expect_resumed(control: &mut dyn ControlStream) -> Result<()> {
 }
 
 pub fn expect_done(control: &mut dyn ControlStream) -> Result<DoneCounters> {
-    let msg = read_message(control)?;
+    done_counters(&read_message(control)?)
+}
+
+/// The counters of a `Done` message; a protocol error if `msg` is not one.
+pub(crate) fn done_counters(msg: &[u8]) -> Result<DoneCounters> {
     if msg.first() != Some(&DONE) || msg.len() != 41 {
         return Err(protocol("expected done"));
     }
     Ok(DoneCounters {
-        pages_present: u64_at(&msg, 1)?,
-        network_faults: u64_at(&msg, 9)?,
-        urgent_pages: u64_at(&msg, 17)?,
-        bulk_pages: u64_at(&msg, 25)?,
-        skipped_free_pages: u64_at(&msg, 33)?,
+        pages_present: u64_at(msg, 1)?,
+        network_faults: u64_at(msg, 9)?,
+        urgent_pages: u64_at(msg, 17)?,
+        bulk_pages: u64_at(msg, 25)?,
+        skipped_free_pages: u64_at(msg, 33)?,
     })
 }
 

@@ -8,15 +8,18 @@
 //! predicted downtime meets its target, and hybrid: rounds, then post-copy for the stale pages),
 //! and [`restore`] (snapshots saved in ferry's image format and restored eagerly, or lazily by the
 //! engine over the image, fetching a recorded working set first),
-//! all speaking the session messages of [`handoff`]. Two of the mechanisms every session shares
+//! all speaking the session messages of [`handoff`]. The three mechanisms every session shares
 //! live here too: [`liveness`] (heartbeats and deadlines on the control lane; the engine reopens
-//! broken data lanes itself) and the [`arbiter`] (a lease, so exactly one copy of a VM runs).
-//! Back-and-forth, reverse checkpoints and fault tolerance are to follow on the same parts. With
+//! broken data lanes itself) and the [`arbiter`] (a lease, so exactly one copy of a VM runs) and
+//! the [`checkpoint`] stream (epochs of dirty pages and state, applied whole and
+//! acknowledged; post-copy's reverse checkpoints, so a source restarts a guest whose destination
+//! died). Back-and-forth and fault-tolerant VMs are to follow on the same parts. With
 //! the `testkit` feature (tests, benchmarks and demos without KVM;
 //! not part of the API): `toucher`, a guest stand-in that verifies every page it touches, and
 //! `loopback`, a whole migration in one process.
 
 pub mod arbiter;
+pub mod checkpoint;
 pub mod engine;
 pub mod error;
 pub mod freepages;
@@ -37,4 +40,4 @@ pub use ferry_prepager as prepager;
 pub use ferry_transport as transport;
 pub use freepages::FreePages;
 pub use liveness::Liveness;
-pub use postcopy::{run_source, ControlAcceptor, PostcopyDestination, SourceOptions, SourceReport};
+pub use postcopy::{run_source, ControlAcceptor, PostcopyDestination, Protection, SourceOptions, SourceReport};

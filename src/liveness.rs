@@ -99,6 +99,11 @@ impl LiveControl {
         Ok(LiveControl { reader, writer, liveness, stop, beat: Some(beat) })
     }
 
+    /// A handle that writes whole session messages on this lane from another thread.
+    pub fn writer(&self) -> LiveWriter {
+        LiveWriter(self.writer.clone())
+    }
+
     /// Writes one session message, whole, between heartbeats.
     pub fn write(&self, payload: &[u8]) -> Result<()> {
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -152,6 +157,17 @@ impl LiveControl {
 
     pub fn liveness(&self) -> Liveness {
         self.liveness
+    }
+}
+
+/// Writes whole session messages on a [`LiveControl`]'s lane, between its heartbeats.
+#[derive(Clone, Debug)]
+pub struct LiveWriter(Arc<Mutex<Box<dyn ControlStream>>>);
+
+impl LiveWriter {
+    pub fn write(&self, payload: &[u8]) -> Result<()> {
+        let mut w = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(write_session(&mut **w, payload)?)
     }
 }
 

@@ -6,6 +6,17 @@
 //! page server counts it at the source (pages asked again after a lane broke are counted apart).
 //! Both sides watch each other with heartbeats ([`crate::liveness`]); a control lane that breaks
 //! is reopened under the same session, as the engine reopens its data lanes.
+//!
+//! A destination started with [`Protection`] keeps its source able to restart the guest (after
+//! PostCopyFT): it takes the lease before the guest resumes, sends reverse checkpoints of what
+//! the guest writes ([`crate::checkpoint`]; the source applies them to the image it keeps,
+//! [`SourceOptions::kept`]), lets output leave only once its epoch is acknowledged, and halts its
+//! guest and gives the lease up when the session fails (or halts when it loses the lease). A
+//! source whose destination is gone restarts the guest itself once it holds the lease:
+//! ```text
+//! run_source(...) fails  ->  LeaseKeeper::acquire(terms, wait, ..)  ->  kept.restart_state(handoff)
+//!                        ->  load that state blob, resume the vCPUs (memory already holds it)
+//! ```
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,11 +26,83 @@ use std::time::{Duration, Instant};
 use ferry_fault_handler::{DestinationMemory, FaultStats, Recovery};
 use ferry_transport::{ControlStream, PageSource};
 
+use crate::arbiter::{LeaseKeeper, LeaseTerms};
+use crate::checkpoint::{self, CheckpointCapture, CheckpointConfig, CheckpointLane, Checkpointer, KeptImage};
 use crate::engine::{DestinationReport, EngineConfig, EngineControl, PostcopyEngine};
 use crate::error::{MigrationError, Result};
 use crate::freepages::FreePages;
 use crate::handoff::{self, DoneCounters};
-use crate::liveness::{LiveControl, Liveness};
+use crate::liveness::{LiveControl, LiveWriter, Liveness};
+
+/// How a post-copy destination keeps its source able to restart the guest (see the module doc).
+pub struct Protection {
+    /// Pauses the guest for consistent captures; told when output may leave.
+    pub capture: Box<dyn CheckpointCapture>,
+    pub checkpoints: CheckpointConfig,
+    /// Taken before the guest resumes here, kept while it runs; `None`: no fencing (a partitioned
+    /// destination may then run on while the source restarts).
+    pub lease: Option<LeaseTerms>,
+    /// Stops the guest for good, without waiting on it (a vCPU may be blocked on a page that will
+    /// never come) and drops the output it still holds. Called once, when the session fails or
+    /// the lease is lost.
+    pub halt: HaltFn,
+}
+
+impl std::fmt::Debug for Protection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Protection")
+            .field("checkpoints", &self.checkpoints)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+type HaltFn = Box<dyn FnOnce() + Send>;
+
+/// A halt callback that runs at most once, from whichever path gets there first.
+#[derive(Clone)]
+struct Halt(Arc<std::sync::Mutex<Option<HaltFn>>>);
+
+impl Halt {
+    fn run(&self) {
+        let f = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(f) = f {
+            f();
+        }
+    }
+}
+
+impl std::fmt::Debug for Halt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Halt")
+    }
+}
+
+/// The control lane as the checkpointer writes to it: whichever lane is current (the source
+/// watch swaps in a reopened one).
+#[derive(Debug, Default)]
+struct CurrentLane(std::sync::Mutex<Option<LiveWriter>>);
+
+impl CurrentLane {
+    fn set(&self, writer: LiveWriter) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
+    }
+}
+
+impl CheckpointLane for CurrentLane {
+    fn send(&self, msg: &[u8]) -> Result<()> {
+        let writer = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        writer.ok_or(MigrationError::Transport(ferry_transport::TransportError::PeerClosed))?.write(msg)
+    }
+}
+
+/// The protecting parts of a running destination.
+#[derive(Debug)]
+struct Guard {
+    checkpointer: Option<Checkpointer>,
+    lease: Option<LeaseKeeper>,
+    halt: Halt,
+}
 
 /// A running post-copy destination: the engine, and the control lane to the source, watched.
 #[derive(Debug)]
@@ -28,6 +111,7 @@ pub struct PostcopyDestination {
     watch: SourceWatch,
     resume_latency: Duration,
     rejoin: Option<Rejoin>,
+    guard: Option<Guard>,
 }
 
 impl PostcopyDestination {
@@ -45,6 +129,19 @@ impl PostcopyDestination {
         config: &EngineConfig,
         resume: impl FnOnce(&[u8]) -> std::result::Result<(), String>,
     ) -> Result<Self> {
+        Self::start_with(control, memory, source, config, None, resume)
+    }
+
+    /// [`PostcopyDestination::start`], protected: the lease is taken before `resume`, reverse
+    /// checkpoints flow from then on (see the module doc).
+    pub fn start_with(
+        control: Box<dyn ControlStream>,
+        memory: Arc<DestinationMemory>,
+        source: PageSource,
+        config: &EngineConfig,
+        protection: Option<Protection>,
+        resume: impl FnOnce(&[u8]) -> std::result::Result<(), String>,
+    ) -> Result<Self> {
         let mut live = LiveControl::start(control.as_ref(), config.liveness)?;
         drop(control);
         if !live.wait_readable(config.liveness.handoff_wait).map_err(ferry_transport::TransportError::Io)? {
@@ -57,7 +154,28 @@ impl PostcopyDestination {
         let (state, free) = handoff::receive_handoff(&mut live, memory.states().pages())?;
         let handoff_at = Instant::now();
         let rejoin = Rejoin::of(&source, config);
-        let mut engine = PostcopyEngine::start(memory, source, config, &free)?;
+        let mut engine = PostcopyEngine::start(memory.clone(), source, config, &free)?;
+        let halt = protection.as_ref().map(|_| Halt(Arc::new(std::sync::Mutex::new(None))));
+        let lease = match protection.as_ref().and_then(|p| p.lease.as_ref()) {
+            Some(terms) => {
+                let (control, halt) = (engine.control(), halt.clone().expect("protected"));
+                // The source gave the lease up before its handoff; one time to live covers a
+                // release that has not reached the arbiter yet.
+                let wait = terms.ttl + terms.clock_skew * 2;
+                match LeaseKeeper::acquire(terms, wait, move || {
+                    control.fail(&MigrationError::LeaseLost);
+                    halt.run();
+                }) {
+                    Ok(keeper) => Some(keeper),
+                    Err(e) => {
+                        handoff::send_abort(&mut live, &e.to_string());
+                        engine.control().cancel();
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
         if let Err(why) = resume(&state) {
             handoff::send_abort(&mut live, &why);
             return Err(MigrationError::Resume(why));
@@ -65,8 +183,20 @@ impl PostcopyDestination {
         let resume_latency = handoff_at.elapsed();
         handoff::send_resumed(&mut live)?;
         engine.start_prepaging()?;
-        let watch = SourceWatch::start(live, engine.control(), rejoin.clone())?;
-        Ok(PostcopyDestination { engine, watch, resume_latency, rejoin })
+        let lane = Arc::new(CurrentLane::default());
+        lane.set(live.writer());
+        let guard = match protection {
+            Some(p) => {
+                let halt = halt.expect("protected");
+                *halt.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.halt);
+                let checkpointer = Checkpointer::start(memory, p.capture, lane.clone(), p.checkpoints)?;
+                Some(Guard { checkpointer: Some(checkpointer), lease, halt })
+            }
+            None => None,
+        };
+        let acks = guard.as_ref().and_then(|g| g.checkpointer.as_ref()).map(Checkpointer::handle);
+        let watch = SourceWatch::start(live, engine.control(), rejoin.clone(), lane, acks)?;
+        Ok(PostcopyDestination { engine, watch, resume_latency, rejoin, guard })
     }
 
     pub fn memory(&self) -> &Arc<DestinationMemory> {
@@ -92,7 +222,9 @@ impl PostcopyDestination {
     /// (it never heard so, and may act on it).
     pub fn wait(mut self) -> Result<DestinationReport> {
         let engine = self.engine.wait();
-        match (engine, self.watch.stop()) {
+        // Stopped before `done`: the source stops applying once it hears it.
+        let checkpoints = self.guard.as_mut().and_then(|g| g.checkpointer.take()).map(Checkpointer::stop);
+        let result = match (engine, self.watch.stop()) {
             (Ok(mut report), Ok(mut live)) => {
                 report.resume_latency = self.resume_latency;
                 let done = DoneCounters {
@@ -103,15 +235,16 @@ impl PostcopyDestination {
                     skipped_free_pages: report.skipped_free_pages,
                 };
                 match (handoff::send_done(&mut live, &done), &self.rejoin) {
-                    (Ok(()), _) => {}
+                    (Ok(()), _) => Ok(report),
                     // The control lane broke just now: say it on a new one.
                     (Err(e), Some(rejoin)) if lane_broke(&e) => {
-                        let mut again = rejoin.open(Instant::now(), &AtomicBool::new(false)).ok_or(e)?;
-                        handoff::send_done(&mut again, &done)?;
+                        match rejoin.open(Instant::now(), &AtomicBool::new(false)) {
+                            Some(mut again) => handoff::send_done(&mut again, &done).map(|()| report),
+                            None => Err(e),
+                        }
                     }
-                    (Err(e), _) => return Err(e),
+                    (Err(e), _) => Err(e),
                 }
-                Ok(report)
             }
             (Err(e), Ok(mut live)) => {
                 handoff::send_abort(&mut live, &e.to_string());
@@ -120,6 +253,28 @@ impl PostcopyDestination {
             // The engine reports the source's failure itself when it stopped on it.
             (Err(e), Err(_)) => Err(e),
             (Ok(_), Err(source)) => Err(source),
+        };
+        let Some(guard) = self.guard.take() else { return result };
+        let (stats, capture) = checkpoints.unwrap_or_default();
+        match result {
+            Ok(mut report) => {
+                // The source heard that every page is here: it will not restart the guest, and
+                // everything held may leave. The lease stays with the caller while the guest runs.
+                if let Some(mut capture) = capture {
+                    capture.committed(u64::MAX);
+                }
+                report.checkpoints = stats;
+                report.lease = guard.lease.map(Arc::new);
+                Ok(report)
+            }
+            Err(e) => {
+                // Never two live copies: the guest stops here before the lease can go to the source.
+                guard.halt.run();
+                if let Some(lease) = guard.lease {
+                    let _ = lease.hand_over();
+                }
+                Err(e)
+            }
         }
     }
 }
@@ -137,7 +292,13 @@ impl SourceWatch {
     /// How long the watcher sleeps between looks at its stop flag.
     const TICK: Duration = Duration::from_millis(50);
 
-    fn start(mut live: LiveControl, engine: EngineControl, rejoin: Option<Rejoin>) -> Result<Self> {
+    fn start(
+        mut live: LiveControl,
+        engine: EngineControl,
+        rejoin: Option<Rejoin>,
+        lane: Arc<CurrentLane>,
+        acks: Option<checkpoint::CheckpointerHandle>,
+    ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
@@ -167,6 +328,7 @@ impl SourceWatch {
                                 let rejoin = rejoin.as_ref().expect("checked");
                                 match rejoin.open(trouble_since.expect("set"), &stop) {
                                     Some(again) => {
+                                        lane.set(again.writer());
                                         live = again;
                                         last_heard = Instant::now();
                                         continue;
@@ -174,9 +336,13 @@ impl SourceWatch {
                                     None => e,
                                 }
                             }
-                            Ok(Some(msg)) => match handoff::abort_reason(&msg) {
-                                Some(why) => MigrationError::PeerAborted(why),
-                                None => MigrationError::Protocol("an unexpected message from the source".into()),
+                            Ok(Some(msg)) => match (handoff::abort_reason(&msg), checkpoint::ack_epoch(&msg), &acks) {
+                                (Some(why), ..) => MigrationError::PeerAborted(why),
+                                (None, Some(epoch), Some(acks)) => {
+                                    acks.acked(epoch);
+                                    continue;
+                                }
+                                _ => MigrationError::Protocol("an unexpected message from the source".into()),
                             },
                             Err(MigrationError::Transport(ferry_transport::TransportError::Silent(why))) => {
                                 MigrationError::Transport(ferry_transport::TransportError::Silent(format!(
@@ -271,11 +437,19 @@ pub struct SourceOptions<'a> {
     pub recovery_window: Duration,
     /// Where the control lane comes back: the session's page server.
     pub reaccept: Option<&'a dyn ControlAcceptor>,
+    /// The image this source keeps for a restart: reverse checkpoints are applied to it (a
+    /// destination's checkpoints to a source without one are a protocol error).
+    pub kept: Option<&'a KeptImage>,
 }
 
 impl Default for SourceOptions<'_> {
     fn default() -> Self {
-        SourceOptions { liveness: Liveness::default(), recovery_window: Duration::from_secs(10), reaccept: None }
+        SourceOptions {
+            liveness: Liveness::default(),
+            recovery_window: Duration::from_secs(10),
+            reaccept: None,
+            kept: None,
+        }
     }
 }
 
@@ -285,6 +459,7 @@ impl std::fmt::Debug for SourceOptions<'_> {
             .field("liveness", &self.liveness)
             .field("recovery_window", &self.recovery_window)
             .field("reaccept", &self.reaccept.is_some())
+            .field("kept", &self.kept)
             .finish()
     }
 }
@@ -322,17 +497,33 @@ pub fn run_source(
     let downtime = paused_at.elapsed();
     let mut control_recoveries = 0;
     let done = loop {
-        match handoff::expect_done(&mut live) {
-            Ok(done) => break done,
+        let msg = match live.read() {
+            Ok(msg) => msg,
             Err(e) if lane_broke(&e) && !options.recovery_window.is_zero() && options.reaccept.is_some() => {
                 let reaccept = options.reaccept.expect("checked");
                 // The destination's own error stands if it never comes back.
                 let again = reaccept.accept_control(options.recovery_window).map_err(|_| e)?;
                 live = LiveControl::start(again.as_ref(), options.liveness)?;
                 control_recoveries += 1;
+                continue;
             }
             Err(e) => return Err(e),
+        };
+        if let Some(why) = handoff::abort_reason(&msg) {
+            return Err(MigrationError::PeerAborted(why));
         }
+        if checkpoint::is_checkpoint_message(&msg) {
+            let kept = options
+                .kept
+                .ok_or_else(|| MigrationError::Protocol("a reverse checkpoint, but this source keeps no image".into()))?;
+            if let Some(epoch) = kept.accept(&msg)? {
+                // A lost ack costs the destination a resend, not a checkpoint: the next read
+                // finds the broken lane.
+                let _ = live.write(&checkpoint::ack_message(epoch));
+            }
+            continue;
+        }
+        break handoff::done_counters(&msg)?;
     };
     Ok(SourceReport { downtime, total: paused_at.elapsed(), done, control_recoveries })
 }

@@ -195,6 +195,8 @@ fn migration(e: MigrationError) -> (FerryStatus, String) {
         MigrationError::Fault(_) => FerryStatus::ErrIo,
         MigrationError::Protocol(_) | MigrationError::PeerAborted(_) => FerryStatus::ErrPeer,
         MigrationError::Resume(_) | MigrationError::Vmm(_) => FerryStatus::ErrState,
+        // Another side holds the guest: this one must not run it.
+        MigrationError::LeaseHeld(_) | MigrationError::LeaseLost => FerryStatus::ErrState,
         MigrationError::ThreadPanicked => FerryStatus::ErrInternal,
     };
     (status, e.to_string())

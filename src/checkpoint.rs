@@ -1,0 +1,801 @@
+//! The checkpoint stream, written once for every session that keeps a second copy of a running
+//! guest: post-copy's reverse checkpoints (the destination keeps its source able to restart the
+//! guest, after PostCopyFT) and, on the same parts, fault-tolerant primary/backup pairs.
+//!
+//! An epoch is captured with the guest paused ([`CheckpointCapture`]): the pages it wrote since
+//! the previous epoch and its state blob. It travels as session messages on a control lane:
+//!
+//! ```text
+//! sender                                         receiver
+//!   CkptBegin{epoch, pages, state_len}     ->
+//!   CkptPages{count, indices, contents}... ->      (staged, not applied)
+//!   CkptState{offset, bytes}...            ->
+//!   CkptEnd{epoch, crc32c}                 ->      applied whole, then
+//!                                          <-   CkptAck{epoch}
+//! ```
+//! The receiver applies an epoch only once all of it arrived and its checksum matched: a sender
+//! that dies or a lane that breaks mid-epoch leaves the receiver at the previous epoch, intact.
+//! Epochs only go up; an epoch that was never acknowledged is not lost to the sender, whose next
+//! epoch carries its pages again ([`Checkpointer`]). Output commit rides on the ack:
+//! [`CheckpointCapture::committed`] tells the VMM that what the guest did before that epoch's pause
+//! is safe, so its output may leave.
+//!
+//! Every field is checked against the receiver's layout: page indices in range and not repeated,
+//! counts and lengths exact, a state blob of at most [`MAX_STATE_BYTES`]. A hostile sender can make
+//! the receiver stage at most one guest's worth of pages.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_fault_handler::DestinationMemory;
+use ferry_transport::{GuestMemory, MemoryLayout, PageRun};
+
+use crate::error::{MigrationError, Result};
+use crate::freepages::FreePages;
+use crate::handoff::MAX_STATE_BYTES;
+
+pub(crate) const CKPT_BEGIN: u8 = 10;
+pub(crate) const CKPT_PAGES: u8 = 11;
+pub(crate) const CKPT_STATE: u8 = 12;
+pub(crate) const CKPT_END: u8 = 13;
+pub(crate) const CKPT_ACK: u8 = 14;
+
+/// Whether a session message belongs to the checkpoint stream (sender to receiver).
+pub(crate) fn is_checkpoint_message(msg: &[u8]) -> bool {
+    matches!(msg.first(), Some(&(CKPT_BEGIN | CKPT_PAGES | CKPT_STATE | CKPT_END)))
+}
+
+/// The epoch an acknowledgement names, if `msg` is one.
+pub(crate) fn ack_epoch(msg: &[u8]) -> Option<u64> {
+    match msg {
+        [CKPT_ACK, rest @ ..] if rest.len() == 8 => Some(u64::from_le_bytes(rest.try_into().expect("8 bytes"))),
+        _ => None,
+    }
+}
+
+pub(crate) fn ack_message(epoch: u64) -> Vec<u8> {
+    [&[CKPT_ACK][..], &epoch.to_le_bytes()].concat()
+}
+
+fn protocol(why: impl Into<String>) -> MigrationError {
+    MigrationError::Protocol(format!("checkpoint: {}", why.into()))
+}
+
+/// Guest memory a checkpoint is captured from or applied to.
+pub trait GuestView: Send + Sync {
+    fn guest_memory(&self) -> &GuestMemory;
+}
+
+impl GuestView for GuestMemory {
+    fn guest_memory(&self) -> &GuestMemory {
+        self
+    }
+}
+
+impl GuestView for DestinationMemory {
+    fn guest_memory(&self) -> &GuestMemory {
+        self.guest()
+    }
+}
+
+/// One epoch: the contents of the pages the guest wrote, and its state blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub epoch: u64,
+    /// Global page indices, ascending.
+    pub pages: Vec<u64>,
+    /// `pages.len()` pages of contents, in the order of `pages`.
+    pub contents: Vec<u8>,
+    pub state: Vec<u8>,
+}
+
+/// The run of `count` pages from global page `first`, which must lie in one region.
+fn run_of(bases: &[u64], first: u64, count: u32) -> PageRun {
+    let region = bases.partition_point(|&b| b <= first) - 1;
+    PageRun::new(region as u32, first - bases[region], count)
+}
+
+impl Checkpoint {
+    /// Copies the `dirty` pages of `memory` (call it with the guest paused: a page written during
+    /// the copy would be torn).
+    pub fn capture(epoch: u64, memory: &GuestMemory, dirty: &FreePages, state: Vec<u8>) -> Result<Self> {
+        let layout = memory.layout();
+        if dirty.pages() != layout.total_pages() {
+            return Err(protocol(format!("a dirty log of {} pages for {}", dirty.pages(), layout.total_pages())));
+        }
+        let page = layout.page_size() as usize;
+        let bases = layout.region_bases();
+        let pages: Vec<u64> = (0..dirty.pages()).filter(|&p| dirty.is_free(p)).collect();
+        let mut contents = vec![0u8; pages.len() * page];
+        // Contiguous dirty pages of one region are copied as one run.
+        let mut i = 0;
+        while i < pages.len() {
+            let first = pages[i];
+            let region = bases.partition_point(|&b| b <= first) - 1;
+            let region_end = bases.get(region + 1).copied().unwrap_or(layout.total_pages());
+            let mut n = 1;
+            while i + n < pages.len() && pages[i + n] == first + n as u64 && first + (n as u64) < region_end {
+                n += 1;
+            }
+            let run = run_of(&bases, first, n as u32);
+            memory.read_run(run, &mut contents[i * page..(i + n) * page])?;
+            i += n;
+        }
+        Ok(Checkpoint { epoch, pages, contents, state })
+    }
+
+    /// Writes the pages into `memory`.
+    pub fn apply(&self, memory: &GuestMemory) -> Result<()> {
+        let layout = memory.layout();
+        let page = layout.page_size() as usize;
+        let bases = layout.region_bases();
+        for (i, &p) in self.pages.iter().enumerate() {
+            let run = run_of(&bases, p, 1);
+            let (offset, len) = layout.run_bytes(run);
+            memory.regions()[run.region as usize].write(offset, &self.contents[i * page..i * page + len])?;
+        }
+        Ok(())
+    }
+
+    fn checksum(&self) -> u32 {
+        let indices: Vec<u8> = self.pages.iter().flat_map(|p| p.to_le_bytes()).collect();
+        let crc = crc32c::crc32c_append(self.epoch as u32, &indices);
+        let crc = crc32c::crc32c_append(crc, &self.contents);
+        crc32c::crc32c_append(crc, &self.state)
+    }
+
+    /// The epoch as session messages, each at most a session frame.
+    pub(crate) fn messages(&self, page_size: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut begin = vec![CKPT_BEGIN];
+        for v in [self.epoch, self.pages.len() as u64, self.state.len() as u64] {
+            begin.extend_from_slice(&v.to_le_bytes());
+        }
+        out.push(begin);
+        let per_frame = ((ferry_transport::wire::MAX_SESSION_PAYLOAD - 5) / (8 + page_size)).max(1);
+        for (n, chunk) in self.pages.chunks(per_frame).enumerate() {
+            let first = n * per_frame;
+            let mut msg = Vec::with_capacity(5 + chunk.len() * (8 + page_size));
+            msg.push(CKPT_PAGES);
+            msg.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+            for p in chunk {
+                msg.extend_from_slice(&p.to_le_bytes());
+            }
+            msg.extend_from_slice(&self.contents[first * page_size..(first + chunk.len()) * page_size]);
+            out.push(msg);
+        }
+        let state_chunk = ferry_transport::wire::MAX_SESSION_PAYLOAD - 9;
+        for (n, chunk) in self.state.chunks(state_chunk).enumerate() {
+            let mut msg = vec![CKPT_STATE];
+            msg.extend_from_slice(&((n * state_chunk) as u64).to_le_bytes());
+            msg.extend_from_slice(chunk);
+            out.push(msg);
+        }
+        let mut end = vec![CKPT_END];
+        end.extend_from_slice(&self.epoch.to_le_bytes());
+        end.extend_from_slice(&self.checksum().to_le_bytes());
+        out.push(end);
+        out
+    }
+}
+
+/// An epoch arriving: what its header announced and what came so far.
+#[derive(Debug)]
+struct Staging {
+    expected_pages: u64,
+    state_len: u64,
+    seen: FreePages,
+    checkpoint: Checkpoint,
+}
+
+/// The receiving side of the stream: stages an epoch's messages and hands it over whole.
+#[derive(Debug)]
+pub struct CheckpointReceiver {
+    pages: u64,
+    page_size: usize,
+    /// The last epoch handed over: a later one must be higher.
+    last_epoch: u64,
+    staging: Option<Staging>,
+}
+
+impl CheckpointReceiver {
+    pub fn new(layout: &MemoryLayout) -> Self {
+        CheckpointReceiver {
+            pages: layout.total_pages(),
+            page_size: layout.page_size() as usize,
+            last_epoch: 0,
+            staging: None,
+        }
+    }
+
+    /// Takes one message of the stream; the epoch when it is complete and sound. A new epoch's
+    /// header drops an unfinished one (its sender gave up on it; its pages come again).
+    pub fn accept(&mut self, msg: &[u8]) -> Result<Option<Checkpoint>> {
+        let u64_at = |i: usize| -> Result<u64> {
+            msg.get(i..i + 8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .ok_or_else(|| protocol("a truncated message"))
+        };
+        match msg.first() {
+            Some(&CKPT_BEGIN) if msg.len() == 25 => {
+                let (epoch, pages, state_len) = (u64_at(1)?, u64_at(9)?, u64_at(17)?);
+                if epoch <= self.last_epoch {
+                    return Err(protocol(format!("epoch {epoch} after epoch {}", self.last_epoch)));
+                }
+                if pages > self.pages || state_len > MAX_STATE_BYTES {
+                    return Err(protocol(format!("{pages} pages and a {state_len}-byte state announced")));
+                }
+                self.staging = Some(Staging {
+                    expected_pages: pages,
+                    state_len,
+                    seen: FreePages::new(self.pages),
+                    checkpoint: Checkpoint { epoch, pages: Vec::new(), contents: Vec::new(), state: Vec::new() },
+                });
+                Ok(None)
+            }
+            Some(&CKPT_PAGES) => {
+                let st = self.staging.as_mut().ok_or_else(|| protocol("pages outside an epoch"))?;
+                let count = msg.get(1..5).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).unwrap_or(0);
+                let count = count as usize;
+                if count == 0 || msg.len() != 5 + count * (8 + self.page_size) {
+                    return Err(protocol("a page message of the wrong size"));
+                }
+                if st.checkpoint.pages.len() + count > st.expected_pages as usize {
+                    return Err(protocol("more pages than the epoch announced"));
+                }
+                for i in 0..count {
+                    let p = u64_at(5 + 8 * i)?;
+                    if p >= self.pages || st.seen.is_free(p) {
+                        return Err(protocol(format!("page {p} out of range or sent twice")));
+                    }
+                    st.seen.set(p);
+                    st.checkpoint.pages.push(p);
+                }
+                st.checkpoint.contents.extend_from_slice(&msg[5 + 8 * count..]);
+                Ok(None)
+            }
+            Some(&CKPT_STATE) if msg.len() > 9 => {
+                let st = self.staging.as_mut().ok_or_else(|| protocol("state outside an epoch"))?;
+                let state = &mut st.checkpoint.state;
+                if u64_at(1)? != state.len() as u64 || (state.len() + msg.len() - 9) as u64 > st.state_len {
+                    return Err(protocol("state out of order or past its length"));
+                }
+                state.extend_from_slice(&msg[9..]);
+                Ok(None)
+            }
+            Some(&CKPT_END) if msg.len() == 13 => {
+                let st = self.staging.take().ok_or_else(|| protocol("an end outside an epoch"))?;
+                let crc = u32::from_le_bytes(msg[9..13].try_into().expect("4 bytes"));
+                let c = st.checkpoint;
+                if u64_at(1)? != c.epoch
+                    || c.pages.len() as u64 != st.expected_pages
+                    || c.state.len() as u64 != st.state_len
+                {
+                    return Err(protocol(format!("epoch {} ended incomplete", c.epoch)));
+                }
+                if c.checksum() != crc {
+                    return Err(protocol(format!("epoch {} fails its checksum", c.epoch)));
+                }
+                self.last_epoch = c.epoch;
+                Ok(Some(c))
+            }
+            _ => Err(protocol("not a checkpoint message, or one of the wrong size")),
+        }
+    }
+}
+
+/// The receiving host's copy of the guest: its memory (the source's kept image) with every
+/// complete epoch applied, and the state blob of the last.
+pub struct KeptImage {
+    memory: Arc<GuestMemory>,
+    receiver: Mutex<CheckpointReceiver>,
+    last: Mutex<Option<(u64, Vec<u8>)>>,
+    applied: AtomicU64,
+    applied_pages: AtomicU64,
+}
+
+impl std::fmt::Debug for KeptImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeptImage")
+            .field("applied", &self.applied.load(Ordering::Relaxed))
+            .field("last_epoch", &self.last_epoch())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeptImage {
+    /// Keeps `memory`, the guest as it was handed over; epochs are applied to it as they come.
+    pub fn new(memory: Arc<GuestMemory>) -> Self {
+        let receiver = Mutex::new(CheckpointReceiver::new(memory.layout()));
+        KeptImage {
+            memory,
+            receiver,
+            last: Mutex::new(None),
+            applied: AtomicU64::new(0),
+            applied_pages: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes one message of the stream; the epoch's number once it was applied (acknowledge it
+    /// then, not before).
+    pub fn accept(&self, msg: &[u8]) -> Result<Option<u64>> {
+        let done = self.receiver.lock().unwrap_or_else(|e| e.into_inner()).accept(msg)?;
+        let Some(c) = done else { return Ok(None) };
+        c.apply(&self.memory)?;
+        self.applied.fetch_add(1, Ordering::Relaxed);
+        self.applied_pages.fetch_add(c.pages.len() as u64, Ordering::Relaxed);
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((c.epoch, c.state));
+        Ok(Some(c.epoch))
+    }
+
+    /// The last applied epoch and its state blob: what a restart resumes from (memory is
+    /// already this epoch's). `None`: no epoch came; the guest restarts from the handoff.
+    pub fn last(&self) -> Option<(u64, Vec<u8>)> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn last_epoch(&self) -> Option<u64> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(e, _)| *e)
+    }
+
+    /// Epochs applied, and pages they wrote.
+    pub fn applied(&self) -> (u64, u64) {
+        (self.applied.load(Ordering::Relaxed), self.applied_pages.load(Ordering::Relaxed))
+    }
+
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+}
+
+/// What the VMM does for a consistent capture. Called from the checkpointer's thread.
+pub trait CheckpointCapture: Send {
+    /// Stops every vCPU (returns when none runs) and returns the state blob the guest would
+    /// resume from, device state (held output among it) included.
+    fn pause(&mut self) -> std::result::Result<Vec<u8>, String>;
+    /// Pages the guest wrote since the previous call (the first: since it resumed here); pages
+    /// it discarded count as written.
+    fn dirty(&mut self) -> std::result::Result<FreePages, String>;
+    /// Lets the vCPUs run again.
+    fn resume(&mut self) -> std::result::Result<(), String>;
+    /// Epoch `epoch` is safe at the receiver: output produced before its pause may leave.
+    /// [`u64::MAX`]: the session ended with the guest wholly here; all of it may leave.
+    fn committed(&mut self, epoch: u64);
+}
+
+/// How often and how a checkpointer captures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointConfig {
+    /// Between the end of one epoch and the next capture. Default 100 ms.
+    pub period: Duration,
+    /// How long an epoch may wait for its acknowledgement before its pages go with the next.
+    /// Default 5 s.
+    pub ack_timeout: Duration,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { period: Duration::from_millis(100), ack_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// Where a checkpointer sends its epochs and hears their acknowledgements.
+pub trait CheckpointLane: Send + Sync {
+    /// Sends one session message (whole).
+    fn send(&self, msg: &[u8]) -> Result<()>;
+}
+
+/// What a checkpointer measured.
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointStats {
+    /// Epochs acknowledged.
+    pub committed: u64,
+    /// Epochs sent but never acknowledged (their pages went again).
+    pub failed: u64,
+    /// Captures given up because the guest would not pause in time.
+    pub skipped: u64,
+    pub pages: u64,
+    pub bytes: u64,
+    /// The guest's pauses for captures: total and longest.
+    pub paused: Duration,
+    pub longest_pause: Duration,
+}
+
+/// The sending side: a thread that captures an epoch every period, sends it, and waits for its
+/// acknowledgement before the next. Pages of an epoch that was not acknowledged go again with the
+/// next, so the receiver misses nothing whichever epochs it got.
+pub struct Checkpointer {
+    shared: Arc<CheckpointerShared>,
+    thread: Option<JoinHandle<(CheckpointStats, Box<dyn CheckpointCapture>)>>,
+}
+
+struct CheckpointerShared {
+    stop: std::sync::atomic::AtomicBool,
+    acks: Mutex<mpsc::Sender<u64>>,
+    wake: (Mutex<bool>, std::sync::Condvar),
+}
+
+impl std::fmt::Debug for Checkpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpointer").finish_non_exhaustive()
+    }
+}
+
+/// A handle to a running checkpointer's inputs (acknowledgements, early-capture requests).
+#[derive(Clone)]
+pub struct CheckpointerHandle(Arc<CheckpointerShared>);
+
+impl std::fmt::Debug for CheckpointerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointerHandle").finish_non_exhaustive()
+    }
+}
+
+impl CheckpointerHandle {
+    /// The receiver acknowledged `epoch`.
+    pub fn acked(&self, epoch: u64) {
+        let _ = self.0.acks.lock().unwrap_or_else(|e| e.into_inner()).send(epoch);
+    }
+
+    /// Capture soon (output is waiting), without waiting out the period.
+    pub fn request(&self) {
+        let (flag, cv) = &self.0.wake;
+        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_one();
+    }
+}
+
+impl Checkpointer {
+    /// Starts capturing `memory` through `capture`, sending on `lane`.
+    pub fn start(
+        memory: Arc<dyn GuestView>,
+        mut capture: Box<dyn CheckpointCapture>,
+        lane: Arc<dyn CheckpointLane>,
+        config: CheckpointConfig,
+    ) -> Result<Self> {
+        let (ack_tx, ack_rx) = mpsc::channel();
+        let shared = Arc::new(CheckpointerShared {
+            stop: std::sync::atomic::AtomicBool::new(false),
+            acks: Mutex::new(ack_tx),
+            wake: (Mutex::new(false), std::sync::Condvar::new()),
+        });
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("ferry-checkpointer".into())
+                .spawn(move || {
+                    let mut stats = CheckpointStats::default();
+                    let total = memory.guest_memory().layout().total_pages();
+                    let page = memory.guest_memory().layout().page_size() as usize;
+                    // Pages written since the last acknowledged epoch.
+                    let mut unacked = FreePages::new(total);
+                    let mut epoch = 0;
+                    loop {
+                        if !shared.sleep(config.period) {
+                            break;
+                        }
+                        epoch += 1;
+                        let paused_at = Instant::now();
+                        let captured = (|| {
+                            let state = capture.pause()?;
+                            let mut dirty = capture.dirty()?;
+                            dirty.union_with(&unacked);
+                            Checkpoint::capture(epoch, memory.guest_memory(), &dirty, state)
+                                .map_err(|e| e.to_string())
+                                .map(|c| (c, dirty))
+                        })();
+                        // The guest runs again before the epoch travels.
+                        let resumed = capture.resume();
+                        let pause = paused_at.elapsed();
+                        stats.paused += pause;
+                        stats.longest_pause = stats.longest_pause.max(pause);
+                        let (checkpoint, dirty) = match (captured, resumed) {
+                            (Ok(c), Ok(())) => c,
+                            // A vCPU that would not stop in time (one waiting for a page while a
+                            // lane recovers): the dirty log was not taken, try again next period.
+                            (Err(_), Ok(())) => {
+                                stats.skipped += 1;
+                                continue;
+                            }
+                            // The VMM cannot run its guest: nothing more to checkpoint.
+                            (_, Err(_)) => break,
+                        };
+                        unacked = dirty;
+                        let sent = checkpoint.messages(page).iter().try_for_each(|m| lane.send(m));
+                        let acked = sent.is_ok() && wait_ack(&ack_rx, epoch, config.ack_timeout, &shared);
+                        if acked {
+                            stats.committed += 1;
+                            stats.pages += checkpoint.pages.len() as u64;
+                            stats.bytes += (checkpoint.contents.len() + checkpoint.state.len()) as u64;
+                            unacked = FreePages::new(total);
+                            capture.committed(epoch);
+                        } else {
+                            stats.failed += 1;
+                        }
+                    }
+                    (stats, capture)
+                })
+                .map_err(|e| MigrationError::Protocol(format!("spawning the checkpointer: {e}")))?
+        };
+        Ok(Checkpointer { shared, thread: Some(thread) })
+    }
+
+    pub fn handle(&self) -> CheckpointerHandle {
+        CheckpointerHandle(self.shared.clone())
+    }
+
+    /// Stops capturing (after the epoch in progress); what it measured, and the capture back
+    /// (`None` if its thread panicked).
+    pub fn stop(mut self) -> (CheckpointStats, Option<Box<dyn CheckpointCapture>>) {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> (CheckpointStats, Option<Box<dyn CheckpointCapture>>) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.handle().request();
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok((stats, capture))) => (stats, Some(capture)),
+            _ => (CheckpointStats::default(), None),
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.finish();
+        }
+    }
+}
+
+impl CheckpointerShared {
+    /// Sleeps a period or until a request; false once stopped.
+    fn sleep(&self, period: Duration) -> bool {
+        let (flag, cv) = &self.wake;
+        let deadline = Instant::now() + period;
+        let mut requested = flag.lock().unwrap_or_else(|e| e.into_inner());
+        while !*requested && !self.stop.load(Ordering::Acquire) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            requested = cv.wait_timeout(requested, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        *requested = false;
+        !self.stop.load(Ordering::Acquire)
+    }
+}
+
+/// Waits for `epoch`'s acknowledgement (older ones are stale); false on timeout or stop.
+fn wait_ack(acks: &mpsc::Receiver<u64>, epoch: u64, timeout: Duration, shared: &CheckpointerShared) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return false;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        match acks.recv_timeout(left.min(Duration::from_millis(50))) {
+            Ok(e) if e == epoch => return true,
+            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_transport::{Backing, RegionLayout};
+
+    fn two_regions() -> MemoryLayout {
+        let r = |base, size| RegionLayout { guest_phys_addr: base, size };
+        MemoryLayout::new(4096, vec![r(0, 64 * 4096), r(1 << 30, 32 * 4096)]).unwrap()
+    }
+
+    fn memory() -> Arc<GuestMemory> {
+        Arc::new(GuestMemory::create(two_regions(), Backing::Anonymous).unwrap())
+    }
+
+    /// Writes `tag` into every page of `pages` (a guest at work) and marks them dirty.
+    fn scribble(m: &GuestMemory, pages: &[u64], tag: u8, dirty: &mut FreePages) {
+        let bases = m.layout().region_bases();
+        for &p in pages {
+            let run = run_of(&bases, p, 1);
+            let (offset, len) = m.layout().run_bytes(run);
+            m.regions()[run.region as usize].write(offset, &vec![tag ^ p as u8; len]).unwrap();
+            dirty.set(p);
+        }
+    }
+
+    fn same(a: &GuestMemory, b: &GuestMemory) -> bool {
+        let len = a.layout().total_bytes() as usize;
+        let (mut x, mut y) = (vec![0u8; len], vec![0u8; len]);
+        let mut at = 0;
+        for (ra, rb) in a.regions().iter().zip(b.regions()) {
+            ra.read(0, &mut x[at..at + ra.len()]).unwrap();
+            rb.read(0, &mut y[at..at + rb.len()]).unwrap();
+            at += ra.len();
+        }
+        x == y
+    }
+
+    fn epoch(n: u64, guest: &GuestMemory, pages: &[u64], tag: u8) -> Checkpoint {
+        let mut dirty = FreePages::new(guest.layout().total_pages());
+        scribble(guest, pages, tag, &mut dirty);
+        Checkpoint::capture(n, guest, &dirty, vec![tag; 100]).unwrap()
+    }
+
+    #[test]
+    fn epochs_apply_whole_and_an_interrupted_one_leaves_the_last_intact() {
+        let (guest, kept_mem) = (memory(), memory());
+        let kept = KeptImage::new(kept_mem.clone());
+        // Pages across the region boundary (63, 64) and runs in both.
+        let first = epoch(1, &guest, &[0, 1, 2, 63, 64, 65, 95], 0xa0);
+        for m in first.messages(4096) {
+            kept.accept(&m).unwrap();
+        }
+        assert_eq!(kept.last(), Some((1, vec![0xa0; 100])));
+        assert!(same(&guest, &kept_mem), "epoch 1 applied whole");
+        // Epoch 2 loses its end: nothing of it may show.
+        let second = epoch(2, &guest, &[2, 3, 70], 0xb0);
+        let messages = second.messages(4096);
+        for m in &messages[..messages.len() - 1] {
+            assert_eq!(kept.accept(m).unwrap(), None);
+        }
+        assert_eq!(kept.last_epoch(), Some(1));
+        assert!(!same(&guest, &kept_mem), "epoch 2's pages stay staged");
+        // Epoch 3 carries epoch 2's pages again (the sender never heard an ack) and replaces it.
+        let mut dirty = FreePages::new(guest.layout().total_pages());
+        scribble(&guest, &[2, 3, 70, 80], 0xc0, &mut dirty);
+        let third = Checkpoint::capture(3, &guest, &dirty, vec![3]).unwrap();
+        let applied: Vec<_> = third.messages(4096).iter().map(|m| kept.accept(m).unwrap()).collect();
+        assert_eq!(applied.last(), Some(&Some(3)));
+        assert!(same(&guest, &kept_mem));
+        assert_eq!(kept.applied(), (2, 11));
+    }
+
+    #[test]
+    fn hostile_streams_are_protocol_errors() {
+        let guest = memory();
+        let good = epoch(5, &guest, &[1, 2], 1).messages(4096);
+        let begin = |epoch: u64, pages: u64, state: u64| {
+            [&[CKPT_BEGIN][..], &epoch.to_le_bytes(), &pages.to_le_bytes(), &state.to_le_bytes()].concat()
+        };
+        let page_msg = |p: u64| [&[CKPT_PAGES][..], &1u32.to_le_bytes(), &p.to_le_bytes(), &[0u8; 4096]].concat();
+        let mut corrupt = good.clone();
+        corrupt[1][20] ^= 1;
+        let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
+            ("pages before a header", vec![page_msg(1)]),
+            ("more pages than the guest", vec![begin(1, 97, 0)]),
+            ("an oversized state", vec![begin(1, 1, MAX_STATE_BYTES + 1)]),
+            ("a page out of range", vec![begin(1, 1, 0), page_msg(96)]),
+            ("a page twice", vec![begin(1, 2, 0), page_msg(3), page_msg(3)]),
+            ("more pages than announced", vec![begin(1, 1, 0), page_msg(3), page_msg(4)]),
+            ("a short page", vec![begin(1, 1, 0), page_msg(3)[..100].to_vec()]),
+            ("an end too early", vec![begin(1, 2, 0), page_msg(3), good.last().unwrap().clone()]),
+            ("a flipped bit", corrupt),
+            ("an unknown message", vec![vec![CKPT_ACK, 0]]),
+        ];
+        for (what, messages) in cases {
+            let mut r = CheckpointReceiver::new(guest.layout());
+            let err = messages.iter().map(|m| r.accept(m)).find_map(Result::err);
+            assert!(matches!(err, Some(MigrationError::Protocol(_))), "{what}: {err:?}");
+        }
+        // Epochs only go up.
+        let mut r = CheckpointReceiver::new(guest.layout());
+        for m in &good {
+            r.accept(m).unwrap();
+        }
+        assert!(r.accept(&good[0]).is_err(), "epoch 5 again");
+    }
+
+    /// The test's guest: writes happen under `gate`'s lock and only while it is not paused.
+    #[derive(Default)]
+    struct Gate {
+        paused: Mutex<bool>,
+        resumed: std::sync::Condvar,
+    }
+
+    impl Gate {
+        /// Runs one guest write once the guest is not paused.
+        fn write(&self, f: impl FnOnce()) {
+            let mut paused = self.paused.lock().unwrap();
+            while *paused {
+                paused = self.resumed.wait(paused).unwrap();
+            }
+            f();
+        }
+    }
+
+    struct FakeCapture {
+        gate: Arc<Gate>,
+        dirty: Arc<Mutex<FreePages>>,
+        committed: Arc<Mutex<Vec<u64>>>,
+    }
+
+    impl CheckpointCapture for FakeCapture {
+        fn pause(&mut self) -> std::result::Result<Vec<u8>, String> {
+            *self.gate.paused.lock().unwrap() = true;
+            Ok(b"state".to_vec())
+        }
+        fn dirty(&mut self) -> std::result::Result<FreePages, String> {
+            let mut d = self.dirty.lock().unwrap();
+            let total = d.pages();
+            Ok(std::mem::replace(&mut *d, FreePages::new(total)))
+        }
+        fn resume(&mut self) -> std::result::Result<(), String> {
+            *self.gate.paused.lock().unwrap() = false;
+            self.gate.resumed.notify_all();
+            Ok(())
+        }
+        fn committed(&mut self, epoch: u64) {
+            self.committed.lock().unwrap().push(epoch);
+        }
+    }
+
+    /// The lane of the test: straight into a kept image, acks straight back.
+    struct Direct {
+        kept: KeptImage,
+        acks: Mutex<Option<CheckpointerHandle>>,
+        /// Messages to drop from the 1-based epoch this names (a lane that breaks mid-epoch).
+        cut_epoch: u64,
+        epoch: AtomicU64,
+    }
+
+    impl CheckpointLane for Direct {
+        fn send(&self, msg: &[u8]) -> Result<()> {
+            if msg[0] == CKPT_BEGIN {
+                self.epoch.store(u64::from_le_bytes(msg[1..9].try_into().unwrap()), Ordering::Relaxed);
+            }
+            if self.epoch.load(Ordering::Relaxed) == self.cut_epoch && msg[0] == CKPT_END {
+                return Err(MigrationError::Transport(ferry_transport::TransportError::PeerClosed));
+            }
+            if let Some(epoch) = self.kept.accept(msg)? {
+                self.acks.lock().unwrap().as_ref().unwrap().acked(epoch);
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_checkpointer_keeps_the_receiver_in_step_through_a_lost_epoch() {
+        let (guest, kept_mem) = (memory(), memory());
+        let dirty = Arc::new(Mutex::new(FreePages::new(96)));
+        let committed = Arc::new(Mutex::new(Vec::new()));
+        let lane = Arc::new(Direct {
+            kept: KeptImage::new(kept_mem.clone()),
+            acks: Mutex::new(None),
+            cut_epoch: 2,
+            epoch: AtomicU64::new(0),
+        });
+        let gate = Arc::new(Gate::default());
+        let capture = FakeCapture { gate: gate.clone(), dirty: dirty.clone(), committed: committed.clone() };
+        let config = CheckpointConfig { period: Duration::from_millis(5), ack_timeout: Duration::from_millis(200) };
+        let cp = Checkpointer::start(guest.clone(), Box::new(capture), lane.clone(), config).unwrap();
+        *lane.acks.lock().unwrap() = Some(cp.handle());
+        for round in 0..40u64 {
+            let pages: Vec<u64> = (0..5).map(|i| (round * 7 + i * 13) % 96).collect();
+            gate.write(|| scribble(&guest, &pages, round as u8, &mut dirty.lock().unwrap()));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Let a last epoch take whatever was written since the previous one.
+        while committed.lock().unwrap().len() < 3 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let writes_done = committed.lock().unwrap().len();
+        while committed.lock().unwrap().len() < writes_done + 2 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (stats, capture) = cp.stop();
+        assert!(capture.is_some());
+        assert!(stats.failed >= 1, "epoch 2 lost its end: {stats:?}");
+        assert!(!committed.lock().unwrap().contains(&2), "epoch 2 was never committed");
+        assert!(same(&guest, &kept_mem), "the receiver holds every write, epoch 2's included");
+        assert_eq!(lane.kept.last_epoch(), committed.lock().unwrap().last().copied());
+    }
+}
