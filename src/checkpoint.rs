@@ -292,6 +292,7 @@ pub struct KeptImage {
     memory: Arc<GuestMemory>,
     receiver: Mutex<CheckpointReceiver>,
     last: Mutex<Option<(u64, Vec<u8>)>>,
+    last_at: Mutex<Option<Instant>>,
     applied: AtomicU64,
     applied_pages: AtomicU64,
 }
@@ -313,6 +314,7 @@ impl KeptImage {
             memory,
             receiver,
             last: Mutex::new(None),
+            last_at: Mutex::new(None),
             applied: AtomicU64::new(0),
             applied_pages: AtomicU64::new(0),
         }
@@ -327,7 +329,22 @@ impl KeptImage {
         self.applied.fetch_add(1, Ordering::Relaxed);
         self.applied_pages.fetch_add(c.pages.len() as u64, Ordering::Relaxed);
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((c.epoch, c.state));
+        *self.last_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         Ok(Some(c.epoch))
+    }
+
+    /// When the last epoch was applied.
+    pub fn last_applied_at(&self) -> Option<Instant> {
+        *self.last_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What a restart resumes from: the last epoch's state blob, or `handoff` (the state the
+    /// guest was handed over in) when no epoch came; with the epoch, if one did.
+    pub fn restart_state(&self, handoff: &[u8]) -> (Option<u64>, Vec<u8>) {
+        match self.last() {
+            Some((epoch, state)) => (Some(epoch), state),
+            None => (None, handoff.to_vec()),
+        }
     }
 
     /// The last applied epoch and its state blob: what a restart resumes from (memory is
@@ -352,9 +369,10 @@ impl KeptImage {
 
 /// What the VMM does for a consistent capture. Called from the checkpointer's thread.
 pub trait CheckpointCapture: Send {
-    /// Stops every vCPU (returns when none runs) and returns the state blob the guest would
-    /// resume from, device state (held output among it) included.
-    fn pause(&mut self) -> std::result::Result<Vec<u8>, String>;
+    /// Stops every vCPU (returns when none runs, or fails without stopping any if one does not
+    /// stop in time) and returns the state blob the guest would resume from, device state (held
+    /// output among it) included. Output produced until now belongs to `epoch`.
+    fn pause(&mut self, epoch: u64) -> std::result::Result<Vec<u8>, String>;
     /// Pages the guest wrote since the previous call (the first: since it resumed here); pages
     /// it discarded count as written.
     fn dirty(&mut self) -> std::result::Result<FreePages, String>;
@@ -479,7 +497,7 @@ impl Checkpointer {
                         epoch += 1;
                         let paused_at = Instant::now();
                         let captured = (|| {
-                            let state = capture.pause()?;
+                            let state = capture.pause(epoch)?;
                             let mut dirty = capture.dirty()?;
                             dirty.union_with(&unacked);
                             Checkpoint::capture(epoch, memory.guest_memory(), &dirty, state)
@@ -719,7 +737,7 @@ mod tests {
     }
 
     impl CheckpointCapture for FakeCapture {
-        fn pause(&mut self) -> std::result::Result<Vec<u8>, String> {
+        fn pause(&mut self, _epoch: u64) -> std::result::Result<Vec<u8>, String> {
             *self.gate.paused.lock().unwrap() = true;
             Ok(b"state".to_vec())
         }

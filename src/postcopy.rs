@@ -513,9 +513,9 @@ pub fn run_source(
             return Err(MigrationError::PeerAborted(why));
         }
         if checkpoint::is_checkpoint_message(&msg) {
-            let kept = options
-                .kept
-                .ok_or_else(|| MigrationError::Protocol("a reverse checkpoint, but this source keeps no image".into()))?;
+            let kept = options.kept.ok_or_else(|| {
+                MigrationError::Protocol("a reverse checkpoint, but this source keeps no image".into())
+            })?;
             if let Some(epoch) = kept.accept(&msg)? {
                 // A lost ack costs the destination a resend, not a checkpoint: the next read
                 // finds the broken lane.

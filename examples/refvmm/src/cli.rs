@@ -63,6 +63,12 @@ enum Command {
         /// Print the report as one JSON line.
         #[arg(long)]
         json: bool,
+        /// Where the lease files live (storage both hosts see).
+        #[arg(long)]
+        lease_dir: Option<PathBuf>,
+        /// Send the guest's output to the observer listening on this Unix socket.
+        #[arg(long)]
+        observe: Option<PathBuf>,
     },
     /// Runs a guest for --seconds, pauses it and saves it in ferry's image format.
     #[command(args_override_self = true)]
@@ -159,9 +165,32 @@ struct MigrationOpts {
     /// tcp (loopback), or local (the destination maps the source's memfd; memfd or hugetlb only).
     #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
     transport: TransportArg,
-    /// Fault injection: cut-lanes=N breaks the data lanes N times during a tcp post-copy.
+    /// Fault injection: cut-lanes=N breaks the data lanes N times during a tcp post-copy;
+    /// kill-destination=F (demo) runs the destination as its own process and SIGKILLs it once
+    /// that fraction of the pages has crossed: the source restarts the guest.
     #[arg(long, value_parser = parse_inject)]
-    inject: Option<u64>,
+    inject: Option<Inject>,
+    /// Post-copy: the destination sends reverse checkpoints this often (0: none; a destination
+    /// that dies then loses the guest).
+    #[arg(long, default_value_t = 100)]
+    checkpoint_ms: u64,
+    /// How long a broken lane may take to come back before the session fails (and, with
+    /// checkpoints, the source restarts the guest).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    recovery_window_ms: u64,
+    /// Where the lease files live (storage both hosts see).
+    #[arg(long)]
+    lease_dir: Option<PathBuf>,
+    /// Send the guest's output to the observer listening on this Unix socket.
+    #[arg(long)]
+    observe: Option<PathBuf>,
+}
+
+/// A fault to inject.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Inject {
+    CutLanes(u64),
+    KillDestination(f64),
 }
 
 #[derive(ClapArgs, Debug)]
@@ -203,10 +232,16 @@ fn parse_workload(s: &str) -> Result<Workload, String> {
     s.parse()
 }
 
-fn parse_inject(s: &str) -> Result<u64, String> {
+fn parse_inject(s: &str) -> Result<Inject, String> {
     match s.split_once('=') {
-        Some(("cut-lanes", n)) => n.parse().map_err(|_| format!("cut-lanes={n}: a number of cuts")),
-        _ => Err(format!("{s:?}: cut-lanes=N (more kinds of fault to come)")),
+        Some(("cut-lanes", n)) => {
+            n.parse().map(Inject::CutLanes).map_err(|_| format!("cut-lanes={n}: a number of cuts"))
+        }
+        Some(("kill-destination", f)) => match f.parse::<f64>() {
+            Ok(f) if (0.0..1.0).contains(&f) => Ok(Inject::KillDestination(f)),
+            _ => Err(format!("kill-destination={f}: the fraction of pages arrived, from 0 up to 1")),
+        },
+        _ => Err(format!("{s:?}: cut-lanes=N or kill-destination=F")),
     }
 }
 
@@ -241,7 +276,18 @@ impl MigrationOpts {
         a.downtime_ms = self.downtime_ms;
         a.max_rounds = self.max_rounds;
         a.local = matches!(self.transport, TransportArg::Local);
-        a.cut_lanes = self.inject.unwrap_or(0);
+        a.cut_lanes = match self.inject {
+            Some(Inject::CutLanes(n)) => n,
+            _ => 0,
+        };
+        a.kill_destination = match self.inject {
+            Some(Inject::KillDestination(f)) => Some(f),
+            _ => None,
+        };
+        a.checkpoint_ms = self.checkpoint_ms;
+        a.recovery_window_ms = self.recovery_window_ms;
+        a.lease_dir = self.lease_dir.unwrap_or_else(std::env::temp_dir);
+        a.observe = self.observe;
     }
 }
 
@@ -265,11 +311,13 @@ pub fn parse() -> Args {
             guest.apply(&mut a);
             migration.apply(&mut a);
         }
-        Command::Receive { listen, key, json } => {
+        Command::Receive { listen, key, json, lease_dir, observe } => {
             a.command = "receive".into();
             a.listen = Some(listen);
             a.key_hex = key.key_hex;
             a.json = json;
+            a.lease_dir = lease_dir.unwrap_or_else(std::env::temp_dir);
+            a.observe = observe;
         }
         Command::Snapshot { out, guest } => {
             a.command = "snapshot".into();

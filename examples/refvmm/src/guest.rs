@@ -15,6 +15,10 @@
 //!   as zero at a destination.
 //! - DX = [`PORT_TASK`]: EAX = 1 entering, 0 leaving a code segment where stopping is cheap
 //!   (task-guided pre-copy; recorded by the VMM).
+//! - DX = [`PORT_OUTPUT`]: EAX = the next number of this vCPU's output sequence (1, 2, 3...),
+//!   for an observer outside the VMM: output that must never be lost, repeated or taken back. The
+//!   generated workloads keep the count in guest memory (the qword at the mailbox + 0x800) and
+//!   emit one with every progress report.
 //! - Each vCPU gets its own slice: R8 = data base, R9 = data pages, R10 = version table base, R15 = TSC cycles per page written
 //!   (0: unlimited; the writers pace themselves with `rdtsc`), RSP = a user stack.
 
@@ -43,6 +47,9 @@ pub const PORT_CONSOLE: u16 = 0x11;
 pub const PORT_VERIFY: u16 = 0x12;
 pub const PORT_FREE: u16 = 0x13;
 pub const PORT_TASK: u16 = 0x14;
+pub const PORT_OUTPUT: u16 = 0x15;
+/// Where a vCPU's output count lives: this far past its mailbox.
+const OUTPUT_COUNT_OFFSET: i32 = 0x800;
 
 pub const USER_CS: u16 = 0x1b;
 pub const USER_DS: u16 = 0x23;
@@ -145,6 +152,7 @@ pub fn workload_code(workload: Workload) -> Result<Vec<u8>, IcedError> {
             a.jnz(spin)?;
             a.mov(eax, 1)?;
             hypercall(&mut a, PORT_PROGRESS)?;
+            emit_output(&mut a)?;
             // Nothing was written: every data page must still be zero.
             maybe_verify(&mut a, |a| count_bad_pages(a, |a| a.xor(eax, eax)))?;
             a.jmp(top)?;
@@ -166,6 +174,14 @@ fn page_address(a: &mut CodeAssembler) -> Result<(), IcedError> {
 fn hypercall(a: &mut CodeAssembler, port: u16) -> Result<(), IcedError> {
     a.mov(edx, u32::from(port))?;
     a.out(dx, eax)
+}
+
+/// Emits this vCPU's next output number; clobbers RAX, EDX.
+fn emit_output(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(rax, qword_ptr(rsp))?;
+    a.inc(qword_ptr(rax + OUTPUT_COUNT_OFFSET))?;
+    a.mov(eax, dword_ptr(rax + OUTPUT_COUNT_OFFSET))?;
+    hypercall(a, PORT_OUTPUT)
 }
 
 /// If the VMM asked for a self-check, runs `check` (which leaves failed pages in EBX), reports
@@ -275,6 +291,7 @@ fn seq_write(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.jnz(no_report)?;
     a.mov(eax, 256)?;
     hypercall(a, PORT_PROGRESS)?;
+    emit_output(a)?;
     a.set_label(&mut no_report)?;
     a.cmp(r11, r9)?;
     a.jb(page_loop)?;
@@ -358,6 +375,7 @@ fn rand_write(a: &mut CodeAssembler, workload: Workload) -> Result<(), IcedError
 
     a.mov(eax, RAND_BATCH)?;
     hypercall(a, PORT_PROGRESS)?;
+    emit_output(a)?;
     maybe_verify(a, |a| {
         count_bad_pages(a, |a| {
             // version 0: never written, the page must be zero.

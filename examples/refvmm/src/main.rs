@@ -29,6 +29,8 @@
 
 mod cli;
 mod guest;
+mod output;
+mod protect;
 mod rate;
 mod vm;
 
@@ -85,6 +87,14 @@ struct Args {
     replay: bool,
     /// Data-lane cuts injected into a tcp post-copy (`--inject cut-lanes=N`).
     cut_lanes: u64,
+    /// `--inject kill-destination=F`: SIGKILL the destination process at this fraction of pages.
+    kill_destination: Option<f64>,
+    /// Reverse checkpoint period in post-copy; 0: none.
+    checkpoint_ms: u64,
+    recovery_window_ms: u64,
+    lease_dir: std::path::PathBuf,
+    /// The output observer's socket.
+    observe: Option<std::path::PathBuf>,
 }
 
 impl Default for Args {
@@ -114,6 +124,11 @@ impl Default for Args {
             record: false,
             replay: false,
             cut_lanes: 0,
+            kill_destination: None,
+            checkpoint_ms: 100,
+            recovery_window_ms: 10_000,
+            lease_dir: std::env::temp_dir(),
+            observe: None,
         }
     }
 }
@@ -148,12 +163,12 @@ fn main() -> Result<()> {
         "restore" => restore(&a),
         "migrate" => {
             let to = a.to.clone().ok_or_else(|| anyhow!("migrate needs --to ADDR"))?;
-            print_report(&a, &source_half(&a, &to, &key(&a)?)?.report)
+            print_report(&a, &source_half(&a, &to, &key(&a)?, None)?.report)
         }
         "receive" => {
             let listener = TcpListener::bind(a.listen.as_deref().unwrap_or("127.0.0.1:7070"))?;
             eprintln!("ferry-vmm: receiving on {}", listener.local_addr()?);
-            print_report(&a, &destination_half(&listener, &key(&a)?)?.report)
+            print_report(&a, &destination_half(&listener, &key(&a)?, &a)?.report)
         }
         other => bail!("unknown command {other:?}: run, demo, migrate, receive, snapshot or restore"),
     }
@@ -366,6 +381,11 @@ struct Rendezvous {
     seconds: f64,
     /// The guest's steady-state rate at the source just before the pause.
     baseline_rate: f64,
+    /// Names the VM's lease (letters, digits, '-').
+    vm_id: String,
+    /// Post-copy: reverse checkpoints this often (0: none).
+    checkpoint_ms: u64,
+    recovery_window_ms: u64,
 }
 
 const MAX_RENDEZVOUS_BYTES: u64 = 4096;
@@ -431,6 +451,42 @@ impl LaneCutter {
     }
 }
 
+/// Fault injection: SIGKILLs the destination process once `at_fraction` of the guest's pages
+/// have been served.
+struct Killer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Option<Instant>>,
+}
+
+impl Killer {
+    fn start(server: Arc<TcpPageServer>, kill: Kill, pages: u64) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    let s = server.stats();
+                    let served = s.data_pages.load(Ordering::Relaxed) + s.zero_pages.load(Ordering::Relaxed);
+                    if served as f64 >= kill.at_fraction * pages as f64 {
+                        // SAFETY: kill(2) with a pid and a signal number; no memory is involved.
+                        let rc = unsafe { libc::kill(kill.pid as libc::pid_t, libc::SIGKILL) };
+                        return (rc == 0).then(Instant::now);
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                None
+            })
+        };
+        Killer { stop, thread }
+    }
+
+    /// Stops watching; when the destination was killed, if it was.
+    fn stop(self) -> Option<Instant> {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().ok().flatten()
+    }
+}
+
 /// What one half of a migration reports, and when (wall clock) its side of the downtime was.
 struct Half {
     report: serde_json::Value,
@@ -438,7 +494,14 @@ struct Half {
 }
 
 /// The source: boots the guest, lets it run, then migrates it to the destination at `to`.
-fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
+/// A destination process the demo kills (`--inject kill-destination=F`): its pid, the fraction.
+#[derive(Clone, Copy)]
+struct Kill {
+    pid: u32,
+    at_fraction: f64,
+}
+
+fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Result<Half> {
     let layout = layout(a)?;
     let mut rendezvous = TcpStream::connect(to).with_context(|| format!("connecting to the destination at {to}"))?;
     let source_mem = Arc::new(GuestMemory::create(layout.clone(), a.backing)?);
@@ -446,7 +509,24 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
     // measure first-touch page allocation instead of the workload.
     source_mem.regions()[0].populate_write(guest::DATA_GPA, (data_pages(a) * guest::PAGE) as usize)?;
     let mut source = Vm::new(Memory::Plain(source_mem.clone()), a.vcpus)?;
+    if let Some(path) = &a.observe {
+        source.telemetry.output.connect(path).with_context(|| format!("the output observer at {}", path.display()))?;
+    }
     boot(&mut source, a)?;
+    // With reverse checkpoints the guest runs only where its lease is: here, from now on.
+    let protected = a.mode == Mode::Postcopy && a.checkpoint_ms > 0;
+    let vm_id =
+        format!("vm-{}-{}", std::process::id(), SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_nanos());
+    let terms = protect::lease_terms(&a.lease_dir, &vm_id, format!("source-{}", std::process::id()));
+    let mut lease = match protected {
+        true => {
+            let telemetry = source.telemetry.clone();
+            Some(ferry::arbiter::LeaseKeeper::acquire(&terms, terms.ttl, move || {
+                telemetry.stop.store(true, Ordering::Release)
+            })?)
+        }
+        false => None,
+    };
     // Likewise KVM's page tables, or first-touch EPT faults would slow it.
     let prefaulted = source.prefault()?;
     let mut running = Some(source.start()?);
@@ -458,10 +538,10 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
             bail!("--transport local shares guest memory: use --backing memfd or hugetlb");
         }
         let path = std::env::temp_dir().join(format!("ferry-vmm-{}.sock", std::process::id()));
-        Server::Local(LocalPageServer::start(&path, source_mem, key.clone())?)
+        Server::Local(LocalPageServer::start(&path, source_mem.clone(), key.clone())?)
     } else {
         let page_addr = SocketAddr::new(rendezvous.local_addr()?.ip(), 0);
-        Server::Tcp(Arc::new(TcpPageServer::start(page_addr, source_mem, key.clone(), TcpOptions::default())?))
+        Server::Tcp(Arc::new(TcpPageServer::start(page_addr, source_mem.clone(), key.clone(), TcpOptions::default())?))
     };
     // The baseline is the guest's steady state: after a warm-up, the rate just before the pause.
     std::thread::sleep(Duration::from_secs_f64(a.seconds));
@@ -488,6 +568,9 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
         prepager: a.prepager.name().into(),
         seconds: a.seconds,
         baseline_rate,
+        vm_id: vm_id.clone(),
+        checkpoint_ms: if protected { a.checkpoint_ms } else { 0 },
+        recovery_window_ms: a.recovery_window_ms,
     };
     writeln!(rendezvous, "{}", serde_json::to_string(&hello)?)?;
     let mut control: Box<dyn ControlStream> = match &server {
@@ -523,28 +606,81 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
         (Mode::Postcopy, _) | (_, None) => {
             let paused_at = Instant::now();
             let blob = pause()?;
+            // Paused: the guest runs nowhere until the destination takes the lease.
+            if let Some(lease) = lease.take() {
+                lease.hand_over()?;
+            }
             let cutter = match &server {
                 Server::Tcp(s) if a.cut_lanes > 0 => {
                     Some(LaneCutter::start(s.clone(), a.cut_lanes, layout.total_pages()))
                 }
                 _ => None,
             };
+            let killer = match (&server, kill) {
+                (Server::Tcp(s), Some(kill)) => Some(Killer::start(s.clone(), kill, layout.total_pages())),
+                _ => None,
+            };
+            let kept = protected.then(|| ferry::checkpoint::KeptImage::new(source_mem.clone()));
             let options = ferry::SourceOptions {
                 liveness: config.liveness,
+                recovery_window: Duration::from_millis(a.recovery_window_ms),
                 // A destination whose control lane broke opens it again on the page server.
                 reaccept: match &server {
                     Server::Tcp(s) => Some(s.as_ref() as &dyn ferry::ControlAcceptor),
                     Server::Local(_) => None,
                 },
-                ..Default::default()
+                kept: kept.as_ref(),
             };
             let r = run_source(control.as_mut(), paused_at, &blob, &free, &options);
             if let Some(cutter) = cutter {
                 report["lane_cuts"] = json!(cutter.stop());
             }
-            let r = r?;
-            report["source_downtime_ms"] = json!(r.downtime.as_secs_f64() * 1e3);
-            report["total_ms"] = json!(r.total.as_secs_f64() * 1e3);
+            let killed_at = killer.and_then(Killer::stop);
+            report["restarted_on_source"] = json!(false);
+            if let Some(kept) = &kept {
+                let (applied, pages) = kept.applied();
+                report["checkpoints_applied"] = json!(applied);
+                report["checkpoint_pages_applied"] = json!(pages);
+            }
+            match (r, &kept) {
+                (Ok(r), _) => {
+                    report["source_downtime_ms"] = json!(r.downtime.as_secs_f64() * 1e3);
+                    report["total_ms"] = json!(r.total.as_secs_f64() * 1e3);
+                }
+                (Err(e), Some(kept)) => {
+                    let failed_at = Instant::now();
+                    report["destination_error"] = json!(e.to_string());
+                    // The destination stops its guest and gives the lease up, or its lease runs
+                    // out: only then may the guest run here again.
+                    let wait = terms.ttl * 2 + Duration::from_millis(a.recovery_window_ms);
+                    let telemetry = source.telemetry.clone();
+                    lease = Some(ferry::arbiter::LeaseKeeper::acquire(&terms, wait, move || {
+                        telemetry.stop.store(true, Ordering::Release)
+                    })?);
+                    let epoch = protect::restart(&mut source, kept, &blob)?;
+                    let restarted = source.start()?;
+                    let restarted_at = Instant::now();
+                    report["restarted_on_source"] = json!(true);
+                    report["restart_epoch"] = json!(epoch);
+                    report["lease_wait_ms"] = json!((restarted_at - failed_at).as_secs_f64() * 1e3);
+                    report["total_ms"] = json!((restarted_at - paused_at).as_secs_f64() * 1e3);
+                    if let Some(killed_at) = killed_at {
+                        // From the SIGKILL to the guest running here again.
+                        report["failover_ms"] = json!((restarted_at - killed_at).as_secs_f64() * 1e3);
+                    }
+                    // What the restart took back: the guest's time since the epoch it resumed
+                    // from (or since the handoff), during which its work was done and lost.
+                    let since = kept.last_applied_at().unwrap_or(paused_at);
+                    report["work_lost_ms"] = json!((restarted_at - since).as_secs_f64() * 1e3);
+                    report["rate_after"] = json!(measure_rate(&source, a.seconds));
+                    let mismatches = self_check(&mut source, restarted)?;
+                    report["guest_mismatches"] = json!(mismatches);
+                    if mismatches != 0 {
+                        bail!("the guest restarted on the source found {mismatches} wrong pages: {report}");
+                    }
+                }
+                (Err(e), None) => return Err(e.into()),
+            }
         }
         (Mode::Precopy, Some(log)) => {
             let r = ferry::precopy::run_source(control.as_mut(), page_size, log, &mut pause, &config)?;
@@ -573,6 +709,9 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey) -> Result<Half> {
             Mode::Precopy | Mode::Hybrid => report["pages_resent"] = json!(served_again),
         }
     }
+    let (emitted, released) = source.telemetry.output.counts();
+    report["source_outputs"] = json!({"emitted": emitted, "released": released});
+    drop(lease);
     let at = paused.ok_or_else(|| anyhow!("the source never paused"))?;
     Ok(Half { report, at })
 }
@@ -630,6 +769,14 @@ fn accept_rendezvous(listener: &TcpListener) -> Result<(SocketAddr, Rendezvous, 
             if !(0.0..=3600.0).contains(&rv.seconds) || !rv.baseline_rate.is_finite() || rv.baseline_rate < 0.0 {
                 bail!("it asks for {} s phases at a baseline of {} writes/s", rv.seconds, rv.baseline_rate);
             }
+            if rv.checkpoint_ms > 60_000 || !(1..=600_000).contains(&rv.recovery_window_ms) {
+                bail!(
+                    "it asks for checkpoints every {} ms and a {} ms recovery window",
+                    rv.checkpoint_ms,
+                    rv.recovery_window_ms
+                );
+            }
+            protect::check_vm_id(&rv.vm_id)?;
             let backing = match rv.backing.as_str() {
                 "anon" => Backing::Anonymous,
                 "memfd" => Backing::Memfd,
@@ -646,7 +793,7 @@ fn accept_rendezvous(listener: &TcpListener) -> Result<(SocketAddr, Rendezvous, 
     }
 }
 
-fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> {
+fn destination_half(listener: &TcpListener, key: &PreSharedKey, a: &Args) -> Result<Half> {
     let (peer, rv, backing, prepager) = accept_rendezvous(listener)?;
     let layout = MemoryLayout::new(
         rv.page_size,
@@ -677,6 +824,17 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
     };
     let mut report =
         json!({ "mode": mode_name(rv.mode), "mem_mib": rv.mem_mib, "vcpus": rv.vcpus, "transport": transport });
+    if let Some(path) = &a.observe {
+        dest.telemetry.output.connect(path).with_context(|| format!("the output observer at {}", path.display()))?;
+    }
+    // Reverse checkpoints: the source keeps the guest restartable until every page is here.
+    let protection = match (&prepared, rv.checkpoint_ms) {
+        (Prepared::Arriving(_), ms) if ms > 0 => {
+            let terms = protect::lease_terms(&a.lease_dir, &rv.vm_id, format!("destination-{}", std::process::id()));
+            Some(protect::protection(&dest, Duration::from_millis(ms), Some(terms))?)
+        }
+        _ => None,
+    };
     let pages: Option<rate::Counter> = match &prepared {
         Prepared::Arriving(m) => {
             let m = m.clone();
@@ -687,11 +845,18 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
     let sampler = RateSampler::of(dest.telemetry.clone(), pages);
     let mut running = None;
     let mut resumed = None;
-    let config = EngineConfig { policy: prepager, ..EngineConfig::default() };
+    let config = EngineConfig {
+        policy: prepager,
+        recovery_window: Duration::from_millis(rv.recovery_window_ms),
+        ..EngineConfig::default()
+    };
+    let mut lease = None;
     let session = match prepared {
-        Prepared::Arriving(m) => Some(PostcopyDestination::start(control, m, lanes, &config, |blob| {
-            resume(&mut dest, blob, &mut running, &mut resumed)
-        })?),
+        Prepared::Arriving(m) => {
+            Some(PostcopyDestination::start_with(control, m, lanes, &config, protection, |blob| {
+                resume(&mut dest, blob, &mut running, &mut resumed)
+            })?)
+        }
         Prepared::Plain(m) if rv.mode == Mode::Precopy => {
             ferry::precopy::run_destination(control.as_mut(), &m, lanes, |blob| {
                 resume(&mut dest, blob, &mut running, &mut resumed)
@@ -736,6 +901,15 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
         report["recoveries"] = json!(r.recoveries);
         report["pages_resent"] = json!(r.resent_pages);
         report["paused_ms"] = json!(r.paused.as_secs_f64() * 1e3);
+        let c = &r.checkpoints;
+        report["checkpoints"] = json!(c.committed);
+        report["checkpoints_failed"] = json!(c.failed);
+        report["checkpoints_skipped"] = json!(c.skipped);
+        report["checkpoint_pages"] = json!(c.pages);
+        report["checkpoint_pause_ms"] = json!(c.paused.as_secs_f64() * 1e3);
+        report["checkpoint_longest_pause_ms"] = json!(c.longest_pause.as_secs_f64() * 1e3);
+        // The guest runs here now: the lease stays held while it does.
+        lease = r.lease.clone();
     }
     let running = running.ok_or_else(|| anyhow!("the destination never resumed"))?;
     let (at, resumed_at) = resumed.ok_or_else(|| anyhow!("the destination never resumed"))?;
@@ -758,6 +932,9 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey) -> Result<Half> 
         json!(series.iter().map(|&(ms, r, pages)| [ms.round(), r.round(), pages as f64]).collect::<Vec<_>>());
     let mismatches = self_check(&mut dest, running)?;
     report["guest_mismatches"] = json!(mismatches);
+    let (emitted, released) = dest.telemetry.output.counts();
+    report["destination_outputs"] = json!({"emitted": emitted, "released": released});
+    drop(lease);
     if mismatches != 0 {
         bail!("the guest found {mismatches} wrong pages after migration: {report}");
     }
@@ -806,21 +983,35 @@ impl ProgressBar {
 /// Both halves in this process, over tcp loopback: one report, with the downtime measured from
 /// the last source vCPU stopping to the first destination vCPU starting.
 fn demo(a: &Args) -> Result<()> {
+    let observer =
+        output::Observer::start(std::env::temp_dir().join(format!("ferry-observer-{}.sock", std::process::id())))?;
+    let mut a = a.clone();
+    a.observe = Some(observer.path().to_path_buf());
+    if let Some(at_fraction) = a.kill_destination {
+        return demo_killing_the_destination(&a, observer, at_fraction);
+    }
+    let a = &a;
     let key = PreSharedKey::generate()?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let to = listener.local_addr()?.to_string();
     let destination = {
-        let key = key.clone();
-        std::thread::spawn(move || destination_half(&listener, &key))
+        let (key, a) = (key.clone(), a.clone());
+        std::thread::spawn(move || destination_half(&listener, &key, &a))
     };
-    let source = source_half(a, &to, &key);
+    let source = source_half(a, &to, &key, None);
     let destination = destination.join().map_err(|_| anyhow!("the destination thread panicked"))?;
-    let (source, destination) = (source?, destination?);
+    let source = source?;
+    if source.report["restarted_on_source"] == json!(true) {
+        // The destination failed and the source took the guest back: its report is the one.
+        let mut report = source.report;
+        report["destination_failure"] = json!(destination.err().map(|e| format!("{e:#}")));
+        return finish_report(a, report, observer);
+    }
+    let destination = destination?;
     let mut report = destination.report;
     for (k, v) in source.report.as_object().into_iter().flatten() {
         report[k] = v.clone();
     }
-    report["workload"] = json!(a.workload.name());
     let downtime = destination.at.duration_since(source.at).unwrap_or_default();
     report["downtime_ms"] = json!(downtime.as_secs_f64() * 1e3);
     if let Some(postcopy) = report["work_lost_postcopy_ms"].as_f64() {
@@ -849,7 +1040,67 @@ fn demo(a: &Args) -> Result<()> {
     let resent = report["pages_resent"].as_u64().unwrap_or(0);
     let twice = served_twice.saturating_sub(resent) + report["pages_installed_twice"].as_u64().unwrap_or(0);
     report["pages_sent_twice"] = json!(twice);
+    finish_report(a, report, observer)
+}
+
+/// Adds what the output observer saw (every VMM of the demo has closed its end) and prints.
+fn finish_report(a: &Args, mut report: serde_json::Value, observer: output::Observer) -> Result<()> {
+    report["workload"] = json!(a.workload.name());
+    report["rate_before"] = report["baseline_rate"].clone();
+    for (k, v) in serde_json::to_value(observer.finish())?.as_object().into_iter().flatten() {
+        report[k] = v.clone();
+    }
     print_report(a, &report)
+}
+
+/// `demo --inject kill-destination=F`: the destination runs as its own process (`ferry-vmm
+/// receive`), which is SIGKILLed once that fraction of the pages has crossed; the source restarts
+/// the guest from its image and the last reverse checkpoint.
+fn demo_killing_the_destination(a: &Args, observer: output::Observer, at_fraction: f64) -> Result<()> {
+    use std::process::{Command, Stdio};
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    let key_hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["receive", "--listen", "127.0.0.1:0", "--json", "--key-hex", &key_hex, "--lease-dir"])
+        .arg(&a.lease_dir)
+        .arg("--observe")
+        .arg(observer.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the destination process")?;
+    // Its address is on its first line: "ferry-vmm: receiving on ADDR".
+    let mut stderr = BufReader::new(child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?);
+    let mut line = String::new();
+    stderr.read_line(&mut line)?;
+    let Some(addr) = line.trim().strip_prefix("ferry-vmm: receiving on ") else {
+        let _ = child.kill();
+        bail!("the destination process said {line:?}");
+    };
+    let addr = addr.to_string();
+    // The rest of what it says (it dies mid-sentence) goes to ours.
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(std::result::Result::ok) {
+            eprintln!("destination: {line}");
+        }
+    });
+    let kill = Kill { pid: child.id(), at_fraction };
+    let source = source_half(a, &addr, &PreSharedKey::from_hex(&key_hex)?, Some(kill));
+    if source.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait()?;
+    let mut report = source?.report;
+    use std::os::unix::process::ExitStatusExt;
+    report["destination_killed"] = json!(status.signal() == Some(libc::SIGKILL));
+    report["kill_at_fraction"] = json!(at_fraction);
+    report["checkpoints"] = report["checkpoints_applied"].clone();
+    // The destination's own counters, and what it saw of the guest, died with it.
+    for k in ["recoveries", "paused_ms", "pages_resent", "pages_installed_twice", "downtime_ms", "rate_during"] {
+        report[k] = serde_json::Value::Null;
+    }
+    finish_report(a, report, observer)
 }
 
 fn print_report(a: &Args, out: &serde_json::Value) -> Result<()> {

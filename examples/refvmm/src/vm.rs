@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_fault_handler::DestinationMemory;
@@ -53,6 +53,127 @@ pub struct Telemetry {
     /// Whether the guest is inside a task-guided segment, and how many it entered.
     pub in_segment: AtomicBool,
     pub segments: AtomicU64,
+    /// Where the vCPUs wait while a checkpoint is captured.
+    pub gate: PauseGate,
+    /// The guest's output (see `output`).
+    pub output: crate::output::OutputDevice,
+}
+
+/// Pauses running vCPUs at their next exit without taking their threads down (a checkpoint's
+/// pause is short and frequent): each parks at the gate with its registers saved.
+#[derive(Debug, Default)]
+pub struct PauseGate {
+    requested: AtomicBool,
+    parked: std::sync::Mutex<Parked>,
+    changed: std::sync::Condvar,
+}
+
+/// The vCPUs at the gate, and the threads to kick out of KVM_RUN.
+#[derive(Debug, Default)]
+struct Parked {
+    states: Vec<Option<VcpuState>>,
+    /// Each running vCPU's thread; `None` once it left its loop.
+    threads: Vec<Option<libc::pthread_t>>,
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN (also out of a wait for a missing page:
+/// KVM returns EINTR with a signal pending). Its handler does nothing.
+const KICK_SIGNAL: libc::c_int = libc::SIGUSR1;
+
+fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    extern "C" fn nothing(_: libc::c_int) {}
+    ONCE.call_once(|| {
+        // SAFETY: sigaction is plain data (zeroed is valid); the handler is an async-signal-safe
+        // no-op; without SA_RESTART, KVM_RUN returns EINTR to the vCPU loop, which carries on.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(KICK_SIGNAL, &action, std::ptr::null_mut());
+        }
+    });
+}
+
+impl PauseGate {
+    /// The calling thread runs vCPU `index` (until [`PauseGate::leave`]).
+    fn enter(&self, index: usize) {
+        install_kick_handler();
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        if parked.threads.len() <= index {
+            parked.threads.resize(index + 1, None);
+        }
+        // SAFETY: pthread_self has no preconditions.
+        parked.threads[index] = Some(unsafe { libc::pthread_self() });
+    }
+
+    /// The calling thread stops running vCPU `index`: it must not be signalled any more.
+    fn leave(&self, index: usize) {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = parked.threads.get_mut(index) {
+            *t = None;
+        }
+        self.changed.notify_all();
+    }
+
+    /// Parks the calling vCPU thread while a pause is requested (and the VM not stopping).
+    fn park_if_requested(&self, index: usize, vcpu: &VcpuFd, stop: &AtomicBool) -> Result<()> {
+        if !self.requested.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let state = VcpuState { regs: vcpu.get_regs()?, sregs: vcpu.get_sregs()? };
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        if parked.states.len() <= index {
+            parked.states.resize_with(index + 1, || None);
+        }
+        parked.states[index] = Some(state);
+        self.changed.notify_all();
+        while self.requested.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
+            parked = self.changed.wait_timeout(parked, Duration::from_millis(50)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        parked.states[index] = None;
+        Ok(())
+    }
+
+    /// Stops all `vcpus` at their next exits and returns their states; if one does not stop
+    /// within `timeout` (blocked on a page that has not come), lets the others go and fails.
+    pub fn pause(&self, vcpus: usize, timeout: Duration) -> Result<Vec<VcpuState>> {
+        let deadline = Instant::now() + timeout;
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.requested.store(true, Ordering::Release);
+        loop {
+            if parked.states.len() >= vcpus && parked.states[..vcpus].iter().all(Option::is_some) {
+                return Ok(parked.states[..vcpus].iter_mut().map(|s| s.take().expect("checked")).collect());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(parked);
+                self.resume();
+                bail!("a vCPU did not stop within {timeout:?}");
+            }
+            // Kick those still running, again each millisecond: a kick that lands just before a
+            // vCPU enters KVM_RUN is lost.
+            let Parked { states, threads } = &*parked;
+            for (i, t) in threads.iter().enumerate() {
+                if let (Some(t), None) = (t, states.get(i).and_then(Option::as_ref)) {
+                    // SAFETY: the thread is alive: it removes itself (under this lock) before it
+                    // ends; the signal's handler does nothing.
+                    unsafe { libc::pthread_kill(*t, KICK_SIGNAL) };
+                }
+            }
+            parked = self
+                .changed
+                .wait_timeout(parked, left.min(Duration::from_millis(1)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    pub fn resume(&self) {
+        let _parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.requested.store(false, Ordering::Release);
+        self.changed.notify_all();
+    }
 }
 
 impl Telemetry {
@@ -93,7 +214,7 @@ impl Telemetry {
 }
 
 /// The vCPU's architectural state: what travels in the migration's state blob.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct VcpuState {
     regs: kvm_regs,
     sregs: kvm_sregs,
@@ -149,6 +270,7 @@ impl Vm {
         let slots = self.memory.guest().regions().iter().map(|r| r.len() as u64).collect();
         let layout = self.memory.guest().layout();
         Ok(KvmDirtyLog {
+            memory: self.memory.clone(),
             vm: self.vm.clone(),
             slots,
             pages: layout.total_pages(),
@@ -253,10 +375,14 @@ impl Vm {
 
     pub fn restore(&mut self, blob: &[u8]) -> Result<()> {
         let states: Vec<VcpuState> = serde_json::from_slice(blob).context("state blob")?;
+        self.restore_states(&states)
+    }
+
+    pub fn restore_states(&mut self, states: &[VcpuState]) -> Result<()> {
         if states.len() != self.vcpus.len() {
             bail!("the state blob holds {} vCPUs, this VM has {}", states.len(), self.vcpus.len());
         }
-        for (vcpu, state) in self.vcpus.iter().zip(&states) {
+        for (vcpu, state) in self.vcpus.iter().zip(states) {
             vcpu.set_sregs(&state.sregs)?;
             vcpu.set_regs(&state.regs)?;
         }
@@ -274,7 +400,9 @@ impl Vm {
         for (i, mut vcpu) in self.vcpus.drain(..).enumerate() {
             let telemetry = self.telemetry.clone();
             threads.push(std::thread::Builder::new().name(format!("ferry-vcpu{i}")).spawn(move || {
-                let result = run_vcpu(&mut vcpu, &telemetry);
+                telemetry.gate.enter(i);
+                let result = run_vcpu(i, &mut vcpu, &telemetry);
+                telemetry.gate.leave(i);
                 (vcpu, Instant::now(), result)
             })?);
         }
@@ -392,12 +520,20 @@ fn set_memory_slots(vm: &VmFd, memory: &Memory, flags: u32) -> Result<()> {
 
 /// KVM's dirty log (KVM_GET_DIRTY_LOG, which also clears it) as ferry's pre-copy dirty log.
 pub struct KvmDirtyLog {
+    memory: Memory,
     vm: Arc<VmFd>,
     slots: Vec<u64>,
     /// ferry pages in the guest.
     pages: u64,
     /// KVM logs 4 KiB pages; a ferry page (2 MiB on hugetlbfs) is dirty when any of its are.
     small_per_page: u64,
+}
+
+impl KvmDirtyLog {
+    /// Turns the log off: the guest's writes cost nothing extra from here on.
+    pub fn stop(&self) -> Result<()> {
+        set_memory_slots(&self.vm, &self.memory, 0)
+    }
 }
 
 impl ferry::precopy::DirtyLog for KvmDirtyLog {
@@ -433,8 +569,9 @@ pub struct Running {
     pub started: Instant,
 }
 
-fn run_vcpu(vcpu: &mut VcpuFd, t: &Telemetry) -> Result<()> {
+fn run_vcpu(index: usize, vcpu: &mut VcpuFd, t: &Telemetry) -> Result<()> {
     loop {
+        t.gate.park_if_requested(index, vcpu, &t.stop)?;
         if t.stop.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -463,6 +600,7 @@ fn run_vcpu(vcpu: &mut VcpuFd, t: &Telemetry) -> Result<()> {
                         t.verify_answers.fetch_add(1, Ordering::AcqRel);
                     }
                     guest::PORT_CONSOLE => eprint!("{}", char::from(value as u8)),
+                    guest::PORT_OUTPUT => t.output.emit(index as u32, value),
                     guest::PORT_TASK => {
                         let entering = value != 0;
                         if entering && !t.in_segment.swap(true, Ordering::AcqRel) {

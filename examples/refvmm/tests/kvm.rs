@@ -411,3 +411,66 @@ fn a_kvm_guest_survives_its_data_lanes_being_cut_twenty_times() {
         assert!(r["recoveries"].as_u64().unwrap() > 0, "{cuts} cuts and no recovery: {r}");
     }
 }
+
+/// The observer's verdict on the guest's output: nothing lost, nothing taken back.
+fn assert_output_whole(r: &serde_json::Value) {
+    assert!(r["outputs_seen"].as_u64().unwrap() > 0, "the guest's output never reached the observer: {r}");
+    assert_eq!(r["output_gaps"], 0, "output lost: {r}");
+    assert_eq!(r["output_regressions"], 0, "output taken back: {r}");
+}
+
+#[test]
+fn reverse_checkpoints_flow_and_output_waits_for_them() {
+    if !kvm_available("reverse_checkpoints_flow_and_output_waits_for_them") {
+        return;
+    }
+    for workload in ["seq-write", "rand-write"] {
+        // Demand paging with a 1 s phase: the guest runs on arriving memory long enough for
+        // several epochs of 20 ms.
+        let r = demo(&["--workload", workload, "--prepager", "demand", "--seconds", "1", "--checkpoint-ms", "20"]);
+        assert_eq!(r["guest_mismatches"], 0, "{r}");
+        assert_eq!(r["restarted_on_source"], false, "{r}");
+        let committed = r["checkpoints"].as_u64().unwrap();
+        assert!(committed >= 2, "{workload}: {committed} checkpoints in a second of post-copy: {r}");
+        assert_eq!(r["checkpoints_applied"], committed, "the source applied what was acknowledged: {r}");
+        assert!(r["checkpoint_pages"].as_u64().unwrap() > 0, "a writer wrote nothing: {r}");
+        assert_output_whole(&r);
+        // Held output all left once the session ended.
+        assert_eq!(r["destination_outputs"]["emitted"], r["destination_outputs"]["released"], "{r}");
+    }
+    let off = demo(&["--workload", "rand-write", "--checkpoint-ms", "0"]);
+    assert_eq!(off["checkpoints"], 0, "{off}");
+    assert_output_whole(&off);
+}
+
+#[test]
+fn the_source_restarts_the_guest_when_its_destination_is_killed() {
+    if !kvm_available("the_source_restarts_the_guest_when_its_destination_is_killed") {
+        return;
+    }
+    for at in ["0.1", "0.4", "0.9"] {
+        let kill = format!("kill-destination={at}");
+        let r = demo(&[
+            "--mem-mib",
+            "512",
+            "--data-mib",
+            "256",
+            "--workload",
+            "rand-write",
+            "--checkpoint-ms",
+            "20",
+            "--recovery-window-ms",
+            "1000",
+            "--inject",
+            &kill,
+        ]);
+        assert_eq!(r["destination_killed"], true, "{r}");
+        assert_eq!(r["restarted_on_source"], true, "{r}");
+        assert_eq!(r["guest_mismatches"], 0, "{r}");
+        assert_output_whole(&r);
+        assert!(r["rate_after"].as_f64().unwrap() > 0.0, "the restarted guest does not run: {r}");
+        if r["checkpoints_applied"].as_u64().unwrap() > 0 {
+            assert!(r["restart_epoch"].as_u64().is_some(), "{r}");
+        }
+    }
+}
