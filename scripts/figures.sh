@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the README's figures from the project's own commands and prints each table with the
 # command that made it. Ranges are min-max over RUNS runs (default 3): these machines are noisy.
-#   bash scripts/figures.sh [kvm|modes|restore|restore-bench|two-hosts|toucher|transport|all]   (default: all)
+#   bash scripts/figures.sh [kvm|modes|failover|restore|restore-bench|two-hosts|toucher|transport|all]   (default: all)
 # Needs /dev/kvm for kvm and restore. Raw JSON goes to target/figures/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -184,14 +184,80 @@ transport() {
   echo
 }
 
+# Keeps the fields a table needs (the series are long).
+slim() {
+  python3 -c 'import json,sys; r=json.load(sys.stdin); [r.pop(k, None) for k in ("rate_series_50ms","cold_series_50ms")]; print(json.dumps(r))'
+}
+
+failover() {
+  local mem=1G
+  echo "## KVM post-copy that survives failures, $mem guest, random writes over half of it ($runs runs each)"
+  echo
+  echo "Reverse checkpoints every 100 ms against none, interleaved in one run:"
+  echo
+  echo "| checkpoints | post-copy s | rate during (writes/s) | work lost ms | checkpoints acked | pages checkpointed | guest paused for them ms (longest) | output gaps / regressions |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+  local on=$out/ckpt-on.jsonl off=$out/ckpt-off.jsonl
+  : > "$on"; : > "$off"
+  for _ in $(seq "$runs"); do
+    $vmm demo --mem $mem --workload rand-write --mode postcopy --checkpoint-ms 0 --json 2>/dev/null | slim >> "$off"
+    $vmm demo --mem $mem --workload rand-write --mode postcopy --checkpoint-ms 100 --json 2>/dev/null | slim >> "$on"
+  done
+  for f in "$off" "$on"; do
+    echo "| $( [ "$f" = "$on" ] && echo "every 100 ms" || echo none ) | $(range "$f" postcopy_ms 0.001 2) | $(range "$f" rate_during 0.001 1)k | $(range "$f" work_lost_ms 1 0) | $(range "$f" checkpoints 1 0) | $(range "$f" checkpoint_pages 1 0) | $(range "$f" checkpoint_pause_ms 1 1) ($(range "$f" checkpoint_longest_pause_ms 1 1)) | $(range "$f" output_gaps 1 0) / $(range "$f" output_regressions 1 0) |"
+  done
+  python3 - "$off" "$on" <<'PY'
+import json, sys, statistics as st
+off = [json.loads(l) for l in open(sys.argv[1])]
+on = [json.loads(l) for l in open(sys.argv[2])]
+m = lambda rs, k: st.median(r[k] for r in rs)
+print()
+print(f"Medians, with against without: rate during {m(on,'rate_during')/m(off,'rate_during'):.2f}x, post-copy time {m(on,'postcopy_ms')/m(off,'postcopy_ms'):.2f}x.")
+PY
+  echo
+  echo "command: $vmm demo --mem $mem --workload rand-write --mode postcopy --checkpoint-ms 0|100 --json"
+  echo
+  echo "The destination SIGKILLed (its own process) when a fraction of the pages has crossed; recovery window 3 s:"
+  echo
+  echo "| killed at | restarted on source | guest wrong pages | epochs applied | failover ms (SIGKILL to running) | work lost ms | outputs seen | gaps | regressions | re-released |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  for at in 0.1 0.4 0.9; do
+    local f=$out/kill-$at.jsonl
+    : > "$f"
+    for _ in $(seq "$runs"); do
+      $vmm demo --mem $mem --workload rand-write --mode postcopy --recovery-window-ms 3000 --inject kill-destination=$at --json 2>/dev/null | slim >> "$f"
+    done
+    local restarted
+    restarted=$(python3 -c 'import json,sys; rs=[json.loads(l) for l in open(sys.argv[1])]; print("%d/%d" % (sum(r["restarted_on_source"] for r in rs), len(rs)))' "$f")
+    echo "| $at | $restarted | $(range "$f" guest_mismatches 1 0) | $(range "$f" checkpoints_applied 1 0) | $(range "$f" failover_ms 1 0) | $(range "$f" work_lost_ms 1 0) | $(range "$f" outputs_seen 1 0) | $(range "$f" output_gaps 1 0) | $(range "$f" output_regressions 1 0) | $(range "$f" output_duplicates 1 0) |"
+  done
+  echo
+  echo "command: $vmm demo --mem $mem --workload rand-write --mode postcopy --recovery-window-ms 3000 --inject kill-destination=F --json"
+  echo
+  echo "Data lanes cut 20 times per migration (checkpoints on):"
+  echo
+  echo "| runs completed | guest wrong pages | pages installed twice | sent twice (not resends) | recoveries | pages resent | paused ms | checkpoints acked | output gaps / regressions |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  local f=$out/cut-lanes.jsonl
+  : > "$f"
+  for _ in $(seq "$runs"); do
+    $vmm demo --mem $mem --workload rand-write --mode postcopy --inject cut-lanes=20 --json 2>/dev/null | slim >> "$f"
+  done
+  echo "| $(wc -l < "$f")/$runs | $(range "$f" guest_mismatches 1 0) | $(range "$f" pages_installed_twice 1 0) | $(range "$f" pages_sent_twice 1 0) | $(range "$f" recoveries 1 0) | $(range "$f" pages_resent 1 0) | $(range "$f" paused_ms 1 0) | $(range "$f" checkpoints 1 0) | $(range "$f" output_gaps 1 0) / $(range "$f" output_regressions 1 0) |"
+  echo
+  echo "command: $vmm demo --mem $mem --workload rand-write --mode postcopy --inject cut-lanes=20 --json"
+  echo
+}
+
 case "$what" in
   kvm) kvm ;;
+  failover) failover ;;
   modes) modes ;;
   restore) restore ;;
   restore-bench) restore_bench ;;
   two-hosts) two_hosts ;;
   toucher) toucher ;;
   transport) transport ;;
-  all) kvm; modes; restore; restore_bench; two_hosts; toucher; transport ;;
-  *) echo "usage: $0 [kvm|modes|restore|restore-bench|two-hosts|toucher|transport|all]" >&2; exit 2 ;;
+  all) kvm; modes; failover; restore; restore_bench; two_hosts; toucher; transport ;;
+  *) echo "usage: $0 [kvm|modes|failover|restore|restore-bench|two-hosts|toucher|transport|all]" >&2; exit 2 ;;
 esac
