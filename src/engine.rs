@@ -15,9 +15,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_fault_handler::{run_fault_loop, BulkInstaller, DestinationMemory, FaultQueue, FaultStats, Recovery};
+use ferry_fault_handler::{
+    run_fault_loop, BulkInstaller, DestinationMemory, FaultQueue, FaultStats, LaneInterrupts, Recovery,
+};
 use ferry_prepager::{BatchSizer, Policy, PolicyKind, Push, Replay};
-use ferry_transport::{BulkLane, PageSource};
+use ferry_transport::{BulkLane, Lane, PageSource};
 
 use crate::error::{MigrationError, Result};
 use crate::freepages::FreePages;
@@ -134,6 +136,8 @@ struct Flags {
     /// Set as each thread ends, for diagnostics.
     faults_ended: AtomicBool,
     prepager_ended: AtomicBool,
+    /// Break the lanes' blocked reads when the engine is cancelled.
+    interrupts: Arc<LaneInterrupts>,
 }
 
 /// Why a session stopped its engine, so `wait` reports it with its own type.
@@ -231,14 +235,19 @@ impl PostcopyEngine {
         // and registering twice is skipped.
         unsafe { register_landings(&memory, &mut source)? };
         let PageSource { mut urgent, bulk, reconnect, .. } = source;
-        let recovery = reconnect
-            .filter(|_| !config.recovery_window.is_zero())
-            .map(|reconnect| Recovery { reconnect, window: config.recovery_window });
+        let flags = Arc::new(Flags::default());
+        // A cancelled engine must not wait out a lane's read deadline (seconds) in a blocked read.
+        flags.interrupts.set(Lane::Urgent, urgent.interrupter());
+        flags.interrupts.set(Lane::Bulk, bulk.interrupter());
+        let recovery = reconnect.filter(|_| !config.recovery_window.is_zero()).map(|reconnect| Recovery {
+            reconnect,
+            window: config.recovery_window,
+            interrupts: Some(flags.interrupts.clone()),
+        });
         let stats = Arc::new(FaultStats::default());
         let zero_pages = if zero.pages() == 0 { 0 } else { memory.states().mark_present_words(zero.words()) };
         FaultStats::add(&stats.skipped_free_pages, zero_pages);
         let queue = Arc::new(FaultQueue::new(config.fault_queue));
-        let flags = Arc::new(Flags::default());
         let fault_thread = {
             let (memory, queue, stats, flags, recovery) =
                 (memory.clone(), queue.clone(), stats.clone(), flags.clone(), recovery.clone());
@@ -433,6 +442,11 @@ impl FailureWatch {
         self.flags.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Whether every page is present (a failure then costs nothing: `wait` succeeds).
+    pub fn complete(&self) -> bool {
+        self.memory.states().all_present()
+    }
+
     /// The engine's state in one line, for a guest that seems stuck.
     pub fn describe(&self) -> String {
         let states = self.memory.states();
@@ -489,6 +503,7 @@ impl EngineControl {
     pub fn cancel(&self) {
         self.flags.abort.store(true, Ordering::Release);
         self.flags.stop_faults.store(true, Ordering::Release);
+        self.flags.interrupts.fire();
     }
 }
 
@@ -507,6 +522,7 @@ fn recover_bulk(
     let mut error = error;
     loop {
         let lane = recovery.reopen(&flags.abort, &error, |r| r.bulk())?;
+        recovery.interrupts_on(Lane::Bulk, lane.interrupter());
         // The new lane may break while the reads are asked again: that is one more recovery.
         match installer.replace_lane(memory, lane, stats) {
             Ok(()) => {

@@ -28,7 +28,7 @@ use ferry_transport::{ControlStream, PageSource};
 
 use crate::arbiter::{LeaseKeeper, LeaseTerms};
 use crate::checkpoint::{self, CheckpointCapture, CheckpointConfig, CheckpointLane, Checkpointer, KeptImage};
-use crate::engine::{DestinationReport, EngineConfig, EngineControl, PostcopyEngine};
+use crate::engine::{DestinationReport, EngineConfig, EngineControl, FailureWatch, PostcopyEngine};
 use crate::error::{MigrationError, Result};
 use crate::freepages::FreePages;
 use crate::handoff::{self, DoneCounters};
@@ -100,8 +100,35 @@ impl CheckpointLane for CurrentLane {
 #[derive(Debug)]
 struct Guard {
     checkpointer: Option<Checkpointer>,
-    lease: Option<LeaseKeeper>,
+    failsafe: Arc<Failsafe>,
+}
+
+/// Stops the guest here for good, then gives the lease up, so the source may restart it: run
+/// once the session failed with pages still missing, by whichever of the source watch and `wait`
+/// sees it first.
+#[derive(Debug)]
+struct Failsafe {
     halt: Halt,
+    lease: std::sync::Mutex<Option<LeaseKeeper>>,
+    tripped: AtomicBool,
+}
+
+impl Failsafe {
+    fn trip(&self) {
+        self.tripped.store(true, Ordering::Release);
+        self.halt.run();
+        let lease = self.lease.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(lease) = lease {
+            let _ = lease.hand_over();
+        }
+    }
+
+    /// Trips when the engine failed short of every page.
+    fn trip_if_failed(&self, engine: &FailureWatch) {
+        if !self.tripped.load(Ordering::Acquire) && engine.failure().is_some() && !engine.complete() {
+            self.trip();
+        }
+    }
 }
 
 /// A running post-copy destination: the engine, and the control lane to the source, watched.
@@ -190,12 +217,18 @@ impl PostcopyDestination {
                 let halt = halt.expect("protected");
                 *halt.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.halt);
                 let checkpointer = Checkpointer::start(memory, p.capture, lane.clone(), p.checkpoints)?;
-                Some(Guard { checkpointer: Some(checkpointer), lease, halt })
+                let failsafe =
+                    Arc::new(Failsafe { halt, lease: std::sync::Mutex::new(lease), tripped: AtomicBool::new(false) });
+                Some(Guard { checkpointer: Some(checkpointer), failsafe })
             }
             None => None,
         };
-        let acks = guard.as_ref().and_then(|g| g.checkpointer.as_ref()).map(Checkpointer::handle);
-        let watch = SourceWatch::start(live, engine.control(), rejoin.clone(), lane, acks)?;
+        let protected = guard.as_ref().map(|g| Protected {
+            acks: g.checkpointer.as_ref().expect("just started").handle(),
+            failsafe: g.failsafe.clone(),
+            engine: engine.failure_watch(),
+        });
+        let watch = SourceWatch::start(live, engine.control(), rejoin.clone(), lane, protected)?;
         Ok(PostcopyDestination { engine, watch, resume_latency, rejoin, guard })
     }
 
@@ -221,7 +254,12 @@ impl PostcopyDestination {
     /// A source that went silent or aborted meanwhile is the error, also if every page arrived
     /// (it never heard so, and may act on it).
     pub fn wait(mut self) -> Result<DestinationReport> {
+        let failure = self.engine.failure_watch();
         let engine = self.engine.wait();
+        if let Some(guard) = &self.guard {
+            // Before anything that may wait on a dead lane: the lease goes back as soon as can be.
+            guard.failsafe.trip_if_failed(&failure);
+        }
         // Stopped before `done`: the source stops applying once it hears it.
         let checkpoints = self.guard.as_mut().and_then(|g| g.checkpointer.take()).map(Checkpointer::stop);
         let result = match (engine, self.watch.stop()) {
@@ -256,6 +294,11 @@ impl PostcopyDestination {
         };
         let Some(guard) = self.guard.take() else { return result };
         let (stats, capture) = checkpoints.unwrap_or_default();
+        let result = match result {
+            // Halted meanwhile (the lease was lost): the guest no longer runs here.
+            Ok(_) if guard.failsafe.tripped.load(Ordering::Acquire) => Err(MigrationError::LeaseLost),
+            other => other,
+        };
         match result {
             Ok(mut report) => {
                 // The source heard that every page is here: it will not restart the guest, and
@@ -264,15 +307,12 @@ impl PostcopyDestination {
                     capture.committed(u64::MAX);
                 }
                 report.checkpoints = stats;
-                report.lease = guard.lease.map(Arc::new);
+                report.lease = guard.failsafe.lease.lock().unwrap_or_else(|e| e.into_inner()).take().map(Arc::new);
                 Ok(report)
             }
             Err(e) => {
                 // Never two live copies: the guest stops here before the lease can go to the source.
-                guard.halt.run();
-                if let Some(lease) = guard.lease {
-                    let _ = lease.hand_over();
-                }
+                guard.failsafe.trip();
                 Err(e)
             }
         }
@@ -297,7 +337,7 @@ impl SourceWatch {
         engine: EngineControl,
         rejoin: Option<Rejoin>,
         lane: Arc<CurrentLane>,
-        acks: Option<checkpoint::CheckpointerHandle>,
+        protected: Option<Protected>,
     ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -310,6 +350,9 @@ impl SourceWatch {
                     // window from then, however many times a reopened lane fails again.
                     let mut trouble_since: Option<Instant> = None;
                     while !stop.load(Ordering::Acquire) {
+                        if let Some(p) = &protected {
+                            p.failsafe.trip_if_failed(&p.engine);
+                        }
                         let heard = last_heard;
                         let failure = match live.poll(Self::TICK, &mut last_heard) {
                             Ok(None) => {
@@ -336,14 +379,16 @@ impl SourceWatch {
                                     None => e,
                                 }
                             }
-                            Ok(Some(msg)) => match (handoff::abort_reason(&msg), checkpoint::ack_epoch(&msg), &acks) {
-                                (Some(why), ..) => MigrationError::PeerAborted(why),
-                                (None, Some(epoch), Some(acks)) => {
-                                    acks.acked(epoch);
-                                    continue;
+                            Ok(Some(msg)) => {
+                                match (handoff::abort_reason(&msg), checkpoint::ack_epoch(&msg), &protected) {
+                                    (Some(why), ..) => MigrationError::PeerAborted(why),
+                                    (None, Some(epoch), Some(p)) => {
+                                        p.acks.acked(epoch);
+                                        continue;
+                                    }
+                                    _ => MigrationError::Protocol("an unexpected message from the source".into()),
                                 }
-                                _ => MigrationError::Protocol("an unexpected message from the source".into()),
-                            },
+                            }
                             Err(MigrationError::Transport(ferry_transport::TransportError::Silent(why))) => {
                                 MigrationError::Transport(ferry_transport::TransportError::Silent(format!(
                                     "the source: {why}"
@@ -352,6 +397,9 @@ impl SourceWatch {
                             Err(e) => e,
                         };
                         engine.fail(&failure);
+                        if let Some(p) = &protected {
+                            p.failsafe.trip_if_failed(&p.engine);
+                        }
                         return Err(failure);
                     }
                     Ok(live)
@@ -371,6 +419,15 @@ impl SourceWatch {
     }
 }
 
+/// What the source watch does for a protected destination: routes acknowledgements to the
+/// checkpointer, and trips the failsafe as soon as the engine failed.
+#[derive(Debug)]
+struct Protected {
+    acks: checkpoint::CheckpointerHandle,
+    failsafe: Arc<Failsafe>,
+    engine: FailureWatch,
+}
+
 /// How a destination opens its control lane again after it broke: the same reconnection and
 /// backoff as the engine's data lanes, then heartbeats on the new lane.
 #[derive(Clone, Debug)]
@@ -383,7 +440,7 @@ impl Rejoin {
     fn of(source: &PageSource, config: &EngineConfig) -> Option<Self> {
         let reconnect = source.reconnect.clone()?;
         (!config.recovery_window.is_zero()).then_some(Rejoin {
-            recovery: Recovery { reconnect, window: config.recovery_window },
+            recovery: Recovery { reconnect, window: config.recovery_window, interrupts: None },
             liveness: config.liveness,
         })
     }
@@ -501,8 +558,18 @@ pub fn run_source(
             Ok(msg) => msg,
             Err(e) if lane_broke(&e) && !options.recovery_window.is_zero() && options.reaccept.is_some() => {
                 let reaccept = options.reaccept.expect("checked");
+                // The window runs from when the lane last worked, as the destination counts it: a
+                // silent lane stopped working a liveness timeout ago.
+                let silent_for = match &e {
+                    MigrationError::Transport(ferry_transport::TransportError::Silent(_)) => options.liveness.timeout,
+                    _ => Duration::ZERO,
+                };
+                let left = options.recovery_window.saturating_sub(silent_for);
                 // The destination's own error stands if it never comes back.
-                let again = reaccept.accept_control(options.recovery_window).map_err(|_| e)?;
+                let again = match left.is_zero() {
+                    true => return Err(e),
+                    false => reaccept.accept_control(left).map_err(|_| e)?,
+                };
                 live = LiveControl::start(again.as_ref(), options.liveness)?;
                 control_recoveries += 1;
                 continue;

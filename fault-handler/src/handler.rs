@@ -125,6 +125,11 @@ pub fn run_fault_loop(
                                     let recovery = recovery.expect("checked");
                                     let paused = Instant::now();
                                     *urgent = recovery.reopen(stop, &e, |r| r.urgent())?;
+                                    recovery.interrupts_on(ferry_transport::Lane::Urgent, urgent.interrupter());
+                                    // Cancelled while reopening: the new lane's read would block.
+                                    if stop.load(Ordering::Acquire) {
+                                        return Err(e);
+                                    }
                                     staging = urgent.buffer(memory.page_size() as usize)?;
                                     FaultStats::add(&stats.recoveries, 1);
                                     FaultStats::add(&stats.resent_pages, u64::from(claim.count()));

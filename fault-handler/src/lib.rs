@@ -23,6 +23,6 @@ pub use bulk::{BulkInstaller, Installed};
 pub use error::{FaultError, Result};
 pub use handler::{run_fault_loop, FaultQueue};
 pub use install::{DestinationMemory, InstallMode};
-pub use recovery::Recovery;
+pub use recovery::{LaneInterrupts, Recovery};
 pub use state::{Claim, PageStates};
 pub use stats::{FaultStats, Histogram};

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_transport::{Reconnect, TransportError};
+use ferry_transport::{Interrupter, Lane, Reconnect, TransportError};
 
 use crate::error::{FaultError, Result};
 
@@ -18,6 +18,37 @@ pub struct Recovery {
     pub reconnect: Arc<dyn Reconnect>,
     /// How long to keep trying; the lane's failure stands after it.
     pub window: Duration,
+    /// Where a reopened lane's interrupter goes (the session breaks its reads when cancelled).
+    pub interrupts: Option<Arc<LaneInterrupts>>,
+}
+
+/// The current urgent and bulk lanes' interrupters: [`LaneInterrupts::fire`] makes their blocked
+/// reads fail at once. A reopened lane replaces its predecessor's (whose socket may then close).
+#[derive(Default)]
+pub struct LaneInterrupts(std::sync::Mutex<[Option<Interrupter>; 2]>);
+
+impl std::fmt::Debug for LaneInterrupts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LaneInterrupts")
+    }
+}
+
+impl LaneInterrupts {
+    fn slot(lane: Lane) -> usize {
+        usize::from(lane != Lane::Urgent)
+    }
+
+    /// The interrupter of the current `lane` (urgent or bulk).
+    pub fn set(&self, lane: Lane, interrupter: Option<Interrupter>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())[Self::slot(lane)] = interrupter;
+    }
+
+    pub fn fire(&self) {
+        let current = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for interrupt in current.iter().flatten() {
+            interrupt();
+        }
+    }
 }
 
 /// First wait between attempts; doubled each time up to [`MAX_BACKOFF`].
@@ -25,6 +56,13 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
 impl Recovery {
+    /// Records a reopened lane's interrupter.
+    pub fn interrupts_on(&self, lane: Lane, interrupter: Option<Interrupter>) {
+        if let Some(interrupts) = &self.interrupts {
+            interrupts.set(lane, interrupter);
+        }
+    }
+
     /// Whether `error` is a broken or silent lane, which reopening may cure (not a protocol
     /// violation, a refusal or a corrupt page).
     pub fn cures(error: &FaultError) -> bool {

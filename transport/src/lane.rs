@@ -179,6 +179,10 @@ pub struct BulkDone {
 }
 
 /// Low-latency reads for faults.
+/// Breaks a lane's blocked read or write from another thread: a session torn down must not wait
+/// out the lane's read deadline.
+pub type Interrupter = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 pub trait UrgentLane: Send {
     /// Reads `run` into `dst[..run bytes]`. Pages marked in the returned mask are zero in `dst`;
     /// a backend may also return zero pages unmarked.
@@ -197,6 +201,12 @@ pub trait UrgentLane: Send {
     unsafe fn register_landing(&mut self, ptr: NonNull<u8>, len: usize) -> Result<()> {
         let _ = (ptr, len);
         Ok(())
+    }
+
+    /// A handle that makes a blocked [`UrgentLane::read`] fail at once; `None` where reads do
+    /// not block on a peer (a file, a shared mapping).
+    fn interrupter(&self) -> Option<Interrupter> {
+        None
     }
 }
 
@@ -222,6 +232,12 @@ pub trait BulkLane: Send {
     unsafe fn register_landing(&mut self, ptr: NonNull<u8>, len: usize) -> Result<()> {
         let _ = (ptr, len);
         Ok(())
+    }
+
+    /// A handle that makes a blocked [`BulkLane::complete`] fail at once; `None` where it does
+    /// not block on a peer.
+    fn interrupter(&self) -> Option<Interrupter> {
+        None
     }
 }
 

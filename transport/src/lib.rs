@@ -30,7 +30,8 @@ pub mod wire;
 pub use auth::PreSharedKey;
 pub use error::{Result, TransportError};
 pub use lane::{
-    BulkDone, BulkLane, BulkRead, BulkTarget, ControlStream, MappedRange, PageBuf, PageSource, Reconnect, UrgentLane,
+    BulkDone, BulkLane, BulkRead, BulkTarget, ControlStream, Interrupter, MappedRange, PageBuf, PageSource, Reconnect,
+    UrgentLane,
 };
 pub use layout::{MemoryLayout, PageRun, RegionLayout};
 pub use memory::{Backing, GuestMemory, RegionMapping};

@@ -395,6 +395,14 @@ struct Conn {
 }
 
 impl Conn {
+    /// Shuts the connection down from another thread: a blocked read returns at once.
+    fn interrupter(&self) -> Option<crate::lane::Interrupter> {
+        let stream = self.writer.try_clone().ok()?;
+        Some(std::sync::Arc::new(move || {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }))
+    }
+
     fn new(stream: TcpStream, layout: MemoryLayout) -> Result<Self> {
         let reader = BufReader::with_capacity(16 * 1024, stream.try_clone()?);
         Ok(Conn { writer: stream, reader, layout, prefix: [0; 12 + 16 + 8 * crate::wire::ZERO_MASK_WORDS] })
@@ -442,6 +450,10 @@ impl UrgentLane for TcpUrgent {
         self.conn.writer.write_all(&req.encode())?;
         self.conn.receive(&req, dst, true)
     }
+
+    fn interrupter(&self) -> Option<crate::lane::Interrupter> {
+        self.conn.interrupter()
+    }
 }
 
 struct TcpBulk {
@@ -472,6 +484,10 @@ impl TcpBulk {
 impl BulkLane for TcpBulk {
     fn depth(&self) -> usize {
         self.depth
+    }
+
+    fn interrupter(&self) -> Option<crate::lane::Interrupter> {
+        self.conn.interrupter()
     }
 
     fn in_flight(&self) -> usize {

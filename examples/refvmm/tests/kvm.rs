@@ -474,3 +474,56 @@ fn the_source_restarts_the_guest_when_its_destination_is_killed() {
         }
     }
 }
+
+/// Runs `scripts/silent-link.sh SCENARIO` (two network namespaces whose veth link goes down mid
+/// post-copy); `None` (and SKIPPED said) where it cannot run here: no root, no iproute2.
+fn silent_link(scenario: &str) -> Option<(serde_json::Value, Option<serde_json::Value>)> {
+    // The namespaces have fixed names: one scenario at a time.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let root = env!("CARGO_MANIFEST_DIR").to_string() + "/../..";
+    let out = std::env::temp_dir().join(format!("ferry-silent-link-{}", std::process::id()));
+    let run = Command::new("bash")
+        .arg(format!("{root}/scripts/silent-link.sh"))
+        .arg(scenario)
+        .arg(&out)
+        .env("VMM", env!("CARGO_BIN_EXE_ferry-vmm"))
+        .output()
+        .expect("run scripts/silent-link.sh");
+    let said = String::from_utf8_lossy(&run.stdout);
+    if said.contains("SKIPPED") {
+        let _ = writeln!(std::io::stderr(), "SKIPPED: silent link {scenario}: {}", said.trim());
+        return None;
+    }
+    assert!(run.status.success(), "silent-link {scenario}:\n{said}\n{}", String::from_utf8_lossy(&run.stderr));
+    let read = |side: &str| {
+        std::fs::read_to_string(out.join(format!("{scenario}.{side}.json")))
+            .ok()
+            .and_then(|s| serde_json::from_str(s.lines().last()?).ok())
+    };
+    let source = read("src").expect("the source's report");
+    Some((source, read("dst")))
+}
+
+#[test]
+fn a_silent_link_that_comes_back_pauses_and_the_migration_completes() {
+    if !kvm_available("a_silent_link_that_comes_back_pauses_and_the_migration_completes") {
+        return;
+    }
+    let Some((source, destination)) = silent_link("down-up") else { return };
+    let destination = destination.expect("the destination's report");
+    assert_eq!(source["restarted_on_source"], false, "{source}");
+    assert_eq!(destination["guest_mismatches"], 0, "{destination}");
+    assert_eq!(destination["pages_installed_twice"], 0, "{destination}");
+}
+
+#[test]
+fn a_link_that_stays_down_fails_over_to_the_source() {
+    if !kvm_available("a_link_that_stays_down_fails_over_to_the_source") {
+        return;
+    }
+    let Some((source, destination)) = silent_link("stays-down") else { return };
+    assert!(destination.is_none(), "the destination must fail, not report: {destination:?}");
+    assert_eq!(source["restarted_on_source"], true, "{source}");
+    assert_eq!(source["guest_mismatches"], 0, "{source}");
+}
