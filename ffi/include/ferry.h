@@ -155,6 +155,96 @@ typedef struct FerryStats {
 } FerryStats;
 
 /**
+ * How a protected post-copy watches its peer and who may run the guest. Zero fields take the
+ * defaults.
+ */
+typedef struct FerryRecovery {
+  /**
+   * Between heartbeats (0: 250 ms).
+   */
+  uint32_t heartbeat_ms;
+  /**
+   * Silence after which the peer counts as gone (0: 3000 ms); more than heartbeat_ms.
+   */
+  uint32_t silence_timeout_ms;
+  /**
+   * How long a broken or silent lane may take to come back, counted from when it last worked
+   * (0: 10000 ms). Past it the session fails: the destination halts its guest and the source
+   * may restart it.
+   */
+  uint32_t recovery_window_ms;
+  /**
+   * A lease file on storage both hosts see, NUL-terminated; null: no lease (nothing then stops
+   * a partitioned destination that lives on from running while the source restarts).
+   */
+  const char *lease_path;
+  /**
+   * This side's name in the lease: NUL-terminated, 1-256 bytes, no spaces. Needed with
+   * lease_path.
+   */
+  const char *lease_holder;
+  /**
+   * How long one acquisition or renewal holds (0: 2000 ms).
+   */
+  uint32_t lease_ttl_ms;
+} FerryRecovery;
+
+/**
+ * Stops every vCPU (returning once none runs) and points `*state`/`*len` at the state blob the
+ * guest would resume from (device state, held output among it), valid until the resume
+ * callback; output emitted until now belongs to checkpoint `epoch`. Returns 0; anything else
+ * skips this checkpoint (the vCPUs must then run as before).
+ */
+typedef int32_t (*FerryCheckpointPauseFn)(uint64_t epoch,
+                                          const uint8_t **state,
+                                          size_t *len,
+                                          void *user);
+
+/**
+ * Fills `words` (`word_count` 64-bit words, zeroed by ferry; bit i = global page i) with the pages
+ * the guest wrote since the previous call, and clears that record; returns 0, anything else aborts.
+ * The first call starts tracking. KVM VMMs answer with KVM_GET_DIRTY_LOG.
+ */
+typedef int32_t (*FerryDirtyLogFn)(uint64_t *words, size_t word_count, void *user);
+
+/**
+ * Lets the vCPUs run again after a pause; returns 0 (anything else ends checkpointing).
+ */
+typedef int32_t (*FerryCheckpointResumeFn)(void *user);
+
+/**
+ * Checkpoint `epoch` is safe at the source: output the guest emitted before its pause may leave.
+ * UINT64_MAX: the migration completed; everything held may leave and need not be held again.
+ */
+typedef void (*FerryCommittedFn)(uint64_t epoch, void *user);
+
+/**
+ * The session failed (or the lease was lost): stop the guest for good, without waiting on a
+ * vCPU (one may be blocked on a page that will never come), and drop the output it holds.
+ */
+typedef void (*FerryHaltFn)(void *user);
+
+/**
+ * A destination's reverse checkpoints: the VMM's side of a consistent capture. Every callback is
+ * called from ferry's threads (halt possibly concurrently with the others).
+ */
+typedef struct FerryCheckpointer {
+  /**
+   * Between checkpoints (0: 100 ms).
+   */
+  uint32_t period_ms;
+  FerryCheckpointPauseFn pause;
+  /**
+   * Pages the guest wrote since the previous call (the first: since it resumed), as for
+   * ferry_source_precopy; pages it discarded count as written.
+   */
+  FerryDirtyLogFn dirty_log;
+  FerryCheckpointResumeFn resume;
+  FerryCommittedFn committed;
+  FerryHaltFn halt;
+} FerryCheckpointer;
+
+/**
  * What an image holds: map guest memory of this shape before restoring it.
  */
 typedef struct FerryImageInfo {
@@ -171,13 +261,6 @@ typedef struct FerryImageInfo {
    */
   uint32_t has_working_set;
 } FerryImageInfo;
-
-/**
- * Fills `words` (`word_count` 64-bit words, zeroed by ferry; bit i = global page i) with the pages
- * the guest wrote since the previous call, and clears that record; returns 0, anything else aborts.
- * The first call starts tracking. KVM VMMs answer with KVM_GET_DIRTY_LOG.
- */
-typedef int32_t (*FerryDirtyLogFn)(uint64_t *words, size_t word_count, void *user);
 
 /**
  * Stops the guest's vCPUs and points `*state`/`*len` at its state blob, which must stay valid
@@ -303,6 +386,57 @@ enum FerryStatus ferry_destination_cancel(const struct FerryDestination *destina
  * `destination` is null or a live handle, not used afterwards.
  */
 void ferry_destination_free(struct FerryDestination *destination);
+
+/**
+ * Protects a connected, not yet started destination: from ferry_destination_start on it takes
+ * the lease before the guest resumes (when settings name one), sends a checkpoint of what the
+ * guest wrote every `checkpointer->period_ms` (the source applies it to the image it keeps),
+ * tells the VMM when output may leave, and on failure halts the guest and gives the lease up so
+ * the source can restart it. Settings also set heartbeats and the recovery window. After
+ * FERRY_STATUS_OK from ferry_destination_wait the lease stays held until ferry_destination_free.
+ * Thread safety: before start, from the thread that owns the handle.
+ *
+ * # Safety
+ * `destination` is a live handle; `settings` and `checkpointer` point to valid structs (strings
+ * NUL-terminated); the callbacks are valid functions that accept `user` from any thread.
+ */
+enum FerryStatus ferry_destination_protect(struct FerryDestination *destination,
+                                           const struct FerryRecovery *settings,
+                                           const struct FerryCheckpointer *checkpointer,
+                                           void *user);
+
+/**
+ * Protects a post-copy source (before ferry_source_handoff): it keeps its guest memory as the
+ * image to restart from and applies the destination's checkpoints to it (the regions passed to
+ * ferry_source_start are written), and with a lease in `settings` takes it now (the guest runs
+ * here) and gives it up at the handoff. When the handoff then fails with the guest running at
+ * the destination, ferry_source_restart brings it back. FERRY_STATUS_ERR_STATE when the lease
+ * is held by another. Thread safety: one thread per handle.
+ *
+ * # Safety
+ * `source` is a live handle; `settings` points to a valid FerryRecovery.
+ */
+enum FerryStatus ferry_source_protect(struct FerrySource *source,
+                                      const struct FerryRecovery *settings);
+
+/**
+ * After ferry_source_handoff failed on a protected source (the destination died, or stayed
+ * unreachable past the recovery window): waits up to `timeout_ms` for the lease (the destination
+ * gives it up when it halts, or it expires), then points `*state`/`*len` at the state blob to
+ * resume the guest from (valid until ferry_source_free) and sets `*epoch` to the checkpoint it
+ * belongs to (0: none came; it is the handoff's). Guest memory already holds that checkpoint:
+ * load the state and resume the vCPUs. FERRY_STATUS_ERR_STATE if the source is not protected,
+ * its handoff did not fail, or the lease stayed with another.
+ * Thread safety: one thread per handle.
+ *
+ * # Safety
+ * `source` is a live handle; `state`, `len` and `epoch` are writable.
+ */
+enum FerryStatus ferry_source_restart(struct FerrySource *source,
+                                      uint32_t timeout_ms,
+                                      const uint8_t **state,
+                                      size_t *len,
+                                      uint64_t *epoch);
 
 /**
  * Saves a paused guest to `path`: the memory in `regions` (free pages, per `free_bitmap` as in

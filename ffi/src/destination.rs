@@ -22,6 +22,10 @@ pub struct FerryDestination {
     pending: Mutex<Option<(PageSource, Box<dyn ControlStream>)>>,
     session: Mutex<Option<PostcopyDestination>>,
     running: Running,
+    /// Set by ferry_destination_protect.
+    protection: Mutex<Option<(crate::recovery::Settings, crate::recovery::DestinationProtection)>>,
+    /// Held once a protected migration completed, until the handle is freed.
+    lease: Mutex<Option<Arc<ferry::arbiter::LeaseKeeper>>>,
     /// Last: lanes above may have registered its alias mappings, so they go first.
     memory: Arc<DestinationMemory>,
 }
@@ -142,12 +146,32 @@ pub unsafe extern "C" fn ferry_destination_connect(
             pending: Mutex::new(Some((lanes, control))),
             session: Mutex::new(None),
             running: Running::default(),
+            protection: Mutex::new(None),
+            lease: Mutex::new(None),
             memory: Arc::new(memory),
         });
         // SAFETY: out is non-null (checked) and writable (caller contract).
         unsafe { *out = Box::into_raw(handle) };
         Ok(())
     })
+}
+
+impl FerryDestination {
+    pub(crate) fn pages(&self) -> u64 {
+        self.memory.states().pages()
+    }
+
+    pub(crate) fn protect(
+        &self,
+        settings: crate::recovery::Settings,
+        protection: crate::recovery::DestinationProtection,
+    ) -> Result<(), (FerryStatus, String)> {
+        if lock(&self.pending).is_none() {
+            return Err((FerryStatus::ErrState, "protect before ferry_destination_start".into()));
+        }
+        *lock(&self.protection) = Some((settings, protection));
+        Ok(())
+    }
 }
 
 /// Called once with the state blob when the handoff arrives; load it and start the vCPUs, then
@@ -173,8 +197,16 @@ pub unsafe extern "C" fn ferry_destination_start(
         let resume = resume.ok_or_else(|| invalid("resume is null"))?;
         let pending = lock(&d.pending).take();
         let (lanes, control) = pending.ok_or_else(|| (FerryStatus::ErrState, "already started".to_string()))?;
-        let config = EngineConfig { policy: d.policy, ..EngineConfig::default() };
-        let session = PostcopyDestination::start(control, d.memory.clone(), lanes, &config, |state| {
+        let mut config = EngineConfig { policy: d.policy, ..EngineConfig::default() };
+        let protection = match lock(&d.protection).as_ref() {
+            Some((settings, p)) => {
+                config.liveness = settings.liveness;
+                config.recovery_window = settings.recovery_window;
+                Some(p.protection(settings, d.pages())?)
+            }
+            None => None,
+        };
+        let session = PostcopyDestination::start_with(control, d.memory.clone(), lanes, &config, protection, |state| {
             // SAFETY: `resume` is the caller's function (this function's contract).
             unsafe { call_resume(resume, state, user) }
         })
@@ -238,6 +270,7 @@ pub unsafe extern "C" fn ferry_destination_wait(
         let session = lock(&d.session).take();
         let session = session.ok_or_else(|| (FerryStatus::ErrState, "not started, or already waited".to_string()))?;
         let r = session.wait().map_err(migration)?;
+        *lock(&d.lease) = r.lease.clone();
         // SAFETY: caller contract: null or writable.
         if let Some(out) = unsafe { stats.as_mut() } {
             *out = report_stats(&r);

@@ -24,6 +24,12 @@ pub struct FerrySource {
     /// Set when a migration starts: a source hands its guest over once (a second destination
     /// would resume a second copy).
     migrated: std::sync::atomic::AtomicBool,
+    /// The guest's memory (also the page server's).
+    memory: Arc<ferry::transport::GuestMemory>,
+    /// Set by ferry_source_protect.
+    protection: Mutex<Option<crate::recovery::SourceProtection>>,
+    /// Set when a protected handoff failed: ferry_source_restart may then run.
+    handoff_failed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -72,14 +78,15 @@ pub unsafe extern "C" fn ferry_source_start(
         let pages = memory.layout().total_pages();
         let page_size = u64::from(memory.layout().page_size());
         let memory = Arc::new(memory);
+        let served = memory.clone();
         let server = match parse_address(addr) {
-            Address::Unix(path) => SourceServer::Local(LocalPageServer::start(path, memory, key).map_err(transport)?),
+            Address::Unix(path) => SourceServer::Local(LocalPageServer::start(path, served, key).map_err(transport)?),
             Address::Tcp(addr) => {
-                SourceServer::Tcp(TcpPageServer::start(addr, memory, key, TcpOptions::default()).map_err(transport)?)
+                SourceServer::Tcp(TcpPageServer::start(addr, served, key, TcpOptions::default()).map_err(transport)?)
             }
             #[cfg(feature = "rdma")]
             Address::Rdma { addr, device } => SourceServer::Rdma(
-                ferry::transport::rdma::RdmaPageServer::start(addr, memory, key, rdma_options(device))
+                ferry::transport::rdma::RdmaPageServer::start(addr, served, key, rdma_options(device))
                     .map_err(transport)?,
             ),
             #[cfg(not(feature = "rdma"))]
@@ -91,6 +98,9 @@ pub unsafe extern "C" fn ferry_source_start(
             page_size,
             control: Mutex::new(None),
             migrated: std::sync::atomic::AtomicBool::new(false),
+            memory,
+            protection: Mutex::new(None),
+            handoff_failed: std::sync::atomic::AtomicBool::new(false),
         });
         // SAFETY: out is non-null (checked) and writable (caller contract).
         unsafe { *out = Box::into_raw(handle) };
@@ -155,13 +165,51 @@ impl FerrySource {
         Ok(())
     }
 
-    /// A destination whose control lane broke opens it again on a tcp server.
-    fn options(&self) -> ferry::SourceOptions<'_> {
+    /// A destination whose control lane broke opens it again on a tcp server; a protected source
+    /// keeps its image for checkpoints.
+    fn options<'a>(&'a self, protection: Option<&'a crate::recovery::SourceProtection>) -> ferry::SourceOptions<'a> {
         let reaccept = match &self.server {
             SourceServer::Tcp(s) => Some(s as &dyn ferry::ControlAcceptor),
             _ => None,
         };
-        ferry::SourceOptions { reaccept, ..Default::default() }
+        let mut options = ferry::SourceOptions { reaccept, ..Default::default() };
+        if let Some(p) = protection {
+            options.liveness = p.settings.liveness;
+            options.recovery_window = p.settings.recovery_window;
+            options.kept = Some(&p.kept);
+        }
+        options
+    }
+
+    pub(crate) fn protect(&self, settings: crate::recovery::Settings) -> Result<(), (FerryStatus, String)> {
+        if self.migrated.load(std::sync::atomic::Ordering::Acquire) {
+            return Err((FerryStatus::ErrState, "protect before the handoff".into()));
+        }
+        let mut protection = lock(&self.protection);
+        if protection.is_some() {
+            return Err((FerryStatus::ErrState, "already protected".into()));
+        }
+        *protection = Some(crate::recovery::SourceProtection::start(settings, self.memory.clone())?);
+        Ok(())
+    }
+
+    /// See ferry_source_restart: the state blob (kept in the handle) and (epoch or 0, its length).
+    pub(crate) fn restart(&self, wait: Duration) -> Result<(*const u8, (u64, usize)), (FerryStatus, String)> {
+        let mut guard = lock(&self.protection);
+        let p = guard.as_mut().ok_or_else(|| (FerryStatus::ErrState, "this source is not protected".to_string()))?;
+        if !self.handoff_failed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err((FerryStatus::ErrState, "no failed handoff to restart from".into()));
+        }
+        if p.restart_state.is_none() {
+            if let Some(terms) = &p.settings.lease {
+                p.lease = Some(ferry::arbiter::LeaseKeeper::acquire(terms, wait, || {}).map_err(migration)?);
+            }
+            let handoff = p.handoff_state.as_deref().unwrap_or_default();
+            let (epoch, state) = p.kept.restart_state(handoff);
+            p.restart_state = Some((epoch.unwrap_or(0), state));
+        }
+        let (epoch, state) = p.restart_state.as_ref().expect("set above");
+        Ok((state.as_ptr(), (*epoch, state.len())))
     }
 
     fn accept(&self, timeout: Duration) -> Result<Box<dyn ControlStream>, (FerryStatus, String)> {
@@ -210,8 +258,22 @@ pub unsafe extern "C" fn ferry_source_handoff(
         };
         // From here the destination may resume the guest: never again from this source.
         source.begin_migration()?;
-        let report =
-            ferry::run_source(control.as_mut(), paused_at, state, &free, &source.options()).map_err(migration)?;
+        let mut protection = lock(&source.protection);
+        if let Some(p) = protection.as_mut() {
+            p.handoff_state = Some(state.to_vec());
+            // The guest is paused: it runs nowhere until the destination takes the lease.
+            if let Some(lease) = p.lease.take() {
+                lease.hand_over().map_err(migration)?;
+            }
+        }
+        let report = ferry::run_source(control.as_mut(), paused_at, state, &free, &source.options(protection.as_ref()))
+            .map_err(|e| {
+                if protection.is_some() {
+                    source.handoff_failed.store(true, std::sync::atomic::Ordering::Release);
+                }
+                migration(e)
+            })?;
+        drop(protection);
         // SAFETY: caller contract: null or writable.
         if let Some(stats) = unsafe { stats.as_mut() } {
             *stats = FerryStats {
@@ -247,10 +309,20 @@ pub type FerryDirtyLogFn = Option<unsafe extern "C" fn(words: *mut u64, word_cou
 /// until ferry_source_precopy returns; returns 0, anything else aborts.
 pub type FerryPauseFn = Option<unsafe extern "C" fn(state: *mut *const u8, len: *mut usize, user: *mut c_void) -> i32>;
 
-struct CallbackDirtyLog {
+pub(crate) struct CallbackDirtyLog {
     collect: unsafe extern "C" fn(*mut u64, usize, *mut c_void) -> i32,
     user: *mut c_void,
     pages: u64,
+}
+
+impl CallbackDirtyLog {
+    pub(crate) fn new(
+        collect: unsafe extern "C" fn(*mut u64, usize, *mut c_void) -> i32,
+        user: *mut c_void,
+        pages: u64,
+    ) -> Self {
+        CallbackDirtyLog { collect, user, pages }
+    }
 }
 
 impl ferry::precopy::DirtyLog for CallbackDirtyLog {

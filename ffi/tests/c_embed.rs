@@ -120,3 +120,13 @@ fn c_error_paths_return_documented_statuses() {
     let out = run(&compile("errors", false), &[]);
     assert!(out.trim_end().ends_with(" 0 failed"), "{out}");
 }
+
+#[test]
+fn c_program_restarts_its_guest_on_the_source_when_the_destination_is_killed() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c-failover");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = run(&compile("failover", false), &[dir.to_str().unwrap()]);
+    assert!(out.contains("c-failover: PASS"), "{out}");
+    assert!(out.contains("destination killed"), "{out}");
+    assert!(out.contains(" 0 words wrong"), "{out}");
+}
