@@ -165,6 +165,13 @@ impl CheckpointCapture for CallbackCapture {
     }
 }
 
+/// Where a restart resumes: a state blob the source handle keeps, and its checkpoint (0: none).
+pub(crate) struct Restart {
+    pub(crate) state: *const u8,
+    pub(crate) len: usize,
+    pub(crate) epoch: u64,
+}
+
 /// What ferry_destination_protect stored, turned into ferry's protection at start.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct DestinationProtection {
@@ -307,12 +314,12 @@ pub unsafe extern "C" fn ferry_source_restart(
         if state.is_null() || len.is_null() || epoch.is_null() {
             return Err(invalid("state, len and epoch must be writable"));
         }
-        let (blob, at) = s.restart(Duration::from_millis(u64::from(timeout_ms)))?;
+        let restart = s.restart(Duration::from_millis(u64::from(timeout_ms)))?;
         // SAFETY: caller contract: writable (checked non-null); the blob lives in the handle.
         unsafe {
-            *state = blob;
-            *len = at.1;
-            *epoch = at.0;
+            *state = restart.state;
+            *len = restart.len;
+            *epoch = restart.epoch;
         }
         Ok(())
     })

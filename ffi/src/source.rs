@@ -193,8 +193,8 @@ impl FerrySource {
         Ok(())
     }
 
-    /// See ferry_source_restart: the state blob (kept in the handle) and (epoch or 0, its length).
-    pub(crate) fn restart(&self, wait: Duration) -> Result<(*const u8, (u64, usize)), (FerryStatus, String)> {
+    /// See ferry_source_restart: the state blob (kept in the handle), its length and its epoch.
+    pub(crate) fn restart(&self, wait: Duration) -> Result<crate::recovery::Restart, (FerryStatus, String)> {
         let mut guard = lock(&self.protection);
         let p = guard.as_mut().ok_or_else(|| (FerryStatus::ErrState, "this source is not protected".to_string()))?;
         if !self.handoff_failed.load(std::sync::atomic::Ordering::Acquire) {
@@ -209,7 +209,7 @@ impl FerrySource {
             p.restart_state = Some((epoch.unwrap_or(0), state));
         }
         let (epoch, state) = p.restart_state.as_ref().expect("set above");
-        Ok((state.as_ptr(), (*epoch, state.len())))
+        Ok(crate::recovery::Restart { state: state.as_ptr(), len: state.len(), epoch: *epoch })
     }
 
     fn accept(&self, timeout: Duration) -> Result<Box<dyn ControlStream>, (FerryStatus, String)> {
