@@ -3,7 +3,10 @@
 # - 2 MiB hugepages: hugetlbfs-backed guest memory (1 GiB test guests need 512 of them).
 # - userfaultfd, io_uring and /dev/kvm are kernel features: checked and reported, not installed.
 # - with --rdma: what the `rdma` feature builds with (rdma-core headers, libclang for rdma-sys's
-#   bindgen) and what scripts/rdma-softroce.sh boots its VM with (qemu-system-x86, cpio, iproute2).
+#   bindgen) and what scripts/rdma-softroce.sh boots its VM with (qemu-system-x86, cpio, iproute2);
+#   also what every other feature needs (the whole-workspace build CI runs): protoc and the protobuf
+#   well-known types for the `etcd` feature's gRPC client, etcd-server for its tests, iproute2 for
+#   scripts/silent-link.sh.
 # Default features need no -sys crate with C headers: ferry's Rust builds with cargo alone.
 set -euo pipefail
 
@@ -12,7 +15,8 @@ missing=()
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 if [ "${1:-}" = --rdma ]; then
-  for pkg in libibverbs-dev librdmacm-dev libclang-dev qemu-system-x86 cpio iproute2; do
+  for pkg in libibverbs-dev librdmacm-dev libclang-dev qemu-system-x86 cpio iproute2 \
+    protobuf-compiler libprotobuf-dev etcd-server; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
 fi

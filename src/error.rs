@@ -13,6 +13,8 @@ pub enum MigrationError {
     PeerAborted(String),
     #[error("the VMM failed: {0}")]
     Vmm(String),
+    #[error("the arbiter: {0}")]
+    Arbiter(String),
     #[error("the lease is held by {0:?}: this side must not run the guest")]
     LeaseHeld(String),
     #[error("the lease was lost: this side must not run the guest")]

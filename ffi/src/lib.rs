@@ -199,6 +199,7 @@ fn migration(e: MigrationError) -> (FerryStatus, String) {
         MigrationError::Resume(_) | MigrationError::Vmm(_) => FerryStatus::ErrState,
         // Another side holds the guest: this one must not run it.
         MigrationError::LeaseHeld(_) | MigrationError::LeaseLost => FerryStatus::ErrState,
+        MigrationError::Arbiter(_) => FerryStatus::ErrIo,
         MigrationError::ThreadPanicked => FerryStatus::ErrInternal,
     };
     (status, e.to_string())

@@ -66,6 +66,9 @@ enum Command {
         /// Where the lease files live (storage both hosts see).
         #[arg(long)]
         lease_dir: Option<PathBuf>,
+        /// The lease on this etcd cluster (http://HOST:PORT) instead of a lease file.
+        #[arg(long)]
+        etcd: Option<String>,
         /// Send the guest's output to the observer listening on this Unix socket.
         #[arg(long)]
         observe: Option<PathBuf>,
@@ -181,6 +184,10 @@ struct MigrationOpts {
     /// Where the lease files live (storage both hosts see).
     #[arg(long)]
     lease_dir: Option<PathBuf>,
+    /// The lease on this etcd cluster (http://HOST:PORT) instead of a lease file (a ferry-vmm
+    /// built with the etcd feature).
+    #[arg(long)]
+    etcd: Option<String>,
     /// Send the guest's output to the observer listening on this Unix socket.
     #[arg(long)]
     observe: Option<PathBuf>,
@@ -287,6 +294,7 @@ impl MigrationOpts {
         a.checkpoint_ms = self.checkpoint_ms;
         a.recovery_window_ms = self.recovery_window_ms;
         a.lease_dir = self.lease_dir.unwrap_or_else(std::env::temp_dir);
+        a.etcd = self.etcd;
         a.observe = self.observe;
     }
 }
@@ -311,12 +319,13 @@ pub fn parse() -> Args {
             guest.apply(&mut a);
             migration.apply(&mut a);
         }
-        Command::Receive { listen, key, json, lease_dir, observe } => {
+        Command::Receive { listen, key, json, lease_dir, etcd, observe } => {
             a.command = "receive".into();
             a.listen = Some(listen);
             a.key_hex = key.key_hex;
             a.json = json;
             a.lease_dir = lease_dir.unwrap_or_else(std::env::temp_dir);
+            a.etcd = etcd;
             a.observe = observe;
         }
         Command::Snapshot { out, guest } => {

@@ -8,8 +8,9 @@
 //!                   [--rate-mib N] [--seconds 1] [--json]
 //! ferry-vmm demo    [run's options] [--mem 2G] [--mode postcopy|precopy|hybrid]
 //!                   [--prepager demand|push|bubbling] [--downtime-ms 50] [--max-rounds 30]
-//!                   [--transport tcp|local] [--inject cut-lanes=N]
-//! ferry-vmm receive --listen ADDR [--key-hex K] [--json]
+//!                   [--transport tcp|local] [--inject cut-lanes=N|kill-destination=F]
+//!                   [--checkpoint-ms 100] [--recovery-window-ms 10000] [--lease-dir DIR]
+//! ferry-vmm receive --listen ADDR [--key-hex K] [--json] [--lease-dir DIR] [--observe SOCKET]
 //! ferry-vmm migrate --to ADDR [--key-hex K] [demo's options]
 //! ferry-vmm snapshot --out FILE [run's options]
 //! ferry-vmm restore --from FILE [--lazy|--eager] [--prepager P] [--record] [--replay]
@@ -20,7 +21,12 @@
 //! destination connects back (the pre-shared key, from `--key-hex` or FERRY_KEY, authenticates both
 //! sides). `demo` runs both halves in this process over tcp loopback; `--inject cut-lanes=N`
 //! breaks the data lanes N times during a tcp post-copy (the destination reconnects and asks
-//! again for what was in flight). After the migration the
+//! again for what was in flight). A post-copy destination sends reverse checkpoints every
+//! `--checkpoint-ms` and holds the guest's output until they are acknowledged (see `protect`);
+//! `--inject kill-destination=F` runs the destination as its own process and SIGKILLs it once
+//! that fraction of the pages crossed, and the source restarts the guest from the last
+//! checkpoint. The guests' output goes to an observer (`output`) that counts gaps and
+//! regressions. After the migration the
 //! guest checks its own memory; each side prints its report (`demo` one merged report).
 //! `snapshot` runs the guest for `--seconds`, pauses it and saves it in ferry's image format;
 //! `restore` brings it back, eagerly or lazily (running at once while the image's pages fault in
@@ -93,6 +99,8 @@ struct Args {
     checkpoint_ms: u64,
     recovery_window_ms: u64,
     lease_dir: std::path::PathBuf,
+    /// The etcd cluster holding the lease, instead of a file in `lease_dir`.
+    etcd: Option<String>,
     /// The output observer's socket.
     observe: Option<std::path::PathBuf>,
 }
@@ -128,6 +136,7 @@ impl Default for Args {
             checkpoint_ms: 100,
             recovery_window_ms: 10_000,
             lease_dir: std::env::temp_dir(),
+            etcd: None,
             observe: None,
         }
     }
@@ -517,15 +526,16 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Re
     let protected = a.mode == Mode::Postcopy && a.checkpoint_ms > 0;
     let vm_id =
         format!("vm-{}-{}", std::process::id(), SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_nanos());
-    let terms = protect::lease_terms(&a.lease_dir, &vm_id, format!("source-{}", std::process::id()));
-    let mut lease = match protected {
-        true => {
+    let terms =
+        if protected { Some(protect::lease_terms(a, &vm_id, format!("source-{}", std::process::id()))?) } else { None };
+    let mut lease = match &terms {
+        Some(terms) => {
             let telemetry = source.telemetry.clone();
-            Some(ferry::arbiter::LeaseKeeper::acquire(&terms, terms.ttl, move || {
+            Some(ferry::arbiter::LeaseKeeper::acquire(terms, terms.ttl, move || {
                 telemetry.stop.store(true, Ordering::Release)
             })?)
         }
-        false => None,
+        None => None,
     };
     // Likewise KVM's page tables, or first-touch EPT faults would slow it.
     let prefaulted = source.prefault()?;
@@ -652,9 +662,10 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Re
                     report["destination_error"] = json!(e.to_string());
                     // The destination stops its guest and gives the lease up, or its lease runs
                     // out: only then may the guest run here again.
+                    let terms = terms.as_ref().expect("a source keeps an image only when protected");
                     let wait = terms.ttl * 2 + Duration::from_millis(a.recovery_window_ms);
                     let telemetry = source.telemetry.clone();
-                    lease = Some(ferry::arbiter::LeaseKeeper::acquire(&terms, wait, move || {
+                    lease = Some(ferry::arbiter::LeaseKeeper::acquire(terms, wait, move || {
                         telemetry.stop.store(true, Ordering::Release)
                     })?);
                     let epoch = protect::restart(&mut source, kept, &blob)?;
@@ -830,7 +841,7 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey, a: &Args) -> Res
     // Reverse checkpoints: the source keeps the guest restartable until every page is here.
     let protection = match (&prepared, rv.checkpoint_ms) {
         (Prepared::Arriving(_), ms) if ms > 0 => {
-            let terms = protect::lease_terms(&a.lease_dir, &rv.vm_id, format!("destination-{}", std::process::id()));
+            let terms = protect::lease_terms(a, &rv.vm_id, format!("destination-{}", std::process::id()))?;
             Some(protect::protection(&dest, Duration::from_millis(ms), Some(terms))?)
         }
         _ => None,
@@ -1068,6 +1079,7 @@ fn demo_killing_the_destination(a: &Args, observer: output::Observer, at_fractio
     let mut child = Command::new(std::env::current_exe()?)
         .args(["receive", "--listen", "127.0.0.1:0", "--json", "--key-hex", &key_hex, "--lease-dir"])
         .arg(&a.lease_dir)
+        .args(a.etcd.as_ref().map(|e| ["--etcd", e.as_str()]).into_iter().flatten())
         .arg("--observe")
         .arg(observer.path())
         .stdout(Stdio::null())

@@ -3,7 +3,7 @@
 //! log and cuts the held output into the epoch; at the source, [`restart`] brings the guest back
 //! from the image it kept, with the last epoch applied, once it holds the lease.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,15 +62,24 @@ impl CheckpointCapture for VmCapture {
     }
 }
 
-/// The arbiter of a VM on this host: a lease file named after it in `dir`.
-pub fn lease_terms(dir: &Path, vm_id: &str, holder: String) -> LeaseTerms {
-    let path: PathBuf = dir.join(format!("ferry-lease-{vm_id}"));
-    LeaseTerms {
-        arbiter: Arc::new(LeaseFile::new(path, Duration::ZERO)),
-        holder,
-        ttl: Duration::from_secs(2),
-        clock_skew: Duration::ZERO,
-    }
+/// The arbiter of a VM: its key on the etcd cluster of `--etcd`, or a lease file named after it
+/// in `--lease-dir`.
+pub fn lease_terms(a: &crate::Args, vm_id: &str, holder: String) -> Result<LeaseTerms> {
+    let arbiter: Arc<dyn ferry::arbiter::Arbiter> = match &a.etcd {
+        #[cfg(feature = "etcd")]
+        Some(endpoint) => Arc::new(ferry::arbiter::EtcdArbiter::connect(
+            &[endpoint.as_str()],
+            &format!("/ferry/lease/{vm_id}"),
+            Duration::from_secs(2),
+        )?),
+        #[cfg(not(feature = "etcd"))]
+        Some(_) => anyhow::bail!("--etcd: this ferry-vmm was built without the etcd feature"),
+        None => {
+            let path: PathBuf = a.lease_dir.join(format!("ferry-lease-{vm_id}"));
+            Arc::new(LeaseFile::new(path, Duration::ZERO))
+        }
+    };
+    Ok(LeaseTerms { arbiter, holder, ttl: Duration::from_secs(2), clock_skew: Duration::ZERO })
 }
 
 /// A VM id from an unauthenticated peer names a file: letters, digits and '-' only.

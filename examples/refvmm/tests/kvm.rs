@@ -527,3 +527,31 @@ fn a_link_that_stays_down_fails_over_to_the_source() {
     assert_eq!(source["restarted_on_source"], true, "{source}");
     assert_eq!(source["guest_mismatches"], 0, "{source}");
 }
+
+#[cfg(feature = "etcd")]
+#[test]
+fn the_source_restarts_the_guest_holding_an_etcd_lease() {
+    if !kvm_available("the_source_restarts_the_guest_holding_an_etcd_lease") {
+        return;
+    }
+    let Some(etcd) = ferry::arbiter::ScratchEtcd::start("kvm-failover") else {
+        let _ = writeln!(std::io::stderr(), "SKIPPED: the etcd failover: no etcd binary (apt install etcd-server)");
+        return;
+    };
+    let r = demo(&[
+        "--workload",
+        "rand-write",
+        "--checkpoint-ms",
+        "20",
+        "--recovery-window-ms",
+        "1000",
+        "--etcd",
+        etcd.endpoint(),
+        "--inject",
+        "kill-destination=0.5",
+    ]);
+    assert_eq!(r["destination_killed"], true, "{r}");
+    assert_eq!(r["restarted_on_source"], true, "{r}");
+    assert_eq!(r["guest_mismatches"], 0, "{r}");
+    assert_output_whole(&r);
+}

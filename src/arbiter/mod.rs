@@ -10,9 +10,19 @@
 //! contenders never both see the lease free. Each acquisition bumps an epoch, a fencing token a
 //! side can attach to what it writes.
 //!
-//! Expiry is wall-clock time, compared across hosts: a holder treats its lease as lost
+//! [`EtcdArbiter`] (feature `etcd`) is the distributed one: compare-and-swap of a key attached to
+//! an etcd lease.
+//!
+//! A file lease's expiry is wall-clock time, compared across hosts: a holder treats its lease as lost
 //! `clock_skew` before it expires, and a contender takes an expired lease only `clock_skew` after
 //! it expired, so hosts whose clocks differ by less than that never overlap.
+
+#[cfg(feature = "etcd")]
+mod etcd;
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdArbiter;
+#[cfg(all(feature = "etcd", feature = "testkit"))]
+pub use etcd::ScratchEtcd;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
