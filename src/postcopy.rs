@@ -484,6 +484,12 @@ impl ControlAcceptor for ferry_transport::tcp::TcpPageServer {
     }
 }
 
+impl ControlAcceptor for ferry_transport::local::LocalPageServer {
+    fn accept_control(&self, timeout: Duration) -> Result<Box<dyn ControlStream>> {
+        Ok(Box::new(ferry_transport::local::LocalPageServer::accept_control(self, timeout)?))
+    }
+}
+
 /// How a post-copy source runs its side of the session.
 #[derive(Clone, Copy)]
 pub struct SourceOptions<'a> {

@@ -119,3 +119,93 @@ fn cut_lanes_recover_and_the_migration_completes() {
     migrate_with_cuts(PolicyKind::Demand, Backing::Anonymous, 15);
     migrate_with_cuts(PolicyKind::Bubbling, Backing::Memfd, 15);
 }
+
+/// The local transport: its page lanes are a shared mapping that does not break, but its control
+/// lane is a socket. Cut it five times while memory arrives: the destination opens it again under
+/// the session, the source takes it again, and the migration completes with every byte right.
+#[test]
+fn a_local_control_lane_cut_again_and_again_is_taken_again() {
+    use ferry::transport::local::{self, LocalPageServer};
+    use std::os::unix::net::UnixStream;
+    let layout = MemoryLayout::single(64 << 20).unwrap();
+    let pages = layout.total_pages();
+    let free = demo_free_pages(pages);
+    let source_mem = Arc::new(GuestMemory::create(layout.clone(), Backing::Memfd).unwrap());
+    prepare_source(&source_mem, SEED, &free).unwrap();
+    let key = PreSharedKey::generate().unwrap();
+    let path = std::env::temp_dir().join(format!("ferry-recovery-local-{}.sock", std::process::id()));
+    struct Acceptor {
+        server: LocalPageServer,
+        control: Mutex<Option<UnixStream>>,
+    }
+    impl ControlAcceptor for Acceptor {
+        fn accept_control(&self, timeout: Duration) -> Result<Box<dyn ControlStream>, MigrationError> {
+            let control = self.server.accept_control(timeout)?;
+            *self.control.lock().unwrap() = Some(control.try_clone().map_err(ferry::transport::TransportError::Io)?);
+            Ok(Box::new(control))
+        }
+    }
+    let acceptor = Arc::new(Acceptor {
+        server: LocalPageServer::start(&path, source_mem, key.clone()).unwrap(),
+        control: Mutex::new(None),
+    });
+    let source = {
+        let (acceptor, free) = (acceptor.clone(), free.clone());
+        std::thread::spawn(move || {
+            let mut control = acceptor.accept_control(Duration::from_secs(30)).unwrap();
+            let options = SourceOptions { reaccept: Some(acceptor.as_ref()), ..Default::default() };
+            ferry::run_source(control.as_mut(), Instant::now(), &SEED.to_le_bytes(), &free, &options)
+        })
+    };
+    let memory = Arc::new(
+        DestinationMemory::register(GuestMemory::create(layout.clone(), Backing::Anonymous).unwrap()).unwrap(),
+    );
+    let (lanes, control) = local::connect_session(&path, &key, Some(&layout), 32).unwrap();
+    assert!(lanes.reconnect.is_some(), "a local session can reopen its control lane");
+    let config = EngineConfig { policy: PolicyKind::Demand, ..EngineConfig::default() };
+    let session = PostcopyDestination::start(Box::new(control), memory.clone(), lanes, &config, |_| Ok(())).unwrap();
+    // Demand paging: the migration lasts as long as the guest stand-in touches, and the cuts
+    // land while it does.
+    let cutter = {
+        let acceptor = acceptor.clone();
+        std::thread::spawn(move || {
+            let mut made = 0;
+            let mut last = None;
+            while made < 5 {
+                std::thread::sleep(Duration::from_millis(30));
+                let guard = acceptor.control.lock().unwrap();
+                let Some(c) = guard.as_ref() else { continue };
+                let id = c.as_raw_fd_id();
+                if last != Some(id) {
+                    let _ = c.shutdown(Shutdown::Both);
+                    last = Some(id);
+                    made += 1;
+                }
+            }
+            made
+        })
+    };
+    let during = touch(memory.guest(), Walk::new(Pattern::Random), SEED, &free, pages / 2).unwrap();
+    let made = cutter.join().unwrap();
+    session.finish();
+    let report = session.wait().unwrap();
+    let source_report = source.join().unwrap().unwrap();
+    let wrong = verify_all(memory.guest(), SEED, &free).unwrap();
+    assert_eq!(wrong + during.mismatches, 0, "guest memory differs from the source");
+    assert_eq!(report.pages_installed_twice, 0);
+    assert_eq!(made, 5);
+    assert_eq!(source_report.control_recoveries, 5, "every cut control lane was taken again");
+    assert_eq!(source_report.done.pages_present, pages);
+}
+
+/// Tells one accepted control lane from the next.
+trait FdId {
+    fn as_raw_fd_id(&self) -> i32;
+}
+
+impl FdId for std::os::unix::net::UnixStream {
+    fn as_raw_fd_id(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.as_raw_fd()
+    }
+}

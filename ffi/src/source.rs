@@ -170,7 +170,9 @@ impl FerrySource {
     fn options<'a>(&'a self, protection: Option<&'a crate::recovery::SourceProtection>) -> ferry::SourceOptions<'a> {
         let reaccept = match &self.server {
             SourceServer::Tcp(s) => Some(s as &dyn ferry::ControlAcceptor),
-            _ => None,
+            SourceServer::Local(s) => Some(s as &dyn ferry::ControlAcceptor),
+            #[cfg(feature = "rdma")]
+            SourceServer::Rdma(_) => None,
         };
         let mut options = ferry::SourceOptions { reaccept, ..Default::default() };
         if let Some(p) = protection {

@@ -217,13 +217,71 @@ fn map_lanes(
         .map(|(fd, r)| RegionMapping::map_shared_readonly(fd, r.size as usize))
         .collect::<Result<Vec<_>>>()?;
     let memory = Arc::new(GuestMemory::new(cs.layout.clone(), mappings)?);
+    let lanes = LocalLanes {
+        path: path.to_path_buf(),
+        key: key.clone(),
+        session: cs.session,
+        layout: cs.layout.clone(),
+        bulk_depth,
+        memory: memory.clone(),
+    };
     Ok(PageSource {
-        reconnect: None,
+        reconnect: Some(Arc::new(lanes)),
         session: cs.session,
         layout: cs.layout,
         urgent: Box::new(LocalUrgent { memory: memory.clone(), _control: stream }),
         bulk: Box::new(LocalBulk { memory, depth: bulk_depth.max(1), done: VecDeque::new() }),
     })
+}
+
+/// What reopens a local session's lanes. Its page lanes are a shared mapping, which does not
+/// break: reopening them maps nothing new. Its control lane is a socket, opened again under the
+/// session.
+#[derive(Debug)]
+struct LocalLanes {
+    path: std::path::PathBuf,
+    key: PreSharedKey,
+    session: SessionId,
+    layout: MemoryLayout,
+    bulk_depth: usize,
+    memory: Arc<GuestMemory>,
+}
+
+impl crate::lane::Reconnect for LocalLanes {
+    fn control(&self) -> Result<Box<dyn crate::lane::ControlStream>> {
+        let control = UnixStream::connect(&self.path)?;
+        control.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        control.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        client_handshake(
+            &mut Deadline::new(&control, HANDSHAKE_TIMEOUT),
+            &self.key,
+            Lane::Control,
+            self.session,
+            Some(&self.layout),
+        )?;
+        control.set_read_timeout(None)?;
+        Ok(Box::new(control))
+    }
+
+    fn urgent(&self) -> Result<Box<dyn UrgentLane>> {
+        // Proves the session is still served (and keeps the source told the mapping is in use).
+        let stream = UnixStream::connect(&self.path)?;
+        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        client_handshake(
+            &mut Deadline::new(&stream, HANDSHAKE_TIMEOUT),
+            &self.key,
+            Lane::Bulk,
+            self.session,
+            Some(&self.layout),
+        )?;
+        recv_fds(&stream, self.layout.regions().len())?;
+        Ok(Box::new(LocalUrgent { memory: self.memory.clone(), _control: stream }))
+    }
+
+    fn bulk(&self) -> Result<Box<dyn BulkLane>> {
+        Ok(Box::new(LocalBulk { memory: self.memory.clone(), depth: self.bulk_depth.max(1), done: VecDeque::new() }))
+    }
 }
 
 struct LocalUrgent {

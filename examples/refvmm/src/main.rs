@@ -635,10 +635,10 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Re
                 liveness: config.liveness,
                 recovery_window: Duration::from_millis(a.recovery_window_ms),
                 // A destination whose control lane broke opens it again on the page server.
-                reaccept: match &server {
-                    Server::Tcp(s) => Some(s.as_ref() as &dyn ferry::ControlAcceptor),
-                    Server::Local(_) => None,
-                },
+                reaccept: Some(match &server {
+                    Server::Tcp(s) => s.as_ref() as &dyn ferry::ControlAcceptor,
+                    Server::Local(s) => s as &dyn ferry::ControlAcceptor,
+                }),
                 kept: kept.as_ref(),
             };
             let r = run_source(control.as_mut(), paused_at, &blob, &free, &options);
