@@ -47,6 +47,11 @@ for backing in anon memfd; do
       --pattern $pattern --policy bubbling
   done
 done
+# The source drops the destination's queue pairs five times mid-migration: the destination opens
+# them again under the session (landing zones registered again) and asks again for what was in
+# flight; every byte still checks, and the toucher fails on a page read twice that is not a resend.
+step postcopy-memfd-cut-lanes sh -c 'ferry-toucher demo --transport rdma --mem-mib 64 --backing memfd \
+  --pattern hot-set --policy demand --touches 200000 --cut-lanes 5 > /tmp/cut.log; s=$?; cat /tmp/cut.log; [ $s = 0 ] && grep -q "\"recoveries\":[1-9]" /tmp/cut.log'
 # 2 MiB hugetlbfs destination: reads land in the registered alias of huge pages.
 echo 64 > /proc/sys/vm/nr_hugepages
 step postcopy-hugetlb-hot-set ferry-toucher demo --transport rdma --mem-mib 64 --backing hugetlb --pattern hot-set

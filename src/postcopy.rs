@@ -484,6 +484,13 @@ impl ControlAcceptor for ferry_transport::tcp::TcpPageServer {
     }
 }
 
+#[cfg(feature = "rdma")]
+impl ControlAcceptor for ferry_transport::rdma::RdmaPageServer {
+    fn accept_control(&self, timeout: Duration) -> Result<Box<dyn ControlStream>> {
+        Ok(Box::new(ferry_transport::rdma::RdmaPageServer::accept_control(self, timeout)?))
+    }
+}
+
 impl ControlAcceptor for ferry_transport::local::LocalPageServer {
     fn accept_control(&self, timeout: Duration) -> Result<Box<dyn ControlStream>> {
         Ok(Box::new(ferry_transport::local::LocalPageServer::accept_control(self, timeout)?))

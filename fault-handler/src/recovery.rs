@@ -69,7 +69,14 @@ impl Recovery {
         matches!(
             error,
             FaultError::Lane(_)
-                | FaultError::Transport(TransportError::PeerClosed | TransportError::Io(_) | TransportError::Silent(_))
+                | FaultError::Transport(
+                    TransportError::PeerClosed
+                        | TransportError::Io(_)
+                        | TransportError::Silent(_)
+                        // A failed RDMA read: the queue pair broke (reopening one that cannot
+                        // work fails, and the window ends it).
+                        | TransportError::Rdma { .. }
+                )
         )
     }
 

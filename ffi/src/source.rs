@@ -172,7 +172,7 @@ impl FerrySource {
             SourceServer::Tcp(s) => Some(s as &dyn ferry::ControlAcceptor),
             SourceServer::Local(s) => Some(s as &dyn ferry::ControlAcceptor),
             #[cfg(feature = "rdma")]
-            SourceServer::Rdma(_) => None,
+            SourceServer::Rdma(s) => Some(s as &dyn ferry::ControlAcceptor),
         };
         let mut options = ferry::SourceOptions { reaccept, ..Default::default() };
         if let Some(p) = protection {

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! ferry-toucher demo   [--mem-mib 1024] [--pattern seq|random|hot-set] [--policy demand|push|bubbling]
-//!                      [--backing anon|memfd|hugetlb] [--touches N] [--json]
+//!                      [--backing anon|memfd|hugetlb] [--touches N] [--cut-lanes N] [--json]
 //! ferry-toucher source --listen ADDR [--mem-mib N] [--page-size 4096|2097152]
 //! ferry-toucher dest   --connect ADDR [--mem-mib N] [--page-size ...] [--pattern ...] [--policy ...]
 //!                      [--backing ...] [--touches N] [--json]
@@ -38,6 +38,8 @@ struct Args {
     policy: PolicyKind,
     backing: Backing,
     touches: Option<u64>,
+    /// Source: break the data lanes this many times, 100 ms apart, once the destination is in.
+    cut_lanes: u32,
     json: bool,
     rdma: Option<RdmaChoice>,
 }
@@ -60,6 +62,7 @@ fn parse() -> Result<Args> {
         policy: PolicyKind::Bubbling,
         backing: Backing::Anonymous,
         touches: None,
+        cut_lanes: 0,
         json: false,
         rdma: None,
     };
@@ -80,6 +83,7 @@ fn parse() -> Result<Args> {
                 }
             }
             "--touches" => a.touches = Some(value()?.parse()?),
+            "--cut-lanes" => a.cut_lanes = value()?.parse()?,
             "--json" => a.json = true,
             "--transport" => match value()?.as_str() {
                 "tcp" => a.rdma = None,
@@ -128,14 +132,27 @@ fn source(a: &Args) -> Result<()> {
     let free = demo_free_pages(layout.total_pages());
     let memory = Arc::new(GuestMemory::create(layout, Backing::Anonymous)?);
     prepare_source(&memory, SEED, &free)?;
-    let server = PageServer::start(a, memory.clone())?;
+    let server = Arc::new(PageServer::start(a, memory.clone())?);
     println!("listening {}", server.local_addr());
     std::io::stdout().flush()?;
     let mut control = server.accept_control(Duration::from_secs(60))?;
     // The workload runs until the migration starts; its position travels in the state blob.
     let before = touch(&memory, Walk::new(a.pattern), SEED, &free, 4096)?;
     let paused_at = Instant::now();
-    let report = run_source(&mut control, paused_at, &encode_state(before.touches), &free, &Default::default())?;
+    let cutter = (a.cut_lanes > 0).then(|| {
+        let (server, cuts) = (server.clone(), a.cut_lanes);
+        std::thread::spawn(move || {
+            for _ in 0..cuts {
+                std::thread::sleep(Duration::from_millis(100));
+                server.cut();
+            }
+        })
+    });
+    let options = ferry::SourceOptions { reaccept: Some(server.acceptor()), ..Default::default() };
+    let report = run_source(&mut control, paused_at, &encode_state(before.touches), &free, &options)?;
+    if let Some(cutter) = cutter {
+        let _ = cutter.join();
+    }
     let mut out = json!({
         "role": "source",
         "downtime_ms": ms(report.downtime),
@@ -143,7 +160,8 @@ fn source(a: &Args) -> Result<()> {
         "pages_present": report.done.pages_present,
         "rate_before": before.rate(),
     });
-    match &server {
+    out["lane_cuts"] = json!(a.cut_lanes);
+    match server.as_ref() {
         PageServer::Tcp(server) => {
             let stats = server.stats();
             let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -179,6 +197,24 @@ impl PageServer {
             )?)),
             #[cfg(not(feature = "rdma"))]
             Some(_) => bail!("this ferry-toucher was built without the rdma feature"),
+        }
+    }
+
+    /// Breaks the destination's data lanes (it reconnects under the session).
+    fn cut(&self) {
+        match self {
+            PageServer::Tcp(s) => s.cut_data_lanes(),
+            #[cfg(feature = "rdma")]
+            PageServer::Rdma(s) => s.drop_connections(),
+        }
+    }
+
+    /// Where a broken control lane comes back.
+    fn acceptor(&self) -> &dyn ferry::ControlAcceptor {
+        match self {
+            PageServer::Tcp(s) => s,
+            #[cfg(feature = "rdma")]
+            PageServer::Rdma(s) => s,
         }
     }
 
@@ -265,6 +301,8 @@ fn dest(a: &Args) -> Result<()> {
         "skipped_free_pages": report.skipped_free_pages,
         "pages_installed_twice": report.pages_installed_twice,
         "pages_read_twice": ledger.as_ref().map(|twice| twice()),
+        "recoveries": report.recoveries,
+        "pages_resent": report.resent_pages,
         "transport": if a.rdma.is_some() { "rdma" } else { "tcp" },
         "fault_p50_us": report.fault_p50.as_secs_f64() * 1e6,
         "fault_p99_us": report.fault_p99.as_secs_f64() * 1e6,
@@ -279,7 +317,9 @@ fn dest(a: &Args) -> Result<()> {
     if mismatches > 0 {
         bail!("{mismatches} pages differ from the source");
     }
-    let twice = report.pages_installed_twice + out["pages_read_twice"].as_u64().unwrap_or(0);
+    // Reads asked again after a lane broke are resends, not a page crossing twice.
+    let read_twice = out["pages_read_twice"].as_u64().unwrap_or(0).saturating_sub(report.resent_pages);
+    let twice = report.pages_installed_twice + read_twice;
     if twice > 0 {
         bail!("{twice} pages crossed or were installed twice");
     }
@@ -350,6 +390,7 @@ fn demo(a: &Args) -> Result<()> {
             &a.page_size.to_string(),
         ])
         .args(["--pattern", a.pattern.name()])
+        .args(["--cut-lanes", &a.cut_lanes.to_string()])
         .args(match &a.rdma {
             Some(RdmaChoice { device: Some(d) }) => vec!["--rdma-device".to_string(), d.clone()],
             Some(RdmaChoice { device: None }) => vec!["--transport".into(), "rdma".into()],

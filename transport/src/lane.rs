@@ -178,11 +178,11 @@ pub struct BulkDone {
     pub zero: ZeroMask,
 }
 
-/// Low-latency reads for faults.
 /// Breaks a lane's blocked read or write from another thread: a session torn down must not wait
 /// out the lane's read deadline.
 pub type Interrupter = std::sync::Arc<dyn Fn() + Send + Sync>;
 
+/// Low-latency reads for faults.
 pub trait UrgentLane: Send {
     /// Reads `run` into `dst[..run bytes]`. Pages marked in the returned mask are zero in `dst`;
     /// a backend may also return zero pages unmarked.

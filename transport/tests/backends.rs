@@ -387,6 +387,21 @@ mod rdma {
         src.bulk.submit(BulkRead { run: PageRun::new(0, 3, 4), buf: PageBuf::new(4 * 4096).into(), tag: 1 }).unwrap();
         assert!(matches!(src.bulk.complete(), Err(TransportError::Rdma { .. })));
 
+        // The session's own Reconnect opens each lane again (what the engine does after a lane
+        // failed), and the failed reads succeed on it.
+        let reconnect = src.reconnect.clone().expect("an rdma session can reopen its lanes");
+        let mut urgent = reconnect.urgent().unwrap();
+        let mut page = urgent.buffer(4096).unwrap();
+        urgent.read(PageRun::new(0, 1, 1), &mut page).unwrap();
+        assert!(check_page(&page, 1, SEED));
+        let mut bulk = reconnect.bulk().unwrap();
+        bulk.submit(BulkRead { run: PageRun::new(0, 3, 4), buf: PageBuf::new(4 * 4096).into(), tag: 1 }).unwrap();
+        let done = bulk.complete().unwrap().expect("a read in flight");
+        for i in 0..4 {
+            assert!(check_page(&done.buf[i * 4096..(i + 1) * 4096], 3 + i as u64, SEED));
+        }
+        drop((urgent, bulk));
+
         // The same session resumes over new queue pairs and the failed reads succeed.
         let (mut resumed, _) =
             rdma::resume(server.local_addr(), &key(), src.session, memory.layout(), &options).unwrap();

@@ -520,7 +520,7 @@ pub fn connect_session(
     prepare: impl FnOnce(&mut PageSource) -> Result<()>,
 ) -> Result<RdmaSession> {
     let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-    let (mut source, ledger) = open_lanes(&addrs, key, SessionId::NEW, expected_layout, options)?;
+    let (mut source, ledger) = open_lanes(&addrs, key, SessionId::NEW, expected_layout, options, None)?;
     prepare(&mut source)?;
     let (control, _) =
         crate::tcp::open_lane(&addrs, key, Lane::Control, source.session, Some(&source.layout), options.io_timeout)?;
@@ -536,7 +536,7 @@ pub fn connect(
     options: &RdmaOptions,
 ) -> Result<(PageSource, Arc<ReadLedger>)> {
     let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-    open_lanes(&addrs, key, SessionId::NEW, expected_layout, options)
+    open_lanes(&addrs, key, SessionId::NEW, expected_layout, options, None)
 }
 
 /// Reopens a session's queue pairs after its setup connection broke: reads that failed are simply
@@ -549,7 +549,59 @@ pub fn resume(
     options: &RdmaOptions,
 ) -> Result<(PageSource, Arc<ReadLedger>)> {
     let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-    open_lanes(&addrs, key, session, Some(layout), options)
+    open_lanes(&addrs, key, session, Some(layout), options, None)
+}
+
+/// What lanes opened again carry over from the session's first: its ledger, and the landing
+/// zones registered on it (registered again on the new lanes' domain).
+#[derive(Clone, Debug)]
+struct Carried {
+    ledger: Arc<ReadLedger>,
+    landings: Arc<Mutex<Vec<(usize, usize)>>>,
+}
+
+/// What reopens an rdma session's lanes after its queue pairs failed (the source dropped them,
+/// or the setup connection broke): a new setup connection and queue pairs under the same
+/// session, the landing zones registered again. Reopening one lane opens a pair and keeps the
+/// lane asked for (its setup connection goes with it).
+#[derive(Debug)]
+struct RdmaLanes {
+    addrs: Vec<SocketAddr>,
+    key: PreSharedKey,
+    session: SessionId,
+    layout: MemoryLayout,
+    options: RdmaOptions,
+    carried: Carried,
+}
+
+impl RdmaLanes {
+    fn open(&self) -> Result<PageSource> {
+        open_lanes(&self.addrs, &self.key, self.session, Some(&self.layout), &self.options, Some(&self.carried))
+            .map(|(source, _)| source)
+    }
+}
+
+impl crate::lane::Reconnect for RdmaLanes {
+    fn control(&self) -> Result<Box<dyn crate::lane::ControlStream>> {
+        let (control, _) = crate::tcp::open_lane(
+            &self.addrs,
+            &self.key,
+            Lane::Control,
+            self.session,
+            Some(&self.layout),
+            self.options.io_timeout,
+        )?;
+        control.set_read_timeout(None)?;
+        Ok(Box::new(control))
+    }
+
+    fn urgent(&self) -> Result<Box<dyn UrgentLane>> {
+        Ok(self.open()?.urgent)
+    }
+
+    fn bulk(&self) -> Result<Box<dyn BulkLane>> {
+        Ok(self.open()?.bulk)
+    }
 }
 
 fn open_lanes(
@@ -558,6 +610,7 @@ fn open_lanes(
     session: SessionId,
     expected_layout: Option<&MemoryLayout>,
     options: &RdmaOptions,
+    carried: Option<&Carried>,
 ) -> Result<(PageSource, Arc<ReadLedger>)> {
     let (mut setup, cs) = crate::tcp::open_lane(addrs, key, Lane::Bulk, session, expected_layout, options.io_timeout)?;
     let device = Device::open(options)?;
@@ -577,6 +630,8 @@ fn open_lanes(
     urgent_qp.connect(&reply.urgent, urgent_psn, &path, false)?;
     bulk_qp.connect(&reply.bulk, bulk_psn, &path, false)?;
     setup.set_read_timeout(None)?;
+    // Both lanes keep it: the source's queue pairs live while it is open.
+    let setup = Arc::new(setup);
 
     let max_run = cs.layout.max_run_pages() as usize * cs.layout.page_size() as usize;
     let max_msg = ctx.port_info().max_msg_size as usize;
@@ -586,11 +641,28 @@ fn open_lanes(
             detail: format!("{} takes messages of at most {max_msg} bytes; a run may be {max_run}", ctx.name()),
         });
     }
-    let registry = Arc::new(Registry { pd: device.pd.clone(), landings: Mutex::new(Vec::new()) });
-    let ledger = Arc::new(ReadLedger::new(&cs.layout));
+    let carried = match carried {
+        Some(c) => c.clone(),
+        None => Carried { ledger: Arc::new(ReadLedger::new(&cs.layout)), landings: Arc::new(Mutex::new(Vec::new())) },
+    };
+    let registry = Arc::new(Registry {
+        pd: device.pd.clone(),
+        landings: Mutex::new(Vec::new()),
+        ranges: carried.landings.clone(),
+    });
+    let again: Vec<(usize, usize)> = carried.landings.lock().expect("landing list poisoned").clone();
+    for (ptr, len) in again {
+        let ptr = NonNull::new(ptr as *mut u8).expect("a registered landing is not null");
+        // SAFETY: these lanes replace lanes of the same session on which the range was
+        // registered, and are used (and dropped) where those were: the engine's threads, which
+        // drop their lanes before the memory the range belongs to.
+        unsafe { registry.register_landing(ptr, len)? };
+    }
+    let ledger = carried.ledger.clone();
     let remote = Remote { regions: reply.regions, layout: cs.layout.clone(), ledger: ledger.clone() };
     let urgent = RdmaUrgent {
         qp: urgent_qp,
+        _setup: setup.clone(),
         cq: urgent_cq,
         bounce: registry.buffer(max_run)?,
         handed_out: Vec::new(),
@@ -618,14 +690,22 @@ fn open_lanes(
         broken: None,
         next_wr: 0,
         wcs: Vec::with_capacity(16),
-        _setup: setup,
+        _setup: setup.clone(),
+    };
+    let lanes = RdmaLanes {
+        addrs: addrs.to_vec(),
+        key: key.clone(),
+        session: cs.session,
+        layout: cs.layout.clone(),
+        options: options.clone(),
+        carried,
     };
     let source = PageSource {
         session: cs.session,
         layout: cs.layout,
         urgent: Box::new(urgent),
         bulk: Box::new(bulk),
-        reconnect: None,
+        reconnect: Some(Arc::new(lanes)),
     };
     Ok((source, ledger))
 }
@@ -637,6 +717,8 @@ struct Registered(Arc<MemoryRegion>);
 struct Registry {
     pd: Arc<ProtectionDomain>,
     landings: Mutex<Vec<Arc<MemoryRegion>>>,
+    /// The landing ranges, for lanes opened again (shared with [`Carried`]).
+    ranges: Arc<Mutex<Vec<(usize, usize)>>>,
 }
 
 impl Registry {
@@ -661,6 +743,10 @@ impl Registry {
         // are dropped.
         let mr = unsafe { MemoryRegion::register(&self.pd, ptr.as_ptr(), len, Access::LocalWrite)? };
         landings.push(Arc::new(mr));
+        let mut ranges = self.ranges.lock().expect("landing list poisoned");
+        if !ranges.contains(&(ptr.as_ptr() as usize, len)) {
+            ranges.push((ptr.as_ptr() as usize, len));
+        }
         Ok(())
     }
 
@@ -748,6 +834,8 @@ fn fail_and_flush(qp: &QueuePair, cq: &CompletionQueue) {
 struct RdmaUrgent {
     // Field order is drop order: the queue pair goes before any memory it may write.
     qp: QueuePair,
+    /// The setup connection: the source's queue pairs live while it is open.
+    _setup: Arc<TcpStream>,
     cq: Arc<CompletionQueue>,
     bounce: PageBuf,
     /// Buffers handed out by `buffer`; weak, so a dropped buffer is never matched again.
@@ -835,6 +923,19 @@ impl UrgentLane for RdmaUrgent {
         // SAFETY: forwarded contract.
         unsafe { self.registry.register_landing(ptr, len) }
     }
+
+    fn interrupter(&self) -> Option<crate::lane::Interrupter> {
+        setup_interrupter(&self._setup)
+    }
+}
+
+/// Closes the setup connection from another thread: the source destroys the queue pairs, and a
+/// read waiting for its completion fails within the transport's retry time.
+fn setup_interrupter(setup: &TcpStream) -> Option<crate::lane::Interrupter> {
+    let setup = setup.try_clone().ok()?;
+    Some(Arc::new(move || {
+        let _ = setup.shutdown(std::net::Shutdown::Both);
+    }))
 }
 
 /// A posted bulk work request.
@@ -884,7 +985,7 @@ struct RdmaBulk {
     /// Reused by every wait, so completing a read allocates nothing.
     wcs: Vec<verbs::Completion>,
     /// Held open: the source keeps our queue pairs while it is.
-    _setup: TcpStream,
+    _setup: Arc<TcpStream>,
 }
 
 impl RdmaBulk {
@@ -939,6 +1040,10 @@ impl RdmaBulk {
 impl BulkLane for RdmaBulk {
     fn depth(&self) -> usize {
         self.depth
+    }
+
+    fn interrupter(&self) -> Option<crate::lane::Interrupter> {
+        setup_interrupter(&self._setup)
     }
 
     fn in_flight(&self) -> usize {
