@@ -293,6 +293,8 @@ pub struct KeptImage {
     receiver: Mutex<CheckpointReceiver>,
     last: Mutex<Option<(u64, Vec<u8>)>>,
     last_at: Mutex<Option<Instant>>,
+    /// From the pause to the guest running at the destination, once it was.
+    downtime: Mutex<Option<Duration>>,
     applied: AtomicU64,
     applied_pages: AtomicU64,
 }
@@ -315,6 +317,7 @@ impl KeptImage {
             receiver,
             last: Mutex::new(None),
             last_at: Mutex::new(None),
+            downtime: Mutex::new(None),
             applied: AtomicU64::new(0),
             applied_pages: AtomicU64::new(0),
         }
@@ -331,6 +334,16 @@ impl KeptImage {
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((c.epoch, c.state));
         *self.last_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         Ok(Some(c.epoch))
+    }
+
+    /// The handoff's downtime (pause to the guest running at the destination), once the
+    /// destination said it resumed: known also when the session fails later.
+    pub fn downtime(&self) -> Option<Duration> {
+        *self.downtime.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_downtime(&self, downtime: Duration) {
+        *self.downtime.lock().unwrap_or_else(|e| e.into_inner()) = Some(downtime);
     }
 
     /// When the last epoch was applied.

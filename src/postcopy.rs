@@ -565,6 +565,9 @@ pub fn run_source(
     handoff::send_handoff(&mut live, state, free)?;
     handoff::expect_resumed(&mut live)?;
     let downtime = paused_at.elapsed();
+    if let Some(kept) = options.kept {
+        kept.set_downtime(downtime);
+    }
     let mut control_recoveries = 0;
     let done = loop {
         let msg = match live.read() {

@@ -672,6 +672,7 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Re
                     let restarted = source.start()?;
                     let restarted_at = Instant::now();
                     report["restarted_on_source"] = json!(true);
+                    report["source_downtime_ms"] = json!(kept.downtime().map(|d| d.as_secs_f64() * 1e3));
                     report["restart_epoch"] = json!(epoch);
                     report["lease_wait_ms"] = json!((restarted_at - failed_at).as_secs_f64() * 1e3);
                     report["total_ms"] = json!((restarted_at - paused_at).as_secs_f64() * 1e3);
@@ -1113,9 +1114,11 @@ fn demo_killing_the_destination(a: &Args, observer: output::Observer, at_fractio
     report["kill_at_fraction"] = json!(at_fraction);
     report["checkpoints"] = report["checkpoints_applied"].clone();
     // The destination's own counters, and what it saw of the guest, died with it.
-    for k in ["recoveries", "paused_ms", "pages_resent", "pages_installed_twice", "downtime_ms", "rate_during"] {
+    for k in ["recoveries", "paused_ms", "pages_resent", "pages_installed_twice", "rate_during"] {
         report[k] = serde_json::Value::Null;
     }
+    // As the source measured it: from its pause to the destination saying its guest runs.
+    report["downtime_ms"] = report["source_downtime_ms"].clone();
     finish_report(a, report, observer)
 }
 
