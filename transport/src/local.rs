@@ -164,6 +164,21 @@ fn serve(
     Ok(None)
 }
 
+/// Connects to the local page server at `path` and authenticates as `lane` of `session`.
+fn open_lane(
+    path: &Path,
+    key: &PreSharedKey,
+    lane: Lane,
+    session: SessionId,
+    expected_layout: Option<&MemoryLayout>,
+) -> Result<(UnixStream, crate::handshake::ClientSession)> {
+    let stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let cs = client_handshake(&mut Deadline::new(&stream, HANDSHAKE_TIMEOUT), key, lane, session, expected_layout)?;
+    Ok((stream, cs))
+}
+
 /// Opens a session with the local page server at `path` and maps the source's memory.
 pub fn connect(
     path: impl AsRef<Path>,
@@ -183,16 +198,7 @@ pub fn connect_session(
     bulk_depth: usize,
 ) -> Result<(PageSource, UnixStream)> {
     let path = path.as_ref();
-    let control = UnixStream::connect(path)?;
-    control.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    control.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    let cs = client_handshake(
-        &mut Deadline::new(&control, HANDSHAKE_TIMEOUT),
-        key,
-        Lane::Control,
-        SessionId::NEW,
-        expected_layout,
-    )?;
+    let (control, cs) = open_lane(path, key, Lane::Control, SessionId::NEW, expected_layout)?;
     control.set_read_timeout(None)?;
     let source = map_lanes(path, key, cs.session, Some(&cs.layout), bulk_depth)?;
     Ok((source, control))
@@ -205,11 +211,7 @@ fn map_lanes(
     expected_layout: Option<&MemoryLayout>,
     bulk_depth: usize,
 ) -> Result<PageSource> {
-    let stream = UnixStream::connect(path)?;
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    let cs =
-        client_handshake(&mut Deadline::new(&stream, HANDSHAKE_TIMEOUT), key, Lane::Bulk, session, expected_layout)?;
+    let (stream, cs) = open_lane(path, key, Lane::Bulk, session, expected_layout)?;
     let fds = recv_fds(&stream, cs.layout.regions().len())?;
     let mappings = fds
         .into_iter()
@@ -249,32 +251,14 @@ struct LocalLanes {
 
 impl crate::lane::Reconnect for LocalLanes {
     fn control(&self) -> Result<Box<dyn crate::lane::ControlStream>> {
-        let control = UnixStream::connect(&self.path)?;
-        control.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        control.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        client_handshake(
-            &mut Deadline::new(&control, HANDSHAKE_TIMEOUT),
-            &self.key,
-            Lane::Control,
-            self.session,
-            Some(&self.layout),
-        )?;
+        let (control, _) = open_lane(&self.path, &self.key, Lane::Control, self.session, Some(&self.layout))?;
         control.set_read_timeout(None)?;
         Ok(Box::new(control))
     }
 
     fn urgent(&self) -> Result<Box<dyn UrgentLane>> {
         // Proves the session is still served (and keeps the source told the mapping is in use).
-        let stream = UnixStream::connect(&self.path)?;
-        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        stream.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        client_handshake(
-            &mut Deadline::new(&stream, HANDSHAKE_TIMEOUT),
-            &self.key,
-            Lane::Bulk,
-            self.session,
-            Some(&self.layout),
-        )?;
+        let (stream, _) = open_lane(&self.path, &self.key, Lane::Bulk, self.session, Some(&self.layout))?;
         recv_fds(&stream, self.layout.regions().len())?;
         Ok(Box::new(LocalUrgent { memory: self.memory.clone(), _control: stream }))
     }

@@ -315,6 +315,19 @@ fn open_lanes(
     })
 }
 
+/// Opens a session's control lane again (blocking reads: liveness bounds them).
+pub(crate) fn reopen_control(
+    addrs: &[SocketAddr],
+    key: &PreSharedKey,
+    session: SessionId,
+    layout: &MemoryLayout,
+    io_timeout: Duration,
+) -> Result<Box<dyn crate::lane::ControlStream>> {
+    let (s, _) = open_lane(addrs, key, Lane::Control, session, Some(layout), io_timeout)?;
+    s.set_read_timeout(None)?;
+    Ok(Box::new(s))
+}
+
 /// What reopens a session's lanes: where the server is, the key, and the session.
 #[derive(Debug)]
 struct TcpLanes {
@@ -327,16 +340,7 @@ struct TcpLanes {
 
 impl Reconnect for TcpLanes {
     fn control(&self) -> Result<Box<dyn crate::lane::ControlStream>> {
-        let (s, _) = open_lane(
-            &self.addrs,
-            &self.key,
-            Lane::Control,
-            self.session,
-            Some(&self.layout),
-            self.options.io_timeout,
-        )?;
-        s.set_read_timeout(None)?;
-        Ok(Box::new(s))
+        reopen_control(&self.addrs, &self.key, self.session, &self.layout, self.options.io_timeout)
     }
 
     fn urgent(&self) -> Result<Box<dyn UrgentLane>> {

@@ -583,16 +583,7 @@ impl RdmaLanes {
 
 impl crate::lane::Reconnect for RdmaLanes {
     fn control(&self) -> Result<Box<dyn crate::lane::ControlStream>> {
-        let (control, _) = crate::tcp::open_lane(
-            &self.addrs,
-            &self.key,
-            Lane::Control,
-            self.session,
-            Some(&self.layout),
-            self.options.io_timeout,
-        )?;
-        control.set_read_timeout(None)?;
-        Ok(Box::new(control))
+        crate::tcp::reopen_control(&self.addrs, &self.key, self.session, &self.layout, self.options.io_timeout)
     }
 
     fn urgent(&self) -> Result<Box<dyn UrgentLane>> {
