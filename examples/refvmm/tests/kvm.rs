@@ -432,7 +432,10 @@ fn reverse_checkpoints_flow_and_output_waits_for_them() {
         assert_eq!(r["restarted_on_source"], false, "{r}");
         let committed = r["checkpoints"].as_u64().unwrap();
         assert!(committed >= 2, "{workload}: {committed} checkpoints in a second of post-copy: {r}");
-        assert_eq!(r["checkpoints_applied"], committed, "the source applied what was acknowledged: {r}");
+        // The source applied every acknowledged epoch, and at most those whose ack never came
+        // back (the last one, when the session ends while it travels).
+        let (applied, failed) = (r["checkpoints_applied"].as_u64().unwrap(), r["checkpoints_failed"].as_u64().unwrap());
+        assert!(committed <= applied && applied <= committed + failed, "applied {applied}: {r}");
         assert!(r["checkpoint_pages"].as_u64().unwrap() > 0, "a writer wrote nothing: {r}");
         assert_output_whole(&r);
         // Held output all left once the session ended.
