@@ -13,7 +13,8 @@
 //! broken data lanes itself) and the [`arbiter`] (a lease, so exactly one copy of a VM runs) and
 //! the [`checkpoint`] stream (epochs of dirty pages and state, applied whole and
 //! acknowledged; post-copy's reverse checkpoints, so a source restarts a guest whose destination
-//! died). Back-and-forth and fault-tolerant VMs are to follow on the same parts. With
+//! died), and [`ft`], fault-tolerant pairs on the same three (a primary streams epochs to a live
+//! backup, which takes over when the primary is lost). Back-and-forth is to follow. With
 //! the `testkit` feature (tests, benchmarks and demos without KVM;
 //! not part of the API): `toucher`, a guest stand-in that verifies every page it touches, and
 //! `loopback`, a whole migration in one process.
@@ -23,6 +24,7 @@ pub mod checkpoint;
 pub mod engine;
 pub mod error;
 pub mod freepages;
+pub mod ft;
 pub mod handoff;
 pub mod liveness;
 #[cfg(feature = "testkit")]

@@ -153,7 +153,8 @@ struct GuestOpts {
 /// How the guest moves.
 #[derive(ClapArgs, Debug)]
 struct MigrationOpts {
-    /// Post-copy (resume at once, memory behind), pre-copy (rounds, then a short stop) or hybrid.
+    /// Post-copy (resume at once, memory behind), pre-copy (rounds, then a short stop), hybrid, or
+    /// ft (a fault-tolerant pair: the destination is a backup that takes over if the source dies).
     #[arg(long, value_enum, default_value_t = Mode::Postcopy)]
     mode: Mode,
     /// What post-copy fetches besides the faults: demand, push or bubbling.
@@ -170,7 +171,9 @@ struct MigrationOpts {
     transport: TransportArg,
     /// Fault injection: cut-lanes=N breaks the data lanes N times during a tcp post-copy;
     /// kill-destination=F (demo) runs the destination as its own process and SIGKILLs it once
-    /// that fraction of the pages has crossed: the source restarts the guest.
+    /// that fraction of the pages has crossed: the source restarts the guest; kill-primary=S
+    /// (demo --mode ft) runs the primary as its own process and SIGKILLs it S seconds into
+    /// protection: the backup takes over.
     #[arg(long, value_parser = parse_inject)]
     inject: Option<Inject>,
     /// Post-copy: the destination sends reverse checkpoints this often (0: none; a destination
@@ -198,6 +201,7 @@ struct MigrationOpts {
 pub enum Inject {
     CutLanes(u64),
     KillDestination(f64),
+    KillPrimary(f64),
 }
 
 #[derive(ClapArgs, Debug)]
@@ -248,7 +252,11 @@ fn parse_inject(s: &str) -> Result<Inject, String> {
             Ok(f) if (0.0..1.0).contains(&f) => Ok(Inject::KillDestination(f)),
             _ => Err(format!("kill-destination={f}: the fraction of pages arrived, from 0 up to 1")),
         },
-        _ => Err(format!("{s:?}: cut-lanes=N or kill-destination=F")),
+        Some(("kill-primary", t)) => match t.parse::<f64>() {
+            Ok(t) if (0.0..=3600.0).contains(&t) => Ok(Inject::KillPrimary(t)),
+            _ => Err(format!("kill-primary={t}: seconds into protection, 0 to 3600")),
+        },
+        _ => Err(format!("{s:?}: cut-lanes=N, kill-destination=F or kill-primary=S")),
     }
 }
 
@@ -289,6 +297,10 @@ impl MigrationOpts {
         };
         a.kill_destination = match self.inject {
             Some(Inject::KillDestination(f)) => Some(f),
+            _ => None,
+        };
+        a.kill_primary = match self.inject {
+            Some(Inject::KillPrimary(t)) => Some(t),
             _ => None,
         };
         a.checkpoint_ms = self.checkpoint_ms;

@@ -34,6 +34,7 @@
 //! `--replay` fetching that working set first; the guest then checks its own memory.
 
 mod cli;
+mod ft;
 mod guest;
 mod output;
 mod protect;
@@ -63,6 +64,9 @@ enum Mode {
     Postcopy,
     Precopy,
     Hybrid,
+    /// A fault-tolerant pair: the destination is a backup that follows the guest's epochs and
+    /// takes over when the source (the primary) is lost.
+    Ft,
 }
 
 #[derive(Clone)]
@@ -95,6 +99,8 @@ struct Args {
     cut_lanes: u64,
     /// `--inject kill-destination=F`: SIGKILL the destination process at this fraction of pages.
     kill_destination: Option<f64>,
+    /// `--inject kill-primary=S` (ft): SIGKILL the primary process S seconds into protection.
+    kill_primary: Option<f64>,
     /// Reverse checkpoint period in post-copy; 0: none.
     checkpoint_ms: u64,
     recovery_window_ms: u64,
@@ -133,6 +139,7 @@ impl Default for Args {
             replay: false,
             cut_lanes: 0,
             kill_destination: None,
+            kill_primary: None,
             checkpoint_ms: 100,
             recovery_window_ms: 10_000,
             lease_dir: std::env::temp_dir(),
@@ -177,7 +184,7 @@ fn main() -> Result<()> {
         "receive" => {
             let listener = TcpListener::bind(a.listen.as_deref().unwrap_or("127.0.0.1:7070"))?;
             eprintln!("ferry-vmm: receiving on {}", listener.local_addr()?);
-            print_report(&a, &destination_half(&listener, &key(&a)?, &a)?.report)
+            print_report(&a, &destination_half(&listener, &key(&a)?, &a, None)?.report)
         }
         other => bail!("unknown command {other:?}: run, demo, migrate, receive, snapshot or restore"),
     }
@@ -414,6 +421,7 @@ fn mode_name(m: Mode) -> &'static str {
         Mode::Postcopy => "postcopy",
         Mode::Precopy => "precopy",
         Mode::Hybrid => "hybrid",
+        Mode::Ft => "ft",
     }
 }
 
@@ -523,7 +531,7 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Re
     }
     boot(&mut source, a)?;
     // With reverse checkpoints the guest runs only where its lease is: here, from now on.
-    let protected = a.mode == Mode::Postcopy && a.checkpoint_ms > 0;
+    let protected = (a.mode == Mode::Postcopy && a.checkpoint_ms > 0) || a.mode == Mode::Ft;
     let vm_id =
         format!("vm-{}-{}", std::process::id(), SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_nanos());
     let terms =
@@ -591,8 +599,22 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Re
     let free = source.telemetry.free_pages(layout.total_pages(), page_size);
     let mut dirty_log = match a.mode {
         Mode::Postcopy => None,
-        Mode::Precopy | Mode::Hybrid => Some(source.dirty_log()?),
+        Mode::Precopy | Mode::Hybrid | Mode::Ft => Some(source.dirty_log()?),
     };
+    if a.mode == Mode::Ft {
+        let mut report = json!({"baseline_rate": baseline_rate, "mode": "ft"});
+        let log = dirty_log.take().ok_or_else(|| anyhow!("no dirty log"))?;
+        let checkpoint_ms = if a.checkpoint_ms == 0 { 100 } else { a.checkpoint_ms };
+        ft::run_primary(&source, &source_mem, control.as_mut(), log, checkpoint_ms, a.seconds, &mut report)?;
+        report["primary_rate_after"] = json!(measure_rate(&source, a.seconds.min(0.5)));
+        let running = running.take().ok_or_else(|| anyhow!("the guest is not running"))?;
+        let mismatches = self_check(&mut source, running)?;
+        report["primary_guest_mismatches"] = json!(mismatches);
+        let (emitted, released) = source.telemetry.output.counts();
+        report["source_outputs"] = json!({"emitted": emitted, "released": released});
+        drop(lease);
+        return Ok(Half { report, at: SystemTime::now() });
+    }
     let mut paused = None;
     let mut pause = || -> ferry::Result<Vec<u8>> {
         let vmm = |e: anyhow::Error| ferry::MigrationError::Vmm(e.to_string());
@@ -703,6 +725,7 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Re
             report["predicted_downtime_ms"] = json!(r.predicted_downtime.as_secs_f64() * 1e3);
             report["bandwidth_gbps"] = json!(r.bandwidth / 1e9);
         }
+        (Mode::Ft, Some(_)) => bail!("an ft primary runs above"),
         (Mode::Hybrid, Some(log)) => {
             let (pre, post) = ferry::precopy::run_hybrid_source(control.as_mut(), page_size, log, &mut pause, &config)?;
             report["total_ms"] = json!(pre.total.as_secs_f64() * 1e3);
@@ -718,7 +741,7 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Re
             // Post-copy's invariant: every page crosses at most once.
             Mode::Postcopy => report["pages_sent_twice"] = json!(served_again),
             // Pre-copy rounds send a page again when the guest dirtied it after its last round.
-            Mode::Precopy | Mode::Hybrid => report["pages_resent"] = json!(served_again),
+            Mode::Precopy | Mode::Hybrid | Mode::Ft => report["pages_resent"] = json!(served_again),
         }
     }
     let (emitted, released) = source.telemetry.output.counts();
@@ -805,7 +828,13 @@ fn accept_rendezvous(listener: &TcpListener) -> Result<(SocketAddr, Rendezvous, 
     }
 }
 
-fn destination_half(listener: &TcpListener, key: &PreSharedKey, a: &Args) -> Result<Half> {
+/// `copied` hears when an ft backup holds its first copy.
+fn destination_half(
+    listener: &TcpListener,
+    key: &PreSharedKey,
+    a: &Args,
+    copied: Option<&std::sync::mpsc::Sender<Instant>>,
+) -> Result<Half> {
     let (peer, rv, backing, prepager) = accept_rendezvous(listener)?;
     let layout = MemoryLayout::new(
         rv.page_size,
@@ -818,7 +847,7 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey, a: &Args) -> Res
             let m = Arc::new(DestinationMemory::register(GuestMemory::create(layout.clone(), backing)?)?);
             (Vm::new(Memory::Arriving(m.clone()), rv.vcpus)?, Prepared::Arriving(m))
         }
-        Mode::Precopy | Mode::Hybrid => {
+        Mode::Precopy | Mode::Hybrid | Mode::Ft => {
             let m = Arc::new(GuestMemory::create(layout.clone(), backing)?);
             (Vm::new(Memory::Plain(m.clone()), rv.vcpus)?, Prepared::Plain(m))
         }
@@ -863,7 +892,28 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey, a: &Args) -> Res
         ..EngineConfig::default()
     };
     let mut lease = None;
+    let mut ft_lease = None;
     let session = match prepared {
+        Prepared::Plain(m) if rv.mode == Mode::Ft => {
+            let terms = protect::lease_terms(a, &rv.vm_id, format!("backup-{}", std::process::id()))?;
+            let outcome = ft::run_backup(&mut dest, &m, control.as_mut(), lanes, &terms, copied)?;
+            for (k, v) in outcome.report.as_object().into_iter().flatten() {
+                report[k] = v.clone();
+            }
+            ft_lease = outcome.lease;
+            match outcome.running {
+                Some(r) => {
+                    running = Some(r);
+                    resumed = Some((SystemTime::now(), Instant::now()));
+                }
+                // The primary ended protection and still runs the guest.
+                None => {
+                    drop(sampler.stop());
+                    return Ok(Half { report, at: SystemTime::now() });
+                }
+            }
+            None
+        }
         Prepared::Arriving(m) => {
             Some(PostcopyDestination::start_with(control, m, lanes, &config, protection, |blob| {
                 resume(&mut dest, blob, &mut running, &mut resumed)
@@ -951,6 +1001,7 @@ fn destination_half(listener: &TcpListener, key: &PreSharedKey, a: &Args) -> Res
     let (emitted, released) = dest.telemetry.output.counts();
     report["destination_outputs"] = json!({"emitted": emitted, "released": released});
     drop(lease);
+    drop(ft_lease);
     if mismatches != 0 {
         bail!("the guest found {mismatches} wrong pages after migration: {report}");
     }
@@ -1006,13 +1057,16 @@ fn demo(a: &Args) -> Result<()> {
     if let Some(at_fraction) = a.kill_destination {
         return demo_killing_the_destination(&a, observer, at_fraction);
     }
+    if let Some(after) = a.kill_primary {
+        return demo_killing_the_primary(&a, observer, after);
+    }
     let a = &a;
     let key = PreSharedKey::generate()?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let to = listener.local_addr()?.to_string();
     let destination = {
         let (key, a) = (key.clone(), a.clone());
-        std::thread::spawn(move || destination_half(&listener, &key, &a))
+        std::thread::spawn(move || destination_half(&listener, &key, &a, None))
     };
     let source = source_half(a, &to, &key, None);
     let destination = destination.join().map_err(|_| anyhow!("the destination thread panicked"))?;
@@ -1067,6 +1121,61 @@ fn finish_report(a: &Args, mut report: serde_json::Value, observer: output::Obse
         report[k] = v.clone();
     }
     print_report(a, &report)
+}
+
+/// `demo --mode ft --inject kill-primary=S`: the primary runs as its own process (`ferry-vmm
+/// migrate --mode ft`), SIGKILLed S seconds after the backup (here) holds its first copy; the
+/// backup takes over.
+fn demo_killing_the_primary(a: &Args, observer: output::Observer, after: f64) -> Result<()> {
+    use std::process::{Command, Stdio};
+    if a.mode != Mode::Ft {
+        bail!("--inject kill-primary needs --mode ft");
+    }
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    let key_hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let to = listener.local_addr()?.to_string();
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["migrate", "--mode", "ft", "--json", "--to", &to, "--key-hex", &key_hex])
+        .args(["--mem-mib", &a.mem_mib.to_string(), "--vcpus", &a.vcpus.to_string()])
+        .args(["--workload", a.workload.name(), "--backing", backing_name(a.backing)])
+        .args(["--seconds", &a.seconds.to_string(), "--checkpoint-ms", &a.checkpoint_ms.to_string()])
+        .args(a.data_mib.map(|d| ["--data-mib".to_string(), d.to_string()]).into_iter().flatten())
+        .args(a.etcd.as_ref().map(|e| ["--etcd", e.as_str()]).into_iter().flatten())
+        .arg("--lease-dir")
+        .arg(&a.lease_dir)
+        .arg("--observe")
+        .arg(observer.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting the primary process")?;
+    let (copied_tx, copied_rx) = std::sync::mpsc::channel::<Instant>();
+    let pid = child.id();
+    let killer = std::thread::spawn(move || -> Option<SystemTime> {
+        let copied = copied_rx.recv().ok()?;
+        std::thread::sleep(Duration::from_secs_f64(after).saturating_sub(copied.elapsed()));
+        // SAFETY: kill(2) with a pid and a signal number; no memory is involved.
+        let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        (rc == 0).then(SystemTime::now)
+    });
+    let backup = destination_half(&listener, &PreSharedKey::from_hex(&key_hex)?, a, Some(&copied_tx));
+    drop(copied_tx);
+    if backup.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait()?;
+    let killed_at = killer.join().ok().flatten();
+    let backup = backup?;
+    let mut report = backup.report;
+    use std::os::unix::process::ExitStatusExt;
+    report["primary_killed"] = json!(status.signal() == Some(libc::SIGKILL));
+    report["kill_after_s"] = json!(after);
+    if let (Some(killed), true) = (killed_at, report["took_over"] == json!(true)) {
+        // From the SIGKILL to the guest running here.
+        report["failover_ms"] = json!(backup.at.duration_since(killed).unwrap_or_default().as_secs_f64() * 1e3);
+    }
+    finish_report(a, report, observer)
 }
 
 /// `demo --inject kill-destination=F`: the destination runs as its own process (`ferry-vmm

@@ -172,9 +172,11 @@ impl Observer {
                         Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }
                 }
-                // Writers have closed their ends by now (their VMMs ended or were killed).
-                for r in readers {
-                    let _ = r.join();
+                // Writers have closed their ends by now (their VMMs ended or were killed); one
+                // that has not within a few seconds is not waited for (its lines may be missed).
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while readers.iter().any(|r| !r.is_finished()) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
                 }
             })
         };

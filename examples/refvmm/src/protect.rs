@@ -34,6 +34,13 @@ pub struct VmCapture {
     dirty: KvmDirtyLog,
 }
 
+impl VmCapture {
+    /// A capture of the VM whose vCPUs report to `telemetry`, writes logged by `dirty`.
+    pub fn new(telemetry: Arc<Telemetry>, vcpus: usize, dirty: KvmDirtyLog) -> Self {
+        VmCapture { telemetry, vcpus, dirty }
+    }
+}
+
 impl CheckpointCapture for VmCapture {
     fn pause(&mut self, epoch: u64) -> std::result::Result<Vec<u8>, String> {
         let vcpus = self.telemetry.gate.pause(self.vcpus, PAUSE_TIMEOUT).map_err(|e| e.to_string())?;
@@ -106,7 +113,7 @@ pub fn protection(vm: &Vm, period: Duration, lease: Option<LeaseTerms>) -> Resul
         })
     };
     Ok(Protection {
-        capture: Box::new(VmCapture { telemetry, vcpus: vm.vcpu_count(), dirty }),
+        capture: Box::new(VmCapture::new(telemetry, vm.vcpu_count(), dirty)),
         checkpoints: CheckpointConfig { period, ..CheckpointConfig::default() },
         lease,
         halt,

@@ -558,3 +558,36 @@ fn the_source_restarts_the_guest_holding_an_etcd_lease() {
     assert_eq!(r["guest_mismatches"], 0, "{r}");
     assert_output_whole(&r);
 }
+
+#[test]
+fn a_fault_tolerant_pair_protects_the_guest_and_the_backup_takes_over_when_the_primary_dies() {
+    if !kvm_available("a_fault_tolerant_pair_protects_the_guest_and_the_backup_takes_over_when_the_primary_dies") {
+        return;
+    }
+    // Protection ends cleanly: the backup followed every epoch and does not take over.
+    let r = demo(&["--mode", "ft", "--workload", "rand-write", "--seconds", "0.5", "--checkpoint-ms", "20"]);
+    assert_eq!(r["took_over"], false, "{r}");
+    assert!(r["checkpoints"].as_u64().unwrap() >= 2, "{r}");
+    assert!(r["epochs_applied"].as_u64().unwrap() >= r["checkpoints"].as_u64().unwrap(), "{r}");
+    assert_eq!(r["primary_guest_mismatches"], 0, "{r}");
+    assert_output_whole(&r);
+    // The primary is SIGKILLed mid-protection: the backup takes over from its last epoch.
+    for workload in ["seq-write", "rand-write"] {
+        let r = demo(&[
+            "--mode",
+            "ft",
+            "--workload",
+            workload,
+            "--seconds",
+            "1",
+            "--checkpoint-ms",
+            "20",
+            "--inject",
+            "kill-primary=0.4",
+        ]);
+        assert_eq!(r["primary_killed"], true, "{r}");
+        assert_eq!(r["took_over"], true, "{r}");
+        assert_eq!(r["guest_mismatches"], 0, "{workload}: {r}");
+        assert_output_whole(&r);
+    }
+}

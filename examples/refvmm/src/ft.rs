@@ -1,0 +1,156 @@
+//! `--mode ft`: a fault-tolerant pair (ferry's `ft` module) in the reference VMM. The source is
+//! the primary: it gives the backup a first copy by pre-copy while its guest runs (the final
+//! round pauses the vCPUs at the gate, and they go on here), then streams an epoch every
+//! `--checkpoint-ms` for `--seconds`, holding the guest's output until the backup acknowledged
+//! it, and stops protecting cleanly. The destination is the backup: it keeps the copy and applies
+//! epochs; when the primary is lost (killed, or silent past the liveness timeout) it takes the
+//! lease and resumes the guest from the last epoch.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use ferry::checkpoint::{CheckpointConfig, KeptImage};
+use ferry::ft::{FtConfig, Primary};
+use ferry_transport::{ControlStream, GuestMemory};
+use serde_json::json;
+
+use crate::protect::{self, VmCapture};
+use crate::vm::{KvmDirtyLog, Vm};
+
+/// Why a primary that stops protecting cleanly says so: its backup then does not take over.
+const STOPPED: &str = "the primary stopped protection";
+
+/// How long the first copy's final round may wait for every vCPU at the gate.
+const GATE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn config(checkpoint_ms: u64) -> FtConfig {
+    FtConfig {
+        checkpoints: CheckpointConfig { period: Duration::from_millis(checkpoint_ms.max(1)), ..Default::default() },
+        ..FtConfig::default()
+    }
+}
+
+/// The primary, once a backup connected on `control` and the guest runs: the first copy, then
+/// `seconds` of protection (or less, if the backup is lost), then a clean stop. Fills `report`.
+pub fn run_primary(
+    vm: &Vm,
+    memory: &Arc<GuestMemory>,
+    control: &mut dyn ControlStream,
+    mut dirty: KvmDirtyLog,
+    checkpoint_ms: u64,
+    seconds: f64,
+    report: &mut serde_json::Value,
+) -> Result<()> {
+    let started = Instant::now();
+    let mut paused_for = Duration::ZERO;
+    let first = ferry::precopy::run_source(
+        control,
+        u64::from(memory.layout().page_size()),
+        &mut dirty,
+        || {
+            let at = Instant::now();
+            let vcpus = vm
+                .telemetry
+                .gate
+                .pause(vm.vcpu_count(), GATE_TIMEOUT)
+                .map_err(|e| ferry::MigrationError::Vmm(e.to_string()))?;
+            // From the copy's final state on, output waits for the epoch that captures it.
+            vm.telemetry.output.hold();
+            paused_for = at.elapsed();
+            serde_json::to_vec(&vcpus).map_err(|e| ferry::MigrationError::Vmm(e.to_string()))
+        },
+        &ferry::precopy::PrecopyConfig::default(),
+    );
+    // The guest goes on here whatever became of the copy.
+    vm.telemetry.gate.resume();
+    let first = first?;
+    report["first_copy_ms"] = json!(started.elapsed().as_secs_f64() * 1e3);
+    report["first_copy_rounds"] = json!(first.rounds);
+    report["first_copy_pause_ms"] = json!(paused_for.as_secs_f64() * 1e3);
+    let capture = VmCapture::new(vm.telemetry.clone(), vm.vcpu_count(), dirty);
+    let primary = Primary::start(&*control, memory.clone(), Box::new(capture), &config(checkpoint_ms))?;
+    let protected_at = Instant::now();
+    let until = protected_at + Duration::from_secs_f64(seconds);
+    while Instant::now() < until && primary.backup_lost().is_none() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let lost = primary.backup_lost();
+    let (stats, capture) = primary.stop();
+    // No backup to wait for any more (it is gone, or protection ends): what is held leaves now.
+    // This side holds the lease, so it is the one live copy.
+    if let Some(mut capture) = capture {
+        capture.committed(u64::MAX);
+    }
+    if lost.is_none() {
+        ferry::handoff::send_abort(control, STOPPED);
+    }
+    report["protected_ms"] = json!(protected_at.elapsed().as_secs_f64() * 1e3);
+    report["backup_lost"] = json!(lost);
+    report["checkpoints"] = json!(stats.committed);
+    report["checkpoints_failed"] = json!(stats.failed);
+    report["checkpoint_pages"] = json!(stats.pages);
+    report["checkpoint_pause_ms"] = json!(stats.paused.as_secs_f64() * 1e3);
+    report["checkpoint_longest_pause_ms"] = json!(stats.longest_pause.as_secs_f64() * 1e3);
+    Ok(())
+}
+
+/// What the backup did.
+pub struct BackupOutcome {
+    /// The guest now runs here (the primary was lost and the lease taken).
+    pub running: Option<crate::vm::Running>,
+    /// Held while the guest runs here.
+    pub lease: Option<ferry::arbiter::LeaseKeeper>,
+    pub report: serde_json::Value,
+}
+
+/// The backup: pulls the first copy into `memory`, then follows the primary's epochs until it is
+/// lost; then, holding the lease, resumes the guest in `vm` from the last epoch. `copied` is told
+/// when the first copy is complete.
+pub fn run_backup(
+    vm: &mut Vm,
+    memory: &Arc<GuestMemory>,
+    control: &mut dyn ControlStream,
+    lanes: ferry_transport::PageSource,
+    terms: &ferry::arbiter::LeaseTerms,
+    copied: Option<&std::sync::mpsc::Sender<Instant>>,
+) -> Result<BackupOutcome> {
+    let mut first_state = None;
+    ferry::precopy::run_destination(control, memory, lanes, |state| {
+        first_state = Some(state.to_vec());
+        Ok(())
+    })?;
+    let first_state = first_state.ok_or_else(|| anyhow!("the first copy ended without the guest's state"))?;
+    if let Some(copied) = copied {
+        let _ = copied.send(Instant::now());
+    }
+    let kept = KeptImage::new(memory.clone());
+    let end = ferry::ft::run_backup(control, &kept, ferry::Liveness::default(), &AtomicBool::new(false))?;
+    let mut report = json!({
+        "epochs_applied": end.epochs,
+        "epoch_pages_applied": end.pages,
+        "primary_lost": end.why,
+    });
+    if end.why.contains(STOPPED) {
+        report["took_over"] = json!(false);
+        return Ok(BackupOutcome { running: None, lease: None, report });
+    }
+    let lost_at = Instant::now();
+    // The primary's lease runs out (or it gave it up): only then may the guest run here.
+    let lease = ferry::arbiter::LeaseKeeper::acquire(terms, terms.ttl * 3, {
+        let telemetry = vm.telemetry.clone();
+        move || telemetry.stop.store(true, Ordering::Release)
+    })
+    .context("taking the lease over")?;
+    let epoch = protect::restart(vm, &kept, &first_state)?;
+    let running = vm.start()?;
+    report["took_over"] = json!(true);
+    report["takeover_epoch"] = json!(epoch);
+    report["lease_wait_ms"] = json!(lost_at.elapsed().as_secs_f64() * 1e3);
+    if let Some(at) = end.last_applied_at {
+        // The guest's work since the epoch it resumed from was done at the primary and lost.
+        report["work_lost_ms"] = json!(at.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(BackupOutcome { running: Some(running), lease: Some(lease), report })
+}
