@@ -4,6 +4,7 @@
 #   session        post-copy handoffs and pre-copy rounds from a stream of frames
 #   snapshot       snapshot images (whole files, and patches to a sound one) and working-set files
 #   uffd_mappings  the Firecracker UFFD handshake's JSON mappings and the layout made of them
+#   checkpoint     the checkpoint stream (reverse checkpoints, fault-tolerant epochs)
 # Each target runs SECONDS (default 60) on the corpus kept in fuzz/corpus/TARGET (new finds are
 # added there); a crash stops the script with the input saved under fuzz/artifacts/TARGET.
 #   bash scripts/fuzz.sh [SECONDS]
@@ -14,7 +15,7 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked -q
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 cargo +nightly fuzz build -O
 total=0
-for target in wire session snapshot uffd_mappings; do
+for target in wire session snapshot uffd_mappings checkpoint; do
   mkdir -p "corpus/$target"
   log=$(mktemp)
   # Inputs up to 4 KiB: every decoder's interesting cases fit, and the kept corpus stays small.
