@@ -63,15 +63,8 @@ enum Command {
         /// Print the report as one JSON line.
         #[arg(long)]
         json: bool,
-        /// Where the lease files live (storage both hosts see).
-        #[arg(long)]
-        lease_dir: Option<PathBuf>,
-        /// The lease on this etcd cluster (http://HOST:PORT) instead of a lease file.
-        #[arg(long)]
-        etcd: Option<String>,
-        /// Send the guest's output to the observer listening on this Unix socket.
-        #[arg(long)]
-        observe: Option<PathBuf>,
+        #[command(flatten)]
+        protect: ProtectOpts,
     },
     /// Runs a guest for --seconds, pauses it and saves it in ferry's image format.
     #[command(args_override_self = true)]
@@ -184,6 +177,13 @@ struct MigrationOpts {
     /// checkpoints, the source restarts the guest).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     recovery_window_ms: u64,
+    #[command(flatten)]
+    protect: ProtectOpts,
+}
+
+/// Who may run the guest, and who watches its output.
+#[derive(ClapArgs, Debug)]
+struct ProtectOpts {
     /// Where the lease files live (storage both hosts see).
     #[arg(long)]
     lease_dir: Option<PathBuf>,
@@ -194,6 +194,14 @@ struct MigrationOpts {
     /// Send the guest's output to the observer listening on this Unix socket.
     #[arg(long)]
     observe: Option<PathBuf>,
+}
+
+impl ProtectOpts {
+    fn apply(self, a: &mut Args) {
+        a.lease_dir = self.lease_dir.unwrap_or_else(std::env::temp_dir);
+        a.etcd = self.etcd;
+        a.observe = self.observe;
+    }
 }
 
 /// A fault to inject.
@@ -305,9 +313,7 @@ impl MigrationOpts {
         };
         a.checkpoint_ms = self.checkpoint_ms;
         a.recovery_window_ms = self.recovery_window_ms;
-        a.lease_dir = self.lease_dir.unwrap_or_else(std::env::temp_dir);
-        a.etcd = self.etcd;
-        a.observe = self.observe;
+        self.protect.apply(a);
     }
 }
 
@@ -331,14 +337,12 @@ pub fn parse() -> Args {
             guest.apply(&mut a);
             migration.apply(&mut a);
         }
-        Command::Receive { listen, key, json, lease_dir, etcd, observe } => {
+        Command::Receive { listen, key, json, protect } => {
             a.command = "receive".into();
             a.listen = Some(listen);
             a.key_hex = key.key_hex;
             a.json = json;
-            a.lease_dir = lease_dir.unwrap_or_else(std::env::temp_dir);
-            a.etcd = etcd;
-            a.observe = observe;
+            protect.apply(&mut a);
         }
         Command::Snapshot { out, guest } => {
             a.command = "snapshot".into();

@@ -1123,6 +1123,13 @@ fn finish_report(a: &Args, mut report: serde_json::Value, observer: output::Obse
     print_report(a, &report)
 }
 
+/// A fresh pre-shared key as hex, for a demo's second process.
+fn random_key_hex() -> Result<String> {
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    Ok(key.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// `demo --mode ft --inject kill-primary=S`: the primary runs as its own process (`ferry-vmm
 /// migrate --mode ft`), SIGKILLed S seconds after the backup (here) holds its first copy; the
 /// backup takes over.
@@ -1131,9 +1138,7 @@ fn demo_killing_the_primary(a: &Args, observer: output::Observer, after: f64) ->
     if a.mode != Mode::Ft {
         bail!("--inject kill-primary needs --mode ft");
     }
-    let mut key = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
-    let key_hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let key_hex = random_key_hex()?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let to = listener.local_addr()?.to_string();
     let mut child = Command::new(std::env::current_exe()?)
@@ -1183,9 +1188,7 @@ fn demo_killing_the_primary(a: &Args, observer: output::Observer, after: f64) ->
 /// the guest from its image and the last reverse checkpoint.
 fn demo_killing_the_destination(a: &Args, observer: output::Observer, at_fraction: f64) -> Result<()> {
     use std::process::{Command, Stdio};
-    let mut key = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
-    let key_hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let key_hex = random_key_hex()?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["receive", "--listen", "127.0.0.1:0", "--json", "--key-hex", &key_hex, "--lease-dir"])
         .arg(&a.lease_dir)
