@@ -1,6 +1,9 @@
 //! The accept loop the TCP-based page servers (`tcp`, `rdma`) share: a thread per connection, a
 //! handle to close each one, a clean stop, and the hand-over of a session's control lane to its
-//! owner.
+//! owner. Connections not yet authenticated are bounded: past [`MAX_UNAUTHENTICATED`] the oldest
+//! is closed to make room, so peers without the key that open connections and trickle bytes can
+//! neither exhaust the server's threads and descriptors nor lock the rightful destination out. A
+//! failing accept (out of descriptors) backs off instead of spinning.
 
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +23,12 @@ pub(crate) enum Served {
 
 type Connections = Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>;
 
+/// Most connections waiting to authenticate at once.
+pub(crate) const MAX_UNAUTHENTICATED: usize = 64;
+
+/// Connections accepted and not yet authenticated, oldest first, each with its number.
+type Unauthenticated = Arc<Mutex<std::collections::VecDeque<(u64, TcpStream)>>>;
+
 pub(crate) struct Acceptor {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -31,10 +40,11 @@ pub(crate) struct Acceptor {
 impl Acceptor {
     /// Listens on `addr` and serves each connection with `serve` on a thread of its own, named
     /// `{name}-serve`.
+    /// `serve` calls its second argument once the peer authenticated.
     pub(crate) fn start(
         addr: impl ToSocketAddrs,
         name: &str,
-        serve: impl Fn(&TcpStream) -> Served + Send + Sync + 'static,
+        serve: impl Fn(&TcpStream, &dyn Fn()) -> Served + Send + Sync + 'static,
     ) -> Result<Self> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
@@ -44,16 +54,42 @@ impl Acceptor {
         let (control_tx, control_rx) = std::sync::mpsc::sync_channel(4);
         let (stop2, conns2, serve) = (stop.clone(), connections.clone(), Arc::new(serve));
         let serve_name = format!("{name}-serve");
+        let unauthenticated: Unauthenticated = Arc::default();
         let thread = std::thread::Builder::new().name(format!("{name}-accept")).spawn(move || {
+            let mut next = 0u64;
             for stream in listener.incoming() {
                 if stop2.load(Ordering::SeqCst) {
                     return;
                 }
-                let Ok(stream) = stream else { continue };
-                let Ok(handle) = stream.try_clone() else { continue };
-                let (serve, control_tx) = (serve.clone(), control_tx.clone());
+                let stream = match stream {
+                    Ok(s) => s,
+                    // Out of descriptors or memory: give the connections being served time to end
+                    // instead of spinning on the same failure.
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                let (Ok(handle), Ok(waiting)) = (stream.try_clone(), stream.try_clone()) else { continue };
+                next += 1;
+                let id = next;
+                {
+                    let mut queue = unauthenticated.lock().expect("queue poisoned");
+                    while queue.len() >= MAX_UNAUTHENTICATED {
+                        // The oldest has had the longest to authenticate.
+                        if let Some((_, oldest)) = queue.pop_front() {
+                            let _ = oldest.shutdown(Shutdown::Both);
+                        }
+                    }
+                    queue.push_back((id, waiting));
+                }
+                let (serve, control_tx, queue) = (serve.clone(), control_tx.clone(), unauthenticated.clone());
                 let spawned = std::thread::Builder::new().name(serve_name.clone()).spawn(move || {
-                    if let Served::Control = serve(&stream) {
+                    let authenticated = || queue.lock().expect("queue poisoned").retain(|(i, _)| *i != id);
+                    let served = serve(&stream, &authenticated);
+                    // Authenticated or not, it no longer waits.
+                    authenticated();
+                    if let Served::Control = served {
                         if let Ok(owned) = stream.try_clone() {
                             if control_tx.try_send(owned).is_ok() {
                                 return;

@@ -95,8 +95,8 @@ impl TcpPageServer {
             served,
         });
         let conn_shared = shared.clone();
-        let acceptor = Acceptor::start(addr, "ferry-tcp", move |stream| {
-            serve_connection(stream, &conn_shared).unwrap_or_else(|e| {
+        let acceptor = Acceptor::start(addr, "ferry-tcp", move |stream, authenticated| {
+            serve_connection(stream, &conn_shared, authenticated).unwrap_or_else(|e| {
                 if matches!(e, TransportError::AuthFailed(_) | TransportError::Refused { .. }) {
                     conn_shared.stats.failed_handshakes.fetch_add(1, Ordering::Relaxed);
                 }
@@ -143,7 +143,7 @@ impl TcpPageServer {
     }
 }
 
-fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<Served> {
+fn serve_connection(stream: &TcpStream, shared: &Shared, authenticated: &dyn Fn()) -> Result<Served> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(shared.options.io_timeout))?;
     stream.set_write_timeout(Some(shared.options.io_timeout))?;
@@ -151,6 +151,7 @@ fn serve_connection(stream: &TcpStream, shared: &Shared) -> Result<Served> {
     let layout = memory.layout();
     let lane =
         server_handshake(&mut Deadline::new(stream, shared.options.io_timeout), &shared.key, shared.session, layout)?;
+    authenticated();
     if lane == Lane::Control {
         return Ok(Served::Control);
     }

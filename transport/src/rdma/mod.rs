@@ -387,8 +387,8 @@ impl RdmaPageServer {
             _memory: memory,
         });
         let conn_shared = shared.clone();
-        let acceptor = Acceptor::start(addr, "ferry-rdma", move |stream| {
-            serve_connection(stream, &conn_shared).unwrap_or_else(|e| {
+        let acceptor = Acceptor::start(addr, "ferry-rdma", move |stream, authenticated| {
+            serve_connection(stream, &conn_shared, authenticated).unwrap_or_else(|e| {
                 let counter = match e {
                     TransportError::AuthFailed(_) | TransportError::Refused { .. } => {
                         &conn_shared.stats.failed_handshakes
@@ -432,7 +432,7 @@ impl RdmaPageServer {
 
 /// Serves one connection: a control lane goes to the session owner; a setup connection gets
 /// its queue pairs, which live until it closes.
-fn serve_connection(stream: &TcpStream, shared: &ServerShared) -> Result<Served> {
+fn serve_connection(stream: &TcpStream, shared: &ServerShared, authenticated: &dyn Fn()) -> Result<Served> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(shared.options.io_timeout))?;
     stream.set_write_timeout(Some(shared.options.io_timeout))?;
@@ -442,6 +442,7 @@ fn serve_connection(stream: &TcpStream, shared: &ServerShared) -> Result<Served>
         shared.session,
         &shared.layout,
     )?;
+    authenticated();
     if lane == Lane::Control {
         return Ok(Served::Control);
     }
