@@ -444,7 +444,8 @@ pub struct Checkpointer {
 
 struct CheckpointerShared {
     stop: std::sync::atomic::AtomicBool,
-    acks: Mutex<mpsc::Sender<u64>>,
+    /// Bounded: acks come from the peer, which must not make us queue without end.
+    acks: Mutex<mpsc::SyncSender<u64>>,
     wake: (Mutex<bool>, std::sync::Condvar),
 }
 
@@ -465,9 +466,10 @@ impl std::fmt::Debug for CheckpointerHandle {
 }
 
 impl CheckpointerHandle {
-    /// The receiver acknowledged `epoch`.
+    /// The receiver acknowledged `epoch`. Acks past what the queue holds are dropped (a peer
+    /// acking what was never sent gains nothing; the epoch waited for comes with room to spare).
     pub fn acked(&self, epoch: u64) {
-        let _ = self.0.acks.lock().unwrap_or_else(|e| e.into_inner()).send(epoch);
+        let _ = self.0.acks.lock().unwrap_or_else(|e| e.into_inner()).try_send(epoch);
     }
 
     /// Capture soon (output is waiting), without waiting out the period.
@@ -486,7 +488,8 @@ impl Checkpointer {
         lane: Arc<dyn CheckpointLane>,
         config: CheckpointConfig,
     ) -> Result<Self> {
-        let (ack_tx, ack_rx) = mpsc::channel();
+        // One epoch is in flight at a time: a few slots hold its ack and stale ones.
+        let (ack_tx, ack_rx) = mpsc::sync_channel(16);
         let shared = Arc::new(CheckpointerShared {
             stop: std::sync::atomic::AtomicBool::new(false),
             acks: Mutex::new(ack_tx),

@@ -65,9 +65,7 @@ pub(crate) unsafe fn settings_arg(settings: *const FerryRecovery) -> Result<Sett
             // SAFETY: caller contract: NUL-terminated strings.
             let (path, holder) =
                 unsafe { (str_arg(s.lease_path, "lease_path")?, str_arg(s.lease_holder, "lease_holder")?) };
-            if holder.is_empty() || holder.len() > 256 || holder.contains([' ', '\n']) {
-                return Err(invalid("lease_holder: 1-256 bytes, no spaces"));
-            }
+            ferry::arbiter::check_holder(holder).map_err(|e| invalid(format!("lease_holder: {e}")))?;
             Some(LeaseTerms {
                 arbiter: Arc::new(LeaseFile::new(path, Duration::ZERO)),
                 holder: holder.into(),

@@ -282,7 +282,8 @@ impl Drop for LeaseKeeper {
     }
 }
 
-fn check_holder(holder: &str) -> Result<()> {
+/// Whether `holder` can name a lease holder: 1-256 bytes, no spaces or newlines.
+pub fn check_holder(holder: &str) -> Result<()> {
     if holder.is_empty() || holder.len() > 256 || holder.contains(['\n', ' ']) {
         return Err(MigrationError::Protocol(format!(
             "a lease holder name must be 1-256 bytes, no spaces: {holder:?}"

@@ -27,7 +27,7 @@ const GATE_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn config(checkpoint_ms: u64) -> FtConfig {
     FtConfig {
-        checkpoints: CheckpointConfig { period: Duration::from_millis(checkpoint_ms.max(1)), ..Default::default() },
+        checkpoints: CheckpointConfig { period: Duration::from_millis(checkpoint_ms), ..Default::default() },
         ..FtConfig::default()
     }
 }
@@ -43,10 +43,16 @@ pub fn run_primary(
     seconds: f64,
     report: &mut serde_json::Value,
 ) -> Result<()> {
+    if checkpoint_ms == 0 {
+        anyhow::bail!("--mode ft streams epochs: --checkpoint-ms must be above 0");
+    }
     let started = Instant::now();
     let mut paused_for = Duration::ZERO;
+    // Heartbeats both ways during the first copy too: a backup gone silent is an error, not a
+    // primary waiting forever with its guest paused at the final round.
+    let mut live = ferry::liveness::LiveControl::start(&*control, ferry::Liveness::default())?;
     let first = ferry::precopy::run_source(
-        control,
+        &mut live,
         u64::from(memory.layout().page_size()),
         &mut dirty,
         || {
@@ -65,6 +71,7 @@ pub fn run_primary(
     );
     // The guest goes on here whatever became of the copy.
     vm.telemetry.gate.resume();
+    drop(live);
     let first = first?;
     report["first_copy_ms"] = json!(started.elapsed().as_secs_f64() * 1e3);
     report["first_copy_rounds"] = json!(first.rounds);
@@ -117,10 +124,12 @@ pub fn run_backup(
     copied: Option<&std::sync::mpsc::Sender<Instant>>,
 ) -> Result<BackupOutcome> {
     let mut first_state = None;
-    ferry::precopy::run_destination(control, memory, lanes, |state| {
+    let mut live = ferry::liveness::LiveControl::start(&*control, ferry::Liveness::default())?;
+    ferry::precopy::run_destination(&mut live, memory, lanes, |state| {
         first_state = Some(state.to_vec());
         Ok(())
     })?;
+    drop(live);
     let first_state = first_state.ok_or_else(|| anyhow!("the first copy ended without the guest's state"))?;
     if let Some(copied) = copied {
         let _ = copied.send(Instant::now());

@@ -604,8 +604,7 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Re
     if a.mode == Mode::Ft {
         let mut report = json!({"baseline_rate": baseline_rate, "mode": "ft"});
         let log = dirty_log.take().ok_or_else(|| anyhow!("no dirty log"))?;
-        let checkpoint_ms = if a.checkpoint_ms == 0 { 100 } else { a.checkpoint_ms };
-        ft::run_primary(&source, &source_mem, control.as_mut(), log, checkpoint_ms, a.seconds, &mut report)?;
+        ft::run_primary(&source, &source_mem, control.as_mut(), log, a.checkpoint_ms, a.seconds, &mut report)?;
         report["primary_rate_after"] = json!(measure_rate(&source, a.seconds.min(0.5)));
         let running = running.take().ok_or_else(|| anyhow!("the guest is not running"))?;
         let mismatches = self_check(&mut source, running)?;
@@ -1188,6 +1187,10 @@ fn demo_killing_the_primary(a: &Args, observer: output::Observer, after: f64) ->
 /// the guest from its image and the last reverse checkpoint.
 fn demo_killing_the_destination(a: &Args, observer: output::Observer, at_fraction: f64) -> Result<()> {
     use std::process::{Command, Stdio};
+    // The kill is timed by the tcp page server's count of pages served, in post-copy.
+    if a.mode != Mode::Postcopy || a.local {
+        bail!("--inject kill-destination needs --mode postcopy over tcp");
+    }
     let key_hex = random_key_hex()?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["receive", "--listen", "127.0.0.1:0", "--json", "--key-hex", &key_hex, "--lease-dir"])
