@@ -172,6 +172,11 @@ fn layout(a: &Args) -> Result<MemoryLayout> {
 
 fn main() -> Result<()> {
     let a = cli::parse();
+    // Before any VM or thread exists: a demo's destination thread would wait for a source that
+    // gave up.
+    if a.mode == Mode::Ft && a.checkpoint_ms == 0 && matches!(a.command.as_str(), "demo" | "migrate") {
+        bail!("--mode ft streams epochs: --checkpoint-ms must be above 0");
+    }
     match a.command.as_str() {
         "run" => run(&a),
         "demo" => demo(&a),
