@@ -1072,9 +1072,10 @@ fn demo(a: &Args) -> Result<()> {
         let (key, a) = (key.clone(), a.clone());
         std::thread::spawn(move || destination_half(&listener, &key, &a, None))
     };
-    let source = source_half(a, &to, &key, None);
+    // A source that failed may have left the destination waiting for it: report the failure
+    // without joining (the process ends with it).
+    let source = source_half(a, &to, &key, None)?;
     let destination = destination.join().map_err(|_| anyhow!("the destination thread panicked"))?;
-    let source = source?;
     if source.report["restarted_on_source"] == json!(true) {
         // The destination failed and the source took the guest back: its report is the one.
         let mut report = source.report;
