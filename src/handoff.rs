@@ -36,6 +36,9 @@ const ROUND_DONE: u8 = 7;
 const STREAM_STATE: u8 = 1;
 const STREAM_FREE: u8 = 2;
 const STREAM_DIRTY: u8 = 3;
+/// A back-and-forth offer's changed pages and sampled checksums (crate::backforth).
+pub(crate) const STREAM_CHANGED: u8 = 4;
+pub(crate) const STREAM_SAMPLES: u8 = 5;
 
 /// What the destination tells the source when every page is present.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -68,7 +71,7 @@ pub fn send_handoff(control: &mut dyn ControlStream, state: &[u8], free: &FreePa
     send_stream(control, STREAM_FREE, &bitmap)
 }
 
-fn send_stream(control: &mut dyn ControlStream, stream: u8, bytes: &[u8]) -> Result<()> {
+pub(crate) fn send_stream(control: &mut dyn ControlStream, stream: u8, bytes: &[u8]) -> Result<()> {
     for (i, chunk) in bytes.chunks(CHUNK_DATA).enumerate() {
         let mut msg = Vec::with_capacity(10 + chunk.len());
         msg.push(CHUNK);
@@ -102,7 +105,7 @@ pub fn receive_handoff(control: &mut dyn ControlStream, total_pages: u64) -> Res
     Ok((state, free))
 }
 
-fn receive_stream(control: &mut dyn ControlStream, stream: u8, len: usize) -> Result<Vec<u8>> {
+pub(crate) fn receive_stream(control: &mut dyn ControlStream, stream: u8, len: usize) -> Result<Vec<u8>> {
     // Grows as chunks arrive: an announced length is not allocated before its bytes come.
     let mut out = Vec::new();
     while out.len() < len {
@@ -245,7 +248,7 @@ pub(crate) fn done_counters(msg: &[u8]) -> Result<DoneCounters> {
 
 /// Reads a session message, skipping heartbeats ([`crate::liveness`]) and turning the peer's
 /// `Abort` into an error.
-fn read_message(control: &mut dyn ControlStream) -> Result<Vec<u8>> {
+pub(crate) fn read_message(control: &mut dyn ControlStream) -> Result<Vec<u8>> {
     loop {
         let msg = read_session(control)?;
         match msg.first() {

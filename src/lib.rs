@@ -14,12 +14,14 @@
 //! the [`checkpoint`] stream (epochs of dirty pages and state, applied whole and
 //! acknowledged; post-copy's reverse checkpoints, so a source restarts a guest whose destination
 //! died), and [`ft`], fault-tolerant pairs on the same three (a primary streams epochs to a live
-//! backup, which takes over when the primary is lost). Back-and-forth is to follow. With
+//! backup, which takes over when the primary is lost), and [`backforth`] (a host a VM left keeps
+//! its image; the way back moves only the pages the guest changed since). With
 //! the `testkit` feature (tests, benchmarks and demos without KVM;
 //! not part of the API): `toucher`, a guest stand-in that verifies every page it touches, and
 //! `loopback`, a whole migration in one process.
 
 pub mod arbiter;
+pub mod backforth;
 pub mod checkpoint;
 pub mod engine;
 pub mod error;

@@ -30,6 +30,9 @@ pub struct PrecopyConfig {
     pub max_rounds: u32,
     /// Heartbeats once a hybrid migration turns to post-copy.
     pub liveness: crate::liveness::Liveness,
+    /// Round 0 pulls every page; migrating onto an image the destination kept and accepted
+    /// ([`crate::backforth`]), only these, the pages changed since the guest left it.
+    pub base: Option<FreePages>,
 }
 
 impl Default for PrecopyConfig {
@@ -38,6 +41,7 @@ impl Default for PrecopyConfig {
             downtime_target: Duration::from_millis(50),
             max_rounds: 30,
             liveness: crate::liveness::Liveness::default(),
+            base: None,
         }
     }
 }
@@ -117,7 +121,21 @@ fn rounds(
     config: &PrecopyConfig,
 ) -> Result<(PrecopyReport, FreePages)> {
     let first = dirty_log.collect()?;
-    let mut dirty = FreePages::all(first.pages());
+    let mut dirty = match &config.base {
+        Some(changed) if changed.pages() == first.pages() => {
+            let mut round0 = changed.clone();
+            round0.union_with(&first);
+            round0
+        }
+        Some(changed) => {
+            return Err(MigrationError::Vmm(format!(
+                "a base of {} pages for a dirty log of {}",
+                changed.pages(),
+                first.pages()
+            )))
+        }
+        None => FreePages::all(first.pages()),
+    };
     let mut report = PrecopyReport::default();
     loop {
         handoff::send_round(control, &dirty, &handoff::RoundKind::Pull)?;
@@ -204,11 +222,21 @@ pub fn run_hybrid_destination(
             }
         }
     };
+    // Inside the downtime, but one madvise per run.
+    discard(&memory, &stale)?;
+    let registered = ferry_fault_handler::DestinationMemory::register_with_valid(memory, |p| !stale.is_free(p))?;
+    let session =
+        crate::postcopy::PostcopyDestination::start(control, std::sync::Arc::new(registered), source, config, resume)?;
+    Ok((rounds, session))
+}
+
+/// Drops the `pages` from `memory` (they read as absent, or zero, from then on): one madvise per
+/// run, split only at region edges.
+pub(crate) fn discard(memory: &GuestMemory, pages: &FreePages) -> Result<()> {
     let layout = memory.layout();
     let ps = u64::from(layout.page_size());
     let bases = layout.region_bases();
-    // Inside the downtime: one madvise per run of stale pages, split only at region edges.
-    for (first, count) in stale.runs() {
+    for (first, count) in pages.runs() {
         let mut g = first;
         while g < first + count {
             let region = bases.partition_point(|&b| b <= g) - 1;
@@ -218,10 +246,7 @@ pub fn run_hybrid_destination(
             g += n;
         }
     }
-    let registered = ferry_fault_handler::DestinationMemory::register_with_valid(memory, |p| !stale.is_free(p))?;
-    let session =
-        crate::postcopy::PostcopyDestination::start(control, std::sync::Arc::new(registered), source, config, resume)?;
-    Ok((rounds, session))
+    Ok(())
 }
 
 /// Reads every page set in `dirty` through the bulk lane and writes it into `memory`.

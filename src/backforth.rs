@@ -1,0 +1,588 @@
+//! Back-and-forth migration (Lee, Lai, Lee, UCC'16): a host a VM left keeps its image, and the
+//! way back moves only what the guest changed since.
+//!
+//! - The host the VM leaves keeps its memory as a [`RetainedImage`], named by an
+//!   [`ImageIdentity`]: the VM's id and the generation (how many migrations the VM had made when
+//!   it left; each arrival makes the next).
+//! - The host the VM arrives at wraps the VMM's dirty log in a [`ChangeTracker`] before the guest
+//!   resumes: every page the guest writes from then on (and every page the VMM marks, e.g.
+//!   reported free) joins the changed set. A page that arrives by post-copy after the resume is
+//!   the base's own until the guest writes it, and a write is in the dirty log whenever the page
+//!   arrived, so post-copy arrivals need nothing more.
+//! - Leaving again, the source sends a [`BaseOffer`] before the migration proper ([`propose`]):
+//!   the identity of the base it changed, the layout's digest, the changed set, and checksums of a
+//!   sample of unchanged pages taken from its running guest. The destination ([`answer`]) checks
+//!   them against its kept image: identity, generation, layout, every sampled page. Accepted, the
+//!   migration runs over the kept memory: pre-copy's round 0 is the changed set
+//!   ([`crate::precopy::PrecopyConfig::base`]) and later rounds what the guest writes meanwhile;
+//!   post-copy sends, once the guest is paused, the pages changed since the offer
+//!   ([`send_last_changes`]), and the destination registers its kept memory with only the changed
+//!   pages absent ([`absent_where_changed`]). Refused, with the reason, it runs as a full migration into fresh
+//!   memory.
+//!
+//! Sampling catches an image that was written widely since the VM left (a restart there, another
+//! VM's data, a restore over it): with 1024 samples, an image changed in 1% of its pages escapes
+//! with probability 0.99^1024 < 4e-5. A change to a handful of pages is not caught by sampling; a
+//! host that must rule that out keeps the retained memory unwritable (a sealed memfd) or checks
+//! every page, which costs a full read of the image at the destination per trip.
+
+use std::sync::Arc;
+
+use ferry_transport::wire::write_session;
+use ferry_transport::{ControlStream, GuestMemory, MemoryLayout};
+
+use crate::error::{MigrationError, Result};
+use crate::freepages::FreePages;
+use crate::handoff;
+use crate::precopy::DirtyLog;
+
+/// The longest VM id an offer carries.
+pub const MAX_VM_ID_BYTES: usize = 64;
+/// Most sampled pages an offer may carry (a hostile offer cannot make the destination read more).
+pub const MAX_SAMPLES: usize = 4096;
+/// Samples a source sends unless told otherwise.
+pub const DEFAULT_SAMPLES: usize = 1024;
+
+const BASE_OFFER: u8 = 20;
+const BASE_VERDICT: u8 = 21;
+const LAST_CHANGES: u8 = 22;
+
+/// Which image a retained copy is, or which image a running guest's changes are relative to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageIdentity {
+    pub vm_id: String,
+    /// Migrations the VM had made when this image was left behind.
+    pub generation: u64,
+}
+
+impl ImageIdentity {
+    /// A checked identity: the id is 1 to [`MAX_VM_ID_BYTES`] bytes.
+    pub fn new(vm_id: impl Into<String>, generation: u64) -> Result<Self> {
+        let vm_id = vm_id.into();
+        if vm_id.is_empty() || vm_id.len() > MAX_VM_ID_BYTES {
+            return Err(MigrationError::Protocol(format!("a VM id of {} bytes (1 to {MAX_VM_ID_BYTES})", vm_id.len())));
+        }
+        Ok(ImageIdentity { vm_id, generation })
+    }
+}
+
+/// Guest memory a host kept when its VM left, as it was at the departure.
+#[derive(Debug)]
+pub struct RetainedImage {
+    identity: ImageIdentity,
+    memory: Arc<GuestMemory>,
+}
+
+impl RetainedImage {
+    /// Keeps `memory`, which must hold the guest exactly as it left (its vCPUs stopped for good
+    /// here), under `identity`.
+    pub fn keep(memory: Arc<GuestMemory>, identity: ImageIdentity) -> Self {
+        RetainedImage { identity, memory }
+    }
+
+    pub fn identity(&self) -> &ImageIdentity {
+        &self.identity
+    }
+
+    /// The kept memory. Anything written to it makes the image differ from the base a returning
+    /// VM changed: the sampled check refuses such an image when the writes are widespread.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+}
+
+/// The pages a guest changed since it arrived on a base image. Wraps the VMM's dirty log: pass the
+/// tracker wherever the log was used (pre-copy rounds take it as their [`DirtyLog`]), so no write
+/// it reports is missed.
+#[derive(Debug)]
+pub struct ChangeTracker<L> {
+    base: ImageIdentity,
+    changed: FreePages,
+    log: L,
+}
+
+impl<L: DirtyLog> ChangeTracker<L> {
+    /// Starts tracking a guest of `pages` pages that arrived on `base`. `log` must have been
+    /// logging since before the guest resumed here; what it holds now is counted as changed.
+    pub fn start(base: ImageIdentity, mut log: L, pages: u64) -> Result<Self> {
+        let mut changed = FreePages::new(pages);
+        let first = log.collect()?;
+        if first.pages() != pages {
+            return Err(MigrationError::Vmm(format!("a dirty log of {} pages for {pages}", first.pages())));
+        }
+        changed.union_with(&first);
+        Ok(ChangeTracker { base, changed, log })
+    }
+
+    /// Counts `pages` as changed (pages the guest discarded or reported free: they read as zero
+    /// here, not as the base).
+    pub fn mark_changed(&mut self, pages: &FreePages) {
+        self.changed.union_with(pages);
+    }
+
+    pub fn base(&self) -> &ImageIdentity {
+        &self.base
+    }
+
+    /// Every page changed so far (as of the last collection).
+    pub fn changed(&self) -> &FreePages {
+        &self.changed
+    }
+
+    /// The offer of a source leaving on this base: collects the log, checksums up to `samples`
+    /// unchanged pages of `memory` (the guest may be running), and drops every sample whose page
+    /// the guest wrote meanwhile.
+    pub fn offer(&mut self, memory: &GuestMemory, samples: usize) -> Result<BaseOffer> {
+        self.collect()?;
+        let layout = memory.layout();
+        let unchanged = self.changed.pages() - self.changed.count();
+        let want = samples.min(MAX_SAMPLES) as u64;
+        let mut taken = Vec::new();
+        if unchanged > 0 && want > 0 {
+            // Evenly spread over the unchanged pages from a random start: wide changes to the kept
+            // image meet a sample wherever they are.
+            let stride = (unchanged / want).max(1);
+            let mut skip = seed() % stride;
+            let mut page = vec![0u8; layout.page_size() as usize];
+            for p in (0..self.changed.pages()).filter(|&p| !self.changed.is_free(p)) {
+                if skip > 0 {
+                    skip -= 1;
+                    continue;
+                }
+                read_page(memory, p, &mut page)?;
+                taken.push((p, crc32c::crc32c(&page)));
+                if taken.len() as u64 == want {
+                    break;
+                }
+                skip = stride - 1;
+            }
+        }
+        // A sampled page written while it was read would be refused for no fault of the image.
+        let during = self.collect()?;
+        taken.retain(|&(p, _)| !during.is_free(p));
+        Ok(BaseOffer {
+            base: self.base.clone(),
+            layout_digest: layout_digest(layout),
+            changed: self.changed.clone(),
+            samples: taken,
+        })
+    }
+
+    /// The wrapped log.
+    pub fn into_log(self) -> L {
+        self.log
+    }
+}
+
+impl<L: DirtyLog> DirtyLog for ChangeTracker<L> {
+    fn collect(&mut self) -> Result<FreePages> {
+        let dirty = self.log.collect()?;
+        if dirty.pages() != self.changed.pages() {
+            return Err(MigrationError::Vmm(format!(
+                "a dirty log of {} pages for {}",
+                dirty.pages(),
+                self.changed.pages()
+            )));
+        }
+        self.changed.union_with(&dirty);
+        Ok(dirty)
+    }
+}
+
+fn seed() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    // splitmix64's finaliser: neighbouring clocks give unrelated starts.
+    let mut z = nanos.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn read_page(memory: &GuestMemory, page: u64, out: &mut [u8]) -> Result<()> {
+    let layout = memory.layout();
+    let bases = layout.region_bases();
+    let region = bases.partition_point(|&b| b <= page) - 1;
+    let ps = u64::from(layout.page_size());
+    Ok(memory.regions()[region].read((page - bases[region]) * ps, out)?)
+}
+
+/// A digest of page size and regions: two layouts with one digest are the same layout.
+fn layout_digest(layout: &MemoryLayout) -> u32 {
+    let mut bytes = layout.page_size().to_le_bytes().to_vec();
+    for r in layout.regions() {
+        bytes.extend_from_slice(&r.guest_phys_addr.to_le_bytes());
+        bytes.extend_from_slice(&r.size.to_le_bytes());
+    }
+    crc32c::crc32c(&bytes)
+}
+
+/// What a returning VM's source claims about the image it left.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseOffer {
+    pub base: ImageIdentity,
+    pub layout_digest: u32,
+    /// Pages that differ from the base.
+    pub changed: FreePages,
+    /// (page, crc32c of its contents) for pages that do not.
+    pub samples: Vec<(u64, u32)>,
+}
+
+/// The destination's answer, as the source sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BaseVerdict {
+    /// Only the changed pages move.
+    Accepted,
+    /// The kept image cannot serve (the reason says why): a full migration follows.
+    Refused(String),
+}
+
+/// How the destination receives the guest.
+#[derive(Debug)]
+pub enum Arrival {
+    /// Onto its kept image: only `changed` pages are to come.
+    Onto { memory: Arc<GuestMemory>, changed: FreePages },
+    /// A full migration into fresh memory. `refused` says why the kept image could not serve
+    /// (None: the source had no base to offer); `image` is the kept image, for the host to
+    /// keep or drop (it is not the guest's base).
+    Full { refused: Option<String>, image: Option<RetainedImage> },
+}
+
+/// Source side, before the migration proper: offers `offer` (None: this guest has no base to go
+/// back to) and returns the destination's verdict.
+pub fn propose(control: &mut dyn ControlStream, offer: Option<&BaseOffer>) -> Result<BaseVerdict> {
+    let mut msg = vec![BASE_OFFER, u8::from(offer.is_some())];
+    if let Some(o) = offer {
+        msg.extend_from_slice(&o.base.generation.to_le_bytes());
+        msg.extend_from_slice(&o.layout_digest.to_le_bytes());
+        msg.extend_from_slice(&o.changed.pages().to_le_bytes());
+        msg.extend_from_slice(&(o.samples.len() as u32).to_le_bytes());
+        msg.push(o.base.vm_id.len() as u8);
+        msg.extend_from_slice(o.base.vm_id.as_bytes());
+    }
+    write_session(control, &msg)?;
+    if let Some(o) = offer {
+        let bitmap: Vec<u8> = o.changed.words().iter().flat_map(|w| w.to_le_bytes()).collect();
+        handoff::send_stream(control, handoff::STREAM_CHANGED, &bitmap)?;
+        let samples: Vec<u8> =
+            o.samples.iter().flat_map(|&(p, crc)| p.to_le_bytes().into_iter().chain(crc.to_le_bytes())).collect();
+        handoff::send_stream(control, handoff::STREAM_SAMPLES, &samples)?;
+    }
+    let verdict = handoff::read_message(control)?;
+    match verdict.split_first() {
+        Some((&BASE_VERDICT, [1])) => Ok(BaseVerdict::Accepted),
+        Some((&BASE_VERDICT, [0, reason @ ..])) => {
+            Ok(BaseVerdict::Refused(String::from_utf8_lossy(reason).into_owned()))
+        }
+        _ => Err(MigrationError::Protocol("expected the destination's verdict on the base".into())),
+    }
+}
+
+/// Destination side, before the migration proper: receives the source's offer for a guest of
+/// `layout`, checks it against `image` (what this host kept, if anything) and answers.
+pub fn answer(control: &mut dyn ControlStream, image: Option<RetainedImage>, layout: &MemoryLayout) -> Result<Arrival> {
+    let offer = receive_offer(control, layout.total_pages())?;
+    let verdict = match &offer {
+        None => Err(None),
+        Some(offer) => match &image {
+            None => Err(Some("no image of this VM is kept here".to_string())),
+            Some(image) => check(offer, image, layout).map_err(Some),
+        },
+    };
+    let msg = match &verdict {
+        Ok(()) => vec![BASE_VERDICT, 1],
+        Err(reason) => {
+            let why = reason.as_deref().unwrap_or("the guest has no base to return to");
+            [&[BASE_VERDICT, 0][..], &why.as_bytes()[..why.len().min(1024)]].concat()
+        }
+    };
+    write_session(control, &msg)?;
+    Ok(match (verdict, offer, image) {
+        (Ok(()), Some(offer), Some(image)) => Arrival::Onto { memory: image.memory, changed: offer.changed },
+        (Err(refused), _, image) => Arrival::Full { refused, image },
+        _ => unreachable!("an accepted base has an offer and an image"),
+    })
+}
+
+/// Why `image` cannot be the base `offer` changed, if it cannot.
+fn check(offer: &BaseOffer, image: &RetainedImage, layout: &MemoryLayout) -> std::result::Result<(), String> {
+    let (ours, theirs) = (&image.identity, &offer.base);
+    if ours.vm_id != theirs.vm_id {
+        return Err(format!("the image kept here is of VM {:?}, not {:?}", ours.vm_id, theirs.vm_id));
+    }
+    if ours.generation != theirs.generation {
+        return Err(format!(
+            "the image kept here is generation {}, the guest's base is generation {}",
+            ours.generation, theirs.generation
+        ));
+    }
+    let kept_layout = image.memory.layout();
+    if let Some(why) = kept_layout.mismatch(layout) {
+        return Err(format!("the kept image's layout differs from the guest's: {why}"));
+    }
+    if offer.layout_digest != layout_digest(kept_layout) {
+        return Err("the source's layout differs from the kept image's".into());
+    }
+    let mut page = vec![0u8; layout.page_size() as usize];
+    for &(p, crc) in &offer.samples {
+        read_page(&image.memory, p, &mut page).map_err(|e| e.to_string())?;
+        if crc32c::crc32c(&page) != crc {
+            return Err(format!(
+                "page {p} of the kept image differs from the guest's base: it changed since the VM left"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn protocol(why: impl Into<String>) -> MigrationError {
+    MigrationError::Protocol(why.into())
+}
+
+fn receive_offer(control: &mut dyn ControlStream, total_pages: u64) -> Result<Option<BaseOffer>> {
+    let msg = handoff::read_message(control)?;
+    match msg.as_slice() {
+        [BASE_OFFER, 0] => return Ok(None),
+        [BASE_OFFER, 1, ..] if msg.len() >= 27 => {}
+        _ => return Err(protocol("expected the source's offer of a base")),
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(msg[i..i + 8].try_into().expect("8 bytes"));
+    let u32_at = |i: usize| u32::from_le_bytes(msg[i..i + 4].try_into().expect("4 bytes"));
+    let generation = u64_at(2);
+    let layout_digest = u32_at(10);
+    let pages = u64_at(14);
+    let samples = u32_at(22) as usize;
+    let id_len = msg[26] as usize;
+    if pages != total_pages {
+        return Err(protocol(format!("an offer for {pages} pages, this guest has {total_pages}")));
+    }
+    if samples > MAX_SAMPLES {
+        return Err(protocol(format!("an offer of {samples} samples (at most {MAX_SAMPLES})")));
+    }
+    if msg.len() != 27 + id_len {
+        return Err(protocol("an offer whose VM id does not fill it"));
+    }
+    let vm_id = std::str::from_utf8(&msg[27..]).map_err(|_| protocol("a VM id that is not UTF-8"))?;
+    let base = ImageIdentity::new(vm_id, generation)?;
+    let bitmap = handoff::receive_stream(control, handoff::STREAM_CHANGED, pages.div_ceil(64) as usize * 8)?;
+    let words = bitmap.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+    let changed = FreePages::from_words(words, pages).ok_or_else(|| protocol("changed pages past the end"))?;
+    let raw = if samples == 0 {
+        Vec::new()
+    } else {
+        handoff::receive_stream(control, handoff::STREAM_SAMPLES, samples * 12)?
+    };
+    let mut taken = Vec::with_capacity(samples);
+    for s in raw.chunks_exact(12) {
+        let page = u64::from_le_bytes(s[..8].try_into().expect("8 bytes"));
+        if page >= pages || changed.is_free(page) {
+            return Err(protocol(format!("a sample of page {page}, which is not an unchanged page of the guest")));
+        }
+        taken.push((page, u32::from_le_bytes(s[8..].try_into().expect("4 bytes"))));
+    }
+    Ok(Some(BaseOffer { base, layout_digest, changed, samples: taken }))
+}
+
+/// Source side of a post-copy onto an accepted base, once the guest is paused: the pages it
+/// changed since the offer (collect them from the tracker after the pause). Pre-copy needs no
+/// such message: its rounds carry these pages.
+pub fn send_last_changes(control: &mut dyn ControlStream, last: &FreePages) -> Result<()> {
+    write_session(control, &[LAST_CHANGES])?;
+    let bitmap: Vec<u8> = last.words().iter().flat_map(|w| w.to_le_bytes()).collect();
+    handoff::send_stream(control, handoff::STREAM_CHANGED, &bitmap)
+}
+
+/// Destination side of [`send_last_changes`]: adds the pages changed since the offer to
+/// `changed`. The guest is paused at the source meanwhile: call it just before
+/// [`absent_where_changed`].
+pub fn receive_last_changes(control: &mut dyn ControlStream, changed: &mut FreePages) -> Result<()> {
+    if handoff::read_message(control)? != [LAST_CHANGES] {
+        return Err(protocol("expected the pages changed since the offer"));
+    }
+    let pages = changed.pages();
+    let bitmap = handoff::receive_stream(control, handoff::STREAM_CHANGED, pages.div_ceil(64) as usize * 8)?;
+    let words = bitmap.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+    let last = FreePages::from_words(words, pages).ok_or_else(|| protocol("changed pages past the end"))?;
+    changed.union_with(&last);
+    Ok(())
+}
+
+/// Post-copy onto a kept image: drops the `changed` pages from `memory` (they are to come) and
+/// registers it with userfaultfd with every other page present.
+pub fn absent_where_changed(
+    memory: Arc<GuestMemory>,
+    changed: &FreePages,
+) -> Result<ferry_fault_handler::DestinationMemory> {
+    crate::precopy::discard(&memory, changed)?;
+    Ok(ferry_fault_handler::DestinationMemory::register_with_valid(memory, |p| !changed.is_free(p))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_transport::{Backing, RegionLayout};
+    use std::os::unix::net::UnixStream;
+
+    /// A dirty log that reports what the test put in it.
+    #[derive(Default)]
+    struct Scripted(std::collections::VecDeque<FreePages>, u64);
+
+    impl DirtyLog for Scripted {
+        fn collect(&mut self) -> Result<FreePages> {
+            Ok(self.0.pop_front().unwrap_or_else(|| FreePages::new(self.1)))
+        }
+    }
+
+    fn layout() -> MemoryLayout {
+        MemoryLayout::new(
+            4096,
+            vec![
+                RegionLayout { guest_phys_addr: 0, size: 64 * 4096 },
+                RegionLayout { guest_phys_addr: 1 << 30, size: 64 * 4096 },
+            ],
+        )
+        .unwrap()
+    }
+
+    fn filled() -> Arc<GuestMemory> {
+        let m = GuestMemory::create(layout(), Backing::Anonymous).unwrap();
+        for p in 0..128u64 {
+            let (r, off) = ((p / 64) as usize, (p % 64) * 4096);
+            m.regions()[r].write(off, &[p as u8 + 1; 4096]).unwrap();
+        }
+        Arc::new(m)
+    }
+
+    fn copy(from: &GuestMemory) -> Arc<GuestMemory> {
+        let m = GuestMemory::create(layout(), Backing::Anonymous).unwrap();
+        let mut buf = vec![0u8; 64 * 4096];
+        for r in 0..2 {
+            from.regions()[r].read(0, &mut buf).unwrap();
+            m.regions()[r].write(0, &buf).unwrap();
+        }
+        Arc::new(m)
+    }
+
+    /// Runs propose with `offer` against answer with `image`; returns both sides' results.
+    fn negotiate(offer: Option<BaseOffer>, image: Option<RetainedImage>) -> (BaseVerdict, Arrival) {
+        let (mut s, mut d) = UnixStream::pair().unwrap();
+        let source = std::thread::spawn(move || propose(&mut s, offer.as_ref()).unwrap());
+        let arrival = answer(&mut d, image, &layout()).unwrap();
+        (source.join().unwrap(), arrival)
+    }
+
+    fn tracker(guest: &GuestMemory, written: &[u64]) -> ChangeTracker<Scripted> {
+        let mut dirty = FreePages::new(128);
+        for &p in written {
+            dirty.set(p);
+            let (r, off) = ((p / 64) as usize, (p % 64) * 4096);
+            guest.regions()[r].write(off, &[0xee; 4096]).unwrap();
+        }
+        let id = ImageIdentity::new("vm-1", 3).unwrap();
+        ChangeTracker::start(id, Scripted([dirty].into(), 128), 128).unwrap()
+    }
+
+    #[test]
+    fn a_matching_image_is_accepted_and_only_the_changed_pages_are_to_come() {
+        let kept = filled();
+        let guest = copy(&kept);
+        let mut t = tracker(&guest, &[5, 70]);
+        let offer = t.offer(&guest, 64).unwrap();
+        assert_eq!(offer.samples.len(), 64);
+        let image = RetainedImage::keep(kept, ImageIdentity::new("vm-1", 3).unwrap());
+        let (verdict, arrival) = negotiate(Some(offer), Some(image));
+        assert_eq!(verdict, BaseVerdict::Accepted);
+        let Arrival::Onto { changed, .. } = arrival else { panic!("{arrival:?}") };
+        assert_eq!(changed.runs(), vec![(5, 1), (70, 1)]);
+    }
+
+    #[test]
+    fn an_image_of_another_generation_vm_or_contents_is_refused_with_the_reason() {
+        let kept = filled();
+        let guest = copy(&kept);
+        let offer = tracker(&guest, &[5]).offer(&guest, 128).unwrap();
+        let cases: Vec<(&str, RetainedImage)> = vec![
+            ("generation 2", RetainedImage::keep(kept.clone(), ImageIdentity::new("vm-1", 2).unwrap())),
+            ("not \"vm-1\"", RetainedImage::keep(kept.clone(), ImageIdentity::new("vm-2", 3).unwrap())),
+            ("changed since the VM left", {
+                let tampered = copy(&kept);
+                // One page in 8 written: some sample meets one.
+                for p in (0..128u64).step_by(8) {
+                    tampered.regions()[(p / 64) as usize].write((p % 64) * 4096 + 100, &[0x55]).unwrap();
+                }
+                RetainedImage::keep(tampered, ImageIdentity::new("vm-1", 3).unwrap())
+            }),
+        ];
+        for (why, image) in cases {
+            let (verdict, arrival) = negotiate(Some(offer.clone()), Some(image));
+            assert!(matches!(&verdict, BaseVerdict::Refused(r) if r.contains(why)), "{why}: {verdict:?}");
+            assert!(matches!(arrival, Arrival::Full { refused: Some(_), image: Some(_) }), "{why}");
+        }
+        let (verdict, arrival) = negotiate(Some(offer), None);
+        assert!(matches!(verdict, BaseVerdict::Refused(ref r) if r.contains("no image")), "{verdict:?}");
+        assert!(matches!(arrival, Arrival::Full { image: None, .. }));
+        let (verdict, arrival) =
+            negotiate(None, Some(RetainedImage::keep(kept, ImageIdentity::new("vm-1", 3).unwrap())));
+        assert!(matches!(verdict, BaseVerdict::Refused(_)));
+        assert!(matches!(arrival, Arrival::Full { refused: None, image: Some(_) }));
+    }
+
+    #[test]
+    fn a_sample_written_while_the_offer_is_made_is_dropped_and_counted_as_changed() {
+        let kept = filled();
+        let guest = copy(&kept);
+        let mut during = FreePages::new(128);
+        for p in 0..128 {
+            during.set(p);
+        }
+        let id = ImageIdentity::new("vm-1", 3).unwrap();
+        // The second collection (after the checksums) says every page was written meanwhile.
+        let mut t =
+            ChangeTracker::start(id, Scripted([FreePages::new(128), FreePages::new(128), during].into(), 128), 128)
+                .unwrap();
+        let offer = t.offer(&guest, 16).unwrap();
+        assert!(offer.samples.is_empty());
+        assert_eq!(offer.changed.count(), 128);
+    }
+
+    #[test]
+    fn hostile_offers_are_protocol_errors() {
+        let header = |pages: u64, samples: u32, id: &[u8], id_len: u8| {
+            let mut m = vec![BASE_OFFER, 1];
+            m.extend_from_slice(&1u64.to_le_bytes());
+            m.extend_from_slice(&0u32.to_le_bytes());
+            m.extend_from_slice(&pages.to_le_bytes());
+            m.extend_from_slice(&samples.to_le_bytes());
+            m.push(id_len);
+            m.extend_from_slice(id);
+            m
+        };
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("other page count", header(127, 0, b"vm", 2)),
+            ("too many samples", header(128, MAX_SAMPLES as u32 + 1, b"vm", 2)),
+            ("id length lies", header(128, 0, b"vm", 9)),
+            ("empty id", header(128, 0, b"", 0)),
+            ("truncated", vec![BASE_OFFER, 1, 0]),
+            ("not an offer", vec![BASE_VERDICT, 1]),
+        ];
+        for (what, msg) in cases {
+            let (mut s, mut d) = UnixStream::pair().unwrap();
+            write_session(&mut s, &msg).unwrap();
+            let err = answer(&mut d, None, &layout()).unwrap_err();
+            assert!(matches!(err, MigrationError::Protocol(_)), "{what}: {err:?}");
+        }
+        // A sample naming a changed page is a lie about the offer.
+        let (mut s, mut d) = UnixStream::pair().unwrap();
+        let mut changed = FreePages::new(128);
+        changed.set(9);
+        let offer =
+            BaseOffer { base: ImageIdentity::new("vm", 1).unwrap(), layout_digest: 0, changed, samples: vec![(9, 0)] };
+        let source = std::thread::spawn(move || {
+            let _ = propose(&mut s, Some(&offer));
+        });
+        let err = answer(&mut d, None, &layout()).unwrap_err();
+        assert!(matches!(err, MigrationError::Protocol(ref why) if why.contains("page 9")), "{err:?}");
+        // No verdict comes: the source sees the destination go.
+        drop(d);
+        source.join().unwrap();
+    }
+}
