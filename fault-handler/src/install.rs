@@ -160,6 +160,12 @@ impl DestinationMemory {
         }
     }
 
+    /// The guest memory, shared: once every page is present it can serve as any migration's
+    /// source (a VM that arrived by post-copy moving on).
+    pub fn shared_guest(&self) -> &std::sync::Arc<GuestMemory> {
+        &self.guest
+    }
+
     pub fn guest(&self) -> &GuestMemory {
         &self.guest
     }

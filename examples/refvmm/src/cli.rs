@@ -170,9 +170,21 @@ struct MigrationOpts {
     #[arg(long, value_parser = parse_inject)]
     inject: Option<Inject>,
     /// Post-copy: the destination sends reverse checkpoints this often (0: none; a destination
-    /// that dies then loses the guest).
-    #[arg(long, default_value_t = 100)]
-    checkpoint_ms: u64,
+    /// that dies then loses the guest). Default 100, and 0 with --trips.
+    #[arg(long)]
+    checkpoint_ms: Option<u64>,
+    /// Back-and-forth (demo): move the guest this many times between two hosts; the host it
+    /// left keeps its image and each return moves only what the guest changed since.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    trips: u64,
+    /// With --trips: the guest writes this percentage of its memory (its data pages, instead of
+    /// --data-mib) over and over: what it changes between trips.
+    #[arg(long, value_parser = parse_percent)]
+    dirty_percent: Option<f64>,
+    /// With --trips: write every 16th page of the kept image before each return (the return
+    /// must refuse it and run in full).
+    #[arg(long)]
+    tamper_kept: bool,
     /// How long a broken lane may take to come back before the session fails (and, with
     /// checkpoints, the source restarts the guest).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
@@ -240,6 +252,13 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
         _ => Err(format!("{s:?}: a number of seconds above 0, at most 3600")),
+    }
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 100.0 => Ok(v),
+        _ => Err(format!("{s:?}: a percentage above 0, at most 100")),
     }
 }
 
@@ -311,7 +330,10 @@ impl MigrationOpts {
             Some(Inject::KillPrimary(t)) => Some(t),
             _ => None,
         };
-        a.checkpoint_ms = self.checkpoint_ms;
+        a.checkpoint_ms = self.checkpoint_ms.unwrap_or(if self.trips > 1 { 0 } else { 100 });
+        a.trips = self.trips;
+        a.dirty_percent = self.dirty_percent;
+        a.tamper_kept = self.tamper_kept;
         a.recovery_window_ms = self.recovery_window_ms;
         self.protect.apply(a);
     }

@@ -39,6 +39,7 @@ mod guest;
 mod output;
 mod protect;
 mod rate;
+mod trips;
 mod vm;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -109,6 +110,12 @@ struct Args {
     etcd: Option<String>,
     /// The output observer's socket.
     observe: Option<std::path::PathBuf>,
+    /// Back-and-forth: moves of the guest between two hosts (`trips`); 1 is a plain migration.
+    trips: u64,
+    /// Between trips the guest runs until it changed this share of its memory.
+    dirty_percent: Option<f64>,
+    /// Writes the kept image before each return (it must be refused).
+    tamper_kept: bool,
 }
 
 impl Default for Args {
@@ -145,6 +152,9 @@ impl Default for Args {
             lease_dir: std::env::temp_dir(),
             etcd: None,
             observe: None,
+            trips: 1,
+            dirty_percent: None,
+            tamper_kept: false,
         }
     }
 }
@@ -1063,6 +1073,9 @@ fn demo(a: &Args) -> Result<()> {
     }
     if let Some(after) = a.kill_primary {
         return demo_killing_the_primary(&a, observer, after);
+    }
+    if a.trips > 1 {
+        return trips::demo_trips(&a);
     }
     let a = &a;
     let key = PreSharedKey::generate()?;
