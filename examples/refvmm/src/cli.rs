@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use clap::{Args as ClapArgs, CommandFactory, Parser, Subcommand, ValueEnum};
 use ferry::prepager::PolicyKind;
 use ferry_transport::Backing;
 
@@ -179,7 +179,7 @@ struct MigrationOpts {
     trips: u64,
     /// With --trips: the guest writes this percentage of its memory (its data pages, instead of
     /// --data-mib) over and over: what it changes between trips.
-    #[arg(long, value_parser = parse_percent)]
+    #[arg(long, value_parser = parse_percent, conflicts_with = "data_mib")]
     dirty_percent: Option<f64>,
     /// With --trips: write every 16th page of the kept image before each return (the return
     /// must refuse it and run in full).
@@ -383,5 +383,30 @@ pub fn parse() -> Args {
             a.json = json;
         }
     }
+    if let Err(why) = combination(&a) {
+        Cli::command().error(clap::error::ErrorKind::ArgumentConflict, why).exit();
+    }
     a
+}
+
+/// Options that clap accepts one by one but that make no sense together: refused before anything
+/// starts, as a usage error, rather than one of them silently doing nothing.
+fn combination(a: &Args) -> Result<(), &'static str> {
+    if a.trips > 1 {
+        if a.command != "demo" {
+            return Err("--trips runs in demo (both hosts are this process)");
+        }
+        if a.local || a.cut_lanes > 0 || a.kill_destination.is_some() || a.kill_primary.is_some() {
+            return Err("--trips runs over tcp without fault injection");
+        }
+        if a.checkpoint_ms > 0 {
+            return Err("--trips moves post-copy without reverse checkpoints: drop --checkpoint-ms");
+        }
+        if a.mode == Mode::Ft {
+            return Err("--trips moves the guest, --mode ft protects it in place: pick one");
+        }
+    } else if a.dirty_percent.is_some() || a.tamper_kept {
+        return Err("--dirty-percent and --tamper-kept shape a back-and-forth: add --trips 2 or more");
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@
 //!                   [--prepager demand|push|bubbling] [--downtime-ms 50] [--max-rounds 30]
 //!                   [--transport tcp|local] [--inject cut-lanes=N|kill-destination=F]
 //!                   [--checkpoint-ms 100] [--recovery-window-ms 10000] [--lease-dir DIR]
+//!                   [--trips N [--dirty-percent P] [--tamper-kept]]
 //! ferry-vmm receive --listen ADDR [--key-hex K] [--json] [--lease-dir DIR] [--observe SOCKET]
 //! ferry-vmm migrate --to ADDR [--key-hex K] [demo's options]
 //! ferry-vmm snapshot --out FILE [run's options]
@@ -28,6 +29,8 @@
 //! checkpoint. The guests' output goes to an observer (`output`) that counts gaps and
 //! regressions. After the migration the
 //! guest checks its own memory; each side prints its report (`demo` one merged report).
+//! `demo --trips N` moves the guest back and forth N times (`trips`): the host it left keeps its
+//! image, and each return moves only the pages the guest changed since (one report per trip).
 //! `snapshot` runs the guest for `--seconds`, pauses it and saves it in ferry's image format;
 //! `restore` brings it back, eagerly or lazily (running at once while the image's pages fault in
 //! behind it), `--record` keeping the order of its first faults beside the image (FILE.ws) and

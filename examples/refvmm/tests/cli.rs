@@ -29,6 +29,12 @@ fn a_users_mistake_is_one_clear_line_not_a_backtrace() {
         &["demo", "--mem", "lots"],
         &["demo", "--vcpus", "0"],
         &["demo", "--inject", "flood=3"],
+        &["demo", "--trips", "2", "--transport", "local"],
+        &["demo", "--trips", "2", "--mode", "ft"],
+        &["demo", "--trips", "2", "--checkpoint-ms", "50"],
+        &["demo", "--dirty-percent", "5"],
+        &["demo", "--trips", "2", "--dirty-percent", "5", "--data-mib", "8"],
+        &["migrate", "--to", "127.0.0.1:1", "--trips", "2"],
         &["restore"],
         &["teleport"],
     ] {
