@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the README's figures from the project's own commands and prints each table with the
 # command that made it. Ranges are min-max over RUNS runs (default 3): these machines are noisy.
-#   bash scripts/figures.sh [kvm|modes|failover|ft|restore|restore-bench|two-hosts|toucher|transport|all]   (default: all)
+#   bash scripts/figures.sh [kvm|modes|failover|ft|trips|restore|restore-bench|two-hosts|toucher|transport|all]   (default: all)
 # Needs /dev/kvm for kvm and restore. Raw JSON goes to target/figures/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -287,6 +287,52 @@ PY
   echo
 }
 
+trips() {
+  echo "## Back-and-forth: a 2 GiB guest moved A -> B -> A -> B, random writes over P% of its memory between trips, tcp loopback ($runs runs each)"
+  echo
+  echo "| mode | dirtied | first trip MB, s | return MB | return s | fewer bytes | less time | return downtime ms | kept image used | wrong pages (guest / untouched memory) |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  local f
+  for mode in precopy postcopy hybrid; do
+    for percent in 1 5 25; do
+      f=$out/trips-$mode-$percent.jsonl
+      : > "$f"
+      for _ in $(seq "$runs"); do
+        # One line per trip; the run number ties a run's returns to its first trip.
+        $vmm demo --mem 2G --workload rand-write --mode $mode --trips 4 --dirty-percent $percent --json \
+          | python3 -c 'import json,sys,os; run=os.getpid(); [print(json.dumps(dict(json.loads(l), run=run))) for l in sys.stdin if l.startswith("{")]' >> "$f"
+      done
+      python3 - "$f" "$mode" "$percent" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+runs = {}
+for r in rows:
+    runs.setdefault(r["run"], []).append(r)
+first, ret, fewer, less = [], [], [], []
+for trips in runs.values():
+    a = trips[0]
+    first.append(a)
+    for r in trips[1:]:
+        ret.append(r)
+        fewer.append(100 * (1 - r["bytes_sent"] / a["bytes_sent"]))
+        less.append(100 * (1 - r["total_ms"] / a["total_ms"]))
+def rng(vals, d=0):
+    lo, hi = min(vals), max(vals)
+    f = lambda x: f"{x:.{d}f}"
+    return f(lo) if f(lo) == f(hi) else f"{f(lo)}-{f(hi)}"
+kept = sum(r["base"] == "kept-image" for r in ret)
+wrong = sum(r["guest_mismatches"] for r in rows), sum(r["filler_mismatches"] for r in rows)
+print(f"| {sys.argv[2]} | {sys.argv[3]}% | {rng([r['bytes_sent'] / 1e6 for r in first])}, {rng([r['total_ms'] / 1e3 for r in first], 2)} | "
+      f"{rng([r['bytes_sent'] / 1e6 for r in ret], 1)} | {rng([r['total_ms'] / 1e3 for r in ret], 3)} | {rng(fewer, 2)}% | {rng(less, 1)}% | "
+      f"{rng([r['downtime_ms'] for r in ret], 1)} | {kept}/{len(ret)} | {wrong[0]} / {wrong[1]} |")
+PY
+    done
+  done
+  echo
+  echo "command: $vmm demo --mem 2G --workload rand-write --mode M --trips 4 --dirty-percent P --json (bytes are page payloads)"
+  echo
+}
+
 case "$what" in
   kvm) kvm ;;
   ft) ft ;;
@@ -297,6 +343,7 @@ case "$what" in
   two-hosts) two_hosts ;;
   toucher) toucher ;;
   transport) transport ;;
-  all) kvm; modes; failover; ft; restore; restore_bench; two_hosts; toucher; transport ;;
-  *) echo "usage: $0 [kvm|modes|failover|ft|restore|restore-bench|two-hosts|toucher|transport|all]" >&2; exit 2 ;;
+  trips) trips ;;
+  all) kvm; modes; failover; ft; trips; restore; restore_bench; two_hosts; toucher; transport ;;
+  *) echo "usage: $0 [kvm|modes|failover|ft|trips|restore|restore-bench|two-hosts|toucher|transport|all]" >&2; exit 2 ;;
 esac

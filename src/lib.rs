@@ -34,6 +34,7 @@ pub mod loopback;
 pub mod postcopy;
 pub mod precopy;
 pub mod restore;
+pub mod taskguided;
 #[cfg(feature = "testkit")]
 pub mod toucher;
 

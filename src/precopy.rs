@@ -15,6 +15,7 @@ use ferry_transport::{BulkRead, ControlStream, GuestMemory, PageBuf, PageRun, Pa
 use crate::error::{MigrationError, Result};
 use crate::freepages::FreePages;
 use crate::handoff;
+use crate::taskguided::{Next, PauseRule, Paused, StopDecision, TaskGuidance, TaskOutcome};
 
 /// Where the guest's dirty pages come from: KVM's dirty log in a VMM, a callback through the C ABI.
 pub trait DirtyLog {
@@ -33,6 +34,8 @@ pub struct PrecopyConfig {
     /// Round 0 pulls every page; migrating onto an image the destination kept and accepted
     /// ([`crate::backforth`]), only these, the pages changed since the guest left it.
     pub base: Option<FreePages>,
+    /// Stop only inside the segments the guest marks as cheap to stop ([`crate::taskguided`]).
+    pub task: Option<TaskGuidance>,
 }
 
 impl Default for PrecopyConfig {
@@ -42,6 +45,7 @@ impl Default for PrecopyConfig {
             max_rounds: 30,
             liveness: crate::liveness::Liveness::default(),
             base: None,
+            task: None,
         }
     }
 }
@@ -59,9 +63,13 @@ pub struct PrecopyReport {
     pub total: Duration,
     /// Last measured pull bandwidth, bytes per second.
     pub bandwidth: f64,
+    /// How a task-guided stop went (None without guidance).
+    pub task: Option<TaskOutcome>,
 }
 
-/// Source side. `pause` stops the guest and returns its state blob.
+/// Source side. `pause` stops the guest and returns its state blob. With task guidance it is
+/// called once the guest is inside a segment, and cannot hold the stop back
+/// ([`run_source_guided`] can).
 pub fn run_source(
     control: &mut dyn ControlStream,
     page_size: u64,
@@ -69,11 +77,21 @@ pub fn run_source(
     pause: impl FnOnce() -> Result<Vec<u8>>,
     config: &PrecopyConfig,
 ) -> Result<PrecopyReport> {
+    run_source_guided(control, page_size, dirty_log, once(pause), config)
+}
+
+/// Source side with a pause that follows a [`PauseRule`]: asked to stop only inside a task
+/// segment, it may find the guest outside, let it run on and answer [`Paused::LeftSegment`];
+/// another round then runs.
+pub fn run_source_guided(
+    control: &mut dyn ControlStream,
+    page_size: u64,
+    dirty_log: &mut dyn DirtyLog,
+    mut pause: impl FnMut(PauseRule) -> Result<Paused>,
+    config: &PrecopyConfig,
+) -> Result<PrecopyReport> {
     let started = Instant::now();
-    let (mut report, dirty) = rounds(control, page_size, dirty_log, config)?;
-    let paused_at = Instant::now();
-    let state = pause()?;
-    let mut dirty = dirty;
+    let (mut report, mut dirty, state, paused_at) = rounds(control, page_size, dirty_log, config, &mut pause)?;
     dirty.union_with(&dirty_log.collect()?);
     handoff::send_round(control, &dirty, &handoff::RoundKind::Final(state))?;
     handoff::expect_resumed(control)?;
@@ -93,10 +111,19 @@ pub fn run_hybrid_source(
     pause: impl FnOnce() -> Result<Vec<u8>>,
     config: &PrecopyConfig,
 ) -> Result<(PrecopyReport, crate::postcopy::SourceReport)> {
+    run_hybrid_source_guided(control, page_size, dirty_log, once(pause), config)
+}
+
+/// [`run_hybrid_source`] with a pause that follows a [`PauseRule`], as [`run_source_guided`].
+pub fn run_hybrid_source_guided(
+    control: &mut dyn ControlStream,
+    page_size: u64,
+    dirty_log: &mut dyn DirtyLog,
+    mut pause: impl FnMut(PauseRule) -> Result<Paused>,
+    config: &PrecopyConfig,
+) -> Result<(PrecopyReport, crate::postcopy::SourceReport)> {
     let started = Instant::now();
-    let (mut report, mut dirty) = rounds(control, page_size, dirty_log, config)?;
-    let paused_at = Instant::now();
-    let state = pause()?;
+    let (mut report, mut dirty, state, paused_at) = rounds(control, page_size, dirty_log, config, &mut pause)?;
     dirty.union_with(&dirty_log.collect()?);
     handoff::send_round(control, &dirty, &handoff::RoundKind::SwitchToPostcopy)?;
     report.pages_per_round.push(dirty.count());
@@ -112,14 +139,26 @@ pub fn run_hybrid_source(
     Ok((report, post))
 }
 
-/// Pre-copy rounds until the predicted downtime meets the target or the round limit is reached.
-/// Returns the report so far and the pages dirtied since the last round.
+/// A pause that stops the guest wherever it is, as a rule-following one (called once).
+fn once(pause: impl FnOnce() -> Result<Vec<u8>>) -> impl FnMut(PauseRule) -> Result<Paused> {
+    let mut pause = Some(pause);
+    move |_| match pause.take() {
+        Some(pause) => pause().map(Paused::Stopped),
+        None => Err(MigrationError::Vmm("the guest was paused twice".into())),
+    }
+}
+
+/// Pre-copy rounds until the predicted downtime meets the target or the round limit is reached
+/// (and, task-guided, the guest is inside a segment or the wait is over); then pauses the guest.
+/// Returns the report so far, the pages dirtied up to the last round, the state blob and when the
+/// pause began.
 fn rounds(
     control: &mut dyn ControlStream,
     page_size: u64,
     dirty_log: &mut dyn DirtyLog,
     config: &PrecopyConfig,
-) -> Result<(PrecopyReport, FreePages)> {
+    pause: &mut dyn FnMut(PauseRule) -> Result<Paused>,
+) -> Result<(PrecopyReport, FreePages, Vec<u8>, Instant)> {
     let first = dirty_log.collect()?;
     let mut dirty = match &config.base {
         Some(changed) if changed.pages() == first.pages() => {
@@ -137,7 +176,9 @@ fn rounds(
         None => FreePages::all(first.pages()),
     };
     let mut report = PrecopyReport::default();
+    let mut decision = StopDecision::new(config.task.as_ref());
     loop {
+        decision.round_starts();
         handoff::send_round(control, &dirty, &handoff::RoundKind::Pull)?;
         let (pages, micros) = handoff::expect_round_done(control)?;
         // The peer's count bounds what we compute from it: no more than was asked.
@@ -155,8 +196,20 @@ fn rounds(
         dirty = dirty_log.collect()?;
         let bytes = dirty.count() * page_size;
         report.predicted_downtime = Duration::from_secs_f64(bytes as f64 / report.bandwidth.max(1.0));
-        if report.predicted_downtime <= config.downtime_target || report.rounds >= config.max_rounds {
-            return Ok((report, dirty));
+        let ready = report.predicted_downtime <= config.downtime_target || report.rounds >= config.max_rounds;
+        if let Next::Pause(rule) = decision.after_round(ready) {
+            let paused_at = Instant::now();
+            match (pause(rule)?, rule) {
+                (Paused::Stopped(state), _) => {
+                    decision.stopped(rule);
+                    report.task = decision.outcome();
+                    return Ok((report, dirty, state, paused_at));
+                }
+                (Paused::LeftSegment, PauseRule::InSegmentOnly) => decision.held_back(),
+                (Paused::LeftSegment, PauseRule::Anyway) => {
+                    return Err(MigrationError::Vmm("the pause held back a stop it was told to make".into()))
+                }
+            }
         }
     }
 }

@@ -126,7 +126,7 @@ struct GuestOpts {
     /// Guest memory backing: anonymous, a memfd (filled in place), or 2 MiB hugetlbfs pages.
     #[arg(long, value_enum, default_value_t = BackingArg::Anon)]
     backing: BackingArg,
-    /// What the guest runs: idle, seq-write, rand-write, read-mostly or hot-set.
+    /// What the guest runs: idle, seq-write, rand-write, read-mostly, hot-set or phased.
     #[arg(long, default_value = "seq-write", value_parser = parse_workload)]
     workload: Workload,
     /// A flat binary guest of your own instead of a generated workload.
@@ -135,6 +135,12 @@ struct GuestOpts {
     /// Cap the workload's writes at this many MiB/s.
     #[arg(long)]
     rate_mib: Option<f64>,
+    /// phased: how long each heavy (writing, unmarked) phase lasts [default: 300].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    heavy_ms: Option<u64>,
+    /// phased: how long each quiet (marked as cheap to stop) phase lasts [default: 100].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    quiet_ms: Option<u64>,
     /// Length of each phase (warm-up, steady rate, after the migration), in seconds.
     #[arg(long, default_value_t = 1.0, value_parser = parse_seconds)]
     seconds: f64,
@@ -185,6 +191,13 @@ struct MigrationOpts {
     /// must refuse it and run in full).
     #[arg(long)]
     tamper_kept: bool,
+    /// Pre-copy and hybrid: stop the guest only inside the segments it marks as cheap to stop
+    /// (task-guided), waiting for one at most --task-wait-ms.
+    #[arg(long, value_enum, default_value_t = OnOff::Off)]
+    task_guided: OnOff,
+    /// With --task-guided on: how long past the first possible stop to wait for a segment.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    task_wait_ms: u64,
     /// How long a broken lane may take to come back before the session fails (and, with
     /// checkpoints, the source restarts the guest).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
@@ -287,6 +300,12 @@ fn parse_inject(s: &str) -> Result<Inject, String> {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 impl From<BackingArg> for Backing {
     fn from(b: BackingArg) -> Backing {
         match b {
@@ -306,6 +325,8 @@ impl GuestOpts {
         a.workload = self.workload;
         a.guest_file = self.guest;
         a.rate_mib = self.rate_mib;
+        a.heavy_ms = self.heavy_ms;
+        a.quiet_ms = self.quiet_ms;
         a.seconds = self.seconds;
         a.json = self.json;
     }
@@ -334,6 +355,8 @@ impl MigrationOpts {
         a.trips = self.trips;
         a.dirty_percent = self.dirty_percent;
         a.tamper_kept = self.tamper_kept;
+        a.task_guided = self.task_guided == OnOff::On;
+        a.task_wait_ms = self.task_wait_ms;
         a.recovery_window_ms = self.recovery_window_ms;
         self.protect.apply(a);
     }
@@ -407,6 +430,12 @@ fn combination(a: &Args) -> Result<(), &'static str> {
         }
     } else if a.dirty_percent.is_some() || a.tamper_kept {
         return Err("--dirty-percent and --tamper-kept shape a back-and-forth: add --trips 2 or more");
+    }
+    if a.task_guided && !matches!(a.mode, Mode::Precopy | Mode::Hybrid) {
+        return Err("--task-guided on steers pre-copy's stop: use --mode precopy or hybrid");
+    }
+    if (a.heavy_ms.is_some() || a.quiet_ms.is_some()) && (a.workload != Workload::Phased || a.guest_file.is_some()) {
+        return Err("--heavy-ms and --quiet-ms shape --workload phased");
     }
     Ok(())
 }

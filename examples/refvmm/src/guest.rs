@@ -31,6 +31,8 @@ pub const PD_GPA: u64 = 0x3000;
 pub const GDT_GPA: u64 = 0x20000;
 pub const TSS_GPA: u64 = 0x21000;
 pub const MAILBOX_GPA: u64 = 0x30000;
+/// The phased workload's phase lengths, TSC cycles: heavy at +0, quiet at +8.
+pub const PHASES_GPA: u64 = MAILBOX_GPA + 0xc00;
 pub const CODE_GPA: u64 = 0x100000;
 pub const STACK_TOP_GPA: u64 = 0x1f0000;
 /// Stack space per vCPU: vCPU i's stack tops at `STACK_TOP_GPA - i * STACK_BYTES`.
@@ -69,11 +71,21 @@ pub enum Workload {
     ReadMostly,
     /// Like rand-write, with 15 writes out of 16 in a hot set of 1/16 of the data pages.
     HotSet,
+    /// Alternates a heavy phase of rand-write's writes (unmarked) with a quiet phase that writes
+    /// nothing inside a task segment ([`PORT_TASK`]): where stopping the guest is cheap. The
+    /// phases' lengths in TSC cycles are the qwords at [`PHASES_GPA`] (heavy, then quiet).
+    Phased,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] =
-        [Workload::Idle, Workload::SeqWrite, Workload::RandWrite, Workload::ReadMostly, Workload::HotSet];
+    pub const ALL: [Workload; 6] = [
+        Workload::Idle,
+        Workload::SeqWrite,
+        Workload::RandWrite,
+        Workload::ReadMostly,
+        Workload::HotSet,
+        Workload::Phased,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -82,6 +94,7 @@ impl Workload {
             Workload::RandWrite => "rand-write",
             Workload::ReadMostly => "read-mostly",
             Workload::HotSet => "hot-set",
+            Workload::Phased => "phased",
         }
     }
 }
@@ -89,10 +102,10 @@ impl Workload {
 impl std::str::FromStr for Workload {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Workload::ALL
-            .into_iter()
-            .find(|w| w.name() == s)
-            .ok_or_else(|| format!("unknown workload {s:?}: idle, seq-write, rand-write, read-mostly, hot-set"))
+        Workload::ALL.into_iter().find(|w| w.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Workload::ALL.iter().map(|w| w.name()).collect();
+            format!("unknown workload {s:?}: {}", names.join(", "))
+        })
     }
 }
 
@@ -159,6 +172,7 @@ pub fn workload_code(workload: Workload) -> Result<Vec<u8>, IcedError> {
         }
         Workload::SeqWrite => seq_write(&mut a)?,
         Workload::RandWrite | Workload::ReadMostly | Workload::HotSet => rand_write(&mut a, workload)?,
+        Workload::Phased => phased(&mut a)?,
     }
     a.assemble(CODE_GPA)
 }
@@ -323,21 +337,8 @@ fn rand_write(a: &mut CodeAssembler, workload: Workload) -> Result<(), IcedError
     a.mov(r14d, RAND_BATCH)?;
     a.set_label(&mut write)?;
     pace(a)?;
-    // xorshift64
-    a.mov(rax, r13)?;
-    a.shl(rax, 13)?;
-    a.xor(r13, rax)?;
-    a.mov(rax, r13)?;
-    a.shr(rax, 7)?;
-    a.xor(r13, rax)?;
-    a.mov(rax, r13)?;
-    a.shl(rax, 17)?;
-    a.xor(r13, rax)?;
     // page = state % pages, or for hot-set, 15 times in 16: state % hot pages
-    a.mov(rax, r13)?;
-    a.xor(edx, edx)?;
-    a.div(r9)?;
-    a.mov(r11, rdx)?;
+    random_page(a)?;
     if workload == Workload::HotSet {
         let mut cold = a.create_label();
         a.mov(rax, r13)?;
@@ -376,24 +377,118 @@ fn rand_write(a: &mut CodeAssembler, workload: Workload) -> Result<(), IcedError
     a.mov(eax, RAND_BATCH)?;
     hypercall(a, PORT_PROGRESS)?;
     emit_output(a)?;
-    maybe_verify(a, |a| {
-        count_bad_pages(a, |a| {
-            // version 0: never written, the page must be zero.
-            let mut written = a.create_label();
-            let mut done = a.create_label();
-            a.mov(eax, dword_ptr(r10 + r11 * 4))?;
-            a.test(eax, eax)?;
-            a.jnz(written)?;
-            a.xor(eax, eax)?;
-            a.jmp(done)?;
-            a.set_label(&mut written)?;
-            a.mov(rdx, r11)?;
-            a.shl(rdx, 32)?;
-            a.or(rax, rdx)?;
-            a.set_label(&mut done)
-        })
-    })?;
+    maybe_verify(a, check_versions)?;
     a.jmp(batch)
+}
+
+/// rand-write's self-check: page p holds (p << 32 | version[p]), or zero if never written.
+fn check_versions(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    count_bad_pages(a, |a| {
+        let mut written = a.create_label();
+        let mut done = a.create_label();
+        a.mov(eax, dword_ptr(r10 + r11 * 4))?;
+        a.test(eax, eax)?;
+        a.jnz(written)?;
+        a.xor(eax, eax)?;
+        a.jmp(done)?;
+        a.set_label(&mut written)?;
+        a.mov(rdx, r11)?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.set_label(&mut done)
+    })
+}
+
+/// One xorshift64 step of R13, then R11 = R13 % R9 (a random data page). Clobbers RAX, RDX.
+fn random_page(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(rax, r13)?;
+    a.shl(rax, 13)?;
+    a.xor(r13, rax)?;
+    a.mov(rax, r13)?;
+    a.shr(rax, 7)?;
+    a.xor(r13, rax)?;
+    a.mov(rax, r13)?;
+    a.shl(rax, 17)?;
+    a.xor(r13, rax)?;
+    a.mov(rax, r13)?;
+    a.xor(edx, edx)?;
+    a.div(r9)?;
+    a.mov(r11, rdx)
+}
+
+/// RSI = the TSC plus the phase length at [R12 + `offset`]. Clobbers RAX, RDX.
+fn start_phase(a: &mut CodeAssembler, offset: i32) -> Result<(), IcedError> {
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(rsi, qword_ptr(r12 + offset))?;
+    a.add(rsi, rax)
+}
+
+/// Jumps to `over` once the phase that [`start_phase`] began with [R12 + `offset`] has ended:
+/// when the deadline RSI is behind the TSC or, after a migration to a host whose TSC is
+/// elsewhere, further ahead than a whole phase (one unsigned compare covers both). Clobbers RAX,
+/// RDX.
+fn phase_over(a: &mut CodeAssembler, offset: i32, over: CodeLabel) -> Result<(), IcedError> {
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(rdx, rsi)?;
+    a.sub(rdx, rax)?;
+    a.cmp(rdx, qword_ptr(r12 + offset))?;
+    a.ja(over)
+}
+
+/// The phased workload: R12 = [`PHASES_GPA`], RSI = the current phase's deadline (TSC). The heavy
+/// phase writes like rand-write (paced by R15) in batches, reporting progress after each; the
+/// quiet phase enters a task segment, spins and answers self-checks, and leaves it.
+fn phased(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let (mut heavy, mut batch, mut write, mut quiet, mut spin_burst, mut spin, mut leave) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
+    a.mov(r13, 0x9e37_79b9_7f4a_7c15u64)?;
+    a.mov(r12, PHASES_GPA)?;
+    a.xor(ebp, ebp)?;
+    a.set_label(&mut heavy)?;
+    start_phase(a, 0)?;
+    a.set_label(&mut batch)?;
+    a.mov(r14d, RAND_BATCH)?;
+    a.set_label(&mut write)?;
+    pace(a)?;
+    random_page(a)?;
+    write_page_version(a)?;
+    a.dec(r14d)?;
+    a.jnz(write)?;
+    a.mov(eax, RAND_BATCH)?;
+    hypercall(a, PORT_PROGRESS)?;
+    emit_output(a)?;
+    maybe_verify(a, check_versions)?;
+    phase_over(a, 0, quiet)?;
+    a.jmp(batch)?;
+
+    a.set_label(&mut quiet)?;
+    a.mov(eax, 1)?;
+    hypercall(a, PORT_TASK)?;
+    start_phase(a, 8)?;
+    a.set_label(&mut spin_burst)?;
+    a.mov(ecx, 2000)?;
+    a.set_label(&mut spin)?;
+    a.pause()?;
+    a.dec(ecx)?;
+    a.jnz(spin)?;
+    maybe_verify(a, check_versions)?;
+    phase_over(a, 8, leave)?;
+    a.jmp(spin_burst)?;
+    a.set_label(&mut leave)?;
+    a.xor(eax, eax)?;
+    hypercall(a, PORT_TASK)?;
+    a.jmp(heavy)
 }
 
 /// version[R11] += 1, then fills page R11 with (R11 << 32 | version).

@@ -53,6 +53,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry::prepager::PolicyKind;
+use ferry::taskguided::{PauseRule, Paused, TaskGuidance};
 use ferry::{run_source, EngineConfig, PostcopyDestination};
 use ferry_fault_handler::DestinationMemory;
 use ferry_transport::local::{self, LocalPageServer};
@@ -119,7 +120,18 @@ struct Args {
     dirty_percent: Option<f64>,
     /// Writes the kept image before each return (it must be refused).
     tamper_kept: bool,
+    /// Pre-copy and hybrid stop only inside the guest's task segments (`--task-guided on`).
+    task_guided: bool,
+    /// How long past the first possible stop the source waits for a segment.
+    task_wait_ms: u64,
+    /// The phased workload's phases (`--heavy-ms`, `--quiet-ms`; defaults below).
+    heavy_ms: Option<u64>,
+    quiet_ms: Option<u64>,
 }
+
+/// The phased workload's default phases: writes for 300 ms, quiet (marked) for 100 ms.
+const HEAVY_MS: u64 = 300;
+const QUIET_MS: u64 = 100;
 
 impl Default for Args {
     fn default() -> Self {
@@ -158,6 +170,10 @@ impl Default for Args {
             trips: 1,
             dirty_percent: None,
             tamper_kept: false,
+            task_guided: false,
+            task_wait_ms: 1000,
+            heavy_ms: None,
+            quiet_ms: None,
         }
     }
 }
@@ -385,7 +401,14 @@ fn boot(vm: &mut Vm, a: &Args) -> Result<()> {
             let code = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             vm.boot_code(&code, data_pages(a), a.rate_mib)
         }
-        None => vm.boot(a.workload, data_pages(a), a.rate_mib),
+        None => {
+            vm.boot(a.workload, data_pages(a), a.rate_mib)?;
+            if a.workload == Workload::Phased {
+                let ms = |m: Option<u64>, default| Duration::from_millis(m.unwrap_or(default));
+                vm.set_phases(ms(a.heavy_ms, HEAVY_MS), ms(a.quiet_ms, QUIET_MS))?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -633,16 +656,27 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Re
         return Ok(Half { report, at: SystemTime::now() });
     }
     let mut paused = None;
-    let mut pause = || -> ferry::Result<Vec<u8>> {
+    let mut stopped_in_segment = false;
+    let telemetry = source.telemetry.clone();
+    let in_segment = telemetry.clone();
+    // Told to stop only inside a task segment, a guest found outside runs on (task-guided).
+    let mut pause = |rule: PauseRule| -> ferry::Result<Paused> {
         let vmm = |e: anyhow::Error| ferry::MigrationError::Vmm(e.to_string());
         let r = running.take().ok_or_else(|| ferry::MigrationError::Vmm("the guest is not running".into()))?;
-        source.stop(r).map_err(vmm)?;
+        if let Err(still_running) = source.stop_in_segment(r, rule == PauseRule::Anyway).map_err(vmm)? {
+            running = Some(still_running);
+            return Ok(Paused::LeftSegment);
+        }
+        stopped_in_segment = in_segment.in_segment.load(Ordering::Acquire);
         paused = Some(SystemTime::now());
-        source.save().map_err(vmm)
+        source.save().map(Paused::Stopped).map_err(vmm)
     };
     let config = ferry::precopy::PrecopyConfig {
         downtime_target: Duration::from_millis(a.downtime_ms),
         max_rounds: a.max_rounds,
+        task: a
+            .task_guided
+            .then(|| TaskGuidance { segments: telemetry.clone(), max_wait: Duration::from_millis(a.task_wait_ms) }),
         ..Default::default()
     };
     let mut report = json!({
@@ -654,7 +688,9 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Re
     match (a.mode, dirty_log.as_mut()) {
         (Mode::Postcopy, _) | (_, None) => {
             let paused_at = Instant::now();
-            let blob = pause()?;
+            let Paused::Stopped(blob) = pause(PauseRule::Anyway)? else {
+                bail!("the guest was not stopped");
+            };
             // Paused: the guest runs nowhere until the destination takes the lease.
             if let Some(lease) = lease.take() {
                 lease.hand_over()?;
@@ -734,17 +770,20 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Re
             }
         }
         (Mode::Precopy, Some(log)) => {
-            let r = ferry::precopy::run_source(control.as_mut(), page_size, log, &mut pause, &config)?;
+            let r = ferry::precopy::run_source_guided(control.as_mut(), page_size, log, &mut pause, &config)?;
             report["total_ms"] = json!(r.total.as_secs_f64() * 1e3);
             report["source_downtime_ms"] = json!(r.downtime.as_secs_f64() * 1e3);
             report["rounds"] = json!(r.rounds);
+            task_report(&mut report, &r, stopped_in_segment);
             report["pages_per_round"] = json!(r.pages_per_round);
             report["predicted_downtime_ms"] = json!(r.predicted_downtime.as_secs_f64() * 1e3);
             report["bandwidth_gbps"] = json!(r.bandwidth / 1e9);
         }
         (Mode::Ft, Some(_)) => bail!("an ft primary runs above"),
         (Mode::Hybrid, Some(log)) => {
-            let (pre, post) = ferry::precopy::run_hybrid_source(control.as_mut(), page_size, log, &mut pause, &config)?;
+            let (pre, post) =
+                ferry::precopy::run_hybrid_source_guided(control.as_mut(), page_size, log, &mut pause, &config)?;
+            task_report(&mut report, &pre, stopped_in_segment);
             report["total_ms"] = json!(pre.total.as_secs_f64() * 1e3);
             report["source_downtime_ms"] = json!(post.downtime.as_secs_f64() * 1e3);
             report["precopy_rounds"] = json!(pre.rounds);
@@ -766,6 +805,18 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Re
     drop(lease);
     let at = paused.ok_or_else(|| anyhow!("the source never paused"))?;
     Ok(Half { report, at })
+}
+
+/// Where the guest stopped and how long the source waited for it (`task_wait_ms` is 0 without
+/// guidance: the source never waits).
+fn task_report(report: &mut serde_json::Value, r: &ferry::precopy::PrecopyReport, stopped_in_segment: bool) {
+    report["task_guided"] = json!(r.task.is_some());
+    report["stopped_in_segment"] = json!(stopped_in_segment);
+    let outcome = r.task.clone().unwrap_or_default();
+    report["task_wait_ms"] = json!(outcome.waited.as_secs_f64() * 1e3);
+    report["task_gave_up"] = json!(outcome.gave_up);
+    report["task_held_back"] = json!(outcome.held_back);
+    report["task_extra_rounds"] = json!(outcome.extra_rounds);
 }
 
 /// The workload's rate over `seconds`.

@@ -135,6 +135,16 @@ impl PauseGate {
         Ok(())
     }
 
+    /// Signals every vCPU thread once (each leaves KVM_RUN and goes round its loop).
+    fn kick_all(&self) {
+        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        for t in parked.threads.iter().flatten() {
+            // SAFETY: the thread is alive: it removes itself (under this lock) before it ends;
+            // the signal's handler does nothing.
+            unsafe { libc::pthread_kill(*t, KICK_SIGNAL) };
+        }
+    }
+
     /// Stops all `vcpus` at their next exits and returns their states; if one does not stop
     /// within `timeout` (blocked on a page that has not come), lets the others go and fails.
     pub fn pause(&self, vcpus: usize, timeout: Duration) -> Result<Vec<VcpuState>> {
@@ -322,6 +332,15 @@ impl Vm {
         Ok(())
     }
 
+    /// Sets the phased workload's phase lengths (see [`guest::Workload::Phased`]).
+    pub fn set_phases(&self, heavy: Duration, quiet: Duration) -> Result<()> {
+        let vcpu = self.vcpus.first().ok_or_else(|| anyhow!("the vCPUs are running"))?;
+        let hz = f64::from(vcpu.get_tsc_khz().context("KVM_GET_TSC_KHZ")?) * 1e3;
+        let cycles = |d: Duration| ((d.as_secs_f64() * hz) as u64).max(1);
+        let phases: Vec<u8> = [cycles(heavy), cycles(quiet)].iter().flat_map(|c| c.to_le_bytes()).collect();
+        self.memory.write(guest::PHASES_GPA, &phases)
+    }
+
     /// Maps all guest memory in KVM's second-level page tables now (KVM_PRE_FAULT_MEMORY, Linux
     /// 6.10), as a guest that has run for a while has it: a source's rate is then its steady state,
     /// not first-touch EPT faults. `Ok(false)` where the kernel or its MMU mode cannot.
@@ -409,10 +428,16 @@ impl Vm {
         Ok(Running { threads, started })
     }
 
-    /// Stops the running vCPUs at their next exits and takes them back. Returns when the last
-    /// one stopped (from then on no vCPU runs).
+    /// Stops the running vCPUs, kicking them out of KVM_RUN, and takes them back. Returns when
+    /// the last one stopped (from then on no vCPU runs).
     pub fn stop(&mut self, running: Running) -> Result<Instant> {
         self.telemetry.stop.store(true, Ordering::Release);
+        // A guest that makes no hypercalls for a while (a quiet phase) exits only when kicked; a
+        // kick that lands just before KVM_RUN is lost, so again each millisecond.
+        while !running.threads.iter().all(JoinHandle::is_finished) {
+            self.telemetry.gate.kick_all();
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let mut last = running.started;
         let mut first_error = None;
         for thread in running.threads {
@@ -424,6 +449,27 @@ impl Vm {
             }
         }
         first_error.map_or(Ok(last), Err)
+    }
+
+    /// Task-guided stop: parks every vCPU, then, unless `anyway`, lets a guest found outside its
+    /// task segment run on (`Err(running)`); otherwise stops it for good as [`Vm::stop`]. The
+    /// guest's place is exact while its vCPUs are parked: the segment marks are exits.
+    pub fn stop_in_segment(&mut self, running: Running, anyway: bool) -> Result<Result<Instant, Running>> {
+        let gate = &self.telemetry.gate;
+        gate.pause(self.vcpu_count, Duration::from_secs(10))?;
+        if !anyway && !self.telemetry.in_segment.load(Ordering::Acquire) {
+            gate.resume();
+            return Ok(Err(running));
+        }
+        self.telemetry.stop.store(true, Ordering::Release);
+        gate.resume();
+        self.stop(running).map(Ok)
+    }
+}
+
+impl ferry::taskguided::TaskSegments for Telemetry {
+    fn in_segment(&self) -> bool {
+        self.in_segment.load(Ordering::Acquire)
     }
 }
 

@@ -35,6 +35,9 @@ fn a_users_mistake_is_one_clear_line_not_a_backtrace() {
         &["demo", "--dirty-percent", "5"],
         &["demo", "--trips", "2", "--dirty-percent", "5", "--data-mib", "8"],
         &["migrate", "--to", "127.0.0.1:1", "--trips", "2"],
+        &["demo", "--task-guided", "on", "--mode", "postcopy"],
+        &["demo", "--task-guided", "maybe"],
+        &["demo", "--workload", "rand-write", "--heavy-ms", "5"],
         &["restore"],
         &["teleport"],
     ] {

@@ -18,7 +18,7 @@ fn kvm_available(test: &str) -> bool {
     }
 }
 
-const WORKLOADS: [&str; 5] = ["idle", "seq-write", "rand-write", "read-mostly", "hot-set"];
+const WORKLOADS: [&str; 6] = ["idle", "seq-write", "rand-write", "read-mostly", "hot-set", "phased"];
 
 /// `ferry-vmm demo` on a small guest (256 MiB, 64 MiB of data, 0.2 s phases) with `args` added or
 /// overriding those.
@@ -600,8 +600,19 @@ fn a_fault_tolerant_pair_protects_the_guest_and_the_backup_takes_over_when_the_p
 /// `ferry-vmm demo --trips 3` on a small guest: the guest goes A -> B -> A -> B.
 fn trips(mode: &str, extra: &[&str]) -> Vec<serde_json::Value> {
     let mut args = vec![
-        "demo", "--mem-mib", "256", "--workload", "rand-write", "--seconds", "0.2", "--mode", mode, "--trips", "3",
-        "--dirty-percent", "5",
+        "demo",
+        "--mem-mib",
+        "256",
+        "--workload",
+        "rand-write",
+        "--seconds",
+        "0.2",
+        "--mode",
+        mode,
+        "--trips",
+        "3",
+        "--dirty-percent",
+        "5",
     ];
     args.extend_from_slice(extra);
     let reports = vmm_reports(&args);
@@ -650,4 +661,52 @@ fn a_kept_image_changed_meanwhile_is_refused_and_the_trip_runs_in_full() {
             assert!(reason.contains("differs"), "{mode}: {reason}");
         }
     }
+}
+
+#[test]
+fn task_guided_pre_copy_stops_the_guest_inside_its_quiet_segment() {
+    if !kvm_available("task_guided_pre_copy_stops_the_guest_inside_its_quiet_segment") {
+        return;
+    }
+    for mode in ["precopy", "hybrid"] {
+        // The guest writes for 60 ms, then is quiet (marked) for 40 ms; the wait is long enough
+        // for many quiet phases, so the source must not give up.
+        let r = demo(&[
+            "--workload",
+            "phased",
+            "--heavy-ms",
+            "60",
+            "--quiet-ms",
+            "40",
+            "--mode",
+            mode,
+            "--task-guided",
+            "on",
+            "--task-wait-ms",
+            "30000",
+        ]);
+        assert_eq!(r["guest_mismatches"], 0, "{mode}: {r}");
+        assert_eq!(r["task_guided"], true, "{mode}: {r}");
+        assert_eq!(r["stopped_in_segment"], true, "{mode}: {r}");
+        assert_eq!(r["task_gave_up"], false, "{mode}: {r}");
+    }
+    // Unguided, the same guest migrates too and says where it stopped.
+    let r = demo(&["--workload", "phased", "--heavy-ms", "60", "--quiet-ms", "40", "--mode", "precopy"]);
+    assert_eq!(r["guest_mismatches"], 0, "{r}");
+    assert_eq!(r["task_guided"], false, "{r}");
+    assert!(r["stopped_in_segment"].is_boolean(), "{r}");
+    assert_eq!(r["task_wait_ms"], 0.0, "{r}");
+}
+
+#[test]
+fn a_guided_source_that_waits_in_vain_stops_anyway_and_says_so() {
+    if !kvm_available("a_guided_source_that_waits_in_vain_stops_anyway_and_says_so") {
+        return;
+    }
+    // rand-write never marks a segment: the wait runs out.
+    let r = demo(&["--workload", "rand-write", "--mode", "precopy", "--task-guided", "on", "--task-wait-ms", "50"]);
+    assert_eq!(r["guest_mismatches"], 0, "{r}");
+    assert_eq!(r["stopped_in_segment"], false, "{r}");
+    assert_eq!(r["task_gave_up"], true, "{r}");
+    assert!(r["task_wait_ms"].as_f64().unwrap() >= 50.0, "{r}");
 }
