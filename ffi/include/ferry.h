@@ -155,6 +155,106 @@ typedef struct FerryStats {
 } FerryStats;
 
 /**
+ * Fills `words` (`word_count` 64-bit words, zeroed by ferry; bit i = global page i) with the pages
+ * the guest wrote since the previous call, and clears that record; returns 0, anything else aborts.
+ * The first call starts tracking. KVM VMMs answer with KVM_GET_DIRTY_LOG.
+ */
+typedef int32_t (*FerryDirtyLogFn)(uint64_t *words, size_t word_count, void *user);
+
+/**
+ * Stops the guest's vCPUs. With `anyway` 0 (task-guided) the guest must be inside a marked
+ * segment once its vCPUs have stopped: if it is not, the callback lets it run on and returns 1
+ * (another round follows). Otherwise it points `*state`/`*len` at the guest's state blob, valid
+ * until ferry_source_precopy_with returns, and returns 0. Anything else aborts.
+ */
+typedef int32_t (*FerryGuidedPauseFn)(uint32_t anyway,
+                                      const uint8_t **state,
+                                      size_t *len,
+                                      void *user);
+
+/**
+ * Returns 1 while the guest is inside a segment it marked as cheap to stop, 0 outside.
+ * Called from the thread inside ferry_source_precopy_with, between rounds.
+ */
+typedef int32_t (*FerryInSegmentFn)(void *user);
+
+/**
+ * Which image: a VM's id (1 to 64 bytes, NUL-terminated) and its generation.
+ */
+typedef struct FerryImageId {
+  const char *vm_id;
+  uint64_t generation;
+} FerryImageId;
+
+/**
+ * What ferry_source_precopy_with does besides plain pre-copy.
+ */
+typedef struct FerryPrecopyOptions {
+  /**
+   * Stop once the predicted downtime is at most this.
+   */
+  uint32_t downtime_target_ms;
+  /**
+   * Stop after this many rounds whatever the prediction (at least 1).
+   */
+  uint32_t max_rounds;
+  /**
+   * How long to wait for the destination to connect.
+   */
+  uint32_t timeout_ms;
+  /**
+   * Task-guided: how long past the first moment it could stop the source waits for a segment
+   * (then it stops anyway, and the outcome says so).
+   */
+  uint32_t task_max_wait_ms;
+  /**
+   * Task-guided when not null.
+   */
+  FerryInSegmentFn in_segment;
+  /**
+   * The image this guest arrived on (kept by the host it goes back to), or null.
+   */
+  const struct FerryImageId *base;
+} FerryPrecopyOptions;
+
+/**
+ * How a pre-copy with options went. Fields a side does not know stay 0.
+ */
+typedef struct FerryPrecopyOutcome {
+  /**
+   * Rounds before the final one (source).
+   */
+  uint32_t rounds;
+  /**
+   * 1: the destination's kept image served as the base and only changed pages moved.
+   */
+  uint8_t kept_image_used;
+  /**
+   * Task-guided (source): 1 when the guest stopped inside a segment; 1 in task_gave_up when
+   * the wait ran out and it was stopped outside.
+   */
+  uint8_t stopped_in_segment;
+  uint8_t task_gave_up;
+  uint8_t reserved;
+  /**
+   * Pauses held back because the guest had left its segment.
+   */
+  uint32_t task_held_back;
+  /**
+   * Rounds run after the source could first have stopped.
+   */
+  uint32_t task_extra_rounds;
+  /**
+   * From the first moment the source could have stopped to the pause.
+   */
+  uint64_t task_wait_us;
+  /**
+   * Why a kept image was refused (NUL-terminated, empty when it was not).
+   */
+  char refused[256];
+} FerryPrecopyOutcome;
+
+/**
  * How a protected post-copy watches its peer and who may run the guest. Zero fields take the
  * defaults.
  */
@@ -199,13 +299,6 @@ typedef int32_t (*FerryCheckpointPauseFn)(uint64_t epoch,
                                           const uint8_t **state,
                                           size_t *len,
                                           void *user);
-
-/**
- * Fills `words` (`word_count` 64-bit words, zeroed by ferry; bit i = global page i) with the pages
- * the guest wrote since the previous call, and clears that record; returns 0, anything else aborts.
- * The first call starts tracking. KVM VMMs answer with KVM_GET_DIRTY_LOG.
- */
-typedef int32_t (*FerryDirtyLogFn)(uint64_t *words, size_t word_count, void *user);
 
 /**
  * Lets the vCPUs run again after a pause; returns 0 (anything else ends checkpointing).
@@ -386,6 +479,49 @@ enum FerryStatus ferry_destination_cancel(const struct FerryDestination *destina
  * `destination` is null or a live handle, not used afterwards.
  */
 void ferry_destination_free(struct FerryDestination *destination);
+
+/**
+ * Pre-copy from a running guest, with the options in `options` (see FerryPrecopyOptions): waits
+ * for a destination that called ferry_precopy_receive_with, tells it which image this guest
+ * arrived on (if any) and learns whether it kept that image; then rounds as ferry_source_precopy
+ * (only the changed pages in round 0 when the kept image serves), stopping inside a task segment
+ * when task-guided. `stats` and `outcome` may be null. Thread safety: one thread per handle.
+ *
+ * # Safety
+ * `source` is a live handle; the callbacks are valid functions; `user` is passed through;
+ * `options` is readable, its `base` null or readable with a NUL-terminated `vm_id`; `stats` and
+ * `outcome` are null or writable.
+ */
+enum FerryStatus ferry_source_precopy_with(struct FerrySource *source,
+                                           FerryDirtyLogFn dirty_log,
+                                           FerryGuidedPauseFn pause,
+                                           void *user,
+                                           const struct FerryPrecopyOptions *options,
+                                           struct FerryStats *stats,
+                                           struct FerryPrecopyOutcome *outcome);
+
+/**
+ * The destination of a ferry_source_precopy_with migration: as ferry_precopy_receive, into the
+ * guest memory in `regions`; with `kept` (may be null) naming the image those regions hold, left
+ * by this guest when it went away from here. If the source's base is that image and the sampled
+ * pages match, only the pages the guest changed since are pulled; otherwise (the reason goes to
+ * `outcome.refused`) every page is, overwriting the regions. `outcome` may be null.
+ * Thread safety: any thread.
+ *
+ * # Safety
+ * As ferry_precopy_receive; `kept` is null or readable with a NUL-terminated `vm_id`; `outcome`
+ * is null or writable.
+ */
+enum FerryStatus ferry_precopy_receive_with(const struct FerryRegion *regions,
+                                            size_t region_count,
+                                            uint32_t page_size,
+                                            const char *addr,
+                                            const uint8_t *key,
+                                            size_t key_len,
+                                            const struct FerryImageId *kept,
+                                            FerryResumeFn resume,
+                                            void *user,
+                                            struct FerryPrecopyOutcome *outcome);
 
 /**
  * Protects a connected, not yet started destination: from ferry_destination_start on it takes

@@ -68,7 +68,7 @@ pub unsafe extern "C" fn ferry_precopy_receive(
 
 /// Opens a session's lanes over TCP, the local transport ("unix:PATH") or RDMA ("rdma:...").
 /// With `landings`, RDMA lanes register its alias mappings before the control lane opens.
-fn connect_session(
+pub(crate) fn connect_session(
     addr: &str,
     key: &PreSharedKey,
     layout: &MemoryLayout,

@@ -4,7 +4,8 @@
 //! `ferry_last_error()` text per thread. Every entry point catches panics, checks its pointers,
 //! and states its thread safety; the unsafe code is confined to reading the caller's arguments and
 //! adopting the caller's memory. This file holds what the calls share; `source`, `destination`,
-//! `recovery` (surviving a destination that dies) and `snapshot` the calls. The header `include/ferry.h` is generated from these files by cbindgen
+//! `precopy` (task-guided pre-copy and migrating against a kept image), `recovery` (surviving a
+//! destination that dies) and `snapshot` the calls. The header `include/ferry.h` is generated from these files by cbindgen
 //! and checked in; a test fails when it is stale. `scripts/install-c.sh PREFIX` installs `libferry.so`, `libferry.a`, `ferry.h` and
 //! `ferry.pc`.
 
@@ -20,11 +21,13 @@ use ferry::transport::{GuestMemory, MemoryLayout, PreSharedKey, RegionLayout, Re
 use ferry::MigrationError;
 
 mod destination;
+mod precopy;
 mod recovery;
 mod snapshot;
 mod source;
 
 pub use destination::*;
+pub use precopy::*;
 pub use recovery::*;
 pub use snapshot::*;
 pub use source::*;

@@ -17,15 +17,15 @@ use crate::*;
 #[derive(Debug)]
 pub struct FerrySource {
     server: SourceServer,
-    pages: u64,
-    page_size: u64,
+    pub(crate) pages: u64,
+    pub(crate) page_size: u64,
     /// The destination's control lane, once accepted.
     control: Mutex<Option<Box<dyn ControlStream>>>,
     /// Set when a migration starts: a source hands its guest over once (a second destination
     /// would resume a second copy).
     migrated: std::sync::atomic::AtomicBool,
     /// The guest's memory (also the page server's).
-    memory: Arc<ferry::transport::GuestMemory>,
+    pub(crate) memory: Arc<ferry::transport::GuestMemory>,
     /// Set by ferry_source_protect.
     protection: Mutex<Option<crate::recovery::SourceProtection>>,
     /// Set when a protected handoff failed: ferry_source_restart may then run.
@@ -158,7 +158,7 @@ impl FerrySource {
         Ok(())
     }
 
-    fn begin_migration(&self) -> Result<(), (FerryStatus, String)> {
+    pub(crate) fn begin_migration(&self) -> Result<(), (FerryStatus, String)> {
         if self.migrated.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return Err((FerryStatus::ErrState, "this source already handed its guest over (or is doing so)".into()));
         }
@@ -214,6 +214,17 @@ impl FerrySource {
         Ok(crate::recovery::Restart { state: state.as_ptr(), len: state.len(), epoch: *epoch })
     }
 
+    /// The destination's control lane: the one ferry_source_wait_destination accepted, or one
+    /// accepted now within `timeout_ms`. Refuses a source that already handed its guest over.
+    pub(crate) fn connected(&self, timeout_ms: u32) -> Result<Box<dyn ControlStream>, (FerryStatus, String)> {
+        self.check_not_migrated()?;
+        let accepted = lock(&self.control).take();
+        match accepted {
+            Some(control) => Ok(control),
+            None => self.accept(Duration::from_millis(u64::from(timeout_ms))),
+        }
+    }
+
     fn accept(&self, timeout: Duration) -> Result<Box<dyn ControlStream>, (FerryStatus, String)> {
         Ok(match &self.server {
             SourceServer::Tcp(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
@@ -252,12 +263,7 @@ pub unsafe extern "C" fn ferry_source_handoff(
         // SAFETY: caller contracts on `state` and `free_bitmap`.
         let (state, free) =
             unsafe { (bytes_arg(state, state_len, "state")?, free_pages_arg(free_bitmap, free_words, source.pages)?) };
-        source.check_not_migrated()?;
-        let accepted = lock(&source.control).take();
-        let mut control = match accepted {
-            Some(control) => control,
-            None => source.accept(Duration::from_millis(u64::from(timeout_ms)))?,
-        };
+        let mut control = source.connected(timeout_ms)?;
         // From here the destination may resume the guest: never again from this source.
         source.begin_migration()?;
         let mut protection = lock(&source.protection);
@@ -372,12 +378,7 @@ pub unsafe extern "C" fn ferry_source_precopy(
         let source = unsafe { source.as_ref() }.ok_or_else(|| invalid("source is null"))?;
         let collect = dirty_log.ok_or_else(|| invalid("dirty_log is null"))?;
         let pause = pause.ok_or_else(|| invalid("pause is null"))?;
-        source.check_not_migrated()?;
-        let accepted = lock(&source.control).take();
-        let mut control = match accepted {
-            Some(control) => control,
-            None => source.accept(Duration::from_millis(u64::from(timeout_ms)))?,
-        };
+        let mut control = source.connected(timeout_ms)?;
         let mut log = CallbackDirtyLog { collect, user, pages: source.pages };
         let config = ferry::precopy::PrecopyConfig {
             downtime_target: Duration::from_millis(u64::from(downtime_target_ms)),
@@ -391,12 +392,8 @@ pub unsafe extern "C" fn ferry_source_precopy(
             if rc != 0 {
                 return Err(MigrationError::Vmm(format!("the pause callback returned {rc}")));
             }
-            match (state.is_null(), len) {
-                (_, 0) => Ok(Vec::new()),
-                (true, _) => Err(MigrationError::Vmm("the pause callback gave a null state".into())),
-                // SAFETY: the callback promises `len` readable bytes at `state` until we return.
-                (false, n) => Ok(unsafe { std::slice::from_raw_parts(state, n) }.to_vec()),
-            }
+            // SAFETY: the callback promises `len` readable bytes at `state` until we return.
+            unsafe { state_blob(state, len) }
         };
         let page_size = source.page_size;
         source.begin_migration()?;
@@ -404,16 +401,34 @@ pub unsafe extern "C" fn ferry_source_precopy(
             .map_err(migration)?;
         // SAFETY: caller contract: null or writable.
         if let Some(stats) = unsafe { stats.as_mut() } {
-            *stats = FerryStats {
-                pages_total: source.pages,
-                bulk_pages: report.pages_per_round.iter().sum(),
-                total_us: micros(report.total),
-                downtime_us: micros(report.downtime),
-                ..FerryStats::default()
-            };
+            *stats = precopy_stats(source.pages, &report);
         }
         Ok(())
     })
+}
+
+/// A pre-copy source's counters.
+pub(crate) fn precopy_stats(pages: u64, report: &ferry::precopy::PrecopyReport) -> FerryStats {
+    FerryStats {
+        pages_total: pages,
+        bulk_pages: report.pages_per_round.iter().sum(),
+        total_us: micros(report.total),
+        downtime_us: micros(report.downtime),
+        ..FerryStats::default()
+    }
+}
+
+/// The state blob a pause callback pointed at, copied.
+///
+/// # Safety
+/// `state` points to `len` readable bytes, or `len` is 0.
+pub(crate) unsafe fn state_blob(state: *const u8, len: usize) -> ferry::Result<Vec<u8>> {
+    match (state.is_null(), len) {
+        (_, 0) => Ok(Vec::new()),
+        (true, _) => Err(MigrationError::Vmm("the pause callback gave a null state".into())),
+        // SAFETY: caller contract.
+        (false, n) => Ok(unsafe { std::slice::from_raw_parts(state, n) }.to_vec()),
+    }
 }
 
 /// Drops every connection of the source: a handoff in progress fails with FERRY_STATUS_ERR_PEER and the
