@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the README's figures from the project's own commands and prints each table with the
 # command that made it. Ranges are min-max over RUNS runs (default 3): these machines are noisy.
-#   bash scripts/figures.sh [kvm|modes|failover|ft|trips|restore|restore-bench|two-hosts|toucher|transport|all]   (default: all)
+#   bash scripts/figures.sh [kvm|modes|failover|ft|trips|task|restore|restore-bench|two-hosts|toucher|transport|all]   (default: all)
 # Needs /dev/kvm for kvm and restore. Raw JSON goes to target/figures/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -333,6 +333,45 @@ PY
   echo
 }
 
+task() {
+  local n=${TASK_RUNS:-10}
+  echo "## Task-guided pre-copy: a 2 GiB guest, phased (300 ms of random writes over 1 GiB, then 100 ms quiet inside a marked segment), tcp loopback ($n runs each)"
+  echo
+  echo "| stop | downtime ms, p50 (min-max) | total s, p50 (min-max) | rounds | stopped in a segment | waited for one ms | wrong pages |"
+  echo "| --- | --- | --- | --- | --- | --- | --- |"
+  local f
+  for guided in off on; do
+    f=$out/task-$guided.jsonl
+    : > "$f"
+    for _ in $(seq "$n"); do
+      $vmm demo --mem 2G --workload phased --mode precopy --task-guided $guided --json | tail -1 \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({k: r[k] for k in ("downtime_ms","total_ms","rounds","stopped_in_segment","task_wait_ms","task_gave_up","guest_mismatches")}))' >> "$f"
+    done
+    python3 - "$f" "$guided" <<'PY'
+import json, statistics, sys
+rs = [json.loads(l) for l in open(sys.argv[1])]
+def p50(k, scale=1, d=1):
+    v = [r[k] * scale for r in rs]
+    return f"{statistics.median(v):.{d}f} ({min(v):.{d}f}-{max(v):.{d}f})"
+rounds = [r["rounds"] for r in rs]
+print(f"| {'task-guided' if sys.argv[2] == 'on' else 'unguided'} | {p50('downtime_ms', 1, 2)} | {p50('total_ms', 0.001, 2)} | "
+      f"{min(rounds)}-{max(rounds)} | {sum(r['stopped_in_segment'] for r in rs)}/{len(rs)} (gave up {sum(r['task_gave_up'] for r in rs)}) | "
+      f"{p50('task_wait_ms', 1, 0)} | {sum(r['guest_mismatches'] for r in rs)} |")
+PY
+  done
+  python3 - "$out/task-off.jsonl" "$out/task-on.jsonl" <<'PY'
+import json, statistics, sys
+off, on = ([json.loads(l) for l in open(p)] for p in sys.argv[1:])
+med = lambda rs, k: statistics.median(r[k] for r in rs)
+print()
+print(f"p50 downtime guided / unguided: {med(on, 'downtime_ms') / med(off, 'downtime_ms'):.3f}; "
+      f"p50 total time guided / unguided: {med(on, 'total_ms') / med(off, 'total_ms'):.3f}")
+PY
+  echo
+  echo "command: $vmm demo --mem 2G --workload phased --mode precopy --task-guided on|off --json"
+  echo
+}
+
 case "$what" in
   kvm) kvm ;;
   ft) ft ;;
@@ -344,6 +383,7 @@ case "$what" in
   toucher) toucher ;;
   transport) transport ;;
   trips) trips ;;
-  all) kvm; modes; failover; ft; trips; restore; restore_bench; two_hosts; toucher; transport ;;
-  *) echo "usage: $0 [kvm|modes|failover|ft|trips|restore|restore-bench|two-hosts|toucher|transport|all]" >&2; exit 2 ;;
+  task) task ;;
+  all) kvm; modes; failover; ft; trips; task; restore; restore_bench; two_hosts; toucher; transport ;;
+  *) echo "usage: $0 [kvm|modes|failover|ft|trips|task|restore|restore-bench|two-hosts|toucher|transport|all]" >&2; exit 2 ;;
 esac

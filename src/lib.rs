@@ -14,8 +14,9 @@
 //! the [`checkpoint`] stream (epochs of dirty pages and state, applied whole and
 //! acknowledged; post-copy's reverse checkpoints, so a source restarts a guest whose destination
 //! died), and [`ft`], fault-tolerant pairs on the same three (a primary streams epochs to a live
-//! backup, which takes over when the primary is lost), and [`backforth`] (a host a VM left keeps
-//! its image; the way back moves only the pages the guest changed since). With
+//! backup, which takes over when the primary is lost), [`backforth`] (a host a VM left keeps
+//! its image; the way back moves only the pages the guest changed since) and [`taskguided`]
+//! (pre-copy's stop held until the guest is inside a segment it marked as cheap to stop). With
 //! the `testkit` feature (tests, benchmarks and demos without KVM;
 //! not part of the API): `toucher`, a guest stand-in that verifies every page it touches, and
 //! `loopback`, a whole migration in one process.
