@@ -65,6 +65,13 @@ impl FreePages {
         }
     }
 
+    /// Removes `other`'s pages from these (pages past either end are unaffected).
+    pub fn subtract(&mut self, other: &FreePages) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w &= !o;
+        }
+    }
+
     /// Flips every page: set pages become clear and clear ones set.
     pub fn invert(&mut self) {
         for w in &mut self.words {

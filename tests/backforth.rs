@@ -144,10 +144,11 @@ fn trip(
                 None
             }
             Mode::Postcopy => {
-                let registered = match &mut changed {
+                let registered = match changed.take() {
                     Some(changed) => {
-                        backforth::receive_last_changes(&mut control, changed).unwrap();
-                        backforth::absent_where_changed(memory.clone(), changed).unwrap()
+                        let onto = backforth::OntoKept::prepare(&mut control, memory.clone(), changed).unwrap();
+                        let last = backforth::receive_last_changes(&mut control, layout.total_pages()).unwrap();
+                        onto.register(&last).unwrap()
                     }
                     None => {
                         ferry::fault_handler::DestinationMemory::register_with_valid(memory.clone(), |_| false).unwrap()
@@ -196,6 +197,9 @@ fn trip(
             moved = r.pages_per_round.iter().sum();
         }
         Mode::Postcopy => {
+            if base.is_some() {
+                backforth::await_prepared(&mut control).unwrap();
+            }
             guest.pause();
             if base.is_some() {
                 backforth::send_last_changes(&mut control, &log.collect().unwrap()).unwrap();

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, bail, Result};
 use ferry::backforth::{self, Arrival, BaseVerdict, ChangeTracker, ImageIdentity, RetainedImage};
 use ferry::precopy::{DirtyLog, PrecopyConfig};
+use ferry::prepager::PolicyKind;
 use ferry::{EngineConfig, FreePages, PostcopyDestination, SourceOptions};
 use ferry_fault_handler::DestinationMemory;
 use ferry_transport::tcp::{self, TcpOptions, TcpPageServer};
@@ -189,6 +190,9 @@ fn one_trip(
             Some(r.pages_per_round[..r.pages_per_round.len() - 1].iter().sum::<u64>())
         }
         Mode::Postcopy => {
+            if onto_kept {
+                backforth::await_prepared(&mut control)?;
+            }
             let paused = Instant::now();
             let state = pause()?;
             if onto_kept {
@@ -266,14 +270,16 @@ fn arrive(
                 ferry::precopy::run_hybrid_destination(Box::new(control), memory.clone(), lanes, &config, |blob| {
                     resume(&mut vm, blob, &mut running, &mut resumed_at)
                 })?;
-            let r = session.wait()?;
+            let r = until_present(session, a)?;
             (vm, log, Some(r.urgent_pages + r.bulk_pages))
         }
         Mode::Postcopy => {
             let registered = match changed {
-                Some(mut changed) => {
-                    backforth::receive_last_changes(&mut control, &mut changed)?;
-                    backforth::absent_where_changed(memory.clone(), &changed)?
+                Some(changed) => {
+                    // Dropped while the guest still runs there: outside the downtime.
+                    let onto = backforth::OntoKept::prepare(&mut control, memory.clone(), changed)?;
+                    let last = backforth::receive_last_changes(&mut control, layout.total_pages())?;
+                    onto.register(&last)?
                 }
                 None => DestinationMemory::register_with_valid(memory.clone(), |_| false)?,
             };
@@ -283,7 +289,7 @@ fn arrive(
             let session = PostcopyDestination::start(Box::new(control), registered, lanes, &config, |blob| {
                 resume(&mut vm, blob, &mut running, &mut resumed_at)
             })?;
-            let r = session.wait()?;
+            let r = until_present(session, a)?;
             (vm, log, Some(r.urgent_pages + r.bulk_pages))
         }
         Mode::Ft => bail!("--trips moves a guest; ft keeps a backup"),
@@ -299,6 +305,16 @@ fn arrive(
         done_at,
         refused,
     })
+}
+
+/// Waits until every page is present. Demand paging alone never brings the pages the guest does
+/// not touch: as the demo does, they are swept after the workload's phase.
+fn until_present(session: PostcopyDestination, a: &Args) -> Result<ferry::DestinationReport> {
+    if a.prepager == PolicyKind::Demand {
+        std::thread::sleep(Duration::from_secs_f64(a.seconds));
+        session.finish();
+    }
+    Ok(session.wait()?)
 }
 
 fn resume(
