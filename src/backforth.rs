@@ -141,14 +141,17 @@ impl<L: DirtyLog> ChangeTracker<L> {
         let want = samples.min(MAX_SAMPLES) as u64;
         let mut taken = Vec::new();
         if unchanged > 0 && want > 0 {
-            // Evenly spread over the unchanged pages from a random start: wide changes to the kept
-            // image meet a sample wherever they are.
+            // One page at random from each run of `stride` unchanged pages: spread over the whole
+            // image, so wide changes meet a sample wherever they are, and at random within each
+            // run, so changes with a period (every 16th page) cannot fall between evenly spaced
+            // samples.
             let stride = (unchanged / want).max(1);
-            let mut skip = seed() % stride;
+            let mut rng = Splitmix(seed());
+            let mut pick = rng.next() % stride;
             let mut page = vec![0u8; layout.page_size() as usize];
-            for p in (0..self.changed.pages()).filter(|&p| !self.changed.is_free(p)) {
-                if skip > 0 {
-                    skip -= 1;
+            for (i, p) in (0..self.changed.pages()).filter(|&p| !self.changed.is_free(p)).enumerate() {
+                let i = i as u64;
+                if i != pick {
                     continue;
                 }
                 read_page(memory, p, &mut page)?;
@@ -156,7 +159,7 @@ impl<L: DirtyLog> ChangeTracker<L> {
                 if taken.len() as u64 == want {
                     break;
                 }
-                skip = stride - 1;
+                pick = (i / stride + 1) * stride + rng.next() % stride;
             }
         }
         // A sampled page written while it was read would be refused for no fault of the image.
@@ -192,12 +195,21 @@ impl<L: DirtyLog> DirtyLog for ChangeTracker<L> {
 }
 
 fn seed() -> u64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    // splitmix64's finaliser: neighbouring clocks give unrelated starts.
-    let mut z = nanos.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// splitmix64: where the samples fall. They guard against accidents (an image written over), not
+/// against the destination host itself, which holds the image anyway.
+struct Splitmix(u64);
+
+impl Splitmix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
 }
 
 fn read_page(memory: &GuestMemory, page: u64, out: &mut [u8]) -> Result<()> {
@@ -554,6 +566,21 @@ mod tests {
             negotiate(None, Some(RetainedImage::keep(kept, ImageIdentity::new("vm-1", 3).unwrap())));
         assert!(matches!(verdict, BaseVerdict::Refused(_)));
         assert!(matches!(arrival, Arrival::Full { refused: None, image: Some(_) }));
+    }
+
+    #[test]
+    fn samples_fall_at_random_within_their_stretch_not_at_a_period() {
+        // 128 unchanged pages, 32 samples: one in each stretch of 4. Evenly spaced samples would
+        // all share one position in their stretch, and miss an image written every 4th page 3
+        // times in 4.
+        let guest = filled();
+        let offer = tracker(&guest, &[]).offer(&guest, 32).unwrap();
+        assert_eq!(offer.samples.len(), 32);
+        for (i, &(p, _)) in offer.samples.iter().enumerate() {
+            assert_eq!(p / 4, i as u64, "sample {i} at page {p}: one per stretch");
+        }
+        let positions: std::collections::HashSet<u64> = offer.samples.iter().map(|&(p, _)| p % 4).collect();
+        assert!(positions.len() > 1, "every sample at position {positions:?} of its stretch");
     }
 
     #[test]
