@@ -329,8 +329,10 @@ struct SourceWatch {
 }
 
 impl SourceWatch {
-    /// How long the watcher sleeps between looks at its stop flag.
-    const TICK: Duration = Duration::from_millis(50);
+    /// How long the watcher sleeps between looks at its stop flag: [`PostcopyDestination::wait`]
+    /// waits for up to one tick after the last page (at 50 ms that added 25 ms on average to
+    /// every migration's end, a quarter of a 5% back-and-forth return's total).
+    const TICK: Duration = Duration::from_millis(5);
 
     fn start(
         mut live: LiveControl,

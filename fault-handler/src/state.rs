@@ -229,14 +229,13 @@ impl PageStates {
     /// Marks the pages for which `valid(page)` holds as claimed and present: they arrived before
     /// this state existed (pre-copy rounds of a hybrid migration).
     pub fn mark_valid(&self, valid: impl Fn(u64) -> bool) {
-        let mut fresh = 0;
+        // A word of pages per atomic update, not a page: registering a kept image of 2 GiB with
+        // most pages valid took 5 ms of downtime page by page.
+        let mut words = vec![0u64; self.present.0.len()];
         for p in (0..self.pages).filter(|&p| valid(p)) {
-            self.claimed.set(p);
-            if self.present.set(p) {
-                fresh += 1;
-            }
+            words[(p / 64) as usize] |= 1 << (p % 64);
         }
-        self.present_count.fetch_add(fresh, Ordering::AcqRel);
+        self.mark_present_words(&words);
     }
 
     /// Marks the pages set in `words` (one bit per global page) claimed and present, a word at a
