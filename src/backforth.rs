@@ -569,6 +569,21 @@ mod tests {
     }
 
     #[test]
+    fn a_memfd_kept_image_reads_zero_where_it_changed_once_prepared() {
+        // A changed page that arrives as zero is settled with nothing installed: the file must not
+        // still hold the old contents for the mapping to find again.
+        let kept = Arc::new(GuestMemory::create(layout(), Backing::Memfd).unwrap());
+        kept.regions()[1].write(3 * 4096, &[0x77; 4096]).unwrap();
+        let (mut control, _peer) = UnixStream::pair().unwrap();
+        let mut changed = FreePages::new(128);
+        changed.set(64 + 3);
+        OntoKept::prepare(&mut control, kept.clone(), changed).unwrap();
+        let mut page = [0xffu8; 4096];
+        kept.regions()[1].read(3 * 4096, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 0), "the old contents came back");
+    }
+
+    #[test]
     fn samples_fall_at_random_within_their_stretch_not_at_a_period() {
         // 128 unchanged pages, 32 samples: one in each stretch of 4. Evenly spaced samples would
         // all share one position in their stretch, and miss an image written every 4th page 3

@@ -295,7 +295,13 @@ pub(crate) fn discard(memory: &GuestMemory, pages: &FreePages) -> Result<()> {
             let region = bases.partition_point(|&b| b <= g) - 1;
             let region_end = bases[region] + layout.region_pages(region as u32).unwrap_or(0);
             let n = (first + count).min(region_end) - g;
-            memory.regions()[region].discard((g - bases[region]) * ps, (n * ps) as usize)?;
+            let (mapping, offset, len) = (&memory.regions()[region], (g - bases[region]) * ps, (n * ps) as usize);
+            // A file keeps its pages when a mapping drops them: they must go from the file too, or
+            // a page that arrives as zero (nothing installed) would map the old contents again.
+            if mapping.fd().is_some() {
+                mapping.punch_hole(offset, len)?;
+            }
+            mapping.discard(offset, len)?;
             g += n;
         }
     }

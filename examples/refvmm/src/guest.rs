@@ -371,14 +371,19 @@ fn rand_write(a: &mut CodeAssembler, workload: Workload) -> Result<(), IcedError
     } else {
         write_page_version(a)?;
     }
+    end_batch(a, write)?;
+    a.jmp(batch)
+}
+
+/// Closes a batch of writes: back to `write` until R14D counts down to 0, then reports the batch
+/// and answers a self-check.
+fn end_batch(a: &mut CodeAssembler, write: CodeLabel) -> Result<(), IcedError> {
     a.dec(r14d)?;
     a.jnz(write)?;
-
     a.mov(eax, RAND_BATCH)?;
     hypercall(a, PORT_PROGRESS)?;
     emit_output(a)?;
-    maybe_verify(a, check_versions)?;
-    a.jmp(batch)
+    maybe_verify(a, check_versions)
 }
 
 /// rand-write's self-check: page p holds (p << 32 | version[p]), or zero if never written.
@@ -463,12 +468,7 @@ fn phased(a: &mut CodeAssembler) -> Result<(), IcedError> {
     pace(a)?;
     random_page(a)?;
     write_page_version(a)?;
-    a.dec(r14d)?;
-    a.jnz(write)?;
-    a.mov(eax, RAND_BATCH)?;
-    hypercall(a, PORT_PROGRESS)?;
-    emit_output(a)?;
-    maybe_verify(a, check_versions)?;
+    end_batch(a, write)?;
     phase_over(a, 0, quiet)?;
     a.jmp(batch)?;
 
