@@ -427,6 +427,12 @@ pub fn receive_last_changes(control: &mut dyn ControlStream, pages: u64) -> Resu
     FreePages::from_words(words, pages).ok_or_else(|| protocol("changed pages past the end"))
 }
 
+/// Drops every page of `memory`, which held a kept image that did not serve as the guest's base:
+/// a full post-copy may then register it (registered memory must hold no stale page).
+pub fn forget_image(memory: &GuestMemory) -> Result<()> {
+    crate::precopy::discard(memory, &FreePages::all(memory.layout().total_pages()))
+}
+
 /// A kept image that post-copy will fill, its changed pages already dropped: made while the guest
 /// still runs at the source, so that dropping them (one madvise per run, ~30 ms for a quarter of
 /// 2 GiB here) is not part of the downtime.

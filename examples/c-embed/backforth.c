@@ -8,6 +8,8 @@
  *   trip 2  B -> A  A kept the image the guest left (generation 0): only changed pages move.
  *   trip 3  A -> B  B kept its image (generation 1) but wrote all over it meanwhile: refused with a
  *                   reason, and every page moves into the same memory.
+ *   trip 4  B -> A  post-copy onto A's image (generation 2): only the changed pages are absent
+ *                   when the guest resumes at A, and only they cross.
  *
  * After each trip the destination checks that its memory has the checksum the source took at the
  * pause, and the guest runs on there.
@@ -156,7 +158,7 @@ static int send_trip(int trip, int port_pipe, const FerryImageId *base, int guid
                                    .in_segment = guided ? guest_in_segment : NULL,
                                    .base = base};
     FerryStats stats;
-    FerryPrecopyOutcome outcome;
+    FerryOutcome outcome;
     FerryStatus st = ferry_source_precopy_with(src, dirty_log, pause_guest, NULL, &options, &stats, &outcome);
     ferry_source_free(src);
     if (st != FERRY_STATUS_OK) {
@@ -184,7 +186,7 @@ static int receive_trip(int trip, int port_pipe, const FerryImageId *kept, int e
     snprintf(addr, sizeof addr, "127.0.0.1:%u", port);
     FerryRegion r = region();
     int verdict = 0;
-    FerryPrecopyOutcome outcome;
+    FerryOutcome outcome;
     FerryStatus st = ferry_precopy_receive_with(&r, 1, PAGE, addr, KEY, sizeof KEY, kept, resume, &verdict, &outcome);
     if (st != FERRY_STATUS_OK) {
         fprintf(stderr, "c-backforth: trip %d destination: status %d: %s\n", trip, (int)st, ferry_last_error());
@@ -196,6 +198,75 @@ static int receive_trip(int trip, int port_pipe, const FerryImageId *kept, int e
     fflush(stdout);
     if (verdict != 1 || outcome.kept_image_used != expect_kept) return 1;
     if (!expect_kept && kept && !outcome.refused[0]) return 1;
+    start_guest();
+    return 0;
+}
+
+/* Post-copy: the guest, still running, offers its base; paused, it is handed over. */
+static int send_postcopy(int trip, int port_pipe, const FerryImageId *base) {
+    FerryRegion r = region();
+    FerrySource *src = NULL;
+    if (ferry_source_start(&r, 1, PAGE, "127.0.0.1:0", KEY, sizeof KEY, &src) != FERRY_STATUS_OK) return 1;
+    uint16_t port = 0;
+    ferry_source_port(src, &port);
+    if (write(port_pipe, &port, sizeof port) != sizeof port) return 1;
+    FerryOutcome outcome;
+    FerryStatus st = ferry_source_offer_base(src, base, dirty_log, NULL, 10000, &outcome);
+    const uint8_t *state = NULL;
+    size_t len = 0;
+    if (st == FERRY_STATUS_OK && pause_guest(1, &state, &len, NULL) != 0) st = FERRY_STATUS_ERR_INTERNAL;
+    FerryStats stats;
+    if (st == FERRY_STATUS_OK) st = ferry_source_handoff(src, state, len, NULL, 0, 10000, &stats);
+    ferry_source_free(src);
+    if (st != FERRY_STATUS_OK) {
+        fprintf(stderr, "c-backforth: trip %d source: status %d: %s\n", trip, (int)st, ferry_last_error());
+        return 1;
+    }
+    printf("trip %d source (post-copy): kept image %s%s%s, downtime %llu us\n", trip,
+           outcome.kept_image_used ? "used" : "not used", outcome.refused[0] ? ": " : "", outcome.refused,
+           (unsigned long long)stats.downtime_us);
+    fflush(stdout);
+    return !outcome.kept_image_used;
+}
+
+static struct guest_state arrived;
+static int32_t resume_later(const uint8_t *blob, size_t len, void *user) {
+    (void)user;
+    if (len != sizeof arrived) return -1;
+    memcpy(&arrived, blob, sizeof arrived);
+    return 0;
+}
+
+/* Post-copy onto the image `kept`: the memory is checked once every page is present, then the
+   guest runs on. */
+static int receive_postcopy(int trip, int port_pipe, const FerryImageId *kept) {
+    uint16_t port = 0;
+    if (read(port_pipe, &port, sizeof port) != sizeof port) return 1;
+    char addr[32];
+    snprintf(addr, sizeof addr, "127.0.0.1:%u", port);
+    FerryRegion r = region();
+    FerryDestination *dst = NULL;
+    FerryOutcome outcome;
+    FerryStats stats;
+    FerryStatus st = ferry_destination_connect_with(&r, 1, PAGE, addr, KEY, sizeof KEY, FERRY_PREPAGER_BUBBLING,
+                                                    kept, &dst, &outcome);
+    if (st == FERRY_STATUS_OK) st = ferry_destination_start(dst, resume_later, NULL);
+    if (st == FERRY_STATUS_OK) st = ferry_destination_wait(dst, &stats);
+    ferry_destination_free(dst);
+    if (st != FERRY_STATUS_OK) {
+        fprintf(stderr, "c-backforth: trip %d destination: status %d: %s\n", trip, (int)st, ferry_last_error());
+        return 1;
+    }
+    int equal = checksum(mem) == arrived.checksum;
+    uint64_t moved = stats.urgent_pages + stats.bulk_pages;
+    printf("trip %d destination (post-copy): memory %s the source's at the pause; kept image %s; %llu of %llu "
+           "pages crossed\n",
+           trip, equal ? "equals" : "DIFFERS FROM", outcome.kept_image_used ? "used" : "not used",
+           (unsigned long long)moved, (unsigned long long)PAGES);
+    fflush(stdout);
+    if (!equal || !outcome.kept_image_used || moved >= PAGES / 4) return 1;
+    regs = arrived;
+    for (size_t i = 0; i < PAGES / 64; i++) atomic_store(&dirty[i], 0);
     start_guest();
     return 0;
 }
@@ -216,9 +287,10 @@ static int host_b(int from_a, int to_a) {
     for (uint64_t p = 0; p < PAGES; p += 2) mem[p * (PAGE / 8) + 1] ^= 0x5a5a;
     FerryImageId kept = {.vm_id = VM_ID, .generation = 1};
     if (receive_trip(3, from_a, &kept, 0)) return 1;
-    atomic_store(&stop_writer, 1);
-    pthread_join(writer, NULL);
-    return 0;
+    usleep(100000);
+    FerryImageId base4 = {.vm_id = VM_ID, .generation = 2};
+    /* The guest left by post-copy: its writer stopped at the pause. */
+    return send_postcopy(4, to_a, &base4);
 }
 
 int main(void) {
@@ -246,6 +318,13 @@ int main(void) {
         usleep(100000);
         FerryImageId base = {.vm_id = VM_ID, .generation = 1};
         failed |= send_trip(3, a_to_b[1], &base, 0);
+    }
+    /* A keeps the image the guest left again (generation 2): the guest comes back by post-copy. */
+    FerryImageId kept4 = {.vm_id = VM_ID, .generation = 2};
+    if (!failed) failed |= receive_postcopy(4, b_to_a[0], &kept4);
+    if (!failed) {
+        atomic_store(&stop_writer, 1);
+        pthread_join(writer, NULL);
     }
     close(a_to_b[1]);
     int status = 0;

@@ -106,6 +106,59 @@ typedef struct FerryRestore FerryRestore;
 typedef struct FerrySource FerrySource;
 
 /**
+ * Which image: a VM's id (1 to 64 bytes, NUL-terminated) and its generation.
+ */
+typedef struct FerryImageId {
+  const char *vm_id;
+  uint64_t generation;
+} FerryImageId;
+
+/**
+ * Fills `words` (`word_count` 64-bit words, zeroed by ferry; bit i = global page i) with the pages
+ * the guest wrote since the previous call, and clears that record; returns 0, anything else aborts.
+ * The first call starts tracking. KVM VMMs answer with KVM_GET_DIRTY_LOG.
+ */
+typedef int32_t (*FerryDirtyLogFn)(uint64_t *words, size_t word_count, void *user);
+
+/**
+ * How a migration with options went (ferry_source_precopy_with, ferry_precopy_receive_with,
+ * ferry_source_offer_base, ferry_destination_connect_with). Fields a call does not know stay 0.
+ */
+typedef struct FerryOutcome {
+  /**
+   * Rounds before the final one (source).
+   */
+  uint32_t rounds;
+  /**
+   * 1: the destination's kept image served as the base and only changed pages moved.
+   */
+  uint8_t kept_image_used;
+  /**
+   * Task-guided (source): 1 when the guest stopped inside a segment; 1 in task_gave_up when
+   * the wait ran out and it was stopped outside.
+   */
+  uint8_t stopped_in_segment;
+  uint8_t task_gave_up;
+  uint8_t reserved;
+  /**
+   * Pauses held back because the guest had left its segment.
+   */
+  uint32_t task_held_back;
+  /**
+   * Rounds run after the source could first have stopped.
+   */
+  uint32_t task_extra_rounds;
+  /**
+   * From the first moment the source could have stopped to the pause.
+   */
+  uint64_t task_wait_us;
+  /**
+   * Why a kept image was refused (NUL-terminated, empty when it was not).
+   */
+  char refused[256];
+} FerryOutcome;
+
+/**
  * One region of guest memory, as the VMM mapped it.
  */
 typedef struct FerryRegion {
@@ -155,13 +208,6 @@ typedef struct FerryStats {
 } FerryStats;
 
 /**
- * Fills `words` (`word_count` 64-bit words, zeroed by ferry; bit i = global page i) with the pages
- * the guest wrote since the previous call, and clears that record; returns 0, anything else aborts.
- * The first call starts tracking. KVM VMMs answer with KVM_GET_DIRTY_LOG.
- */
-typedef int32_t (*FerryDirtyLogFn)(uint64_t *words, size_t word_count, void *user);
-
-/**
  * Stops the guest's vCPUs. With `anyway` 0 (task-guided) the guest must be inside a marked
  * segment once its vCPUs have stopped: if it is not, the callback lets it run on and returns 1
  * (another round follows). Otherwise it points `*state`/`*len` at the guest's state blob, valid
@@ -177,14 +223,6 @@ typedef int32_t (*FerryGuidedPauseFn)(uint32_t anyway,
  * Called from the thread inside ferry_source_precopy_with, between rounds.
  */
 typedef int32_t (*FerryInSegmentFn)(void *user);
-
-/**
- * Which image: a VM's id (1 to 64 bytes, NUL-terminated) and its generation.
- */
-typedef struct FerryImageId {
-  const char *vm_id;
-  uint64_t generation;
-} FerryImageId;
 
 /**
  * What ferry_source_precopy_with does besides plain pre-copy.
@@ -216,43 +254,6 @@ typedef struct FerryPrecopyOptions {
    */
   const struct FerryImageId *base;
 } FerryPrecopyOptions;
-
-/**
- * How a pre-copy with options went. Fields a side does not know stay 0.
- */
-typedef struct FerryPrecopyOutcome {
-  /**
-   * Rounds before the final one (source).
-   */
-  uint32_t rounds;
-  /**
-   * 1: the destination's kept image served as the base and only changed pages moved.
-   */
-  uint8_t kept_image_used;
-  /**
-   * Task-guided (source): 1 when the guest stopped inside a segment; 1 in task_gave_up when
-   * the wait ran out and it was stopped outside.
-   */
-  uint8_t stopped_in_segment;
-  uint8_t task_gave_up;
-  uint8_t reserved;
-  /**
-   * Pauses held back because the guest had left its segment.
-   */
-  uint32_t task_held_back;
-  /**
-   * Rounds run after the source could first have stopped.
-   */
-  uint32_t task_extra_rounds;
-  /**
-   * From the first moment the source could have stopped to the pause.
-   */
-  uint64_t task_wait_us;
-  /**
-   * Why a kept image was refused (NUL-terminated, empty when it was not).
-   */
-  char refused[256];
-} FerryPrecopyOutcome;
 
 /**
  * How a protected post-copy watches its peer and who may run the guest. Zero fields take the
@@ -378,6 +379,51 @@ uint32_t ferry_abi_version(void);
 const char *ferry_last_error(void);
 
 /**
+ * Post-copy back onto a kept image, with the guest still running: waits up to `timeout_ms` for
+ * a destination that called ferry_destination_connect_with, names the image the guest arrived on
+ * (`base`; null: none) and learns whether the destination kept it. Accepted
+ * (`outcome.kept_image_used`), it waits until the destination has dropped the changed pages
+ * from its image. `dirty_log` must report, at its first call, every page written since the guest
+ * resumed on `base`; ferry calls it once more in ferry_source_handoff for the pages written
+ * since, so `user` must stay valid until then. Then pause the guest and call
+ * ferry_source_handoff. Thread safety: one thread per handle.
+ *
+ * # Safety
+ * `source` is a live handle; `base` is null or readable with a NUL-terminated `vm_id`;
+ * `dirty_log` is a valid function (it may be null when `base` is); `outcome` is null or writable.
+ */
+enum FerryStatus ferry_source_offer_base(struct FerrySource *source,
+                                         const struct FerryImageId *base,
+                                         FerryDirtyLogFn dirty_log,
+                                         void *user,
+                                         uint32_t timeout_ms,
+                                         struct FerryOutcome *outcome);
+
+/**
+ * As ferry_destination_connect, for a source that calls ferry_source_offer_base: `kept` (may be
+ * null) names the image the memory in `regions` holds, left by this guest when it went away
+ * from here. If the source's base is that image and its sampled pages match, only the pages the
+ * guest changed since are dropped and fetched (`outcome.kept_image_used`); otherwise (the reason
+ * in `outcome.refused`) every page is, and ferry drops the regions' old contents first. TCP and
+ * "unix:" addresses (FERRY_STATUS_ERR_UNSUPPORTED for rdma). Thread safety: as
+ * ferry_destination_connect.
+ *
+ * # Safety
+ * As ferry_destination_connect, except that the memory may hold the kept image; `kept` is null
+ * or readable with a NUL-terminated `vm_id`; `outcome` is null or writable.
+ */
+enum FerryStatus ferry_destination_connect_with(const struct FerryRegion *regions,
+                                                size_t region_count,
+                                                uint32_t page_size,
+                                                const char *addr,
+                                                const uint8_t *key,
+                                                size_t key_len,
+                                                uint32_t prepager,
+                                                const struct FerryImageId *kept,
+                                                struct FerryDestination **out,
+                                                struct FerryOutcome *outcome);
+
+/**
  * The destination of a pre-copy migration, in one call: connects to the source at `addr` (TCP or
  * "unix:PATH"), pulls its rounds into the guest memory in `regions` (plain memory: no
  * userfaultfd), and calls `resume` with the state blob after the final round. Returns once the
@@ -498,7 +544,7 @@ enum FerryStatus ferry_source_precopy_with(struct FerrySource *source,
                                            void *user,
                                            const struct FerryPrecopyOptions *options,
                                            struct FerryStats *stats,
-                                           struct FerryPrecopyOutcome *outcome);
+                                           struct FerryOutcome *outcome);
 
 /**
  * The destination of a ferry_source_precopy_with migration: as ferry_precopy_receive, into the
@@ -521,7 +567,7 @@ enum FerryStatus ferry_precopy_receive_with(const struct FerryRegion *regions,
                                             const struct FerryImageId *kept,
                                             FerryResumeFn resume,
                                             void *user,
-                                            struct FerryPrecopyOutcome *outcome);
+                                            struct FerryOutcome *outcome);
 
 /**
  * Protects a connected, not yet started destination: from ferry_destination_start on it takes

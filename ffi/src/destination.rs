@@ -26,8 +26,13 @@ pub struct FerryDestination {
     protection: Mutex<Option<(crate::recovery::Settings, crate::recovery::DestinationProtection)>>,
     /// Held once a protected migration completed, until the handle is freed.
     lease: Mutex<Option<Arc<ferry::arbiter::LeaseKeeper>>>,
-    /// Last: lanes above may have registered its alias mappings, so they go first.
-    memory: Arc<DestinationMemory>,
+    /// Back onto a kept image (ferry_destination_connect_with): registered at start, once the
+    /// source's last changes are in.
+    pub(crate) onto: Mutex<Option<ferry::backforth::OntoKept>>,
+    pub(crate) pages: u64,
+    /// Registered at connect, or at start when back onto a kept image. Last: lanes above may have
+    /// registered its alias mappings, so they go first.
+    pub(crate) memory: std::sync::OnceLock<Arc<DestinationMemory>>,
 }
 
 /// The destination of a pre-copy migration, in one call: connects to the source at `addr` (TCP or
@@ -141,15 +146,8 @@ pub unsafe extern "C" fn ferry_destination_connect(
         // Register first: the source may pause its guest as soon as our control lane connects.
         let memory = DestinationMemory::register(guest).map_err(|e| migration(e.into()))?;
         let (lanes, control) = connect_session(addr, &key, &layout, Some(&memory))?;
-        let handle = Box::new(FerryDestination {
-            policy,
-            pending: Mutex::new(Some((lanes, control))),
-            session: Mutex::new(None),
-            running: Running::default(),
-            protection: Mutex::new(None),
-            lease: Mutex::new(None),
-            memory: Arc::new(memory),
-        });
+        let handle = Box::new(FerryDestination::new(policy, lanes, control, layout.total_pages(), None));
+        handle.memory.set(Arc::new(memory)).expect("a new handle");
         // SAFETY: out is non-null (checked) and writable (caller contract).
         unsafe { *out = Box::into_raw(handle) };
         Ok(())
@@ -157,8 +155,39 @@ pub unsafe extern "C" fn ferry_destination_connect(
 }
 
 impl FerryDestination {
+    pub(crate) fn new(
+        policy: PolicyKind,
+        lanes: PageSource,
+        control: Box<dyn ControlStream>,
+        pages: u64,
+        onto: Option<ferry::backforth::OntoKept>,
+    ) -> Self {
+        FerryDestination {
+            policy,
+            pending: Mutex::new(Some((lanes, control))),
+            session: Mutex::new(None),
+            running: Running::default(),
+            protection: Mutex::new(None),
+            lease: Mutex::new(None),
+            onto: Mutex::new(onto),
+            pages,
+            memory: std::sync::OnceLock::new(),
+        }
+    }
+
     pub(crate) fn pages(&self) -> u64 {
-        self.memory.states().pages()
+        self.pages
+    }
+
+    /// The registered memory: from connect, or registered now over a kept image once the source
+    /// sent the pages it changed since its offer (the next message on `control`).
+    fn registered(&self, control: &mut dyn ControlStream) -> Result<Arc<DestinationMemory>, (FerryStatus, String)> {
+        if let Some(onto) = lock(&self.onto).take() {
+            let last = ferry::backforth::receive_last_changes(control, self.pages).map_err(migration)?;
+            let memory = Arc::new(onto.register(&last).map_err(migration)?);
+            self.memory.set(memory.clone()).map_err(|_| (FerryStatus::ErrInternal, "registered twice".to_string()))?;
+        }
+        self.memory.get().cloned().ok_or_else(|| (FerryStatus::ErrInternal, "no registered memory".to_string()))
     }
 
     pub(crate) fn protect(
@@ -196,7 +225,8 @@ pub unsafe extern "C" fn ferry_destination_start(
         let d = unsafe { destination.as_ref() }.ok_or_else(|| invalid("destination is null"))?;
         let resume = resume.ok_or_else(|| invalid("resume is null"))?;
         let pending = lock(&d.pending).take();
-        let (lanes, control) = pending.ok_or_else(|| (FerryStatus::ErrState, "already started".to_string()))?;
+        let (lanes, mut control) = pending.ok_or_else(|| (FerryStatus::ErrState, "already started".to_string()))?;
+        let memory = d.registered(control.as_mut())?;
         let mut config = EngineConfig { policy: d.policy, ..EngineConfig::default() };
         let protection = match lock(&d.protection).as_ref() {
             Some((settings, p)) => {
@@ -206,7 +236,7 @@ pub unsafe extern "C" fn ferry_destination_start(
             }
             None => None,
         };
-        let session = PostcopyDestination::start_with(control, d.memory.clone(), lanes, &config, protection, |state| {
+        let session = PostcopyDestination::start_with(control, memory, lanes, &config, protection, |state| {
             // SAFETY: `resume` is the caller's function (this function's contract).
             unsafe { call_resume(resume, state, user) }
         })
@@ -249,7 +279,10 @@ pub unsafe extern "C" fn ferry_destination_stats(
         let d = unsafe { destination.as_ref() }.ok_or_else(|| invalid("destination is null"))?;
         // SAFETY: caller contract: writable or null.
         let out = unsafe { stats.as_mut() }.ok_or_else(|| invalid("stats is null"))?;
-        *out = d.running.live_stats(&d.memory);
+        *out = match d.memory.get() {
+            Some(memory) => d.running.live_stats(memory),
+            None => FerryStats { pages_total: d.pages, ..FerryStats::default() },
+        };
         Ok(())
     })
 }

@@ -4,10 +4,11 @@
 //! `ferry_last_error()` text per thread. Every entry point catches panics, checks its pointers,
 //! and states its thread safety; the unsafe code is confined to reading the caller's arguments and
 //! adopting the caller's memory. This file holds what the calls share; `source`, `destination`,
-//! `precopy` (task-guided pre-copy and migrating against a kept image), `recovery` (surviving a
-//! destination that dies) and `snapshot` the calls. The header `include/ferry.h` is generated from these files by cbindgen
-//! and checked in; a test fails when it is stale. `scripts/install-c.sh PREFIX` installs `libferry.so`, `libferry.a`, `ferry.h` and
-//! `ferry.pc`.
+//! `precopy` (task-guided pre-copy and pre-copy against a kept image), `backforth` (post-copy
+//! against a kept image), `recovery` (surviving a destination that dies) and `snapshot` the
+//! calls. The header `include/ferry.h` is generated from these files by cbindgen and checked in;
+//! a test fails when it is stale. `scripts/install-c.sh PREFIX` installs `libferry.so`,
+//! `libferry.a`, `ferry.h` and `ferry.pc`.
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -20,12 +21,14 @@ use std::time::Duration;
 use ferry::transport::{GuestMemory, MemoryLayout, PreSharedKey, RegionLayout, RegionMapping, TransportError};
 use ferry::MigrationError;
 
+mod backforth;
 mod destination;
 mod precopy;
 mod recovery;
 mod snapshot;
 mod source;
 
+pub use backforth::*;
 pub use destination::*;
 pub use precopy::*;
 pub use recovery::*;

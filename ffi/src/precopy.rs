@@ -61,10 +61,11 @@ pub struct FerryPrecopyOptions {
     pub base: *const FerryImageId,
 }
 
-/// How a pre-copy with options went. Fields a side does not know stay 0.
+/// How a migration with options went (ferry_source_precopy_with, ferry_precopy_receive_with,
+/// ferry_source_offer_base, ferry_destination_connect_with). Fields a call does not know stay 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct FerryPrecopyOutcome {
+pub struct FerryOutcome {
     /// Rounds before the final one (source).
     pub rounds: u32,
     /// 1: the destination's kept image served as the base and only changed pages moved.
@@ -84,9 +85,9 @@ pub struct FerryPrecopyOutcome {
     pub refused: [c_char; 256],
 }
 
-impl Default for FerryPrecopyOutcome {
+impl Default for FerryOutcome {
     fn default() -> Self {
-        FerryPrecopyOutcome {
+        FerryOutcome {
             rounds: 0,
             kept_image_used: 0,
             stopped_in_segment: 0,
@@ -100,8 +101,8 @@ impl Default for FerryPrecopyOutcome {
     }
 }
 
-impl FerryPrecopyOutcome {
-    fn set_refused(&mut self, why: &str) {
+impl FerryOutcome {
+    pub(crate) fn set_refused(&mut self, why: &str) {
         let n = why.len().min(self.refused.len() - 1);
         for (dst, &src) in self.refused.iter_mut().zip(&why.as_bytes()[..n]) {
             *dst = src as c_char;
@@ -148,7 +149,7 @@ pub unsafe extern "C" fn ferry_source_precopy_with(
     user: *mut c_void,
     options: *const FerryPrecopyOptions,
     stats: *mut FerryStats,
-    outcome: *mut FerryPrecopyOutcome,
+    outcome: *mut FerryOutcome,
 ) -> FerryStatus {
     guard(|| {
         // SAFETY: caller contract: a live handle or null; options null or readable.
@@ -168,6 +169,7 @@ pub unsafe extern "C" fn ferry_source_precopy_with(
             }),
             ..Default::default()
         };
+        source.check_no_offer()?;
         let mut control = source.connected(options.timeout_ms)?;
         let pause_guest = |rule: PauseRule| -> ferry::Result<Paused> {
             let (mut state, mut len): (*const u8, usize) = (std::ptr::null(), 0);
@@ -182,7 +184,7 @@ pub unsafe extern "C" fn ferry_source_precopy_with(
         };
         let log = CallbackDirtyLog::new(collect, user, source.pages);
         source.begin_migration()?;
-        let mut done = FerryPrecopyOutcome::default();
+        let mut done = FerryOutcome::default();
         let report = match base {
             Some(base) => {
                 let mut tracker = ChangeTracker::start(base, log, source.pages).map_err(migration)?;
@@ -256,7 +258,7 @@ pub unsafe extern "C" fn ferry_precopy_receive_with(
     kept: *const FerryImageId,
     resume: FerryResumeFn,
     user: *mut c_void,
-    outcome: *mut FerryPrecopyOutcome,
+    outcome: *mut FerryOutcome,
 ) -> FerryStatus {
     guard(|| {
         let resume = resume.ok_or_else(|| invalid("resume is null"))?;
@@ -274,7 +276,7 @@ pub unsafe extern "C" fn ferry_precopy_receive_with(
         let layout = guest.layout().clone();
         let (lanes, mut control) = connect_session(addr, &key, &layout, None)?;
         let image = kept.map(|identity| RetainedImage::keep(guest.clone(), identity));
-        let mut done = FerryPrecopyOutcome::default();
+        let mut done = FerryOutcome::default();
         // Refused, the rounds start with every page: the regions are overwritten whole.
         match backforth::answer(control.as_mut(), image, &layout).map_err(migration)? {
             Arrival::Onto { .. } => done.kept_image_used = 1,
@@ -295,7 +297,10 @@ pub unsafe extern "C" fn ferry_precopy_receive_with(
 
 /// # Safety
 /// `id` is null or points to a readable FerryImageId whose `vm_id` is null or NUL-terminated.
-unsafe fn image_id_arg(id: *const FerryImageId, what: &str) -> Result<Option<ImageIdentity>, (FerryStatus, String)> {
+pub(crate) unsafe fn image_id_arg(
+    id: *const FerryImageId,
+    what: &str,
+) -> Result<Option<ImageIdentity>, (FerryStatus, String)> {
     // SAFETY: caller contract.
     let Some(id) = (unsafe { id.as_ref() }) else { return Ok(None) };
     // SAFETY: caller contract on vm_id.

@@ -20,7 +20,7 @@ pub struct FerrySource {
     pub(crate) pages: u64,
     pub(crate) page_size: u64,
     /// The destination's control lane, once accepted.
-    control: Mutex<Option<Box<dyn ControlStream>>>,
+    pub(crate) control: Mutex<Option<Box<dyn ControlStream>>>,
     /// Set when a migration starts: a source hands its guest over once (a second destination
     /// would resume a second copy).
     migrated: std::sync::atomic::AtomicBool,
@@ -30,6 +30,9 @@ pub struct FerrySource {
     protection: Mutex<Option<crate::recovery::SourceProtection>>,
     /// Set when a protected handoff failed: ferry_source_restart may then run.
     handoff_failed: std::sync::atomic::AtomicBool,
+    /// Set by ferry_source_offer_base when the destination accepted the base: what the guest
+    /// changes until the handoff, which sends the pages changed since the offer.
+    pub(crate) base_changes: Mutex<Option<ferry::backforth::ChangeTracker<CallbackDirtyLog>>>,
 }
 
 #[derive(Debug)]
@@ -101,6 +104,7 @@ pub unsafe extern "C" fn ferry_source_start(
             memory,
             protection: Mutex::new(None),
             handoff_failed: std::sync::atomic::AtomicBool::new(false),
+            base_changes: Mutex::new(None),
         });
         // SAFETY: out is non-null (checked) and writable (caller contract).
         unsafe { *out = Box::into_raw(handle) };
@@ -154,6 +158,17 @@ impl FerrySource {
     fn check_not_migrated(&self) -> Result<(), (FerryStatus, String)> {
         if self.migrated.load(std::sync::atomic::Ordering::Acquire) {
             return Err((FerryStatus::ErrState, "this source already handed its guest over".into()));
+        }
+        Ok(())
+    }
+
+    /// Pre-copy after ferry_source_offer_base would offer the base twice.
+    pub(crate) fn check_no_offer(&self) -> Result<(), (FerryStatus, String)> {
+        if lock(&self.base_changes).is_some() {
+            return Err((
+                FerryStatus::ErrState,
+                "a base was offered for post-copy: hand over with ferry_source_handoff".into(),
+            ));
         }
         Ok(())
     }
@@ -214,8 +229,9 @@ impl FerrySource {
         Ok(crate::recovery::Restart { state: state.as_ptr(), len: state.len(), epoch: *epoch })
     }
 
-    /// The destination's control lane: the one ferry_source_wait_destination accepted, or one
-    /// accepted now within `timeout_ms`. Refuses a source that already handed its guest over.
+    /// The destination's control lane: the one ferry_source_wait_destination (or
+    /// ferry_source_offer_base) accepted, or one accepted now within `timeout_ms`. Refuses a
+    /// source that already handed its guest over.
     pub(crate) fn connected(&self, timeout_ms: u32) -> Result<Box<dyn ControlStream>, (FerryStatus, String)> {
         self.check_not_migrated()?;
         let accepted = lock(&self.control).take();
@@ -264,6 +280,13 @@ pub unsafe extern "C" fn ferry_source_handoff(
         let (state, free) =
             unsafe { (bytes_arg(state, state_len, "state")?, free_pages_arg(free_bitmap, free_words, source.pages)?) };
         let mut control = source.connected(timeout_ms)?;
+        // Back onto a kept image (ferry_source_offer_base): first the pages changed since the
+        // offer, which the destination marks absent too.
+        if let Some(mut tracker) = lock(&source.base_changes).take() {
+            use ferry::precopy::DirtyLog;
+            let last = tracker.collect().map_err(migration)?;
+            ferry::backforth::send_last_changes(control.as_mut(), &last).map_err(migration)?;
+        }
         // From here the destination may resume the guest: never again from this source.
         source.begin_migration()?;
         let mut protection = lock(&source.protection);
@@ -317,6 +340,7 @@ pub type FerryDirtyLogFn = Option<unsafe extern "C" fn(words: *mut u64, word_cou
 /// until ferry_source_precopy returns; returns 0, anything else aborts.
 pub type FerryPauseFn = Option<unsafe extern "C" fn(state: *mut *const u8, len: *mut usize, user: *mut c_void) -> i32>;
 
+#[derive(Debug)]
 pub(crate) struct CallbackDirtyLog {
     collect: unsafe extern "C" fn(*mut u64, usize, *mut c_void) -> i32,
     user: *mut c_void,
@@ -378,6 +402,7 @@ pub unsafe extern "C" fn ferry_source_precopy(
         let source = unsafe { source.as_ref() }.ok_or_else(|| invalid("source is null"))?;
         let collect = dirty_log.ok_or_else(|| invalid("dirty_log is null"))?;
         let pause = pause.ok_or_else(|| invalid("pause is null"))?;
+        source.check_no_offer()?;
         let mut control = source.connected(timeout_ms)?;
         let mut log = CallbackDirtyLog { collect, user, pages: source.pages };
         let config = ferry::precopy::PrecopyConfig {

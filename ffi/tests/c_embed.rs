@@ -103,12 +103,16 @@ fn c_program_migrates_pre_copy_with_its_own_dirty_log() {
 }
 
 #[test]
-fn c_program_goes_back_and_forth_onto_kept_images_and_stops_inside_task_segments() {
+fn c_program_goes_back_and_forth_onto_kept_images_pre_and_post_copy_and_stops_inside_task_segments() {
     let out = run(&compile("backforth", false), &[]);
     assert!(out.contains("c-backforth: PASS"), "{out}");
     assert!(out.contains("trip 2 destination: memory equals the source's at the pause; kept image used"), "{out}");
     assert!(
         out.contains("trip 3 destination: memory equals the source's at the pause; kept image not used: "),
+        "{out}"
+    );
+    assert!(
+        out.contains("trip 4 destination (post-copy): memory equals the source's at the pause; kept image used"),
         "{out}"
     );
 }
