@@ -257,9 +257,7 @@ fn pace(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.test(r15, r15)?;
     a.jz(done)?;
     a.set_label(&mut wait)?;
-    a.rdtsc()?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
+    read_tsc(a)?;
     // far behind: more than 1024 periods late
     a.mov(rdx, r15)?;
     a.shl(rdx, 10)?;
@@ -421,11 +419,16 @@ fn random_page(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.mov(r11, rdx)
 }
 
-/// RSI = the TSC plus the phase length at [R12 + `offset`]. Clobbers RAX, RDX.
-fn start_phase(a: &mut CodeAssembler, offset: i32) -> Result<(), IcedError> {
+/// RAX = the TSC. Clobbers RDX.
+fn read_tsc(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.rdtsc()?;
     a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
+    a.or(rax, rdx)
+}
+
+/// RSI = the TSC plus the phase length at [R12 + `offset`]. Clobbers RAX, RDX.
+fn start_phase(a: &mut CodeAssembler, offset: i32) -> Result<(), IcedError> {
+    read_tsc(a)?;
     a.mov(rsi, qword_ptr(r12 + offset))?;
     a.add(rsi, rax)
 }
@@ -435,9 +438,7 @@ fn start_phase(a: &mut CodeAssembler, offset: i32) -> Result<(), IcedError> {
 /// elsewhere, further ahead than a whole phase (one unsigned compare covers both). Clobbers RAX,
 /// RDX.
 fn phase_over(a: &mut CodeAssembler, offset: i32, over: CodeLabel) -> Result<(), IcedError> {
-    a.rdtsc()?;
-    a.shl(rdx, 32)?;
-    a.or(rax, rdx)?;
+    read_tsc(a)?;
     a.mov(rdx, rsi)?;
     a.sub(rdx, rax)?;
     a.cmp(rdx, qword_ptr(r12 + offset))?;
