@@ -380,7 +380,8 @@ impl GuestMemory {
 /// would make a data race in Rust's model; rust-vmm's vm-memory copies with volatile accesses for
 /// the same reason. Every byte is read exactly once, nothing is elided or invented; a page the
 /// guest writes meanwhile may read as a mix of old and new words, which its dirty log reports
-/// (pre-copy sends it again). 95% of a plain memcpy's rate here (`ferry-bench transport`, local).
+/// (pre-copy sends it again). 89-95% of a plain memcpy's rate here (`ferry-bench transport`,
+/// local).
 ///
 /// # Safety
 /// `src..src+len` must be readable and `dst..dst+len` writable, and the two must not overlap.
