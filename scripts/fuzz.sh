@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes every decoder a peer or a file reaches (cargo-fuzz, libFuzzer, the nightly toolchain):
 #   wire           frame headers, handshake/control messages and layouts, read requests and replies
-#   session        post-copy handoffs and pre-copy rounds from a stream of frames
+#   session        post-copy handoffs, pre-copy rounds and back-and-forth offers from a stream of frames
 #   snapshot       snapshot images (whole files, and patches to a sound one) and working-set files
 #   uffd_mappings  the Firecracker UFFD handshake's JSON mappings and the layout made of them
 #   checkpoint     the checkpoint stream (reverse checkpoints, fault-tolerant epochs)

@@ -1,5 +1,6 @@
 //! The session messages a peer sends over a control lane: a post-copy handoff (state blob and
-//! free-page bitmap in chunks) and pre-copy rounds, each from a stream of fuzzed frames.
+//! free-page bitmap in chunks), pre-copy rounds, and back-and-forth's offer of a base image, its
+//! verdict and the last changes, each from a stream of fuzzed frames.
 #![no_main]
 
 use std::io::{Cursor, Read, Write};
@@ -49,4 +50,10 @@ fuzz_target!(|data: &[u8]| {
     let pages = 1 + u64::from(size) * 37;
     let _ = receive_handoff(&mut Replay(Cursor::new(frames.to_vec())), pages);
     let _ = receive_round(&mut Replay(Cursor::new(frames.to_vec())), pages);
+    if let Ok(layout) = ferry_transport::MemoryLayout::single(pages * 4096) {
+        let _ = ferry::backforth::answer(&mut Replay(Cursor::new(frames.to_vec())), None, &layout);
+    }
+    let _ = ferry::backforth::propose(&mut Replay(Cursor::new(frames.to_vec())), None);
+    let _ = ferry::backforth::receive_last_changes(&mut Replay(Cursor::new(frames.to_vec())), pages);
+    let _ = ferry::backforth::await_prepared(&mut Replay(Cursor::new(frames.to_vec())));
 });
