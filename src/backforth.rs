@@ -28,9 +28,10 @@
 //! every page, which costs a full read of the image at the destination per trip.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferry_transport::wire::write_session;
-use ferry_transport::{ControlStream, GuestMemory, MemoryLayout};
+use ferry_transport::{ControlStream, GuestMemory, MemoryLayout, TransportError};
 
 use crate::error::{MigrationError, Result};
 use crate::freepages::FreePages;
@@ -43,6 +44,11 @@ pub const MAX_VM_ID_BYTES: usize = 64;
 pub const MAX_SAMPLES: usize = 4096;
 /// Samples a source sends unless told otherwise.
 pub const DEFAULT_SAMPLES: usize = 1024;
+
+/// How long a side waits for its peer's next back-and-forth message. What the peer does in
+/// between (sampling or checking 1024 pages, dropping changed pages from an image, pausing its
+/// guest) takes milliseconds to seconds; past this a silent peer is an error, not a hang.
+pub const PEER_DEADLINE: Duration = Duration::from_secs(60);
 
 const BASE_OFFER: u8 = 20;
 const BASE_VERDICT: u8 = 21;
@@ -264,56 +270,60 @@ pub enum Arrival {
 /// Source side, before the migration proper: offers `offer` (None: this guest has no base to go
 /// back to) and returns the destination's verdict.
 pub fn propose(control: &mut dyn ControlStream, offer: Option<&BaseOffer>) -> Result<BaseVerdict> {
-    let mut msg = vec![BASE_OFFER, u8::from(offer.is_some())];
-    if let Some(o) = offer {
-        msg.extend_from_slice(&o.base.generation.to_le_bytes());
-        msg.extend_from_slice(&o.layout_digest.to_le_bytes());
-        msg.extend_from_slice(&o.changed.pages().to_le_bytes());
-        msg.extend_from_slice(&(o.samples.len() as u32).to_le_bytes());
-        msg.push(o.base.vm_id.len() as u8);
-        msg.extend_from_slice(o.base.vm_id.as_bytes());
-    }
-    write_session(control, &msg)?;
-    if let Some(o) = offer {
-        let bitmap: Vec<u8> = o.changed.words().iter().flat_map(|w| w.to_le_bytes()).collect();
-        handoff::send_stream(control, handoff::STREAM_CHANGED, &bitmap)?;
-        let samples: Vec<u8> =
-            o.samples.iter().flat_map(|&(p, crc)| p.to_le_bytes().into_iter().chain(crc.to_le_bytes())).collect();
-        handoff::send_stream(control, handoff::STREAM_SAMPLES, &samples)?;
-    }
-    let verdict = handoff::read_message(control)?;
-    match verdict.split_first() {
-        Some((&BASE_VERDICT, [1])) => Ok(BaseVerdict::Accepted),
-        Some((&BASE_VERDICT, [0, reason @ ..])) => {
-            Ok(BaseVerdict::Refused(String::from_utf8_lossy(reason).into_owned()))
+    within_deadline(control, |control| {
+        let mut msg = vec![BASE_OFFER, u8::from(offer.is_some())];
+        if let Some(o) = offer {
+            msg.extend_from_slice(&o.base.generation.to_le_bytes());
+            msg.extend_from_slice(&o.layout_digest.to_le_bytes());
+            msg.extend_from_slice(&o.changed.pages().to_le_bytes());
+            msg.extend_from_slice(&(o.samples.len() as u32).to_le_bytes());
+            msg.push(o.base.vm_id.len() as u8);
+            msg.extend_from_slice(o.base.vm_id.as_bytes());
         }
-        _ => Err(MigrationError::Protocol("expected the destination's verdict on the base".into())),
-    }
+        write_session(control, &msg)?;
+        if let Some(o) = offer {
+            let bitmap: Vec<u8> = o.changed.words().iter().flat_map(|w| w.to_le_bytes()).collect();
+            handoff::send_stream(control, handoff::STREAM_CHANGED, &bitmap)?;
+            let samples: Vec<u8> =
+                o.samples.iter().flat_map(|&(p, crc)| p.to_le_bytes().into_iter().chain(crc.to_le_bytes())).collect();
+            handoff::send_stream(control, handoff::STREAM_SAMPLES, &samples)?;
+        }
+        let verdict = handoff::read_message(control)?;
+        match verdict.split_first() {
+            Some((&BASE_VERDICT, [1])) => Ok(BaseVerdict::Accepted),
+            Some((&BASE_VERDICT, [0, reason @ ..])) => {
+                Ok(BaseVerdict::Refused(String::from_utf8_lossy(reason).into_owned()))
+            }
+            _ => Err(MigrationError::Protocol("expected the destination's verdict on the base".into())),
+        }
+    })
 }
 
 /// Destination side, before the migration proper: receives the source's offer for a guest of
 /// `layout`, checks it against `image` (what this host kept, if anything) and answers.
 pub fn answer(control: &mut dyn ControlStream, image: Option<RetainedImage>, layout: &MemoryLayout) -> Result<Arrival> {
-    let offer = receive_offer(control, layout.total_pages())?;
-    let verdict = match &offer {
-        None => Err(None),
-        Some(offer) => match &image {
-            None => Err(Some("no image of this VM is kept here".to_string())),
-            Some(image) => check(offer, image, layout).map_err(Some),
-        },
-    };
-    let msg = match &verdict {
-        Ok(()) => vec![BASE_VERDICT, 1],
-        Err(reason) => {
-            let why = reason.as_deref().unwrap_or("the guest has no base to return to");
-            [&[BASE_VERDICT, 0][..], &why.as_bytes()[..why.len().min(1024)]].concat()
-        }
-    };
-    write_session(control, &msg)?;
-    Ok(match (verdict, offer, image) {
-        (Ok(()), Some(offer), Some(image)) => Arrival::Onto { memory: image.memory, changed: offer.changed },
-        (Err(refused), _, image) => Arrival::Full { refused, image },
-        _ => unreachable!("an accepted base has an offer and an image"),
+    within_deadline(control, |control| {
+        let offer = receive_offer(control, layout.total_pages())?;
+        let verdict = match &offer {
+            None => Err(None),
+            Some(offer) => match &image {
+                None => Err(Some("no image of this VM is kept here".to_string())),
+                Some(image) => check(offer, image, layout).map_err(Some),
+            },
+        };
+        let msg = match &verdict {
+            Ok(()) => vec![BASE_VERDICT, 1],
+            Err(reason) => {
+                let why = reason.as_deref().unwrap_or("the guest has no base to return to");
+                [&[BASE_VERDICT, 0][..], &why.as_bytes()[..why.len().min(1024)]].concat()
+            }
+        };
+        write_session(control, &msg)?;
+        Ok(match (verdict, offer, image) {
+            (Ok(()), Some(offer), Some(image)) => Arrival::Onto { memory: image.memory, changed: offer.changed },
+            (Err(refused), _, image) => Arrival::Full { refused, image },
+            _ => unreachable!("an accepted base has an offer and an image"),
+        })
     })
 }
 
@@ -400,10 +410,12 @@ fn receive_offer(control: &mut dyn ControlStream, total_pages: u64) -> Result<Op
 /// destination has dropped the changed pages from its kept image ([`OntoKept::prepare`]), so that
 /// work is not part of the downtime.
 pub fn await_prepared(control: &mut dyn ControlStream) -> Result<()> {
-    if handoff::read_message(control)? != [ONTO_PREPARED] {
-        return Err(protocol("expected the destination to have prepared its kept image"));
-    }
-    Ok(())
+    within_deadline(control, |control| {
+        if handoff::read_message(control)? != [ONTO_PREPARED] {
+            return Err(protocol("expected the destination to have prepared its kept image"));
+        }
+        Ok(())
+    })
 }
 
 /// Source side of a post-copy onto an accepted base, once the guest is paused: the pages it
@@ -419,12 +431,27 @@ pub fn send_last_changes(control: &mut dyn ControlStream, last: &FreePages) -> R
 /// guest of `pages` pages. The guest is paused at the source meanwhile: call it just before
 /// [`OntoKept::register`].
 pub fn receive_last_changes(control: &mut dyn ControlStream, pages: u64) -> Result<FreePages> {
-    if handoff::read_message(control)? != [LAST_CHANGES] {
-        return Err(protocol("expected the pages changed since the offer"));
-    }
-    let bitmap = handoff::receive_stream(control, handoff::STREAM_CHANGED, pages.div_ceil(64) as usize * 8)?;
-    let words = bitmap.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-    FreePages::from_words(words, pages).ok_or_else(|| protocol("changed pages past the end"))
+    within_deadline(control, |control| {
+        if handoff::read_message(control)? != [LAST_CHANGES] {
+            return Err(protocol("expected the pages changed since the offer"));
+        }
+        let bitmap = handoff::receive_stream(control, handoff::STREAM_CHANGED, pages.div_ceil(64) as usize * 8)?;
+        let words = bitmap.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        FreePages::from_words(words, pages).ok_or_else(|| protocol("changed pages past the end"))
+    })
+}
+
+/// Runs `exchange` with every read on `control` bounded by [`PEER_DEADLINE`].
+fn within_deadline<T>(
+    control: &mut dyn ControlStream,
+    exchange: impl FnOnce(&mut dyn ControlStream) -> Result<T>,
+) -> Result<T> {
+    control.set_read_timeout(Some(PEER_DEADLINE)).map_err(TransportError::Io)?;
+    let result = exchange(control);
+    // Session lanes read without a timeout between the deadlines of their own exchanges, as after
+    // the handshake.
+    control.set_read_timeout(None).map_err(TransportError::Io)?;
+    result
 }
 
 /// Drops every page of `memory`, which held a kept image that did not serve as the guest's base:
