@@ -52,10 +52,8 @@ pub struct TaskGuidance {
 
 impl fmt::Debug for TaskGuidance {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TaskGuidance")
-            .field("in_segment", &self.segments.in_segment())
-            .field("max_wait", &self.max_wait)
-            .finish()
+        // Not the guest's place: that asks the VMM (a C callback, for one), which Debug must not.
+        f.debug_struct("TaskGuidance").field("max_wait", &self.max_wait).finish_non_exhaustive()
     }
 }
 
