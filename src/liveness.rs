@@ -216,6 +216,10 @@ impl ControlStream for LiveControl {
     fn wait_readable(&self, timeout: Duration) -> std::io::Result<bool> {
         self.reader.wait_readable(timeout)
     }
+
+    fn shutdown(&self) -> std::io::Result<()> {
+        self.reader.shutdown()
+    }
 }
 
 impl Drop for LiveControl {

@@ -5,7 +5,7 @@
 //! arrives right, none is installed twice, and every page the source served twice is one the
 //! destination asked again for (a resend, counted apart), never a duplicate install.
 
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use ferry::fault_handler::DestinationMemory;
 use ferry::prepager::PolicyKind;
 use ferry::toucher::{demo_free_pages, prepare_source, touch, verify_all, Pattern, Walk};
-use ferry::transport::tcp::{self, TcpOptions, TcpPageServer};
+use ferry::transport::tcp::{self, TcpControl, TcpOptions, TcpPageServer};
 use ferry::transport::{Backing, ControlStream, GuestMemory, MemoryLayout, PreSharedKey};
 use ferry::{ControlAcceptor, EngineConfig, MigrationError, PostcopyDestination, SourceOptions};
 
@@ -21,11 +21,11 @@ use ferry::{ControlAcceptor, EngineConfig, MigrationError, PostcopyDestination, 
 /// lane so the test can cut it.
 struct Cuttable {
     server: Arc<TcpPageServer>,
-    control: Mutex<Option<TcpStream>>,
+    control: Mutex<Option<TcpControl>>,
 }
 
 impl Cuttable {
-    fn accept(&self, timeout: Duration) -> Result<TcpStream, MigrationError> {
+    fn accept(&self, timeout: Duration) -> Result<TcpControl, MigrationError> {
         let control = self.server.accept_control(timeout)?;
         *self.control.lock().unwrap() = Some(control.try_clone().map_err(ferry::transport::TransportError::Io)?);
         Ok(control)
@@ -35,7 +35,7 @@ impl Cuttable {
         self.server.cut_data_lanes();
         if control_too {
             if let Some(c) = self.control.lock().unwrap().as_ref() {
-                let _ = c.shutdown(Shutdown::Both);
+                let _ = c.socket().shutdown(Shutdown::Both);
             }
         }
     }

@@ -8,6 +8,8 @@ use ferry_transport::lane::PageBuf;
 use ferry_transport::wire::{ReadReply, ReadRequest, ReadStatus, ZeroMask};
 use ferry_transport::{Backing, PageRun};
 
+use ferry_transport::tcp::Encryption;
+
 const MEM: u64 = 64 << 20;
 const STREAM: u64 = 16 << 20;
 
@@ -16,7 +18,8 @@ fn fixtures() -> Vec<(&'static str, Fixture, u32)> {
     let shared = filled_memory(MEM, Backing::Memfd).expect("memory");
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("criterion-snapshot");
     vec![
-        ("tcp", Fixture::tcp(anon.clone(), 32).expect("tcp fixture"), 16),
+        ("tcp", Fixture::tcp(anon.clone(), 32, Encryption::Off).expect("tcp fixture"), 16),
+        ("tcp+tls", Fixture::tcp(anon.clone(), 32, Encryption::Tls).expect("tcp+tls fixture"), 16),
         ("local", Fixture::local(shared, 32).expect("local fixture"), 16),
         ("snapshot", Fixture::snapshot(&anon, &dir, 32).expect("snapshot fixture"), 512),
     ]

@@ -41,8 +41,8 @@ pub enum Fixture {
 }
 
 impl Fixture {
-    pub fn tcp(memory: Arc<GuestMemory>, bulk_depth: usize) -> Result<Self> {
-        let opts = TcpOptions { bulk_depth, ..TcpOptions::default() };
+    pub fn tcp(memory: Arc<GuestMemory>, bulk_depth: usize, encryption: tcp::Encryption) -> Result<Self> {
+        let opts = TcpOptions { bulk_depth, encryption, ..TcpOptions::default() };
         let server = TcpPageServer::start("127.0.0.1:0", memory.clone(), bench_key(), opts.clone())?;
         let source = tcp::connect(server.local_addr(), &bench_key(), Some(memory.layout()), &opts)?;
         Ok(Fixture::Tcp { _server: server, source })

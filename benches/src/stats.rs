@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 /// Latency samples in nanoseconds.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Latencies(Vec<u64>);
 
 impl Latencies {

@@ -8,6 +8,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,6 +59,18 @@ static int32_t accept_resume(const uint8_t *state, size_t len, void *user) {
 static int32_t refuse_resume(const uint8_t *state, size_t len, void *user) {
     (void)state, (void)len, (void)user;
     return -1;
+}
+
+static int32_t count_resume(const uint8_t *state, size_t len, void *user) {
+    (void)state, (void)len;
+    ++*(int *)user;
+    return 0;
+}
+
+static void *cancel_soon(void *source) {
+    usleep(100 * 1000);
+    ferry_source_cancel(source);
+    return NULL;
 }
 
 int main(void) {
@@ -158,6 +171,40 @@ int main(void) {
         fprintf(stderr, "FAIL the source was not told the destination cancelled\n");
     }
     ferry_destination_free(dst);
+
+    /* unix: maps the guest memory in the destination: a region without an fd is the caller's
+       mistake, said before anything starts. */
+    expect("unix: with a region without an fd", ferry_source_start(&region, 1, PAGE, "unix:/tmp/ferry-errors-nofd.sock", KEY_A, 32, &src), FERRY_STATUS_ERR_INVALID_ARGUMENT);
+
+    /* Cancel while a handoff waits for a destination: it returns at once with ERR_PEER (not after
+       its own minute), and the source hands nothing over afterwards. */
+    expect("source start", ferry_source_start(&region, 1, PAGE, "127.0.0.1:0", KEY_A, 32, &src), FERRY_STATUS_OK);
+    pthread_t canceller;
+    pthread_create(&canceller, NULL, cancel_soon, src);
+    expect("handoff cancelled while waiting for a destination", ferry_source_handoff(src, NULL, 0, NULL, 0, 60000, NULL), FERRY_STATUS_ERR_PEER);
+    pthread_join(canceller, NULL);
+    expect("handoff after cancel", ferry_source_handoff(src, NULL, 0, NULL, 0, 100, NULL), FERRY_STATUS_ERR_PEER);
+    ferry_source_free(src);
+
+    /* Cancel after a destination connected, before the handoff: the destination never resumes. */
+    expect("source start", ferry_source_start(&region, 1, PAGE, "127.0.0.1:0", KEY_A, 32, &src), FERRY_STATUS_OK);
+    expect("source port", ferry_source_port(src, &port), FERRY_STATUS_OK);
+    snprintf(addr, sizeof addr, "127.0.0.1:%u", port);
+    FerryRegion d4 = fresh_region(MEM);
+    expect("connect", ferry_destination_connect(&d4, 1, PAGE, addr, KEY_A, 32, FERRY_PREPAGER_BUBBLING, &dst), FERRY_STATUS_OK);
+    expect("the source sees the destination", ferry_source_wait_destination(src, 10000), FERRY_STATUS_OK);
+    expect("cancel the source", ferry_source_cancel(src), FERRY_STATUS_OK);
+    int resumed = 0;
+    expect("start after the source cancelled", ferry_destination_start(dst, count_resume, &resumed), FERRY_STATUS_ERR_PEER);
+    if (resumed == 0) {
+        passed++;
+    } else {
+        failed++;
+        fprintf(stderr, "FAIL the destination resumed a guest its cancelled source never handed over\n");
+    }
+    expect("handoff after cancel", ferry_source_handoff(src, NULL, 0, NULL, 0, 100, NULL), FERRY_STATUS_ERR_PEER);
+    ferry_destination_free(dst);
+    ferry_source_free(src);
 
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;

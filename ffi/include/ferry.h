@@ -863,8 +863,13 @@ enum FerryStatus ferry_source_precopy(struct FerrySource *source,
                                       struct FerryStats *stats);
 
 /**
- * Drops every connection of the source: a handoff in progress fails with FERRY_STATUS_ERR_PEER and the
- * destination sees its lanes fail. Thread safety: any thread, also during ferry_source_handoff.
+ * Cancels the source for good: every connection closes (its control lane too), a handoff or
+ * pre-copy in progress fails with FERRY_STATUS_ERR_PEER (also one still waiting for a
+ * destination), and later calls that would hand the guest over answer FERRY_STATUS_ERR_PEER. A
+ * destination connected but not yet handed over sees its lanes fail and does not resume the
+ * guest. Once the handoff's state has reached the destination, the destination may already run
+ * the guest: cancel cannot take that back (ferry_source_protect and its lease decide who runs).
+ * Thread safety: any thread, also during ferry_source_handoff.
  *
  * # Safety
  * `source` is a live handle.

@@ -69,7 +69,7 @@ pub unsafe extern "C" fn ferry_source_offer_base(
             }
         }
         // The handoff goes on on this control lane (a lane that failed above is dropped).
-        *lock(&source.control) = Some(control);
+        *lock(&source.control) = Some(control.into_inner());
         // SAFETY: caller contract: null or writable.
         if let Some(outcome) = unsafe { outcome.as_mut() } {
             *outcome = done;

@@ -188,6 +188,7 @@ fn transport_status(e: &TransportError) -> FerryStatus {
             _ => FerryStatus::ErrPeer,
         },
         TransportError::PeerClosed
+        | TransportError::Tls(_)
         | TransportError::Silent(_)
         | TransportError::Malformed { .. }
         | TransportError::Unexpected { .. } => FerryStatus::ErrPeer,

@@ -33,6 +33,11 @@ pub struct FerrySource {
     /// Set by ferry_source_offer_base when the destination accepted the base: what the guest
     /// changes until the handoff, which sends the pages changed since the offer.
     pub(crate) base_changes: Mutex<Option<ferry::backforth::ChangeTracker<CallbackDirtyLog>>>,
+    /// Set by ferry_source_cancel: no destination is accepted and no guest handed over any more.
+    cancelled: std::sync::atomic::AtomicBool,
+    /// A handle on the control lane a handoff or pre-copy is using, for ferry_source_cancel to
+    /// shut (the page server forgets control lanes once it hands them over).
+    in_use: Mutex<Option<Box<dyn ControlStream>>>,
 }
 
 #[derive(Debug)]
@@ -83,7 +88,14 @@ pub unsafe extern "C" fn ferry_source_start(
         let memory = Arc::new(memory);
         let served = memory.clone();
         let server = match parse_address(addr) {
-            Address::Unix(path) => SourceServer::Local(LocalPageServer::start(path, served, key).map_err(transport)?),
+            Address::Unix(path) => {
+                if let Some(i) = memory.regions().iter().position(|r| r.fd().is_none()) {
+                    return Err(invalid(format!(
+                        "unix: maps guest memory in the destination, so every region needs an fd (memfd or hugetlbfs); region {i} has none"
+                    )));
+                }
+                SourceServer::Local(LocalPageServer::start(path, served, key).map_err(transport)?)
+            }
             Address::Tcp(addr) => {
                 SourceServer::Tcp(TcpPageServer::start(addr, served, key, TcpOptions::default()).map_err(transport)?)
             }
@@ -105,6 +117,8 @@ pub unsafe extern "C" fn ferry_source_start(
             protection: Mutex::new(None),
             handoff_failed: std::sync::atomic::AtomicBool::new(false),
             base_changes: Mutex::new(None),
+            cancelled: std::sync::atomic::AtomicBool::new(false),
+            in_use: Mutex::new(None),
         });
         // SAFETY: out is non-null (checked) and writable (caller contract).
         unsafe { *out = Box::into_raw(handle) };
@@ -232,22 +246,92 @@ impl FerrySource {
     /// The destination's control lane: the one ferry_source_wait_destination (or
     /// ferry_source_offer_base) accepted, or one accepted now within `timeout_ms`. Refuses a
     /// source that already handed its guest over.
-    pub(crate) fn connected(&self, timeout_ms: u32) -> Result<Box<dyn ControlStream>, (FerryStatus, String)> {
+    pub(crate) fn connected(&self, timeout_ms: u32) -> Result<Connected<'_>, (FerryStatus, String)> {
         self.check_not_migrated()?;
+        self.check_not_cancelled()?;
         let accepted = lock(&self.control).take();
-        match accepted {
-            Some(control) => Ok(control),
-            None => self.accept(Duration::from_millis(u64::from(timeout_ms))),
+        let control = match accepted {
+            Some(control) => control,
+            None => self.accept(Duration::from_millis(u64::from(timeout_ms)))?,
+        };
+        // From here ferry_source_cancel can shut the lane; a cancel that came just before is seen
+        // below (the flag is set before cancel looks at `in_use`).
+        *lock(&self.in_use) = control.try_clone_box().ok();
+        if let Err(e) = self.check_not_cancelled() {
+            let _ = control.shutdown();
+            return Err(e);
+        }
+        Ok(Connected { source: self, control: Some(control) })
+    }
+
+    fn check_not_cancelled(&self) -> Result<(), (FerryStatus, String)> {
+        if self.cancelled.load(std::sync::atomic::Ordering::Acquire) {
+            return Err((FerryStatus::ErrPeer, "the source was cancelled".into()));
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for a destination's control lane, giving up at once when the source
+    /// is cancelled.
+    fn accept(&self, timeout: Duration) -> Result<Box<dyn ControlStream>, (FerryStatus, String)> {
+        const SLICE: Duration = Duration::from_millis(20);
+        let until = Instant::now() + timeout;
+        loop {
+            self.check_not_cancelled()?;
+            let left = until.saturating_duration_since(Instant::now());
+            let wait = left.min(SLICE);
+            let accepted: Result<Box<dyn ControlStream>, _> = match &self.server {
+                SourceServer::Tcp(server) => server.accept_control(wait).map(|c| Box::new(c) as _),
+                SourceServer::Local(server) => server.accept_control(wait).map(|c| Box::new(c) as _),
+                #[cfg(feature = "rdma")]
+                SourceServer::Rdma(server) => server.accept_control(wait).map(|c| Box::new(c) as _),
+            };
+            match accepted {
+                Ok(control) => return Ok(control),
+                Err(e) if left <= SLICE => return Err(transport(e)),
+                Err(_) => {}
+            }
         }
     }
 
-    fn accept(&self, timeout: Duration) -> Result<Box<dyn ControlStream>, (FerryStatus, String)> {
-        Ok(match &self.server {
-            SourceServer::Tcp(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
-            SourceServer::Local(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
-            #[cfg(feature = "rdma")]
-            SourceServer::Rdma(server) => Box::new(server.accept_control(timeout).map_err(transport)?),
-        })
+    /// Shuts every control lane this source holds or uses, and accepts no more.
+    fn cancel(&self) {
+        self.cancelled.store(true, std::sync::atomic::Ordering::Release);
+        for lane in [lock(&self.control).take(), lock(&self.in_use).take()].into_iter().flatten() {
+            let _ = lane.shutdown();
+        }
+    }
+}
+
+/// The control lane a call is using; ferry_source_cancel can shut it until it is dropped.
+pub(crate) struct Connected<'a> {
+    source: &'a FerrySource,
+    control: Option<Box<dyn ControlStream>>,
+}
+
+impl Connected<'_> {
+    /// The lane, no longer in use by this call (kept for a later one, where cancel still finds it).
+    pub(crate) fn into_inner(mut self) -> Box<dyn ControlStream> {
+        self.control.take().expect("present until dropped")
+    }
+}
+
+impl std::ops::Deref for Connected<'_> {
+    type Target = Box<dyn ControlStream>;
+    fn deref(&self) -> &Self::Target {
+        self.control.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Connected<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.control.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        *lock(&self.source.in_use) = None;
     }
 }
 
@@ -456,8 +540,13 @@ pub(crate) unsafe fn state_blob(state: *const u8, len: usize) -> ferry::Result<V
     }
 }
 
-/// Drops every connection of the source: a handoff in progress fails with FERRY_STATUS_ERR_PEER and the
-/// destination sees its lanes fail. Thread safety: any thread, also during ferry_source_handoff.
+/// Cancels the source for good: every connection closes (its control lane too), a handoff or
+/// pre-copy in progress fails with FERRY_STATUS_ERR_PEER (also one still waiting for a
+/// destination), and later calls that would hand the guest over answer FERRY_STATUS_ERR_PEER. A
+/// destination connected but not yet handed over sees its lanes fail and does not resume the
+/// guest. Once the handoff's state has reached the destination, the destination may already run
+/// the guest: cancel cannot take that back (ferry_source_protect and its lease decide who runs).
+/// Thread safety: any thread, also during ferry_source_handoff.
 ///
 /// # Safety
 /// `source` is a live handle.
@@ -466,6 +555,7 @@ pub unsafe extern "C" fn ferry_source_cancel(source: *const FerrySource) -> Ferr
     guard(|| {
         // SAFETY: caller contract: a live handle or null.
         let source = unsafe { source.as_ref() }.ok_or_else(|| invalid("source is null"))?;
+        source.cancel();
         match &source.server {
             SourceServer::Tcp(server) => server.drop_connections(),
             SourceServer::Local(server) => server.drop_connections(),

@@ -149,7 +149,7 @@ fn source(a: &Args) -> Result<()> {
         })
     });
     let options = ferry::SourceOptions { reaccept: Some(server.acceptor()), ..Default::default() };
-    let report = run_source(&mut control, paused_at, &encode_state(before.touches), &free, &options)?;
+    let report = run_source(control.as_mut(), paused_at, &encode_state(before.touches), &free, &options)?;
     if let Some(cutter) = cutter {
         let _ = cutter.join();
     }
@@ -226,11 +226,11 @@ impl PageServer {
         }
     }
 
-    fn accept_control(&self, timeout: Duration) -> Result<std::net::TcpStream> {
+    fn accept_control(&self, timeout: Duration) -> Result<Box<dyn ferry::transport::ControlStream>> {
         Ok(match self {
-            PageServer::Tcp(s) => s.accept_control(timeout)?,
+            PageServer::Tcp(s) => Box::new(s.accept_control(timeout)?),
             #[cfg(feature = "rdma")]
-            PageServer::Rdma(s) => s.accept_control(timeout)?,
+            PageServer::Rdma(s) => Box::new(s.accept_control(timeout)?),
         })
     }
 }
@@ -253,7 +253,7 @@ fn dest(a: &Args) -> Result<()> {
     let (lanes, control, ledger) = connect(a, &layout, &memory)?;
     let mut position = 0;
     let session = PostcopyDestination::start(
-        Box::new(control),
+        control,
         memory.clone(),
         lanes,
         &EngineConfig { policy: a.policy, ..EngineConfig::default() },
@@ -334,12 +334,12 @@ fn connect(
     a: &Args,
     layout: &MemoryLayout,
     memory: &DestinationMemory,
-) -> Result<(ferry::transport::PageSource, std::net::TcpStream, Option<TwiceCounter>)> {
+) -> Result<(ferry::transport::PageSource, Box<dyn ferry::transport::ControlStream>, Option<TwiceCounter>)> {
     match &a.rdma {
         None => {
             let (lanes, control) =
                 tcp::connect_session(a.addr.as_str(), &key()?, Some(layout), &TcpOptions::default())?;
-            Ok((lanes, control, None))
+            Ok((lanes, Box::new(control), None))
         }
         #[cfg(feature = "rdma")]
         Some(choice) => {
@@ -357,7 +357,7 @@ fn connect(
             let ledger = s.ledger;
             let twice: TwiceCounter =
                 Box::new(move || ledger.pages_read_twice.load(std::sync::atomic::Ordering::Relaxed));
-            Ok((s.source, s.control, Some(twice)))
+            Ok((s.source, Box::new(s.control), Some(twice)))
         }
         #[cfg(not(feature = "rdma"))]
         Some(_) => {

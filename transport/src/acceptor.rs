@@ -14,11 +14,11 @@ use std::time::Duration;
 use crate::error::Result;
 
 /// How a connection's server function finished with it.
-pub(crate) enum Served {
+pub(crate) enum Served<C> {
     /// Done: the acceptor closes the connection.
     Closed,
     /// A control lane: handed to the session owner through [`Acceptor::accept_control`].
-    Control,
+    Control(C),
 }
 
 type Connections = Arc<Mutex<Vec<(TcpStream, JoinHandle<()>)>>>;
@@ -29,22 +29,22 @@ pub(crate) const MAX_UNAUTHENTICATED: usize = 64;
 /// Connections accepted and not yet authenticated, oldest first, each with its number.
 type Unauthenticated = Arc<Mutex<std::collections::VecDeque<(u64, TcpStream)>>>;
 
-pub(crate) struct Acceptor {
+pub(crate) struct Acceptor<C> {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     connections: Connections,
     thread: Option<JoinHandle<()>>,
-    control_rx: Mutex<std::sync::mpsc::Receiver<TcpStream>>,
+    control_rx: Mutex<std::sync::mpsc::Receiver<C>>,
 }
 
-impl Acceptor {
+impl<C: crate::lane::ControlStream + 'static> Acceptor<C> {
     /// Listens on `addr` and serves each connection with `serve` on a thread of its own, named
     /// `{name}-serve`.
     /// `serve` calls its second argument once the peer authenticated.
     pub(crate) fn start(
         addr: impl ToSocketAddrs,
         name: &str,
-        serve: impl Fn(&TcpStream, &dyn Fn()) -> Served + Send + Sync + 'static,
+        serve: impl Fn(&TcpStream, &dyn Fn()) -> Served<C> + Send + Sync + 'static,
     ) -> Result<Self> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
@@ -89,11 +89,9 @@ impl Acceptor {
                     let served = serve(&stream, &authenticated);
                     // Authenticated or not, it no longer waits.
                     authenticated();
-                    if let Served::Control = served {
-                        if let Ok(owned) = stream.try_clone() {
-                            if control_tx.try_send(owned).is_ok() {
-                                return;
-                            }
+                    if let Served::Control(owned) = served {
+                        if control_tx.try_send(owned).is_ok() {
+                            return;
                         }
                     }
                     // The accept loop holds a duplicate of this socket: close it explicitly.
@@ -109,13 +107,15 @@ impl Acceptor {
         Ok(Acceptor { addr, stop, connections, thread: Some(thread), control_rx: Mutex::new(control_rx) })
     }
 
+    /// Waits up to `timeout` for a destination to open the session's control lane.
+    pub(crate) fn accept_control(&self, timeout: Duration) -> Result<C> {
+        crate::lane::receive_control(&self.control_rx, timeout)
+    }
+}
+
+impl<C> Acceptor<C> {
     pub(crate) fn local_addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    /// Waits up to `timeout` for a destination to open the session's control lane.
-    pub(crate) fn accept_control(&self, timeout: Duration) -> Result<TcpStream> {
-        crate::lane::receive_control(&self.control_rx, timeout)
     }
 
     /// Closes every connection and joins its thread; keeps accepting.
@@ -152,7 +152,7 @@ impl Acceptor {
     }
 }
 
-impl Drop for Acceptor {
+impl<C> Drop for Acceptor<C> {
     fn drop(&mut self) {
         self.stop();
     }

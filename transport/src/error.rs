@@ -43,6 +43,10 @@ pub enum TransportError {
     Rdma { op: &'static str, detail: String },
     #[error("snapshot checksum mismatch in region {region}, page {page}")]
     Checksum { region: u32, page: u64 },
+    /// The TLS layer of a tcp lane failed: a handshake the peer broke off or a record that does
+    /// not decrypt.
+    #[error("tls: {0}")]
+    Tls(String),
     /// Nothing arrived within a deadline: the peer (or the link) went silent.
     #[error("the peer went silent: {0}")]
     Silent(String),

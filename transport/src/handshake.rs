@@ -8,7 +8,8 @@
 //!                     <- Welcome | Reject{reason, detail}
 //! ```
 //! Both proofs are HMACs over the Hello payload and the server's session, nonce and layout, so a
-//! proof is bound to this connection, this session and this layout. Any side that sees a wrong
+//! proof is bound to this connection, this session and this layout; over TLS also to the TLS
+//! session (its exporter, see [`crate::tls`]), so a proof cannot be relayed into another one. Any side that sees a wrong
 //! version, a wrong layout, an unknown session or a bad proof sends a `Reject` saying why and
 //! returns a typed error.
 
@@ -36,6 +37,19 @@ pub fn client_handshake<S: Read + Write>(
     session: SessionId,
     expected_layout: Option<&MemoryLayout>,
 ) -> Result<ClientSession> {
+    client_handshake_bound(stream, key, &[], lane, session, expected_layout)
+}
+
+/// [`client_handshake`] whose proofs also cover `binding`, a value only the two ends of the
+/// underlying channel know (a TLS exporter): both sides must pass the same.
+pub fn client_handshake_bound<S: Read + Write>(
+    stream: &mut S,
+    key: &PreSharedKey,
+    binding: &[u8],
+    lane: Lane,
+    session: SessionId,
+    expected_layout: Option<&MemoryLayout>,
+) -> Result<ClientSession> {
     let hello = Control::Hello(Hello { lane, session, nonce: nonce()?, layout: expected_layout.cloned() });
     let hello_payload = hello.encode_payload();
     write_control(stream, &hello)?;
@@ -44,7 +58,7 @@ pub fn client_handshake<S: Read + Write>(
         Control::Reject { reason, detail } => return Err(TransportError::Refused { reason, detail }),
         other => return Err(TransportError::Unexpected { expected: "challenge", got: other.kind() as u16 }),
     };
-    let transcript = transcript(&hello_payload, &challenge);
+    let transcript = transcript(&hello_payload, &challenge, binding);
     let parts = transcript.parts();
     if !key.verify_server(&parts, &challenge.proof) {
         reject(stream, RejectReason::Auth, "server proof does not verify");
@@ -77,6 +91,17 @@ pub fn server_handshake<S: Read + Write>(
     session: SessionId,
     layout: &MemoryLayout,
 ) -> Result<Lane> {
+    server_handshake_bound(stream, key, &[], session, layout)
+}
+
+/// [`server_handshake`] whose proofs also cover `binding` (see [`client_handshake_bound`]).
+pub fn server_handshake_bound<S: Read + Write>(
+    stream: &mut S,
+    key: &PreSharedKey,
+    binding: &[u8],
+    session: SessionId,
+    layout: &MemoryLayout,
+) -> Result<Lane> {
     let hello = match read_control(stream) {
         Ok(Control::Hello(h)) => h,
         Ok(other) => {
@@ -106,7 +131,7 @@ pub fn server_handshake<S: Read + Write>(
     let lane = hello.lane;
     let hello_payload = Control::Hello(hello).encode_payload();
     let mut challenge = Challenge { session, nonce: nonce()?, proof: [0; 32], layout: layout.clone() };
-    let transcript_owned = transcript(&hello_payload, &challenge);
+    let transcript_owned = transcript(&hello_payload, &challenge, binding);
     let parts = transcript_owned.parts();
     challenge.proof = key.server_proof(&parts);
     write_control(stream, &Control::Challenge(challenge))?;
@@ -128,18 +153,25 @@ struct Transcript {
     session: [u8; 16],
     nonce: [u8; 32],
     layout: Vec<u8>,
+    binding: Vec<u8>,
 }
 
 impl Transcript {
-    fn parts(&self) -> [&[u8]; 4] {
-        [&self.hello, &self.session, &self.nonce, &self.layout]
+    fn parts(&self) -> [&[u8]; 5] {
+        [&self.hello, &self.session, &self.nonce, &self.layout, &self.binding]
     }
 }
 
-fn transcript(hello_payload: &[u8], c: &Challenge) -> Transcript {
+fn transcript(hello_payload: &[u8], c: &Challenge, binding: &[u8]) -> Transcript {
     // The layout is bound through the challenge encoding with a zeroed proof field.
     let layout = Control::Challenge(Challenge { proof: [0; 32], ..c.clone() }).encode_payload();
-    Transcript { hello: hello_payload.to_vec(), session: c.session.0, nonce: c.nonce, layout }
+    Transcript {
+        hello: hello_payload.to_vec(),
+        session: c.session.0,
+        nonce: c.nonce,
+        layout,
+        binding: binding.to_vec(),
+    }
 }
 
 /// Best effort: the peer may already be gone, and the error we return says what happened.
@@ -159,7 +191,12 @@ pub(crate) struct Deadline<'a, S: ControlStream> {
 
 impl<'a, S: ControlStream> Deadline<'a, S> {
     pub(crate) fn new(stream: &'a S, limit: std::time::Duration) -> Self {
-        Deadline { stream, until: std::time::Instant::now() + limit, limit }
+        Self::until(stream, std::time::Instant::now() + limit, limit)
+    }
+
+    /// A deadline already running (several steps of one handshake share it).
+    pub(crate) fn until(stream: &'a S, until: std::time::Instant, limit: std::time::Duration) -> Self {
+        Deadline { stream, until, limit }
     }
 
     fn left(&self) -> std::io::Result<std::time::Duration> {

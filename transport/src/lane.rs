@@ -277,6 +277,12 @@ pub trait ControlStream: std::io::Read + std::io::Write + Send + std::fmt::Debug
     fn try_clone_box(&self) -> std::io::Result<Box<dyn ControlStream>>;
     /// Waits up to `timeout` for something to read (or the peer's close); `false` on timeout.
     fn wait_readable(&self, timeout: std::time::Duration) -> std::io::Result<bool>;
+    /// Shuts the connection down for every handle: blocked reads and writes return, the peer
+    /// sees the lane close. Lets another thread cancel a session. Streams that cannot answer
+    /// `Unsupported`.
+    fn shutdown(&self) -> std::io::Result<()> {
+        Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "this control stream cannot be shut down"))
+    }
 }
 
 /// poll(2) for input on `fd`, retrying on EINTR.
@@ -313,6 +319,9 @@ macro_rules! control_stream {
             }
             fn wait_readable(&self, timeout: std::time::Duration) -> std::io::Result<bool> {
                 poll_readable(std::os::fd::AsRawFd::as_raw_fd(self), timeout)
+            }
+            fn shutdown(&self) -> std::io::Result<()> {
+                <$t>::shutdown(self, std::net::Shutdown::Both)
             }
         }
     };

@@ -25,6 +25,7 @@ pub mod rawfile;
 pub mod rdma;
 pub mod snapshot;
 pub mod tcp;
+pub mod tls;
 pub mod wire;
 
 pub use auth::PreSharedKey;

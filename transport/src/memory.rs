@@ -239,7 +239,7 @@ impl RegionMapping {
         let off = self.check(offset, dst.len())?;
         // SAFETY: check() proved off..off+len lies inside the mapping, which lives as long as self;
         // dst is a distinct Rust buffer, so the ranges cannot overlap.
-        unsafe { volatile_copy(dst.as_mut_ptr(), self.ptr.as_ptr().add(off), dst.len()) };
+        unsafe { volatile_copy(dst.as_mut_ptr(), self.ptr.as_ptr().add(off), dst.len(), Guest::Src) };
         Ok(())
     }
 
@@ -251,7 +251,7 @@ impl RegionMapping {
         let off = self.check(offset, src.len())?;
         // SAFETY: in bounds as above, and the mapping is writable (checked); src is a distinct
         // Rust buffer.
-        unsafe { volatile_copy(self.ptr.as_ptr().add(off), src.as_ptr(), src.len()) };
+        unsafe { volatile_copy(self.ptr.as_ptr().add(off), src.as_ptr(), src.len(), Guest::Dst) };
         Ok(())
     }
 
@@ -374,27 +374,43 @@ impl GuestMemory {
     }
 }
 
-/// Copies `len` bytes from `src` to `dst` with volatile accesses, 16 bytes at a time where both
-/// are 16-aligned (8, or 1, otherwise): guest memory is written by a running guest (another
+/// Which side of a copy is guest memory: accessed with volatile operations on aligned words.
+/// The other side is ferry's own buffer, accessed plainly (and at any alignment).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Guest {
+    Src,
+    Dst,
+}
+
+/// Copies `len` bytes from `src` to `dst`, the guest side with volatile accesses, 16 bytes at a
+/// time once the guest pointer is 16-aligned: guest memory is written by a running guest (another
 /// thread, or another process through a shared file) while ferry reads it, which a plain copy
 /// would make a data race in Rust's model; rust-vmm's vm-memory copies with volatile accesses for
-/// the same reason. Every byte is read exactly once, nothing is elided or invented; a page the
-/// guest writes meanwhile may read as a mix of old and new words, which its dirty log reports
-/// (pre-copy sends it again). 89-95% of a plain memcpy's rate here (`ferry-bench transport`,
-/// local).
+/// the same reason. Every guest byte is accessed exactly once, nothing is elided or invented; a
+/// page the guest writes meanwhile may read as a mix of old and new words, which its dirty log
+/// reports (pre-copy sends it again). The non-guest side may have any alignment (a reply staged
+/// behind its header). 89-95% of a plain memcpy's rate here (`ferry-bench transport`, local).
 ///
 /// # Safety
 /// `src..src+len` must be readable and `dst..dst+len` writable, and the two must not overlap.
-unsafe fn volatile_copy(dst: *mut u8, src: *const u8, len: usize) {
-    let mut done = 0;
-    if (dst as usize | src as usize) % 16 == 0 {
-        // SAFETY: forwarded contract; both 16-aligned.
-        done = unsafe { volatile_copy_words::<Wide>(dst, src, len) };
-    } else if (dst as usize | src as usize) % 8 == 0 {
-        // SAFETY: forwarded contract; both 8-aligned.
-        done = unsafe { volatile_copy_words::<u64>(dst, src, len) };
+unsafe fn volatile_copy(dst: *mut u8, src: *const u8, len: usize, guest: Guest) {
+    let guest_ptr = if guest == Guest::Src { src } else { dst.cast_const() };
+    let head = guest_ptr.align_offset(std::mem::align_of::<Wide>()).min(len);
+    // SAFETY: forwarded contract; the pieces [0, head), [head, head + words) and
+    // [head + words, len) lie inside both ranges, and after `head` the guest side is Wide-aligned.
+    unsafe {
+        copy_bytes(dst, src, head);
+        let words = copy_words(dst.add(head), src.add(head), len - head, guest);
+        copy_bytes(dst.add(head + words), src.add(head + words), len - head - words);
     }
-    for j in done..len {
+}
+
+/// Byte by byte, both sides volatile.
+///
+/// # Safety
+/// As [`volatile_copy`].
+unsafe fn copy_bytes(dst: *mut u8, src: *const u8, len: usize) {
+    for j in 0..len {
         // SAFETY: j < len: inside both ranges.
         unsafe { dst.add(j).write_volatile(src.add(j).read_volatile()) };
     }
@@ -406,36 +422,42 @@ type Wide = std::arch::x86_64::__m128i;
 #[cfg(not(target_arch = "x86_64"))]
 type Wide = u64;
 
-/// Copies the whole words of `T` in `len` bytes, four a turn (volatile accesses cannot be merged,
+/// Copies the whole `Wide` words in `len` bytes, four a turn (volatile accesses cannot be merged,
 /// but the loop need not wait on each); returns the bytes copied.
 ///
 /// # Safety
-/// As [`volatile_copy`], and both pointers aligned for `T`.
-unsafe fn volatile_copy_words<T: Copy>(dst: *mut u8, src: *const u8, len: usize) -> usize {
-    let words = len / std::mem::size_of::<T>();
-    let (d, s) = (dst.cast::<T>(), src.cast::<T>());
+/// As [`volatile_copy`], and the guest side aligned for `Wide`.
+unsafe fn copy_words(dst: *mut u8, src: *const u8, len: usize, guest: Guest) -> usize {
+    let words = len / std::mem::size_of::<Wide>();
+    let (d, s) = (dst.cast::<Wide>(), src.cast::<Wide>());
+    // SAFETY: called with i < words, so word i lies inside both ranges; the guest side is aligned
+    // (caller contract), the other is accessed unaligned.
+    let load = |i: usize| unsafe {
+        match guest {
+            Guest::Src => s.add(i).read_volatile(),
+            Guest::Dst => s.add(i).read_unaligned(),
+        }
+    };
+    // SAFETY: as `load`.
+    let store = |i: usize, v: Wide| unsafe {
+        match guest {
+            Guest::Src => d.add(i).write_unaligned(v),
+            Guest::Dst => d.add(i).write_volatile(v),
+        }
+    };
     let mut i = 0;
     while i + 4 <= words {
-        // SAFETY: i + 3 < words: every word lies inside both ranges, aligned (caller contract).
-        unsafe {
-            let w = [
-                s.add(i).read_volatile(),
-                s.add(i + 1).read_volatile(),
-                s.add(i + 2).read_volatile(),
-                s.add(i + 3).read_volatile(),
-            ];
-            for (k, v) in w.into_iter().enumerate() {
-                d.add(i + k).write_volatile(v);
-            }
+        let w = [load(i), load(i + 1), load(i + 2), load(i + 3)];
+        for (k, v) in w.into_iter().enumerate() {
+            store(i + k, v);
         }
         i += 4;
     }
     while i < words {
-        // SAFETY: i < words: inside both ranges, aligned.
-        unsafe { d.add(i).write_volatile(s.add(i).read_volatile()) };
+        store(i, load(i));
         i += 1;
     }
-    words * std::mem::size_of::<T>()
+    words * std::mem::size_of::<Wide>()
 }
 
 fn mmap(len: usize, prot: i32, flags: i32, fd: Option<BorrowedFd<'_>>) -> Result<NonNull<u8>> {
@@ -493,11 +515,17 @@ mod tests {
         for src_off in 0..17 {
             for dst_off in 0..17 {
                 for len in [0, 1, 7, 8, 15, 16, 17, 63, 64, 65, 100, 150] {
-                    let mut dst = vec![0u8; 200];
-                    // SAFETY: both ranges lie inside their own vectors (offsets + len <= 200).
-                    unsafe { volatile_copy(dst.as_mut_ptr().add(dst_off), src.as_ptr().add(src_off), len) };
-                    assert_eq!(&dst[dst_off..dst_off + len], &src[src_off..src_off + len], "{src_off} {dst_off} {len}");
-                    assert!(dst[..dst_off].iter().chain(&dst[dst_off + len..]).all(|&b| b == 0), "wrote outside");
+                    for guest in [Guest::Src, Guest::Dst] {
+                        let mut dst = vec![0u8; 200];
+                        // SAFETY: both ranges lie inside their own vectors (offsets + len <= 200).
+                        unsafe { volatile_copy(dst.as_mut_ptr().add(dst_off), src.as_ptr().add(src_off), len, guest) };
+                        assert_eq!(
+                            &dst[dst_off..dst_off + len],
+                            &src[src_off..src_off + len],
+                            "{src_off} {dst_off} {len}"
+                        );
+                        assert!(dst[..dst_off].iter().chain(&dst[dst_off + len..]).all(|&b| b == 0), "wrote outside");
+                    }
                 }
             }
         }

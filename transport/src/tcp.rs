@@ -1,10 +1,12 @@
 //! The `tcp` backend: a page server on the source and two connections per session at the
 //! destination, one urgent (`TCP_NODELAY`, one request at a time) and one bulk (pipelined).
 //!
-//! The server answers each request with one `writev` whose data iovecs point straight into guest
-//! memory, so a page is copied once, by the kernel. All-zero pages cross as a bit in the reply's
-//! zero mask. Reads are idempotent and carry the session id in the handshake, so a destination
-//! whose connection broke reconnects with [`resume`] and asks again.
+//! Lanes run over TLS 1.3 by default ([`Encryption`], see [`crate::tls`]). In plaintext the server
+//! answers each request with one `writev` whose data iovecs point straight into guest memory, so
+//! a page is copied once, by the kernel; over TLS the pages are copied out of guest memory once
+//! (volatile reads) and encrypted. All-zero pages cross as a bit in the reply's zero mask. Reads
+//! are idempotent and carry the session id in the handshake, so a destination whose connection
+//! broke reconnects with [`resume`] and asks again.
 
 use std::collections::VecDeque;
 use std::io::{BufReader, Read, Write};
@@ -17,10 +19,12 @@ use std::time::Duration;
 use crate::acceptor::{Acceptor, Served};
 use crate::auth::PreSharedKey;
 use crate::error::{Result, TransportError};
-use crate::handshake::{client_handshake, server_handshake, Deadline};
+use crate::handshake::{client_handshake_bound, server_handshake_bound, Deadline};
 use crate::lane::{run_dst, BulkDone, BulkLane, BulkRead, BulkTarget, PageSource, Reconnect, UrgentLane};
 use crate::layout::{MemoryLayout, PageRun};
 use crate::memory::GuestMemory;
+pub use crate::tls::Encryption;
+use crate::tls::{TlsServer, TlsStream};
 use crate::wire::{Lane, ReadReply, ReadRequest, ReadStatus, SessionId, ZeroMask, READ_REQUEST_FRAME_LEN};
 
 /// Tunables shared by the server and the client.
@@ -31,11 +35,14 @@ pub struct TcpOptions {
     pub io_timeout: Duration,
     /// Bulk reads in flight on the bulk connection.
     pub bulk_depth: usize,
+    /// TLS or plaintext; both ends must agree (a TLS server refuses a plaintext client with a
+    /// reason, a plaintext server closes on a TLS client).
+    pub encryption: Encryption,
 }
 
 impl Default for TcpOptions {
     fn default() -> Self {
-        TcpOptions { io_timeout: Duration::from_secs(10), bulk_depth: 32 }
+        TcpOptions { io_timeout: Duration::from_secs(10), bulk_depth: 32, encryption: Encryption::Tls }
     }
 }
 
@@ -60,11 +67,12 @@ struct Shared {
     stats: ServerStats,
     /// One bit per global page: served at least once.
     served: crate::pagebits::PageBits,
+    tls: Option<TlsServer>,
 }
 
 /// Serves reads of a guest's memory to authenticated destinations until shut down.
 pub struct TcpPageServer {
-    acceptor: Acceptor,
+    acceptor: Acceptor<TcpControl>,
     shared: Arc<Shared>,
 }
 
@@ -86,6 +94,10 @@ impl TcpPageServer {
         options: TcpOptions,
     ) -> Result<Self> {
         let served = crate::pagebits::PageBits::new(memory.layout());
+        let tls = match options.encryption {
+            Encryption::Tls => Some(TlsServer::new()?),
+            Encryption::Off => None,
+        };
         let shared = Arc::new(Shared {
             memory,
             key,
@@ -93,6 +105,7 @@ impl TcpPageServer {
             options,
             stats: ServerStats::default(),
             served,
+            tls,
         });
         let conn_shared = shared.clone();
         let acceptor = Acceptor::start(addr, "ferry-tcp", move |stream, authenticated| {
@@ -107,7 +120,7 @@ impl TcpPageServer {
     }
 
     /// Waits up to `timeout` for a destination to open the session's control lane.
-    pub fn accept_control(&self, timeout: Duration) -> Result<TcpStream> {
+    pub fn accept_control(&self, timeout: Duration) -> Result<TcpControl> {
         self.acceptor.accept_control(timeout)
     }
 
@@ -143,26 +156,102 @@ impl TcpPageServer {
     }
 }
 
-fn serve_connection(stream: &TcpStream, shared: &Shared, authenticated: &dyn Fn()) -> Result<Served> {
+fn serve_connection(stream: &TcpStream, shared: &Shared, authenticated: &dyn Fn()) -> Result<Served<TcpControl>> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(shared.options.io_timeout))?;
     stream.set_write_timeout(Some(shared.options.io_timeout))?;
+    let limit = shared.options.io_timeout;
+    let until = std::time::Instant::now() + limit;
     let memory = &shared.memory;
     let layout = memory.layout();
-    let lane =
-        server_handshake(&mut Deadline::new(stream, shared.options.io_timeout), &shared.key, shared.session, layout)?;
+    let lane = match &shared.tls {
+        Some(tls) => {
+            if speaks_plaintext(stream)? {
+                let _ = crate::wire::write_control(
+                    &mut Deadline::until(stream, until, limit),
+                    &crate::wire::Control::Reject {
+                        reason: crate::wire::RejectReason::Encryption,
+                        detail: "this page server runs its tcp lanes over TLS".into(),
+                    },
+                );
+                return Err(TransportError::Refused {
+                    reason: crate::wire::RejectReason::Encryption,
+                    detail: "a plaintext client".into(),
+                });
+            }
+            TcpControl::Tls(tls.accept(stream, until, limit)?)
+        }
+        None => TcpControl::Plain(stream.try_clone()?),
+    };
+    let binding = lane.binding()?;
+    let kind = server_handshake_bound(
+        &mut Deadline::until(&lane, until, limit),
+        &shared.key,
+        &binding,
+        shared.session,
+        layout,
+    )?;
     authenticated();
-    if lane == Lane::Control {
-        return Ok(Served::Control);
+    if kind == Lane::Control {
+        return Ok(Served::Control(lane));
     }
     // A destination may be idle for a long time between faults: wait for requests indefinitely,
     // but never block forever on a peer that stopped reading replies.
     stream.set_read_timeout(None)?;
-    let fd = stream.as_raw_fd();
-    let mut requests = BufReader::with_capacity(16 * 1024, stream);
+    match lane {
+        TcpControl::Plain(_) => serve_reads(&mut BufReader::with_capacity(16 * 1024, stream), shared, |_, _, iov| {
+            // SAFETY: iov[0] points at the reply's prefix, alive across the call; the others point
+            // into guest memory ranges bounds-checked by raw_range, kept mapped by `memory`, which
+            // outlives the call.
+            unsafe { writev_all(stream.as_raw_fd(), iov) }.map_err(TransportError::from)
+        }),
+        TcpControl::Tls(tls) => {
+            let mut staging = Vec::new();
+            let mut out = tls.clone();
+            serve_reads(&mut tls.clone(), shared, move |prefix, data, _| {
+                // The pages are copied out of guest memory with volatile reads (the guest may be
+                // running) behind the prefix, and the reply is encrypted from that copy in one go.
+                let total = prefix.len() + data.iter().map(|d| d.2).sum::<usize>();
+                if staging.len() < total {
+                    staging.resize(total, 0);
+                }
+                staging[..prefix.len()].copy_from_slice(prefix);
+                let mut at = prefix.len();
+                for &(region, offset, len) in data {
+                    memory.regions()[region as usize].read(offset, &mut staging[at..at + len])?;
+                    at += len;
+                }
+                out.write_all(&staging[..total])?;
+                Ok(())
+            })
+        }
+    }
+}
+
+/// Whether the first bytes a client sent are a plaintext ferry frame rather than a TLS record.
+fn speaks_plaintext(stream: &TcpStream) -> Result<bool> {
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first) {
+        Ok(0) => Err(TransportError::PeerClosed),
+        Ok(_) => Ok(first[0] == crate::wire::MAGIC.to_le_bytes()[0]),
+        Err(e) => Err(TransportError::from_read(e)),
+    }
+}
+
+/// Serves read requests from `requests` until the peer closes; `send` gets each reply as its
+/// prefix and guest ranges (region, offset, length), and as iovecs: the prefix, then the same
+/// ranges, each bounds-checked within a mapping `shared.memory` keeps alive.
+fn serve_reads(
+    requests: &mut dyn Read,
+    shared: &Shared,
+    mut send: impl FnMut(&[u8], &[(u32, u64, usize)], &mut [libc::iovec]) -> Result<()>,
+) -> Result<Served<TcpControl>> {
+    let memory = &shared.memory;
+    let layout = memory.layout();
     let mut frame = [0u8; READ_REQUEST_FRAME_LEN];
     let mut prefix = Vec::with_capacity(ReadReply::prefix_len(crate::layout::MAX_RUN_PAGES));
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(crate::layout::MAX_RUN_PAGES as usize + 1);
+    let mut data: Vec<(u32, u64, usize)> = Vec::with_capacity(crate::layout::MAX_RUN_PAGES as usize);
     let page_size = layout.page_size();
     loop {
         match requests.read_exact(&mut frame) {
@@ -180,6 +269,7 @@ fn serve_connection(stream: &TcpStream, shared: &Shared, authenticated: &dyn Fn(
             return Err(TransportError::malformed("read request", format!("{} pages", req.run.pages)));
         }
         iov.clear();
+        data.clear();
         if layout.check_run(req.run).is_err() {
             reply.status = ReadStatus::OutOfRange;
             shared.stats.refused_reads.fetch_add(1, Ordering::Relaxed);
@@ -203,7 +293,10 @@ fn serve_connection(stream: &TcpStream, shared: &Shared, authenticated: &dyn Fn(
                 let off = base + u64::from(first) * u64::from(page_size);
                 let len = count as usize * page_size as usize;
                 match region.raw_range(off, len) {
-                    Ok(ptr) => iov.push(libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len }),
+                    Ok(ptr) => {
+                        iov.push(libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len });
+                        data.push((req.run.region, off, len));
+                    }
                     Err(e) => err = Some(e),
                 }
             });
@@ -213,9 +306,116 @@ fn serve_connection(stream: &TcpStream, shared: &Shared, authenticated: &dyn Fn(
         }
         reply.encode_prefix(page_size, &mut prefix);
         iov.insert(0, libc::iovec { iov_base: prefix.as_ptr() as *mut libc::c_void, iov_len: prefix.len() });
-        // SAFETY: iov[0] points at `prefix`, alive across the call; the others point into guest
-        // memory ranges bounds-checked by raw_range, kept mapped by `memory`, which outlives the call.
-        unsafe { writev_all(fd, &mut iov)? };
+        send(&prefix, &data, &mut iov)?;
+    }
+}
+
+/// One tcp lane after its handshake, in plaintext or over TLS: what a session's control lane is.
+/// Clones share the connection, so one thread may read while another writes.
+#[derive(Debug)]
+pub enum TcpControl {
+    Plain(TcpStream),
+    Tls(TlsStream),
+}
+
+impl TcpControl {
+    /// The socket underneath (timeouts, shutdown).
+    pub fn socket(&self) -> &TcpStream {
+        match self {
+            TcpControl::Plain(s) => s,
+            TcpControl::Tls(t) => t.socket(),
+        }
+    }
+
+    /// Shuts the connection down (every handle's blocked read returns).
+    pub fn shutdown(&self, how: std::net::Shutdown) -> std::io::Result<()> {
+        self.socket().shutdown(how)
+    }
+
+    /// Whether the lane is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        matches!(self, TcpControl::Tls(_))
+    }
+
+    /// Another handle on the same connection.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(match self {
+            TcpControl::Plain(s) => TcpControl::Plain(s.try_clone()?),
+            TcpControl::Tls(t) => TcpControl::Tls(t.clone()),
+        })
+    }
+
+    /// What the handshake's proofs are bound to: the TLS session, or nothing in plaintext.
+    fn binding(&self) -> Result<Vec<u8>> {
+        match self {
+            TcpControl::Plain(_) => Ok(Vec::new()),
+            TcpControl::Tls(t) => Ok(t.binding()?.to_vec()),
+        }
+    }
+}
+
+impl Read for &TcpControl {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match *self {
+            TcpControl::Plain(s) => (&*s).read(buf),
+            TcpControl::Tls(t) => (&*t).read(buf),
+        }
+    }
+}
+
+impl Write for &TcpControl {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match *self {
+            TcpControl::Plain(s) => (&*s).write(buf),
+            TcpControl::Tls(t) => (&*t).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Read for TcpControl {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&*self).read(buf)
+    }
+}
+
+impl Write for TcpControl {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        (&*self).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl crate::lane::ControlStream for TcpControl {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.socket().set_read_timeout(timeout)
+    }
+
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.socket().set_write_timeout(timeout)
+    }
+
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn crate::lane::ControlStream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+
+    fn wait_readable(&self, timeout: Duration) -> std::io::Result<bool> {
+        if let TcpControl::Tls(t) = self {
+            if t.has_buffered() {
+                return Ok(true);
+            }
+        }
+        crate::lane::ControlStream::wait_readable(self.socket(), timeout)
+    }
+
+    fn shutdown(&self) -> std::io::Result<()> {
+        self.socket().shutdown(std::net::Shutdown::Both)
     }
 }
 
@@ -270,10 +470,10 @@ pub fn connect_session(
     key: &PreSharedKey,
     expected_layout: Option<&MemoryLayout>,
     options: &TcpOptions,
-) -> Result<(PageSource, TcpStream)> {
+) -> Result<(PageSource, TcpControl)> {
     let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-    let (control, cs) = open_lane(&addrs, key, Lane::Control, SessionId::NEW, expected_layout, options.io_timeout)?;
-    control.set_read_timeout(None)?;
+    let (control, cs) = open_lane(&addrs, key, Lane::Control, SessionId::NEW, expected_layout, options)?;
+    control.socket().set_read_timeout(None)?;
     let source = open_lanes(&addrs[..], key, cs.session, Some(&cs.layout), options)?;
     Ok((source, control))
 }
@@ -298,7 +498,7 @@ fn open_lanes(
     options: &TcpOptions,
 ) -> Result<PageSource> {
     let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-    let (urgent, first) = open_lane(&addrs, key, Lane::Urgent, session, expected_layout, options.io_timeout)?;
+    let (urgent, first) = open_lane(&addrs, key, Lane::Urgent, session, expected_layout, options)?;
     let lanes = TcpLanes {
         addrs,
         key: key.clone(),
@@ -323,9 +523,11 @@ pub(crate) fn reopen_control(
     session: SessionId,
     layout: &MemoryLayout,
     io_timeout: Duration,
+    encryption: Encryption,
 ) -> Result<Box<dyn crate::lane::ControlStream>> {
-    let (s, _) = open_lane(addrs, key, Lane::Control, session, Some(layout), io_timeout)?;
-    s.set_read_timeout(None)?;
+    let options = TcpOptions { io_timeout, encryption, ..TcpOptions::default() };
+    let (s, _) = open_lane(addrs, key, Lane::Control, session, Some(layout), &options)?;
+    s.socket().set_read_timeout(None)?;
     Ok(Box::new(s))
 }
 
@@ -341,18 +543,23 @@ struct TcpLanes {
 
 impl Reconnect for TcpLanes {
     fn control(&self) -> Result<Box<dyn crate::lane::ControlStream>> {
-        reopen_control(&self.addrs, &self.key, self.session, &self.layout, self.options.io_timeout)
+        reopen_control(
+            &self.addrs,
+            &self.key,
+            self.session,
+            &self.layout,
+            self.options.io_timeout,
+            self.options.encryption,
+        )
     }
 
     fn urgent(&self) -> Result<Box<dyn UrgentLane>> {
-        let (s, _) =
-            open_lane(&self.addrs, &self.key, Lane::Urgent, self.session, Some(&self.layout), self.options.io_timeout)?;
+        let (s, _) = open_lane(&self.addrs, &self.key, Lane::Urgent, self.session, Some(&self.layout), &self.options)?;
         Ok(Box::new(TcpUrgent { conn: Conn::new(s, self.layout.clone())?, next_id: 1 }))
     }
 
     fn bulk(&self) -> Result<Box<dyn BulkLane>> {
-        let (s, _) =
-            open_lane(&self.addrs, &self.key, Lane::Bulk, self.session, Some(&self.layout), self.options.io_timeout)?;
+        let (s, _) = open_lane(&self.addrs, &self.key, Lane::Bulk, self.session, Some(&self.layout), &self.options)?;
         Ok(Box::new(TcpBulk {
             conn: Conn::new(s, self.layout.clone())?,
             depth: self.options.bulk_depth.max(1),
@@ -363,8 +570,38 @@ impl Reconnect for TcpLanes {
     }
 }
 
-/// Connects to the first address that answers and runs the handshake for `lane`.
+/// Connects to the first address that answers and runs the handshake for `lane`, over TLS when
+/// `options` ask for it; the whole of it within `options.io_timeout`.
 pub(crate) fn open_lane(
+    addrs: &[SocketAddr],
+    key: &PreSharedKey,
+    lane: Lane,
+    session: SessionId,
+    expected_layout: Option<&MemoryLayout>,
+    options: &TcpOptions,
+) -> Result<(TcpControl, crate::handshake::ClientSession)> {
+    let io_timeout = options.io_timeout;
+    let (s, until) = connect_any(addrs, io_timeout)?;
+    let conn = match options.encryption {
+        Encryption::Tls => TcpControl::Tls(crate::tls::connect(&s, until, io_timeout)?),
+        Encryption::Off => TcpControl::Plain(s),
+    };
+    let binding = conn.binding()?;
+    let cs = client_handshake_bound(
+        &mut Deadline::until(&conn, until, io_timeout),
+        key,
+        &binding,
+        lane,
+        session,
+        expected_layout,
+    )?;
+    Ok((conn, cs))
+}
+
+/// [`open_lane`] in plaintext, returning the bare socket: the rdma backend's setup and control
+/// lanes.
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+pub(crate) fn open_plain_lane(
     addrs: &[SocketAddr],
     key: &PreSharedKey,
     lane: Lane,
@@ -372,6 +609,17 @@ pub(crate) fn open_lane(
     expected_layout: Option<&MemoryLayout>,
     io_timeout: Duration,
 ) -> Result<(TcpStream, crate::handshake::ClientSession)> {
+    let options = TcpOptions { io_timeout, encryption: Encryption::Off, ..TcpOptions::default() };
+    let (conn, cs) = open_lane(addrs, key, lane, session, expected_layout, &options)?;
+    match conn {
+        TcpControl::Plain(s) => Ok((s, cs)),
+        TcpControl::Tls(_) => unreachable!("asked for plaintext"),
+    }
+}
+
+/// Connects to the first address that answers; returns the socket (no delay, timeouts set) and
+/// when its handshake must be over.
+fn connect_any(addrs: &[SocketAddr], io_timeout: Duration) -> Result<(TcpStream, std::time::Instant)> {
     let mut last = None;
     for a in addrs {
         match TcpStream::connect_timeout(a, io_timeout) {
@@ -379,8 +627,7 @@ pub(crate) fn open_lane(
                 s.set_nodelay(true)?;
                 s.set_read_timeout(Some(io_timeout))?;
                 s.set_write_timeout(Some(io_timeout))?;
-                let cs = client_handshake(&mut Deadline::new(&s, io_timeout), key, lane, session, expected_layout)?;
-                return Ok((s, cs));
+                return Ok((s, std::time::Instant::now() + io_timeout));
             }
             Err(e) => last = Some(e),
         }
@@ -390,11 +637,12 @@ pub(crate) fn open_lane(
     ))
 }
 
-/// One client connection: the socket and a small read buffer so a reply's prefix and a small
-/// page arrive in one receive.
+/// One client connection: the socket, and a reader that buffers (plaintext: a small buffer so a
+/// reply's prefix and a small page arrive in one receive; TLS buffers by itself).
 struct Conn {
-    writer: TcpStream,
-    reader: BufReader<TcpStream>,
+    socket: TcpStream,
+    writer: Box<dyn Write + Send>,
+    reader: Box<dyn Read + Send>,
     layout: MemoryLayout,
     prefix: [u8; 12 + 16 + 8 * crate::wire::ZERO_MASK_WORDS],
 }
@@ -402,15 +650,19 @@ struct Conn {
 impl Conn {
     /// Shuts the connection down from another thread: a blocked read returns at once.
     fn interrupter(&self) -> Option<crate::lane::Interrupter> {
-        let stream = self.writer.try_clone().ok()?;
+        let stream = self.socket.try_clone().ok()?;
         Some(std::sync::Arc::new(move || {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }))
     }
 
-    fn new(stream: TcpStream, layout: MemoryLayout) -> Result<Self> {
-        let reader = BufReader::with_capacity(16 * 1024, stream.try_clone()?);
-        Ok(Conn { writer: stream, reader, layout, prefix: [0; 12 + 16 + 8 * crate::wire::ZERO_MASK_WORDS] })
+    fn new(lane: TcpControl, layout: MemoryLayout) -> Result<Self> {
+        let socket = lane.socket().try_clone()?;
+        let (reader, writer): (Box<dyn Read + Send>, Box<dyn Write + Send>) = match lane {
+            TcpControl::Plain(s) => (Box::new(BufReader::with_capacity(16 * 1024, s.try_clone()?)), Box::new(s)),
+            TcpControl::Tls(t) => (Box::new(t.clone()), Box::new(t)),
+        };
+        Ok(Conn { socket, writer, reader, layout, prefix: [0; 12 + 16 + 8 * crate::wire::ZERO_MASK_WORDS] })
     }
 
     /// Receives the reply to `req` into `dst` (exactly the run's bytes). Pages the reply marks

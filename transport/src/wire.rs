@@ -167,6 +167,8 @@ pub enum RejectReason {
     UnknownSession = 4,
     Malformed = 5,
     Other = 6,
+    /// The server runs its tcp lanes over TLS and the client spoke in plaintext.
+    Encryption = 7,
 }
 
 impl RejectReason {
@@ -177,6 +179,7 @@ impl RejectReason {
             3 => Self::Layout,
             4 => Self::UnknownSession,
             5 => Self::Malformed,
+            7 => Self::Encryption,
             _ => Self::Other,
         }
     }

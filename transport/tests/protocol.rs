@@ -264,10 +264,15 @@ fn a_peer_that_vanishes_mid_handshake_is_an_error() {
     let () = client;
 }
 
+/// A plaintext server: these tests speak the raw protocol (tests/tls.rs covers encrypted lanes).
 fn tcp_server() -> (TcpPageServer, Arc<GuestMemory>) {
     let memory = Arc::new(GuestMemory::create(small_layout(), Backing::Anonymous).unwrap());
     ferry_transport::pattern::fill_memory(&memory, 1).unwrap();
-    (TcpPageServer::start("127.0.0.1:0", memory.clone(), key_a(), TcpOptions::default()).unwrap(), memory)
+    (TcpPageServer::start("127.0.0.1:0", memory.clone(), key_a(), plaintext()).unwrap(), memory)
+}
+
+fn plaintext() -> TcpOptions {
+    TcpOptions { encryption: tcp::Encryption::Off, ..TcpOptions::default() }
 }
 
 /// An authenticated raw connection, for sending requests the real client would never send.
@@ -315,7 +320,7 @@ fn server_drops_a_connection_that_sends_garbage_and_serves_others() {
         let mut buf = [0u8; 64];
         assert_eq!(s.read(&mut buf).unwrap(), 0, "the server closes the connection");
     }
-    let mut src = tcp::connect(server.local_addr(), &key_a(), None, &TcpOptions::default()).unwrap();
+    let mut src = tcp::connect(server.local_addr(), &key_a(), None, &plaintext()).unwrap();
     let mut page = vec![0u8; 4096];
     src.urgent.read(PageRun::new(0, 2, 1), &mut page).unwrap();
     assert!(ferry_transport::pattern::check_page(&page, 2, 1));
@@ -324,7 +329,7 @@ fn server_drops_a_connection_that_sends_garbage_and_serves_others() {
 #[test]
 fn client_checks_runs_and_buffers_before_sending() {
     let (server, _memory) = tcp_server();
-    let mut src = tcp::connect(server.local_addr(), &key_a(), Some(&small_layout()), &TcpOptions::default()).unwrap();
+    let mut src = tcp::connect(server.local_addr(), &key_a(), Some(&small_layout()), &plaintext()).unwrap();
     let mut small = vec![0u8; 4096];
     assert!(matches!(src.urgent.read(PageRun::new(0, 0, 2), &mut small), Err(TransportError::BufferSize { .. })));
     assert!(matches!(src.urgent.read(PageRun::new(0, 1024, 1), &mut small), Err(TransportError::OutOfRange(_))));
@@ -346,15 +351,14 @@ fn client_checks_runs_and_buffers_before_sending() {
 #[test]
 fn lanes_resume_after_the_connection_breaks() {
     let (server, _memory) = tcp_server();
-    let mut src = tcp::connect(server.local_addr(), &key_a(), None, &TcpOptions::default()).unwrap();
+    let mut src = tcp::connect(server.local_addr(), &key_a(), None, &plaintext()).unwrap();
     let mut page = vec![0u8; 4096];
     src.urgent.read(PageRun::new(0, 5, 1), &mut page).unwrap();
     src.bulk.submit(BulkRead { run: PageRun::new(0, 100, 4), buf: PageBuf::new(4 * 4096).into(), tag: 9 }).unwrap();
     server.drop_connections();
     assert!(src.urgent.read(PageRun::new(0, 6, 1), &mut page).is_err(), "a broken lane reports an error");
     assert!(src.bulk.complete().is_err());
-    let mut resumed =
-        tcp::resume(server.local_addr(), &key_a(), src.session, &src.layout, &TcpOptions::default()).unwrap();
+    let mut resumed = tcp::resume(server.local_addr(), &key_a(), src.session, &src.layout, &plaintext()).unwrap();
     assert_eq!(resumed.session, src.session);
     resumed.urgent.read(PageRun::new(0, 6, 1), &mut page).unwrap();
     assert!(ferry_transport::pattern::check_page(&page, 6, 1));
@@ -368,12 +372,12 @@ fn lanes_resume_after_the_connection_breaks() {
 #[test]
 fn a_vanished_server_is_an_error_not_a_hang() {
     let (server, _memory) = tcp_server();
-    let mut src = tcp::connect(server.local_addr(), &key_a(), None, &TcpOptions::default()).unwrap();
+    let mut src = tcp::connect(server.local_addr(), &key_a(), None, &plaintext()).unwrap();
     let addr = server.local_addr();
     server.shutdown();
     let mut page = vec![0u8; 4096];
     assert!(src.urgent.read(PageRun::new(0, 0, 1), &mut page).is_err());
-    assert!(tcp::connect(addr, &key_a(), None, &TcpOptions::default()).is_err());
+    assert!(tcp::connect(addr, &key_a(), None, &plaintext()).is_err());
 }
 
 #[test]

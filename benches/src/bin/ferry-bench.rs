@@ -23,6 +23,7 @@ use ferry_benches::fixtures::{bulk_stream, filled_memory, urgent_page, Fixture, 
 use ferry_benches::raw;
 use ferry_benches::stats::{gbps, max_rss_mib, median, Latencies};
 use ferry_transport::lane::PageBuf;
+use ferry_transport::tcp::Encryption;
 use ferry_transport::Backing;
 use serde_json::json;
 
@@ -165,19 +166,30 @@ fn transport(o: &Options) -> Result<()> {
     let n = o.samples;
 
     // tcp: urgent beside a raw 16 B -> 4 KiB round trip; bulk 64 KiB runs beside a raw 64 KiB stream.
+    // Then tcp over TLS beside the plaintext lane, both measured in turn in this run.
     {
         let memory = filled_memory(mem, Backing::Anonymous)?;
-        let mut fx = Fixture::tcp(memory, 32)?;
+        let mut plain = Fixture::tcp(memory.clone(), 32, Encryption::Off)?;
+        let mut tls = Fixture::tcp(memory, 32, Encryption::Tls)?;
         let mut pool = Vec::new();
         let mut buf = vec![0u8; PAGE];
-        let urgent = Latencies::measure(n / 10, n, |i| urgent_page(fx.source(), &mut buf, i))?;
+        let urgent = Latencies::measure(n / 10, n, |i| urgent_page(plain.source(), &mut buf, i))?;
+        let tls_urgent = Latencies::measure(n / 10, n, |i| urgent_page(tls.source(), &mut buf, i))?;
         let raw_rtt = raw::tcp_round_trips(n)?;
         let (bulk, raw_bulk) = paired_bandwidth(
             o.reps,
             total,
-            || bulk_stream(fx.source(), &mut pool, 16, total),
+            || bulk_stream(plain.source(), &mut pool, 16, total),
             || raw::tcp_stream(64 << 10, total),
         )?;
+        let mut tls_pool = Vec::new();
+        let (tls_bulk, plain_bulk) = paired_bandwidth(
+            o.reps,
+            total,
+            || bulk_stream(tls.source(), &mut tls_pool, 16, total),
+            || bulk_stream(plain.source(), &mut pool, 16, total),
+        )?;
+        let plain_urgent = urgent.clone();
         Row {
             backend: "tcp",
             urgent,
@@ -186,6 +198,17 @@ fn transport(o: &Options) -> Result<()> {
             bulk_gbps: bulk,
             raw_bulk_gbps: raw_bulk,
             raw_bulk_what: "tcp stream of 64 KiB writes",
+            run_bytes: 64 << 10,
+        }
+        .print(o.json);
+        Row {
+            backend: "tcp+tls",
+            urgent: tls_urgent,
+            raw_rtt: plain_urgent,
+            raw_rtt_what: "the plaintext tcp lane",
+            bulk_gbps: tls_bulk,
+            raw_bulk_gbps: plain_bulk,
+            raw_bulk_what: "the plaintext tcp lane, same runs",
             run_bytes: 64 << 10,
         }
         .print(o.json);
@@ -353,7 +376,7 @@ fn postcopy(o: &Options) -> Result<()> {
     let huge_gbps = install(Backing::HugetlbMemfd, &huge_layout).unwrap_or(f64::NAN);
     let install_gbps = huge_gbps;
     let memory = filled_memory(mem, Backing::Anonymous)?;
-    let mut fx = Fixture::tcp(memory, 32)?;
+    let mut fx = Fixture::tcp(memory, 32, Encryption::Tls)?;
     let mut pool = Vec::new();
     let transport_gbps = gbps(mem, bulk_stream(fx.source(), &mut pool, 64, mem)?);
     let ratio = |p: &str| network_faults[&("bubbling", p)] as f64 / network_faults[&("demand", p)].max(1) as f64;

@@ -343,7 +343,7 @@ struct ServerShared {
 
 /// Exposes a paused guest's memory for one-sided RDMA READs by authenticated destinations.
 pub struct RdmaPageServer {
-    acceptor: Acceptor,
+    acceptor: Acceptor<TcpStream>,
     shared: Arc<ServerShared>,
 }
 
@@ -432,7 +432,7 @@ impl RdmaPageServer {
 
 /// Serves one connection: a control lane goes to the session owner; a setup connection gets
 /// its queue pairs, which live until it closes.
-fn serve_connection(stream: &TcpStream, shared: &ServerShared, authenticated: &dyn Fn()) -> Result<Served> {
+fn serve_connection(stream: &TcpStream, shared: &ServerShared, authenticated: &dyn Fn()) -> Result<Served<TcpStream>> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(shared.options.io_timeout))?;
     stream.set_write_timeout(Some(shared.options.io_timeout))?;
@@ -444,7 +444,7 @@ fn serve_connection(stream: &TcpStream, shared: &ServerShared, authenticated: &d
     )?;
     authenticated();
     if lane == Lane::Control {
-        return Ok(Served::Control);
+        return Ok(Served::Control(stream.try_clone()?));
     }
     let request = SetupRequest::decode(&read_session(&mut &*stream)?)?;
     let device = &shared.device;
@@ -523,8 +523,14 @@ pub fn connect_session(
     let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
     let (mut source, ledger) = open_lanes(&addrs, key, SessionId::NEW, expected_layout, options, None)?;
     prepare(&mut source)?;
-    let (control, _) =
-        crate::tcp::open_lane(&addrs, key, Lane::Control, source.session, Some(&source.layout), options.io_timeout)?;
+    let (control, _) = crate::tcp::open_plain_lane(
+        &addrs,
+        key,
+        Lane::Control,
+        source.session,
+        Some(&source.layout),
+        options.io_timeout,
+    )?;
     control.set_read_timeout(None)?;
     Ok(RdmaSession { source, control, ledger })
 }
@@ -584,7 +590,14 @@ impl RdmaLanes {
 
 impl crate::lane::Reconnect for RdmaLanes {
     fn control(&self) -> Result<Box<dyn crate::lane::ControlStream>> {
-        crate::tcp::reopen_control(&self.addrs, &self.key, self.session, &self.layout, self.options.io_timeout)
+        crate::tcp::reopen_control(
+            &self.addrs,
+            &self.key,
+            self.session,
+            &self.layout,
+            self.options.io_timeout,
+            crate::tls::Encryption::Off,
+        )
     }
 
     fn urgent(&self) -> Result<Box<dyn UrgentLane>> {
@@ -604,7 +617,8 @@ fn open_lanes(
     options: &RdmaOptions,
     carried: Option<&Carried>,
 ) -> Result<(PageSource, Arc<ReadLedger>)> {
-    let (mut setup, cs) = crate::tcp::open_lane(addrs, key, Lane::Bulk, session, expected_layout, options.io_timeout)?;
+    let (mut setup, cs) =
+        crate::tcp::open_plain_lane(addrs, key, Lane::Bulk, session, expected_layout, options.io_timeout)?;
     let device = Device::open(options)?;
     let depth = options.bulk_depth.clamp(1, 1024);
     let ctx = device.pd.context().clone();

@@ -1,0 +1,505 @@
+//! TLS 1.3 for tcp lanes (rustls on aws-lc-rs): guest memory and session messages encrypted on
+//! the wire, authenticated by the pre-shared key.
+//!
+//! rustls has no external pre-shared keys for TLS 1.3, so the key authenticates inside the
+//! channel instead: the page server presents a throwaway self-signed certificate (made when it
+//! starts; the client checks only that the server holds its private key), then ferry's own
+//! handshake runs over TLS with both HMAC proofs bound to the TLS session through an exporter
+//! ([RFC 5705]/[RFC 8446 §7.5]). A machine in the middle terminates two TLS sessions with two
+//! different exporter values, so the proofs it relays verify on neither side. Only TLS 1.3 is
+//! offered, without resumption or tickets.
+//!
+//! A [`TlsStream`] is one connection shared by several handles: one thread may read while
+//! another writes (the control lane's heartbeats), each direction serialized by its own lock,
+//! and a read waiting on the socket holds neither the connection's state nor the writer up.
+//!
+//! [RFC 5705]: https://www.rfc-editor.org/rfc/rfc5705
+//! [RFC 8446 §7.5]: https://www.rfc-editor.org/rfc/rfc8446#section-7.5
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{aws_lc_rs, CryptoProvider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, ClientConnection, Connection, DigitallySignedStruct, ServerConfig, ServerConnection};
+
+use crate::error::{Result, TransportError};
+use crate::handshake::Deadline;
+
+/// Whether a tcp lane runs over TLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Encryption {
+    /// TLS 1.3 (AES-GCM), authenticated by the pre-shared key. A server that requires it
+    /// refuses plaintext clients with [`crate::wire::RejectReason::Encryption`].
+    #[default]
+    Tls,
+    /// Plaintext: for a link that is already private (a dedicated back-to-back cable, a VPN).
+    /// The handshake still authenticates both sides; nothing is hidden from the link.
+    Off,
+}
+
+/// The exporter label both sides feed the handshake's proofs with.
+const BINDING_LABEL: &[u8] = b"EXPORTER-ferry/1 lane binding";
+/// Bytes of exporter output bound into the proofs.
+pub(crate) const BINDING_LEN: usize = 32;
+/// The name the client asks for (not checked: the key authenticates the server).
+const SERVER_NAME: &str = "ferry-page-server";
+/// Ciphertext read from the socket at once: big enough that a bulk reply costs few receives.
+const CIPHER_BUF: usize = 256 * 1024;
+
+/// The suites we offer: AES-GCM first (several GB/s per core with AES-NI), TLS 1.3 only.
+fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            let mut p = aws_lc_rs::default_provider();
+            p.cipher_suites = vec![
+                aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+                aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            ];
+            Arc::new(p)
+        })
+        .clone()
+}
+
+fn tls_error(what: &str, e: impl std::fmt::Display) -> TransportError {
+    TransportError::Tls(format!("{what}: {e}"))
+}
+
+/// A page server's TLS identity: a certificate and key made when it starts, never stored.
+#[derive(Clone)]
+pub(crate) struct TlsServer {
+    config: Arc<ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsServer(<throwaway certificate>)")
+    }
+}
+
+impl TlsServer {
+    pub(crate) fn new() -> Result<Self> {
+        let certified = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])
+            .map_err(|e| tls_error("making the server's certificate", e))?;
+        let cert = certified.cert.der().clone();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| tls_error("configuring TLS", e))?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .map_err(|e| tls_error("loading the server's certificate", e))?;
+        // No resumption: every lane is a full handshake bound to the key.
+        config.send_tls13_tickets = 0;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        Ok(TlsServer { config: Arc::new(config) })
+    }
+
+    /// Runs the server side of a TLS handshake on `sock`, finished by `until` (`limit` is the
+    /// socket's timeout afterwards).
+    pub(crate) fn accept(&self, sock: &TcpStream, until: Instant, limit: Duration) -> Result<TlsStream> {
+        let conn = ServerConnection::new(self.config.clone()).map_err(|e| tls_error("starting TLS", e))?;
+        TlsStream::handshake(sock, Connection::Server(conn), until, limit)
+    }
+}
+
+fn client_config() -> Result<Arc<ClientConfig>> {
+    static CONFIG: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+    if let Some(c) = CONFIG.get() {
+        return Ok(c.clone());
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_error("configuring TLS", e))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(KeyBoundServer))
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(CONFIG.get_or_init(|| Arc::new(config)).clone())
+}
+
+/// Runs the client side of a TLS handshake on `sock`, finished by `until`.
+pub(crate) fn connect(sock: &TcpStream, until: Instant, limit: Duration) -> Result<TlsStream> {
+    let name = ServerName::try_from(SERVER_NAME).map_err(|e| tls_error("server name", e))?;
+    let conn = ClientConnection::new(client_config()?, name).map_err(|e| tls_error("starting TLS", e))?;
+    TlsStream::handshake(sock, Connection::Client(conn), until, limit)
+}
+
+/// Accepts any certificate but checks that the server signed the handshake with its key: who
+/// the server is, the pre-shared key proves afterwards, over this very TLS session.
+#[derive(Debug)]
+struct KeyBoundServer;
+
+impl ServerCertVerifier for KeyBoundServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("ferry speaks TLS 1.3 only".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// One end of a TLS connection; clones share it (see the module doc).
+#[derive(Clone)]
+pub struct TlsStream {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    sock: TcpStream,
+    conn: Mutex<Connection>,
+    /// Held across a read: ciphertext received and not yet handed to rustls.
+    reading: Mutex<Incoming>,
+    /// Held across a write, so records reach the socket in sequence order.
+    writing: Mutex<()>,
+}
+
+struct Incoming {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl std::fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStream").field("peer", &self.shared.sock.peer_addr().ok()).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn io_error(e: rustls::Error) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+}
+
+impl TlsStream {
+    fn handshake(sock: &TcpStream, mut conn: Connection, until: Instant, limit: Duration) -> Result<Self> {
+        let owned = sock.try_clone()?;
+        {
+            let mut io = Deadline::until(sock, until, limit);
+            while conn.is_handshaking() {
+                match conn.complete_io(&mut io) {
+                    Ok((0, 0)) if conn.is_handshaking() => {
+                        return Err(TransportError::Tls(
+                            "the peer closed the connection during the TLS handshake (does it run with encryption \
+                             off?)"
+                                .into(),
+                        ))
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        return Err(tls_error("TLS handshake", e));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        return Err(TransportError::Tls(
+                            "the peer closed the connection during the TLS handshake (does it run with encryption \
+                             off?)"
+                                .into(),
+                        ))
+                    }
+                    Err(e) => return Err(TransportError::from_read(e)),
+                }
+            }
+            // The client's Finished may still be queued.
+            while conn.wants_write() {
+                conn.write_tls(&mut io).map_err(TransportError::from_read)?;
+            }
+        }
+        // Writes encrypt all they are given at once; `drain` then sends it as the socket takes it.
+        conn.set_buffer_limit(None);
+        Ok(TlsStream {
+            shared: Arc::new(Shared {
+                sock: owned,
+                conn: Mutex::new(conn),
+                reading: Mutex::new(Incoming { buf: vec![0; CIPHER_BUF].into_boxed_slice(), start: 0, end: 0 }),
+                writing: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The value both ends of this TLS session, and only they, compute: bound into the handshake's
+    /// proofs.
+    pub(crate) fn binding(&self) -> Result<[u8; BINDING_LEN]> {
+        lock(&self.shared.conn)
+            .export_keying_material([0u8; BINDING_LEN], BINDING_LABEL, None)
+            .map_err(|e| tls_error("exporting the channel binding", e))
+    }
+
+    /// The socket underneath (timeouts, shutdown, poll).
+    pub fn socket(&self) -> &TcpStream {
+        &self.shared.sock
+    }
+
+    /// Whether decrypted bytes, or received ciphertext not yet decrypted, wait to be read.
+    pub(crate) fn has_buffered(&self) -> bool {
+        let incoming = lock(&self.shared.reading);
+        if incoming.start < incoming.end {
+            return true;
+        }
+        let mut conn = lock(&self.shared.conn);
+        conn.process_new_packets().map(|s| s.plaintext_bytes_to_read() > 0).unwrap_or(true)
+    }
+
+    /// Sends what rustls queued (alerts, responses to the peer's key updates) from the reading side.
+    fn send_queued(&self) -> std::io::Result<()> {
+        let _writing = lock(&self.shared.writing);
+        self.drain()
+    }
+
+    /// Sends every record rustls holds, straight from its buffers, within the socket's write
+    /// timeout. The caller holds `writing`. The socket is written without blocking and the wait
+    /// for room happens without the connection's lock, so a reader is never held up by a peer
+    /// that is slow to take our bytes (it may be waiting for us to read).
+    fn drain(&self) -> std::io::Result<()> {
+        let sock = &self.shared.sock;
+        let deadline = sock.write_timeout()?.map(|t| Instant::now() + t);
+        loop {
+            {
+                let mut conn = lock(&self.shared.conn);
+                while conn.wants_write() {
+                    match conn.write_tls(&mut SendNow(sock)) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                if !conn.wants_write() {
+                    return Ok(());
+                }
+            }
+            let left = match deadline {
+                None => None,
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    // As a blocking socket's send timeout reports it.
+                    _ => return Err(std::io::Error::new(std::io::ErrorKind::WouldBlock, "the peer took nothing")),
+                },
+            };
+            wait_writable(sock, left)?;
+        }
+    }
+}
+
+/// The socket, written without blocking (`MSG_DONTWAIT`): what it does not take stays queued.
+struct SendNow<'a>(&'a TcpStream);
+
+impl Write for SendNow<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_vectored(&[std::io::IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: an all-zero msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        // IoSlice is ABI-compatible with iovec on Unix; sendmsg only reads them.
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len().min(1024);
+        // SAFETY: msg describes the caller's slices, valid for the duration of the call.
+        let n = unsafe { libc::sendmsg(self.0.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// poll(2) for room to write on `sock`, up to `timeout` (`None`: forever).
+fn wait_writable(sock: &TcpStream, timeout: Option<Duration>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+    let ms = timeout.map_or(-1, |t| t.as_millis().clamp(1, i32::MAX as u128) as i32);
+    // SAFETY: one pollfd, valid for the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::Interrupted { Ok(()) } else { Err(e) };
+    }
+    Ok(())
+}
+
+impl Read for TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&*self).read(buf)
+    }
+}
+
+impl Write for TlsStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        (&*self).write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        (&*self).write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Handles share the connection, so a shared reference reads and writes too (as `&TcpStream`).
+impl Read for &TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut incoming = lock(&self.shared.reading);
+        let mut filled = 0;
+        loop {
+            let mut queued = false;
+            {
+                let mut conn = lock(&self.shared.conn);
+                loop {
+                    match conn.reader().read(&mut buf[filled..]) {
+                        Ok(0) => return Ok(filled),
+                        Ok(n) => {
+                            filled += n;
+                            if filled == buf.len() {
+                                return Ok(filled);
+                            }
+                            continue;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) if filled > 0 => {
+                            // Hand over what arrived; the next read reports the failure.
+                            let _ = e;
+                            return Ok(filled);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    if incoming.start == incoming.end {
+                        break;
+                    }
+                    let Incoming { buf: cipher, start, end } = &mut *incoming;
+                    let taken = conn.read_tls(&mut &cipher[*start..*end])?;
+                    *start += taken;
+                    let processed = conn.process_new_packets().map_err(io_error);
+                    queued |= conn.wants_write();
+                    processed?;
+                }
+            }
+            if queued {
+                self.send_queued()?;
+            }
+            if filled > 0 {
+                return Ok(filled);
+            }
+            let n = (&self.shared.sock).read(&mut incoming.buf)?;
+            incoming.start = 0;
+            incoming.end = n;
+            if n == 0 {
+                // The socket's end: rustls tells a clean close (close_notify seen: Ok(0)) from a
+                // truncation (UnexpectedEof) on the next pass.
+                let mut conn = lock(&self.shared.conn);
+                conn.read_tls(&mut &[][..])?;
+                conn.process_new_packets().map_err(io_error)?;
+                return match conn.reader().read(buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+                    other => other,
+                };
+            }
+        }
+    }
+}
+
+impl Write for &TlsStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_vectored(&[std::io::IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let _writing = lock(&self.shared.writing);
+        let mut taken = 0;
+        {
+            let mut conn = lock(&self.shared.conn);
+            for b in bufs {
+                // No buffer limit: rustls takes (encrypts) all of it.
+                taken += conn.writer().write(b)?;
+            }
+        }
+        self.drain()?;
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tcp::{self, TcpOptions, TcpPageServer};
+    use crate::{Backing, GuestMemory, MemoryLayout, PreSharedKey};
+
+    /// A machine in the middle that terminates TLS towards the client, opens its own TLS session
+    /// to the server and relays ferry's handshake verbatim: without the key it cannot make new
+    /// proofs, and the relayed ones are bound to the other TLS session.
+    #[test]
+    fn a_relay_terminating_tls_cannot_pass_the_key_proofs_along() {
+        let key = PreSharedKey::new(*b"key for the channel binding test").unwrap();
+        let memory = Arc::new(GuestMemory::create(MemoryLayout::single(1 << 20).unwrap(), Backing::Anonymous).unwrap());
+        let server = TcpPageServer::start("127.0.0.1:0", memory, key.clone(), TcpOptions::default()).unwrap();
+        let target = server.local_addr();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let relay_addr = listener.local_addr().unwrap();
+        let relay = std::thread::spawn(move || {
+            let (client, _) = listener.accept().unwrap();
+            let limit = Duration::from_secs(5);
+            let towards_client = TlsServer::new().unwrap().accept(&client, Instant::now() + limit, limit).unwrap();
+            let upstream = TcpStream::connect(target).unwrap();
+            let towards_server = connect(&upstream, Instant::now() + limit, limit).unwrap();
+            let (mut a, mut b) = (towards_client.clone(), towards_server.clone());
+            let up = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut a, &mut b);
+            });
+            let (mut a, mut b) = (towards_server, towards_client);
+            let _ = std::io::copy(&mut a, &mut b);
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            let _ = upstream.shutdown(std::net::Shutdown::Both);
+            let _ = up.join();
+        });
+        let err = tcp::connect(relay_addr, &key, None, &TcpOptions::default()).unwrap_err();
+        assert!(matches!(err, TransportError::AuthFailed(_)), "the relayed handshake must not verify: {err:?}");
+        relay.join().unwrap();
+        assert_eq!(server.stats().requests.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+}
