@@ -206,26 +206,54 @@ fn serve_connection(stream: &TcpStream, shared: &Shared, authenticated: &dyn Fn(
             unsafe { writev_all(stream.as_raw_fd(), iov) }.map_err(TransportError::from)
         }),
         TcpControl::Tls(tls) => {
-            let mut staging = Vec::new();
-            let mut out = tls.clone();
-            serve_reads(&mut tls.clone(), shared, move |prefix, data, _| {
-                // The pages are copied out of guest memory with volatile reads (the guest may be
-                // running) behind the prefix, and the reply is encrypted from that copy in one go.
+            let (mut requests, mut replies) = tls.into_records()?;
+            serve_reads(&mut requests, shared, move |prefix, data, _| {
+                // Each record is filled straight from guest memory (volatile reads: the guest may
+                // be running) and sealed in place.
                 let total = prefix.len() + data.iter().map(|d| d.2).sum::<usize>();
-                if staging.len() < total {
-                    staging.resize(total, 0);
-                }
-                staging[..prefix.len()].copy_from_slice(prefix);
-                let mut at = prefix.len();
-                for &(region, offset, len) in data {
-                    memory.regions()[region as usize].read(offset, &mut staging[at..at + len])?;
-                    at += len;
-                }
-                out.write_all(&staging[..total])?;
+                replies.send_with(total, |offset, piece| copy_reply(memory, prefix, data, offset, piece))?;
                 Ok(())
             })
         }
     }
+}
+
+/// Copies bytes `offset..offset + out.len()` of a reply, its prefix followed by its guest ranges
+/// (region, offset, length), into `out`.
+fn copy_reply(
+    memory: &GuestMemory,
+    prefix: &[u8],
+    data: &[(u32, u64, usize)],
+    offset: usize,
+    out: &mut [u8],
+) -> std::io::Result<()> {
+    let mut done = 0;
+    let mut segment_start = 0;
+    if offset < prefix.len() {
+        let n = (prefix.len() - offset).min(out.len());
+        out[..n].copy_from_slice(&prefix[offset..offset + n]);
+        done = n;
+    }
+    segment_start += prefix.len();
+    for &(region, guest_offset, len) in data {
+        if done == out.len() {
+            break;
+        }
+        let want = offset + done;
+        if want < segment_start + len {
+            let skip = want - segment_start;
+            let n = (len - skip).min(out.len() - done);
+            memory.regions()[region as usize]
+                .read(guest_offset + skip as u64, &mut out[done..done + n])
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            done += n;
+        }
+        segment_start += len;
+    }
+    if done != out.len() {
+        return Err(std::io::Error::other("a reply shorter than its records"));
+    }
+    Ok(())
 }
 
 /// Whether the first bytes a client sent are a plaintext ferry frame rather than a TLS record.
@@ -660,7 +688,10 @@ impl Conn {
         let socket = lane.socket().try_clone()?;
         let (reader, writer): (Box<dyn Read + Send>, Box<dyn Write + Send>) = match lane {
             TcpControl::Plain(s) => (Box::new(BufReader::with_capacity(16 * 1024, s.try_clone()?)), Box::new(s)),
-            TcpControl::Tls(t) => (Box::new(t.clone()), Box::new(t)),
+            TcpControl::Tls(t) => {
+                let (reader, writer) = t.into_records()?;
+                (Box::new(reader), Box::new(writer))
+            }
         };
         Ok(Conn { socket, writer, reader, layout, prefix: [0; 12 + 16 + 8 * crate::wire::ZERO_MASK_WORDS] })
     }

@@ -60,6 +60,9 @@ enum Command {
         listen: String,
         #[command(flatten)]
         key: KeyOpts,
+        /// tcp lanes over TLS 1.3 (tls), or in plaintext (off); as the source.
+        #[arg(long, value_enum, default_value_t = EncryptionArg::Tls)]
+        encryption: EncryptionArg,
         /// Print the report as one JSON line.
         #[arg(long)]
         json: bool,
@@ -168,6 +171,10 @@ struct MigrationOpts {
     /// tcp (loopback), or local (the destination maps the source's memfd; memfd or hugetlb only).
     #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
     transport: TransportArg,
+    /// tcp lanes over TLS 1.3 (tls), or in plaintext (off: for a link that is already private);
+    /// both hosts must agree.
+    #[arg(long, value_enum, default_value_t = EncryptionArg::Tls)]
+    encryption: EncryptionArg,
     /// Fault injection: cut-lanes=N breaks the data lanes N times during a tcp post-copy;
     /// kill-destination=F (demo) runs the destination as its own process and SIGKILLs it once
     /// that fraction of the pages has crossed: the source restarts the guest; kill-primary=S
@@ -242,6 +249,21 @@ struct KeyOpts {
     /// The pre-shared key, 64 hex digits (or set FERRY_KEY).
     #[arg(long)]
     key_hex: Option<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum EncryptionArg {
+    Tls,
+    Off,
+}
+
+impl EncryptionArg {
+    fn resolve(self) -> ferry_transport::tcp::Encryption {
+        match self {
+            EncryptionArg::Tls => ferry_transport::tcp::Encryption::Tls,
+            EncryptionArg::Off => ferry_transport::tcp::Encryption::Off,
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -339,6 +361,7 @@ impl MigrationOpts {
         a.downtime_ms = self.downtime_ms;
         a.max_rounds = self.max_rounds;
         a.local = matches!(self.transport, TransportArg::Local);
+        a.encryption = self.encryption.resolve();
         a.cut_lanes = match self.inject {
             Some(Inject::CutLanes(n)) => n,
             _ => 0,
@@ -382,10 +405,11 @@ pub fn parse() -> Args {
             guest.apply(&mut a);
             migration.apply(&mut a);
         }
-        Command::Receive { listen, key, json, protect } => {
+        Command::Receive { listen, key, encryption, json, protect } => {
             a.command = "receive".into();
             a.listen = Some(listen);
             a.key_hex = key.key_hex;
+            a.encryption = encryption.resolve();
             a.json = json;
             protect.apply(&mut a);
         }

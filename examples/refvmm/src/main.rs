@@ -79,6 +79,8 @@ struct Args {
     command: String,
     /// The local transport: same host, the destination maps the source's memfds.
     local: bool,
+    /// tcp lanes: TLS or plaintext.
+    encryption: tcp::Encryption,
     to: Option<String>,
     listen: Option<String>,
     key_hex: Option<String>,
@@ -138,6 +140,7 @@ impl Default for Args {
         Args {
             command: String::new(),
             local: false,
+            encryption: tcp::Encryption::Tls,
             to: None,
             listen: None,
             key_hex: None,
@@ -600,7 +603,8 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Re
         Server::Local(LocalPageServer::start(&path, source_mem.clone(), key.clone())?)
     } else {
         let page_addr = SocketAddr::new(rendezvous.local_addr()?.ip(), 0);
-        Server::Tcp(Arc::new(TcpPageServer::start(page_addr, source_mem.clone(), key.clone(), TcpOptions::default())?))
+        let options = TcpOptions { encryption: a.encryption, ..TcpOptions::default() };
+        Server::Tcp(Arc::new(TcpPageServer::start(page_addr, source_mem.clone(), key.clone(), options)?))
     };
     // The baseline is the guest's steady state: after a warm-up, the rate just before the pause.
     std::thread::sleep(Duration::from_secs_f64(a.seconds));
@@ -927,8 +931,10 @@ fn destination_half(
         }
         None => {
             let addr = SocketAddr::new(peer.ip(), rv.page_port);
-            let (lanes, control) = tcp::connect_session(addr, key, Some(&layout), &TcpOptions::default())?;
-            (lanes, Box::new(control), "tcp")
+            let options = TcpOptions { encryption: a.encryption, ..TcpOptions::default() };
+            let (lanes, control) = tcp::connect_session(addr, key, Some(&layout), &options)?;
+            let transport = if control.is_encrypted() { "tcp+tls" } else { "tcp" };
+            (lanes, Box::new(control), transport)
         }
     };
     let mut report =

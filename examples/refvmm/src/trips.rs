@@ -141,7 +141,8 @@ fn one_trip(
 ) -> Result<(Arrived, RetainedImage, serde_json::Value)> {
     let started = Instant::now();
     let key = PreSharedKey::generate()?;
-    let server = TcpPageServer::start("127.0.0.1:0", here.memory.clone(), key.clone(), TcpOptions::default())?;
+    let options = TcpOptions { encryption: a.encryption, ..TcpOptions::default() };
+    let server = TcpPageServer::start("127.0.0.1:0", here.memory.clone(), key.clone(), options)?;
     let addr = server.local_addr();
     let destination = {
         let (a, layout) = (a.clone(), layout.clone());
@@ -242,7 +243,8 @@ fn arrive(
     layout: &MemoryLayout,
     kept: Option<RetainedImage>,
 ) -> Result<Arrived> {
-    let (lanes, mut control) = tcp::connect_session(addr, key, Some(layout), &TcpOptions::default())?;
+    let options = TcpOptions { encryption: a.encryption, ..TcpOptions::default() };
+    let (lanes, mut control) = tcp::connect_session(addr, key, Some(layout), &options)?;
     let (memory, changed, refused) = match backforth::answer(&mut control, kept, layout)? {
         Arrival::Onto { memory, changed } => (memory, Some(changed), None),
         // Not the guest's base: it goes, and the guest arrives into fresh memory.
