@@ -206,14 +206,25 @@ fn serve_connection(stream: &TcpStream, shared: &Shared, authenticated: &dyn Fn(
             unsafe { writev_all(stream.as_raw_fd(), iov) }.map_err(TransportError::from)
         }),
         TcpControl::Tls(tls) => {
+            // Each record is filled straight from guest memory (volatile reads: the guest may be
+            // running) and sealed in place; the bulk lane's are sent by another thread meanwhile.
             let (mut requests, mut replies) = tls.into_records()?;
-            serve_reads(&mut requests, shared, move |prefix, data, _| {
-                // Each record is filled straight from guest memory (volatile reads: the guest may
-                // be running) and sealed in place.
-                let total = prefix.len() + data.iter().map(|d| d.2).sum::<usize>();
-                replies.send_with(total, |offset, piece| copy_reply(memory, prefix, data, offset, piece))?;
-                Ok(())
-            })
+            let size =
+                |prefix: &[u8], data: &[(u32, u64, usize)]| prefix.len() + data.iter().map(|d| d.2).sum::<usize>();
+            if kind == Lane::Bulk {
+                replies.pipelined(|replies| {
+                    serve_reads(&mut requests, shared, |prefix, data, _| {
+                        replies
+                            .send_with(size(prefix, data), |at, piece| copy_reply(memory, prefix, data, at, piece))?;
+                        Ok(())
+                    })
+                })?
+            } else {
+                serve_reads(&mut requests, shared, |prefix, data, _| {
+                    replies.send_with(size(prefix, data), |at, piece| copy_reply(memory, prefix, data, at, piece))?;
+                    Ok(())
+                })
+            }
         }
     }
 }

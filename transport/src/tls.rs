@@ -513,6 +513,22 @@ fn record_header(len: usize) -> [u8; RECORD_HEADER] {
     [APPLICATION_DATA, 3, 3, hi, lo]
 }
 
+/// The content's length in a record's inner plaintext (content, the true content type, zero
+/// padding), which must be application data.
+fn content_length(inner: &[u8]) -> std::io::Result<usize> {
+    let Some(typ_at) = inner.iter().rposition(|&b| b != 0) else {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "a record without a content type"));
+    };
+    if inner[typ_at] != APPLICATION_DATA {
+        // An alert (the peer closing or failing) or a key update: the lane ends.
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            format!("the peer sent a record of content type {} on a page lane", inner[typ_at]),
+        ));
+    }
+    Ok(typ_at)
+}
+
 /// The receiving half of a TLS session carried on by ferry (see [`TlsStream::into_records`]).
 pub(crate) struct RecordReader {
     sock: TcpStream,
@@ -567,6 +583,21 @@ impl RecordReader {
         Ok((have >= RECORD_HEADER + len).then_some(len))
     }
 
+    /// Opens the whole record at the front into `out` (its protected length less the tag);
+    /// returns the content's length.
+    fn open_record_into(&mut self, len: usize, out: &mut [u8]) -> std::io::Result<usize> {
+        let nonce = self.key.next_nonce()?;
+        let header = record_header(len);
+        let body = self.start + RECORD_HEADER..self.start + RECORD_HEADER + len;
+        let (ciphertext, tag) = self.buf[body.clone()].split_at(len - TAG_LEN);
+        self.key.key.open_separate_gather(nonce, aead::Aad::from(header), ciphertext, tag, out).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "a record does not decrypt: changed in transit?")
+        })?;
+        let content = content_length(out)?;
+        self.start = body.end;
+        Ok(content)
+    }
+
     fn open_record(&mut self, len: usize) -> std::io::Result<()> {
         let nonce = self.key.next_nonce()?;
         let header = record_header(len);
@@ -575,17 +606,7 @@ impl RecordReader {
             self.key.key.open_in_place(nonce, aead::Aad::from(header), &mut self.buf[body.clone()]).map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::InvalidData, "a record does not decrypt: changed in transit?")
             })?;
-        // The inner plaintext: content, the true content type, zero padding.
-        let Some(typ_at) = opened.iter().rposition(|&b| b != 0) else {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "a record without a content type"));
-        };
-        if opened[typ_at] != APPLICATION_DATA {
-            // An alert (the peer closing or failing) or a key update: the lane ends.
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
-                format!("the peer sent a record of content type {} on a page lane", opened[typ_at]),
-            ));
-        }
+        let typ_at = content_length(opened)?;
         self.plain = body.start..body.start + typ_at;
         self.start = body.end;
         Ok(())
@@ -597,6 +618,13 @@ impl Read for RecordReader {
         let mut filled = 0;
         while filled < buf.len() {
             if self.plain.is_empty() {
+                // A whole record with room for it in `buf`: decrypt it straight there, one pass.
+                if let Some(len) = self.record_ready()? {
+                    if buf.len() - filled >= len - TAG_LEN {
+                        filled += self.open_record_into(len, &mut buf[filled..filled + len - TAG_LEN])?;
+                        continue;
+                    }
+                }
                 // Block only while nothing was read.
                 if filled > 0 && self.record_ready()?.is_none() {
                     break;
@@ -630,33 +658,106 @@ impl RecordWriter {
     pub(crate) fn send_with(
         &mut self,
         len: usize,
-        mut fill: impl FnMut(usize, &mut [u8]) -> std::io::Result<()>,
+        fill: impl FnMut(usize, &mut [u8]) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
+        let mut out = std::mem::take(&mut self.out);
+        let sent = self.seal_into(&mut out, len, fill).and_then(|total| (&self.sock).write_all(&out[..total]));
+        self.out = out;
+        sent
+    }
+
+    /// Builds the records of `len` bytes of plaintext in `out`, each filled in place by
+    /// `fill(offset, piece)` and sealed; returns their length. The records must then be sent, in
+    /// the order they were sealed.
+    fn seal_into(
+        &mut self,
+        out: &mut Vec<u8>,
+        len: usize,
+        mut fill: impl FnMut(usize, &mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<usize> {
         let records = len.div_ceil(MAX_PLAINTEXT).max(1);
         let total = len + records * (RECORD_HEADER + 1 + TAG_LEN);
-        // The buffer only grows: every byte sent below is written first (header, `fill`, type, tag).
-        if self.out.len() < total {
-            self.out.resize(total, 0);
+        // The buffer only grows: every byte sent is written first (header, `fill`, type, tag).
+        if out.len() < total {
+            out.resize(total, 0);
         }
         let (mut offset, mut at) = (0, 0);
         for _ in 0..records {
             let n = (len - offset).min(MAX_PLAINTEXT);
             let header = record_header(n + 1 + TAG_LEN);
-            self.out[at..at + RECORD_HEADER].copy_from_slice(&header);
+            out[at..at + RECORD_HEADER].copy_from_slice(&header);
             let body = at + RECORD_HEADER..at + RECORD_HEADER + n + 1;
-            fill(offset, &mut self.out[body.start..body.end - 1])?;
-            self.out[body.end - 1] = APPLICATION_DATA;
+            fill(offset, &mut out[body.start..body.end - 1])?;
+            out[body.end - 1] = APPLICATION_DATA;
             let nonce = self.key.next_nonce()?;
             let tag = self
                 .key
                 .key
-                .seal_in_place_separate_tag(nonce, aead::Aad::from(header), &mut self.out[body.clone()])
+                .seal_in_place_separate_tag(nonce, aead::Aad::from(header), &mut out[body.clone()])
                 .map_err(|_| std::io::Error::other("sealing a record failed"))?;
-            self.out[body.end..body.end + TAG_LEN].copy_from_slice(tag.as_ref());
+            out[body.end..body.end + TAG_LEN].copy_from_slice(tag.as_ref());
             offset += n;
             at = body.end + TAG_LEN;
         }
-        (&self.sock).write_all(&self.out[..total])
+        Ok(total)
+    }
+
+    /// Runs `work` with a [`PipelinedWriter`]: records are sealed on the calling thread and
+    /// written by another, so sealing one reply overlaps sending the one before (the bulk lane's
+    /// server: the kernel's copy into the socket is a fifth of its work).
+    pub(crate) fn pipelined<T>(self, work: impl FnOnce(&mut PipelinedWriter) -> T) -> std::io::Result<T> {
+        const BUFFERS: usize = 3;
+        let (free_tx, free) = std::sync::mpsc::sync_channel::<Vec<u8>>(BUFFERS);
+        let (full, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(BUFFERS);
+        for _ in 0..BUFFERS {
+            let _ = free_tx.send(Vec::new());
+        }
+        let sock = self.sock.try_clone()?;
+        std::thread::scope(|scope| {
+            let sender = std::thread::Builder::new().name("ferry-tls-send".into()).spawn_scoped(scope, move || {
+                for (buf, len) in full_rx {
+                    if let Err(e) = (&sock).write_all(&buf[..len]) {
+                        // The sealing side sees the lane fail when it finds no buffer back.
+                        let _ = sock.shutdown(std::net::Shutdown::Both);
+                        return Err(e);
+                    }
+                    if free_tx.send(buf).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            })?;
+            let mut writer = PipelinedWriter { records: self, free, full: Some(full) };
+            let result = work(&mut writer);
+            writer.full = None;
+            drop(writer);
+            match sender.join() {
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(())) => Ok(result),
+                Err(_) => Err(std::io::Error::other("the record sender panicked")),
+            }
+        })
+    }
+}
+
+/// A [`RecordWriter`] whose records another thread sends (see [`RecordWriter::pipelined`]).
+pub(crate) struct PipelinedWriter {
+    records: RecordWriter,
+    free: std::sync::mpsc::Receiver<Vec<u8>>,
+    full: Option<std::sync::mpsc::SyncSender<(Vec<u8>, usize)>>,
+}
+
+impl PipelinedWriter {
+    /// As [`RecordWriter::send_with`]; returns once the records are sealed and queued.
+    pub(crate) fn send_with(
+        &mut self,
+        len: usize,
+        fill: impl FnMut(usize, &mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let gone = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the record sender stopped");
+        let mut buf = self.free.recv().map_err(|_| gone())?;
+        let total = self.records.seal_into(&mut buf, len, fill)?;
+        self.full.as_ref().ok_or_else(gone)?.send((buf, total)).map_err(|_| gone())
     }
 }
 
