@@ -292,7 +292,9 @@ pub fn propose(control: &mut dyn ControlStream, offer: Option<&BaseOffer>) -> Re
         match verdict.split_first() {
             Some((&BASE_VERDICT, [1])) => Ok(BaseVerdict::Accepted),
             Some((&BASE_VERDICT, [0, reason @ ..])) => {
-                Ok(BaseVerdict::Refused(String::from_utf8_lossy(reason).into_owned()))
+                let why = String::from_utf8_lossy(reason).into_owned();
+                tracing::info!(%why, "the destination refused the kept image: the trip runs whole");
+                Ok(BaseVerdict::Refused(why))
             }
             _ => Err(MigrationError::Protocol("expected the destination's verdict on the base".into())),
         }

@@ -36,6 +36,7 @@ pub mod postcopy;
 pub mod precopy;
 pub mod restore;
 pub mod taskguided;
+pub mod timeline;
 #[cfg(feature = "testkit")]
 pub mod toucher;
 

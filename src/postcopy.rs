@@ -208,6 +208,7 @@ impl PostcopyDestination {
             return Err(MigrationError::Resume(why));
         }
         let resume_latency = handoff_at.elapsed();
+        tracing::info!(?resume_latency, "post-copy: the guest runs here; memory follows");
         handoff::send_resumed(&mut live)?;
         engine.start_prepaging()?;
         let lane = Arc::new(CurrentLane::default());
@@ -564,9 +565,11 @@ pub fn run_source(
     options: &SourceOptions<'_>,
 ) -> Result<SourceReport> {
     let mut live = LiveControl::start(&*control, options.liveness)?;
+    tracing::info!(state_bytes = state.len(), "post-copy: handing the guest over");
     handoff::send_handoff(&mut live, state, free)?;
     handoff::expect_resumed(&mut live)?;
     let downtime = paused_at.elapsed();
+    tracing::info!(?downtime, "post-copy: the destination resumed the guest");
     if let Some(kept) = options.kept {
         kept.set_downtime(downtime);
     }
@@ -583,6 +586,7 @@ pub fn run_source(
                     _ => Duration::ZERO,
                 };
                 let left = options.recovery_window.saturating_sub(silent_for);
+                tracing::warn!(error = %e, ?left, "post-copy: the control lane broke; waiting for the destination to reopen it");
                 // The destination's own error stands if it never comes back.
                 let again = match left.is_zero() {
                     true => return Err(e),
@@ -590,6 +594,7 @@ pub fn run_source(
                 };
                 live = LiveControl::start(again.as_ref(), options.liveness)?;
                 control_recoveries += 1;
+                tracing::info!("post-copy: the control lane was reopened");
                 continue;
             }
             Err(e) => return Err(e),
@@ -610,5 +615,6 @@ pub fn run_source(
         }
         break handoff::done_counters(&msg)?;
     };
+    tracing::info!(total = ?paused_at.elapsed(), "post-copy: the destination holds every page");
     Ok(SourceReport { downtime, total: paused_at.elapsed(), done, control_recoveries })
 }

@@ -100,13 +100,19 @@ impl Recovery {
         mut open: impl FnMut(&dyn Reconnect) -> ferry_transport::Result<T>,
     ) -> Result<T> {
         let mut backoff = FIRST_BACKOFF;
+        tracing::warn!(%why, "a lane broke: reopening it");
         loop {
             match open(self.reconnect.as_ref()) {
-                Ok(lane) => return Ok(lane),
-                Err(e) if since.elapsed() + backoff > self.window || stop.load(Ordering::Acquire) => {
-                    return Err(FaultError::Lane(format!("{why}; reconnecting for {:?} failed: {e}", since.elapsed())))
+                Ok(lane) => {
+                    tracing::info!(after = ?since.elapsed(), "lane reopened");
+                    return Ok(lane);
                 }
-                Err(_) => {
+                Err(e) if since.elapsed() + backoff > self.window || stop.load(Ordering::Acquire) => {
+                    tracing::error!(%why, error = %e, "giving up reopening a lane");
+                    return Err(FaultError::Lane(format!("{why}; reconnecting for {:?} failed: {e}", since.elapsed())));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, ?backoff, "reopening a lane failed, retrying");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }

@@ -51,7 +51,8 @@ enum SourceServer {
 }
 
 /// Starts a post-copy source: serves the guest memory in `regions` to an authenticated destination
-/// on TCP address `listen_addr` (for example "0.0.0.0:7070", or port 0 for any free port); as
+/// on TCP address `listen_addr` (for example "0.0.0.0:7070", or port 0 for any free port; every
+/// lane over TLS 1.3, authenticated by the key); as
 /// "unix:PATH", on a Unix socket for a destination on this host (local transport: the destination
 /// maps the memory itself, so every region needs an fd); as "rdma:HOST:PORT" or
 /// "rdma:HOST:PORT#DEVICE", by one-sided RDMA READs, the memory registered read-only for the

@@ -176,6 +176,7 @@ fn transcript(hello_payload: &[u8], c: &Challenge, binding: &[u8]) -> Transcript
 
 /// Best effort: the peer may already be gone, and the error we return says what happened.
 fn reject<S: Write>(stream: &mut S, reason: RejectReason, detail: &str) {
+    tracing::warn!(?reason, detail, "refusing a peer's handshake");
     let _ = write_control(stream, &Control::Reject { reason, detail: detail.to_owned() });
 }
 

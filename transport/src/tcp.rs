@@ -110,6 +110,7 @@ impl TcpPageServer {
         let conn_shared = shared.clone();
         let acceptor = Acceptor::start(addr, "ferry-tcp", move |stream, authenticated| {
             serve_connection(stream, &conn_shared, authenticated).unwrap_or_else(|e| {
+                tracing::debug!(peer = ?stream.peer_addr().ok(), error = %e, "a page server connection ended");
                 if matches!(e, TransportError::AuthFailed(_) | TransportError::Refused { .. }) {
                     conn_shared.stats.failed_handshakes.fetch_add(1, Ordering::Relaxed);
                 }

@@ -69,6 +69,13 @@ fn parse(args: &[String]) -> Result<Options> {
 }
 
 fn main() -> Result<()> {
+    // Logs (session phases, reconnections, refusals) on stderr, chosen by RUST_LOG (errors only
+    // by default): e.g. RUST_LOG=ferry=info,ferry_fault_handler=info.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("transport") => transport(&parse(&args[1..])?),

@@ -63,6 +63,9 @@ enum Command {
         /// tcp lanes over TLS 1.3 (tls), or in plaintext (off); as the source.
         #[arg(long, value_enum, default_value_t = EncryptionArg::Tls)]
         encryption: EncryptionArg,
+        /// Post-copy: draw the run into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<std::path::PathBuf>,
         /// Print the report as one JSON line.
         #[arg(long)]
         json: bool,
@@ -175,6 +178,10 @@ struct MigrationOpts {
     /// both hosts must agree.
     #[arg(long, value_enum, default_value_t = EncryptionArg::Tls)]
     encryption: EncryptionArg,
+    /// Post-copy: draw the run (guest rate, memory present, bandwidth by lane, fault latencies)
+    /// into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<std::path::PathBuf>,
     /// Fault injection: cut-lanes=N breaks the data lanes N times during a tcp post-copy;
     /// kill-destination=F (demo) runs the destination as its own process and SIGKILLs it once
     /// that fraction of the pages has crossed: the source restarts the guest; kill-primary=S
@@ -362,6 +369,7 @@ impl MigrationOpts {
         a.max_rounds = self.max_rounds;
         a.local = matches!(self.transport, TransportArg::Local);
         a.encryption = self.encryption.resolve();
+        a.plot = self.plot;
         a.cut_lanes = match self.inject {
             Some(Inject::CutLanes(n)) => n,
             _ => 0,
@@ -405,8 +413,9 @@ pub fn parse() -> Args {
             guest.apply(&mut a);
             migration.apply(&mut a);
         }
-        Command::Receive { listen, key, encryption, json, protect } => {
+        Command::Receive { listen, key, encryption, plot, json, protect } => {
             a.command = "receive".into();
+            a.plot = plot;
             a.listen = Some(listen);
             a.key_hex = key.key_hex;
             a.encryption = encryption.resolve();

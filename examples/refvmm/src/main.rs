@@ -40,8 +40,10 @@ mod cli;
 mod ft;
 mod guest;
 mod output;
+mod plot;
 mod protect;
 mod rate;
+mod summary;
 mod trips;
 mod vm;
 
@@ -81,6 +83,8 @@ struct Args {
     local: bool,
     /// tcp lanes: TLS or plaintext.
     encryption: tcp::Encryption,
+    /// Where `--plot` writes the run's pictures (SVG).
+    plot: Option<std::path::PathBuf>,
     to: Option<String>,
     listen: Option<String>,
     key_hex: Option<String>,
@@ -141,6 +145,7 @@ impl Default for Args {
             command: String::new(),
             local: false,
             encryption: tcp::Encryption::Tls,
+            plot: None,
             to: None,
             listen: None,
             key_hex: None,
@@ -203,6 +208,13 @@ fn layout(a: &Args) -> Result<MemoryLayout> {
 }
 
 fn main() -> Result<()> {
+    // Logs (session phases, reconnections, refusals) on stderr, chosen by RUST_LOG (errors only
+    // by default): e.g. RUST_LOG=ferry=info,ferry_fault_handler=info.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let a = cli::parse();
     // Before any VM or thread exists: a demo's destination thread would wait for a source that
     // gave up.
@@ -1012,7 +1024,12 @@ fn destination_half(
     }
     let mut postcopy_done = None;
     if let Some(session) = session {
-        let bar = ProgressBar::start(session.memory().clone());
+        let bar = ProgressBar::start(session.memory().clone(), session.engine().stats_handle());
+        let timeline = ferry::timeline::Timeline::start(
+            session.memory().clone(),
+            session.engine().stats_handle(),
+            Duration::from_millis(50),
+        )?;
         if prepager == PolicyKind::Demand {
             // Demand paging alone never brings the pages the guest does not touch: after the
             // workload's phase, sweep them (reported as swept_pages).
@@ -1022,6 +1039,19 @@ fn destination_half(
         let r = session.wait();
         postcopy_done = Some(Instant::now());
         bar.stop();
+        // [ms since the handoff, pages present, urgent pages, bulk pages, network faults, blocktime ms]
+        report["timeline_50ms"] = json!(timeline
+            .stop()
+            .iter()
+            .map(|p| [
+                (p.at.as_secs_f64() * 1e3).round(),
+                p.pages_present as f64,
+                p.urgent_pages as f64,
+                p.bulk_pages as f64,
+                p.network_faults as f64,
+                p.blocktime.as_secs_f64() * 1e3
+            ])
+            .collect::<Vec<_>>());
         let r = r?;
         report["prepager"] = json!(r.policy);
         report["pivot_pages"] = json!(r.pivot_pages);
@@ -1037,6 +1067,10 @@ fn destination_half(
         report["fault_p50_us"] = json!(r.fault_p50.as_secs_f64() * 1e6);
         report["fault_p99_us"] = json!(r.fault_p99.as_secs_f64() * 1e6);
         report["blocktime_ms"] = json!(r.blocktime.as_secs_f64() * 1e3);
+        // QEMU's names: the time vCPUs waited on faults (ms), and fault latencies where bucket N
+        // counts faults in [2^N, 2^(N+1)) us.
+        report["postcopy-blocktime"] = json!(r.blocktime.as_secs_f64() * 1e3);
+        report["postcopy-latency-dist"] = json!(r.fault_histogram_us);
         report["pages_installed_twice"] = json!(r.pages_installed_twice);
         report["recoveries"] = json!(r.recoveries);
         report["pages_resent"] = json!(r.resent_pages);
@@ -1082,32 +1116,36 @@ fn destination_half(
     Ok(Half { report, at })
 }
 
-/// Pages present out of all, drawn on stderr while post-copy brings memory in (only on a terminal).
+/// Memory arrived out of all, its rate, the network faults and the time left, drawn on stderr
+/// by indicatif while post-copy brings memory in (nothing when stderr is not a terminal).
 struct ProgressBar {
     done: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ProgressBar {
-    fn start(memory: Arc<DestinationMemory>) -> Self {
+    fn start(memory: Arc<DestinationMemory>, stats: Arc<ferry::fault_handler::FaultStats>) -> Self {
         use std::io::IsTerminal;
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let thread = std::io::stderr().is_terminal().then(|| {
             let done = done.clone();
             std::thread::spawn(move || {
-                let total = memory.states().pages().max(1);
+                let page = u64::from(memory.guest().layout().page_size());
+                let bar = indicatif::ProgressBar::new(memory.states().pages() * page);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{spinner} memory [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
+                    )
+                    .expect("a valid template")
+                    .progress_chars("#>-"),
+                );
                 while !done.load(Ordering::Acquire) {
-                    let present = memory.states().present_count();
-                    let filled = (present * 40 / total) as usize;
-                    eprint!(
-                        "\rmigrating [{}{}] {:>3}% {present}/{total} pages",
-                        "#".repeat(filled),
-                        " ".repeat(40 - filled),
-                        present * 100 / total
-                    );
+                    bar.set_position(memory.states().present_count() * page);
+                    bar.set_message(format!("{} network faults", stats.network_faults.load(Ordering::Relaxed)));
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                eprintln!("\rmigrated: all {total} pages present{}", " ".repeat(40));
+                bar.set_position(memory.states().present_count() * page);
+                bar.finish_with_message("all present");
             })
         });
         ProgressBar { done, thread }
@@ -1316,11 +1354,18 @@ fn demo_killing_the_destination(a: &Args, observer: output::Observer, at_fractio
     finish_report(a, report, observer)
 }
 
+/// One JSON line with every field (`--json`), or a summary a person reads at a glance.
 fn print_report(a: &Args, out: &serde_json::Value) -> Result<()> {
     if a.json {
         println!("{out}");
     } else {
-        println!("{}", serde_json::to_string_pretty(out)?);
+        print!("{}", summary::summary(&a.command, out));
+    }
+    if let Some(path) = &a.plot {
+        plot::write(path, out)?;
+        if !a.json {
+            println!("plot           {}", path.display());
+        }
     }
     Ok(())
 }

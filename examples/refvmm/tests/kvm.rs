@@ -710,3 +710,28 @@ fn a_guided_source_that_waits_in_vain_stops_anyway_and_says_so() {
     assert_eq!(r["task_gave_up"], true, "{r}");
     assert!(r["task_wait_ms"].as_f64().unwrap() >= 50.0, "{r}");
 }
+
+#[test]
+fn a_run_without_json_prints_a_summary_and_draws_its_plot() {
+    if !kvm_available("a_run_without_json_prints_a_summary_and_draws_its_plot") {
+        return;
+    }
+    let plot = std::env::temp_dir().join(format!("ferry-plot-{}.svg", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry-vmm"))
+        .args(["demo", "--mem-mib", "256", "--data-mib", "64", "--seconds", "0.2", "--plot"])
+        .arg(&plot)
+        .output()
+        .expect("run ferry-vmm");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.lines().count() <= 25, "a summary is at most 25 lines:\n{text}");
+    for needle in ["postcopy of a 256 MiB guest", "0 wrong pages", "downtime", "network faults", "fault latency"] {
+        assert!(text.contains(needle), "missing {needle:?}:\n{text}");
+    }
+    let svg = std::fs::read_to_string(&plot).expect("the plot was written");
+    let _ = std::fs::remove_file(&plot);
+    assert!(svg.starts_with("<svg"), "an SVG file");
+    for panel in ["guest writes over time", "memory present", "bandwidth by lane", "network fault latency"] {
+        assert!(svg.contains(panel), "the plot lacks its {panel:?} panel");
+    }
+}
