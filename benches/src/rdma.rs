@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use ferry::fault_handler::{run_fault_loop, DestinationMemory, FaultQueue, FaultStats};
 use ferry::toucher::{prepare_source, touch, Pattern, Walk};
 use ferry::FreePages;
@@ -28,36 +28,30 @@ use crate::stats::{gbps, Latencies};
 /// can check every page it faults in.
 const SEED: u64 = 0xbe4c_0001;
 
-struct Options {
+/// `ferry-bench rdma`'s options.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// The RDMA device (default: the first).
+    #[arg(long)]
     device: Option<String>,
+    /// Serve the memory on this address (the other host runs with --peer).
+    #[arg(long, conflicts_with = "peer")]
     listen: Option<String>,
+    /// Measure against the server at this address.
+    #[arg(long)]
     peer: Option<String>,
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 1024)]
     mem_mib: u64,
+    /// Urgent reads timed.
+    #[arg(long, default_value_t = 20_000)]
     samples: usize,
+    /// One JSON object per line.
+    #[arg(long)]
     json: bool,
-}
-
-fn parse(args: &[String]) -> Result<Options> {
-    let mut o = Options { device: None, listen: None, peer: None, mem_mib: 1024, samples: 20_000, json: false };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{a} needs a value")).cloned();
-        match a.as_str() {
-            "--device" => o.device = Some(value()?),
-            "--listen" => o.listen = Some(value()?),
-            "--peer" => o.peer = Some(value()?),
-            "--mem-mib" => o.mem_mib = value()?.parse()?,
-            "--samples" => o.samples = value()?.parse()?,
-            "--json" => o.json = true,
-            // Soft-RoCE under emulation: small sizes, few samples; the figures check correctness.
-            "--quick" => {
-                o.mem_mib = 64;
-                o.samples = 300;
-            }
-            other => bail!("unknown option {other}"),
-        }
-    }
-    Ok(o)
+    /// Soft-RoCE under emulation: 64 MiB and 300 samples (the figures check correctness).
+    #[arg(long)]
+    quick: bool,
 }
 
 fn options(o: &Options) -> RdmaOptions {
@@ -71,8 +65,11 @@ fn source_memory(o: &Options) -> Result<Arc<GuestMemory>> {
     Ok(Arc::new(memory))
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let o = parse(args)?;
+pub fn run(mut o: Options) -> Result<()> {
+    if o.quick {
+        o.mem_mib = 64;
+        o.samples = 300;
+    }
     if let Some(addr) = &o.listen {
         let server = RdmaPageServer::start(addr.as_str(), source_memory(&o)?, bench_key(), options(&o))?;
         println!(

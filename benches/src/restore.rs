@@ -45,42 +45,27 @@ use crate::fixtures::{filled_memory, PAGE};
 use crate::raw;
 use crate::stats::{max_rss_mib, Latencies};
 
-struct Options {
+/// `ferry-bench restore`'s options.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// One JSON object per line.
+    #[arg(long)]
     json: bool,
+    /// Guest memory of the restore comparison, MiB.
+    #[arg(long, default_value_t = 1024)]
     mem_mib: u64,
+    /// Pages of the recorded working set (0: a quarter of the touched pages).
+    #[arg(long, default_value_t = 0)]
     ws_pages: usize,
+    /// Where the images are written (a real disk for O_DIRECT figures).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
+    /// Guest sizes for the restore-to-running scale test, GiB, comma separated (empty: none).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     scale_gib: Vec<u64>,
+    /// Faults timed per strategy.
+    #[arg(long, default_value_t = 5000)]
     samples: usize,
-}
-
-fn parse(args: &[String]) -> Result<Options> {
-    let mut o = Options {
-        json: false,
-        mem_mib: 1024,
-        ws_pages: 0,
-        dir: std::env::temp_dir(),
-        scale_gib: vec![1, 4, 16],
-        samples: 5000,
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value")).cloned();
-        match a.as_str() {
-            "--json" => o.json = true,
-            "--mem-mib" => o.mem_mib = value(a)?.parse()?,
-            "--ws-pages" => o.ws_pages = value(a)?.parse()?,
-            "--dir" => o.dir = PathBuf::from(value(a)?),
-            "--samples" => o.samples = value(a)?.parse()?,
-            "--scale-gib" => {
-                let v = value(a)?;
-                o.scale_gib =
-                    if v.is_empty() { Vec::new() } else { v.split(',').map(str::parse).collect::<Result<_, _>>()? };
-            }
-            other => bail!("unknown option {other}"),
-        }
-    }
-    Ok(o)
 }
 
 /// The first word of page `p` of [`filled_memory`] (its pattern repeats every MiB).
@@ -319,8 +304,7 @@ fn print(o: &Options, row: &Value, text: String) {
     }
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let o = parse(args)?;
+pub fn run(o: Options) -> Result<()> {
     std::fs::create_dir_all(&o.dir)?;
     if o.mem_mib > 0 {
         compare(&o)?;

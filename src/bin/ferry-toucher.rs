@@ -5,10 +5,10 @@
 //!
 //! ```text
 //! ferry-toucher demo   [--mem-mib 1024] [--pattern seq|random|hot-set] [--policy demand|push|bubbling]
-//!                      [--backing anon|memfd|hugetlb] [--touches N] [--cut-lanes N] [--json]
+//!                      [--backing anon|memfd|hugetlb] [--touches N] [--cut-lanes N]
 //! ferry-toucher source --listen ADDR [--mem-mib N] [--page-size 4096|2097152]
 //! ferry-toucher dest   --connect ADDR [--mem-mib N] [--page-size ...] [--pattern ...] [--policy ...]
-//!                      [--backing ...] [--touches N] [--json]
+//!                      [--backing ...] [--touches N]
 //! every role: [--transport tcp|rdma] [--rdma-device NAME]   (rdma: built with feature `rdma`)
 //! ```
 //! The pre-shared key comes from the environment variable `FERRY_KEY` (hex); `demo` makes one.
@@ -40,7 +40,6 @@ struct Args {
     touches: Option<u64>,
     /// Source: break the data lanes this many times, 100 ms apart, once the destination is in.
     cut_lanes: u32,
-    json: bool,
     rdma: Option<RdmaChoice>,
 }
 
@@ -50,54 +49,97 @@ struct RdmaChoice {
     device: Option<String>,
 }
 
+/// A process whose memory migrates post-copy to another process (or within one, `demo`), touched
+/// by a guest stand-in that checks every byte: ferry without KVM. FERRY_KEY holds the hex key.
+#[derive(clap::Parser, Debug)]
+#[command(name = "ferry-toucher", version)]
+struct Cli {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Role {
+    /// Source and destination in this process, over tcp loopback.
+    Demo(Opts),
+    /// Serves the memory and hands the stand-in over to a `dest`.
+    Source(Opts),
+    /// Connects to a `source` and runs the stand-in on arriving memory.
+    Dest(Opts),
+}
+
+#[derive(clap::Args, Debug)]
+struct Opts {
+    /// Where a source listens, or the source a destination connects to.
+    #[arg(long, visible_alias = "connect", default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Memory size in MiB.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    mem_mib: u64,
+    /// Page size in bytes (2 MiB with --backing hugetlb).
+    #[arg(long, default_value_t = 4096)]
+    page_size: u32,
+    /// How the stand-in touches memory: seq, random or hot-set.
+    #[arg(long, default_value = "hot-set", value_parser = |s: &str| s.parse::<Pattern>())]
+    pattern: Pattern,
+    /// Pre-paging: demand, push or bubbling.
+    #[arg(long, default_value = "bubbling", value_parser = |s: &str| s.parse::<PolicyKind>())]
+    policy: PolicyKind,
+    /// Memory backing.
+    #[arg(long, value_enum, default_value_t = BackingArg::Anon)]
+    backing: BackingArg,
+    /// Pages the stand-in touches (default: a quarter of them, all for seq).
+    #[arg(long)]
+    touches: Option<u64>,
+    /// Source: break the data lanes this many times, 100 ms apart, once the destination is in.
+    #[arg(long, default_value_t = 0)]
+    cut_lanes: u32,
+    /// tcp, or rdma (one-sided READs; a build with the rdma feature).
+    #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
+    transport: TransportArg,
+    /// With --transport rdma: the device (default: the first).
+    #[arg(long)]
+    rdma_device: Option<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum BackingArg {
+    Anon,
+    Memfd,
+    Hugetlb,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum TransportArg {
+    Tcp,
+    Rdma,
+}
+
 fn parse() -> Result<Args> {
-    let mut raw = std::env::args().skip(1);
-    let role = raw.next().ok_or_else(|| anyhow!("usage: ferry-toucher demo|source|dest [options]"))?;
-    let mut a = Args {
-        role,
-        addr: "127.0.0.1:0".into(),
-        mem_mib: 1024,
-        page_size: 4096,
-        pattern: Pattern::HotSet,
-        policy: PolicyKind::Bubbling,
-        backing: Backing::Anonymous,
-        touches: None,
-        cut_lanes: 0,
-        json: false,
-        rdma: None,
+    let cli = <Cli as clap::Parser>::parse();
+    let (role, o) = match cli.role {
+        Role::Demo(o) => ("demo", o),
+        Role::Source(o) => ("source", o),
+        Role::Dest(o) => ("dest", o),
     };
-    while let Some(flag) = raw.next() {
-        let mut value = || raw.next().ok_or_else(|| anyhow!("{flag} needs a value"));
-        match flag.as_str() {
-            "--listen" | "--connect" => a.addr = value()?,
-            "--mem-mib" => a.mem_mib = value()?.parse()?,
-            "--page-size" => a.page_size = value()?.parse()?,
-            "--pattern" => a.pattern = value()?.parse().map_err(|e: String| anyhow!(e))?,
-            "--policy" => a.policy = value()?.parse().map_err(|e: String| anyhow!(e))?,
-            "--backing" => {
-                a.backing = match value()?.as_str() {
-                    "anon" => Backing::Anonymous,
-                    "memfd" => Backing::Memfd,
-                    "hugetlb" => Backing::HugetlbMemfd,
-                    other => bail!("unknown backing {other:?}: anon, memfd or hugetlb"),
-                }
-            }
-            "--touches" => a.touches = Some(value()?.parse()?),
-            "--cut-lanes" => a.cut_lanes = value()?.parse()?,
-            "--json" => a.json = true,
-            "--transport" => match value()?.as_str() {
-                "tcp" => a.rdma = None,
-                "rdma" => a.rdma = Some(RdmaChoice { device: None }),
-                other => bail!("unknown transport {other:?}: tcp or rdma"),
-            },
-            "--rdma-device" => a.rdma = Some(RdmaChoice { device: Some(value()?) }),
-            other => bail!("unknown option {other}"),
-        }
-    }
-    if a.backing == Backing::HugetlbMemfd {
-        a.page_size = 2 << 20;
-    }
-    Ok(a)
+    let backing = match o.backing {
+        BackingArg::Anon => Backing::Anonymous,
+        BackingArg::Memfd => Backing::Memfd,
+        BackingArg::Hugetlb => Backing::HugetlbMemfd,
+    };
+    Ok(Args {
+        role: role.into(),
+        addr: o.listen,
+        mem_mib: o.mem_mib,
+        page_size: if backing == Backing::HugetlbMemfd { 2 << 20 } else { o.page_size },
+        pattern: o.pattern,
+        policy: o.policy,
+        backing,
+        touches: o.touches,
+        cut_lanes: o.cut_lanes,
+        rdma: (o.transport == TransportArg::Rdma || o.rdma_device.is_some())
+            .then_some(RdmaChoice { device: o.rdma_device }),
+    })
 }
 
 fn key() -> Result<PreSharedKey> {

@@ -18,7 +18,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use ferry_benches::fixtures::{bulk_stream, filled_memory, urgent_page, Fixture, PAGE};
 use ferry_benches::raw;
 use ferry_benches::stats::{gbps, max_rss_mib, median, Latencies};
@@ -27,72 +27,81 @@ use ferry_transport::tcp::Encryption;
 use ferry_transport::Backing;
 use serde_json::json;
 
+/// Measures ferry beside the raw limits of this machine, in one process and one run.
+#[derive(clap::Parser, Debug)]
+#[command(name = "ferry-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Bench {
+    /// Each backend's urgent latency and bulk bandwidth beside the raw limits (tcp also over TLS).
+    Transport(Options),
+    /// Every pre-paging policy on every access pattern, migrated in this process.
+    Postcopy(Options),
+    /// Snapshot restore: eager, lazy, Firecracker's strategy, working-set replay, scale.
+    Restore(ferry_benches::restore::Options),
+    /// The rdma transport between two hosts (feature `rdma`).
+    #[cfg(feature = "rdma")]
+    Rdma(ferry_benches::rdma::Options),
+}
+
+#[derive(clap::Args, Debug)]
 struct Options {
+    /// One JSON object per line.
+    #[arg(long)]
     json: bool,
-    local: bool,
+    /// postcopy: tcp, or local (same host, shared memfd).
+    #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
+    transport: TransportArg,
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 512)]
     mem_mib: u64,
+    /// transport: bytes moved per bulk measurement, MiB.
+    #[arg(long, default_value_t = 2048)]
     total_mib: u64,
+    /// Urgent reads (or faults) timed.
+    #[arg(long, default_value_t = 20_000)]
     samples: usize,
-    reps: usize,
+    /// Bulk measurements per figure (the median is reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    reps: u64,
+    /// Where snapshot images are written.
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
 }
 
-fn parse(args: &[String]) -> Result<Options> {
-    let mut o = Options {
-        json: false,
-        local: false,
-        mem_mib: 512,
-        total_mib: 2048,
-        samples: 20_000,
-        reps: 3,
-        dir: std::env::temp_dir(),
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value")).cloned();
-        match a.as_str() {
-            "--json" => o.json = true,
-            "--transport" => match value(a)?.as_str() {
-                "tcp" => o.local = false,
-                "local" => o.local = true,
-                other => bail!("unknown transport {other}: tcp or local"),
-            },
-            "--mem-mib" => o.mem_mib = value(a)?.parse()?,
-            "--total-mib" => o.total_mib = value(a)?.parse()?,
-            "--samples" => o.samples = value(a)?.parse()?,
-            "--reps" => o.reps = value(a)?.parse::<usize>()?.max(1),
-            "--dir" => o.dir = PathBuf::from(value(a)?),
-            other => bail!("unknown option {other}"),
-        }
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum TransportArg {
+    Tcp,
+    Local,
+}
+
+impl Options {
+    fn local(&self) -> bool {
+        self.transport == TransportArg::Local
     }
-    Ok(o)
 }
 
 fn main() -> Result<()> {
     // Logs (session phases, reconnections, refusals) on stderr, chosen by RUST_LOG (errors only
-    // by default): e.g. RUST_LOG=ferry=info,ferry_fault_handler=info.
+    // by default).
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("transport") => transport(&parse(&args[1..])?),
-        Some("postcopy") => postcopy(&parse(&args[1..])?),
-        Some("restore") => ferry_benches::restore::run(&args[1..]),
+    match <Cli as clap::Parser>::parse().command {
+        Bench::Transport(o) => transport(&o),
+        Bench::Postcopy(o) => postcopy(&o),
+        Bench::Restore(o) => ferry_benches::restore::run(o),
         #[cfg(feature = "rdma")]
-        Some("rdma") => ferry_benches::rdma::run(&args[1..]),
-        #[cfg(not(feature = "rdma"))]
-        Some("rdma") => bail!("this ferry-bench was built without the rdma feature: cargo build --release -p ferry-benches --features rdma"),
-        _ => {
-            eprintln!("usage: ferry-bench transport|postcopy|restore|rdma [--json] [--mem-mib N] [--total-mib N] [--samples N] [--reps N] [--dir DIR]");
-            std::process::exit(2);
-        }
+        Bench::Rdma(o) => ferry_benches::rdma::run(o),
     }
 }
 
-/// One backend's figures beside its raw limits.
 struct Row {
     backend: &'static str,
     urgent: Latencies,
@@ -184,14 +193,14 @@ fn transport(o: &Options) -> Result<()> {
         let tls_urgent = Latencies::measure(n / 10, n, |i| urgent_page(tls.source(), &mut buf, i))?;
         let raw_rtt = raw::tcp_round_trips(n)?;
         let (bulk, raw_bulk) = paired_bandwidth(
-            o.reps,
+            o.reps as usize,
             total,
             || bulk_stream(plain.source(), &mut pool, 16, total),
             || raw::tcp_stream(64 << 10, total),
         )?;
         let mut tls_pool = Vec::new();
         let (tls_bulk, plain_bulk) = paired_bandwidth(
-            o.reps,
+            o.reps as usize,
             total,
             || bulk_stream(tls.source(), &mut tls_pool, 16, total),
             || bulk_stream(plain.source(), &mut pool, 16, total),
@@ -234,7 +243,7 @@ fn transport(o: &Options) -> Result<()> {
             region.read((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) % pages * PAGE as u64, &mut buf)
         })?;
         let (bulk, raw_bulk) = paired_bandwidth(
-            o.reps,
+            o.reps as usize,
             total,
             || bulk_stream(fx.source(), &mut pool, 16, total),
             || raw::memcpy_stream(&memory, 64 << 10, total),
@@ -266,7 +275,7 @@ fn transport(o: &Options) -> Result<()> {
         let raw_rtt = raw::io_uring_page_reads(&path, data_offset, mem, n, true)?;
         let run = 2 << 20;
         let (bulk, raw_bulk) = paired_bandwidth(
-            o.reps,
+            o.reps as usize,
             total,
             || bulk_stream(fx.source(), &mut pool, (run / PAGE) as u32, total),
             || raw::io_uring_read(&path, data_offset, mem, run, 32, total),
@@ -295,10 +304,10 @@ fn postcopy(o: &Options) -> Result<()> {
     let mem = o.mem_mib << 20;
     let layout = MemoryLayout::single(mem)?;
     let pages = layout.total_pages();
-    let transport = if o.local { LoopbackTransport::Local } else { LoopbackTransport::Tcp };
+    let transport = if o.local() { LoopbackTransport::Local } else { LoopbackTransport::Tcp };
     let mut raw_fault = raw::uffd_local_faults(o.samples.min(20_000))?;
     // The transport's raw round trip: TCP request/reply, or for local a 4 KiB copy out of a mapping.
-    let mut raw_rtt = if o.local {
+    let mut raw_rtt = if o.local() {
         let memory = filled_memory(64 << 20, Backing::Memfd)?;
         let region = &memory.regions()[0];
         let mut buf = vec![0u8; PAGE];
