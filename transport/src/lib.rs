@@ -26,6 +26,8 @@ pub mod rdma;
 pub mod snapshot;
 pub mod tcp;
 pub mod tls;
+#[cfg(feature = "vm-memory")]
+mod vm_memory;
 pub mod wire;
 
 pub use auth::PreSharedKey;

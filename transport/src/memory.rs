@@ -33,6 +33,9 @@ pub struct RegionMapping {
     writable: bool,
     /// An address range of another process (see [`RegionMapping::foreign`]): never accessed here.
     foreign: bool,
+    /// What keeps an adopted mapping alive (a vm-memory region), held as long as this value.
+    #[allow(dead_code)]
+    owner: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 // SAFETY: a RegionMapping is a pointer to process-wide shared memory; every access goes through
@@ -49,13 +52,29 @@ impl RegionMapping {
             Backing::Anonymous => {
                 let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
                 let ptr = mmap(len, libc::PROT_READ | libc::PROT_WRITE, flags, None)?;
-                Ok(RegionMapping { ptr, len, fd: None, owns_mapping: true, writable: true, foreign: false })
+                Ok(RegionMapping {
+                    ptr,
+                    len,
+                    fd: None,
+                    owns_mapping: true,
+                    writable: true,
+                    foreign: false,
+                    owner: None,
+                })
             }
             Backing::Memfd | Backing::HugetlbMemfd => {
                 let hugetlb = backing == Backing::HugetlbMemfd;
                 let fd = memfd_create(len, hugetlb)?;
                 let ptr = mmap(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, Some(fd.as_fd()))?;
-                Ok(RegionMapping { ptr, len, fd: Some(fd), owns_mapping: true, writable: true, foreign: false })
+                Ok(RegionMapping {
+                    ptr,
+                    len,
+                    fd: Some(fd),
+                    owns_mapping: true,
+                    writable: true,
+                    foreign: false,
+                    owner: None,
+                })
             }
         }
     }
@@ -79,7 +98,7 @@ impl RegionMapping {
             return Err(TransportError::BadSharedMemory("memfd is not sealed against shrinking".into()));
         }
         let ptr = mmap(len, libc::PROT_READ, libc::MAP_SHARED, Some(fd.as_fd()))?;
-        Ok(RegionMapping { ptr, len, fd: Some(fd), owns_mapping: true, writable: false, foreign: false })
+        Ok(RegionMapping { ptr, len, fd: Some(fd), owns_mapping: true, writable: false, foreign: false, owner: None })
     }
 
     /// Maps this region's backing file a second time, read-write and shared: the alias through
@@ -89,7 +108,15 @@ impl RegionMapping {
         let fd = self.fd().ok_or_else(|| TransportError::BadSharedMemory("anonymous memory has no alias".into()))?;
         let fd = fd.try_clone_to_owned()?;
         let ptr = mmap(self.len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, Some(fd.as_fd()))?;
-        Ok(RegionMapping { ptr, len: self.len, fd: Some(fd), owns_mapping: true, writable: true, foreign: false })
+        Ok(RegionMapping {
+            ptr,
+            len: self.len,
+            fd: Some(fd),
+            owns_mapping: true,
+            writable: true,
+            foreign: false,
+            owner: None,
+        })
     }
 
     /// A mutable view of `len` bytes at `offset`, for receiving data straight into the mapping.
@@ -188,7 +215,22 @@ impl RegionMapping {
     /// mapped, and is not remapped, for as long as the returned value lives. If `fd` is given it
     /// must be the file backing exactly that range from offset 0.
     pub unsafe fn from_raw(ptr: NonNull<u8>, len: usize, fd: Option<OwnedFd>, writable: bool) -> Self {
-        RegionMapping { ptr, len, fd, owns_mapping: false, writable, foreign: false }
+        RegionMapping { ptr, len, fd, owns_mapping: false, writable, foreign: false, owner: None }
+    }
+
+    /// [`Self::from_raw`], holding `owner` (what keeps the mapping alive) as long as this value.
+    ///
+    /// # Safety
+    /// As [`Self::from_raw`], with "for as long as the returned value lives" guaranteed by
+    /// `owner` staying alive.
+    pub(crate) unsafe fn adopt_owned(
+        ptr: NonNull<u8>,
+        len: usize,
+        fd: Option<OwnedFd>,
+        writable: bool,
+        owner: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Self {
+        RegionMapping { ptr, len, fd, owns_mapping: false, writable, foreign: false, owner: Some(owner) }
     }
 
     /// A range of another process's address space, known only by address and length: the guest
@@ -199,7 +241,7 @@ impl RegionMapping {
         let ptr = NonNull::new(addr as *mut u8)
             .filter(|_| len > 0 && addr.checked_add(len as u64).is_some())
             .ok_or_else(|| TransportError::InvalidLayout(format!("a foreign range of {len} bytes at {addr:#x}")))?;
-        Ok(RegionMapping { ptr, len, fd: None, owns_mapping: false, writable: false, foreign: true })
+        Ok(RegionMapping { ptr, len, fd: None, owns_mapping: false, writable: false, foreign: true, owner: None })
     }
 
     /// Whether this is another process's range ([`Self::foreign`]).

@@ -64,7 +64,7 @@ pub enum Workload {
     Idle,
     /// Writes every data page in order, pass after pass; page p holds (p << 32 | pass).
     SeqWrite,
-    /// Writes random data pages; page p holds (p << 32 | version[p]), the version table counts
+    /// Writes random data pages; page p holds (p << 32 | `version[p]`), the version table counts
     /// the writes of each page.
     RandWrite,
     /// Like rand-write, but reads whole pages 15 times out of 16 and writes once.
@@ -318,7 +318,7 @@ fn seq_write(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.jmp(pass_loop)
 }
 
-/// The random-access workloads. R13 = xorshift state. A write bumps version[p] (u32 at R10 + 4p)
+/// The random-access workloads. R13 = xorshift state. A write bumps `version[p]` (u32 at R10 + 4p)
 /// and fills page p with (p << 32 | version); reports every [`RAND_BATCH`] operations and answers
 /// self-checks between batches.
 fn rand_write(a: &mut CodeAssembler, workload: Workload) -> Result<(), IcedError> {
@@ -384,7 +384,7 @@ fn end_batch(a: &mut CodeAssembler, write: CodeLabel) -> Result<(), IcedError> {
     maybe_verify(a, check_versions)
 }
 
-/// rand-write's self-check: page p holds (p << 32 | version[p]), or zero if never written.
+/// rand-write's self-check: page p holds (p << 32 | `version[p]`), or zero if never written.
 fn check_versions(a: &mut CodeAssembler) -> Result<(), IcedError> {
     count_bad_pages(a, |a| {
         let mut written = a.create_label();
@@ -492,7 +492,7 @@ fn phased(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.jmp(heavy)
 }
 
-/// version[R11] += 1, then fills page R11 with (R11 << 32 | version).
+/// `version[R11] += 1`, then fills page R11 with (R11 << 32 | version).
 fn write_page_version(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.mov(eax, dword_ptr(r10 + r11 * 4))?;
     a.inc(eax)?;
