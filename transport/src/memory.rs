@@ -223,6 +223,7 @@ impl RegionMapping {
     /// # Safety
     /// As [`Self::from_raw`], with "for as long as the returned value lives" guaranteed by
     /// `owner` staying alive.
+    #[cfg_attr(not(feature = "vm-memory"), allow(dead_code))]
     pub(crate) unsafe fn adopt_owned(
         ptr: NonNull<u8>,
         len: usize,

@@ -546,7 +546,7 @@ fn open_lanes(
         layout: first.layout.clone(),
         options: options.clone(),
     };
-    let urgent = Box::new(TcpUrgent { conn: Conn::new(urgent, first.layout.clone())?, next_id: 1 });
+    let urgent = Box::new(TcpUrgent { conn: Conn::new(urgent, first.layout.clone(), options.io_timeout)?, next_id: 1 });
     Ok(PageSource {
         session: first.session,
         layout: first.layout,
@@ -595,13 +595,13 @@ impl Reconnect for TcpLanes {
 
     fn urgent(&self) -> Result<Box<dyn UrgentLane>> {
         let (s, _) = open_lane(&self.addrs, &self.key, Lane::Urgent, self.session, Some(&self.layout), &self.options)?;
-        Ok(Box::new(TcpUrgent { conn: Conn::new(s, self.layout.clone())?, next_id: 1 }))
+        Ok(Box::new(TcpUrgent { conn: Conn::new(s, self.layout.clone(), self.options.io_timeout)?, next_id: 1 }))
     }
 
     fn bulk(&self) -> Result<Box<dyn BulkLane>> {
         let (s, _) = open_lane(&self.addrs, &self.key, Lane::Bulk, self.session, Some(&self.layout), &self.options)?;
         Ok(Box::new(TcpBulk {
-            conn: Conn::new(s, self.layout.clone())?,
+            conn: Conn::new(s, self.layout.clone(), self.options.io_timeout)?,
             depth: self.options.bulk_depth.max(1),
             in_flight: VecDeque::new(),
             unsent: Vec::new(),
@@ -681,6 +681,8 @@ fn connect_any(addrs: &[SocketAddr], io_timeout: Duration) -> Result<(TcpStream,
 /// reply's prefix and a small page arrive in one receive; TLS buffers by itself).
 struct Conn {
     socket: TcpStream,
+    /// How long one whole reply may take to arrive (a peer that trickles it is cut off).
+    io_timeout: Duration,
     writer: Box<dyn Write + Send>,
     reader: Box<dyn Read + Send>,
     layout: MemoryLayout,
@@ -696,7 +698,7 @@ impl Conn {
         }))
     }
 
-    fn new(lane: TcpControl, layout: MemoryLayout) -> Result<Self> {
+    fn new(lane: TcpControl, layout: MemoryLayout, io_timeout: Duration) -> Result<Self> {
         let socket = lane.socket().try_clone()?;
         let (reader, writer): (Box<dyn Read + Send>, Box<dyn Write + Send>) = match lane {
             TcpControl::Plain(s) => (Box::new(BufReader::with_capacity(16 * 1024, s.try_clone()?)), Box::new(s)),
@@ -705,7 +707,7 @@ impl Conn {
                 (Box::new(reader), Box::new(writer))
             }
         };
-        Ok(Conn { socket, writer, reader, layout, prefix: [0; 12 + 16 + 8 * crate::wire::ZERO_MASK_WORDS] })
+        Ok(Conn { socket, io_timeout, writer, reader, layout, prefix: [0; 12 + 16 + 8 * crate::wire::ZERO_MASK_WORDS] })
     }
 
     /// Receives the reply to `req` into `dst` (exactly the run's bytes). Pages the reply marks
@@ -714,7 +716,8 @@ impl Conn {
     fn receive(&mut self, req: &ReadRequest, dst: &mut [u8], fill_zero: bool) -> Result<ZeroMask> {
         let page_size = self.layout.page_size();
         let plen = ReadReply::prefix_len(req.run.pages);
-        self.reader.read_exact(&mut self.prefix[..plen]).map_err(TransportError::from_read)?;
+        let mut reader = ReplyDeadline::new(&mut *self.reader, &self.socket, self.io_timeout);
+        reader.read_exact(&mut self.prefix[..plen]).map_err(TransportError::from_read)?;
         let reply = ReadReply::decode_prefix(&self.prefix[..plen], req, page_size)?;
         if reply.status == ReadStatus::OutOfRange {
             return Err(TransportError::OutOfRange(format!("the source refused {:?}", req.run)));
@@ -724,7 +727,7 @@ impl Conn {
         reply.zero.for_each_data_run(req.run.pages, |first, count| {
             if result.is_ok() {
                 let range = first as usize * ps..(first + count) as usize * ps;
-                result = self.reader.read_exact(&mut dst[range]).map_err(TransportError::from_read);
+                result = reader.read_exact(&mut dst[range]).map_err(TransportError::from_read);
             }
         });
         result?;
@@ -734,6 +737,42 @@ impl Conn {
             }
         }
         Ok(reply.zero)
+    }
+}
+
+/// A reply's reads, all of them finished within one deadline: before each read the socket's
+/// timeout is set to what is left (a per-read timeout alone lets a peer trickle a byte at a time
+/// forever). The socket's timeout is the whole limit again afterwards.
+struct ReplyDeadline<'a> {
+    reader: &'a mut (dyn Read + Send),
+    socket: &'a TcpStream,
+    until: std::time::Instant,
+    limit: Duration,
+}
+
+impl<'a> ReplyDeadline<'a> {
+    fn new(reader: &'a mut (dyn Read + Send), socket: &'a TcpStream, limit: Duration) -> Self {
+        ReplyDeadline { reader, socket, until: std::time::Instant::now() + limit, limit }
+    }
+}
+
+impl Read for ReplyDeadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("a reply did not arrive whole within {:?}", self.limit),
+            ));
+        }
+        self.socket.set_read_timeout(Some(left))?;
+        self.reader.read(buf)
+    }
+}
+
+impl Drop for ReplyDeadline<'_> {
+    fn drop(&mut self) {
+        let _ = self.socket.set_read_timeout(Some(self.limit));
     }
 }
 
