@@ -175,3 +175,33 @@ fn a_destination_flooding_requests_it_never_reads_keeps_the_server_bounded() {
     good.urgent.read(PageRun::new(0, 5, 1), &mut page).unwrap();
     assert!(page.iter().all(|&b| b == 1));
 }
+
+/// This process's threads.
+fn threads() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_thousand_idle_connections_cost_the_server_a_bounded_number_of_threads() {
+    // Room for the thousand client sockets this process holds itself.
+    let limit = libc::rlimit { rlim_cur: 8192, rlim_max: 8192 };
+    // SAFETY: setrlimit reads the struct we pass, which lives across the call.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0, "{}", std::io::Error::last_os_error());
+    let memory = Arc::new(GuestMemory::create(layout(), Backing::Anonymous).unwrap());
+    let opts = TcpOptions { io_timeout: Duration::from_secs(30), ..TcpOptions::default() };
+    let server = TcpPageServer::start("127.0.0.1:0", memory, key(), opts).unwrap();
+    let before = (threads(), rss_kib());
+    let idle: Vec<TcpStream> = (0..1000).map(|_| TcpStream::connect(server.local_addr()).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let (grown_threads, grown_kib) = (threads().saturating_sub(before.0), rss_kib().saturating_sub(before.1));
+    // The server keeps 64 waiting to authenticate (the oldest closed first); threads of closed ones
+    // end as their sockets do.
+    assert!(grown_threads <= 200, "{grown_threads} threads for 1000 idle connections");
+    assert!(grown_kib < 256 * 1024, "the server's memory grew by {grown_kib} KiB");
+    let mut good = tcp::connect(server.local_addr(), &key(), Some(&layout()), &TcpOptions::default()).unwrap();
+    let mut page = vec![0u8; 4096];
+    good.urgent.read(PageRun::new(0, 5, 1), &mut page).unwrap();
+    drop(idle);
+}
