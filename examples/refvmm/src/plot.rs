@@ -20,6 +20,52 @@ fn rows(report: &Value, field: &str) -> Vec<Vec<f64>> {
         .unwrap_or_default()
 }
 
+type Panel<'a> = ChartContext<
+    'a,
+    SVGBackend<'a>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// A panel with its caption, axes and grid drawn; `y_digits` decimals on the y axis.
+fn panel<'a>(
+    area: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+    caption: &str,
+    (x, y): (std::ops::Range<f64>, std::ops::Range<f64>),
+    (x_desc, y_desc): (&str, &str),
+    y_digits: usize,
+) -> Result<Panel<'a>> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 17))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x, y)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.y_digits$}"))
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    Ok(chart)
+}
+
+/// A legend entry's line in `style`.
+fn key(style: ShapeStyle) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new([(x, y), (x + 18, y)], style)
+}
+
+fn legend(chart: &mut Panel<'_>) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
+    Ok(())
+}
+
 fn max_of(values: impl Iterator<Item = f64>) -> f64 {
     values.fold(0.0, f64::max).max(1e-9)
 }
@@ -50,67 +96,43 @@ pub fn write(path: &std::path::Path, report: &Value) -> Result<()> {
     let root = root.titled(&title, ("sans-serif", 22))?;
     let panels = root.split_evenly((2, 2));
     let end_ms = max_of(rate.iter().chain(&timeline).filter_map(|r| r.first().copied()));
-    let axis_font = ("sans-serif", 14);
 
     // The guest's rate: after the resume here, beside a fresh VM with every page present.
     {
         let top = max_of(rate.iter().chain(&cold).filter_map(|r| r.get(1).copied())) * 1.1 / 1e6;
-        let mut chart = ChartBuilder::on(&panels[0])
-            .caption("guest writes over time (resumed at 0)", ("sans-serif", 17))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
-            .build_cartesian_2d(-end_ms * 0.03..end_ms, 0.0..top)?;
+        let mut chart = panel(
+            &panels[0],
+            "guest writes over time (resumed at 0)",
+            (-end_ms * 0.03..end_ms, 0.0..top),
+            ("ms since the guest resumed here", "M writes/s"),
+            1,
+        )?;
+        let grey = RGBColor(150, 150, 150).stroke_width(1);
         chart
-            .configure_mesh()
-            .x_desc("ms since the guest resumed here")
-            .y_desc("M writes/s")
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .y_label_formatter(&|v| format!("{v:.1}"))
-            .label_style(axis_font)
-            .draw()?;
-        chart
-            .draw_series(LineSeries::new(cold.iter().map(|r| (r[0], r[1] / 1e6)), &RGBColor(150, 150, 150)))?
+            .draw_series(LineSeries::new(cold.iter().map(|r| (r[0], r[1] / 1e6)), grey))?
             .label("a fresh VM, every page present")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RGBColor(150, 150, 150)));
+            .legend(key(grey));
         chart
             .draw_series(LineSeries::new(rate.iter().map(|r| (r[0], r[1] / 1e6)), BLUE.stroke_width(2)))?
             .label("the migrated guest")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLUE.stroke_width(2)));
+            .legend(key(BLUE.stroke_width(2)));
         chart
             .draw_series(std::iter::once(PathElement::new([(0.0, 0.0), (0.0, top)], RED.stroke_width(2))))?
             .label(format!("resumed (paused {downtime:.1} ms before)"))
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RED.stroke_width(2)));
+            .legend(key(RED.stroke_width(2)));
         if let Some(done) = report.get("postcopy_ms").and_then(Value::as_f64) {
             chart
                 .draw_series(std::iter::once(PathElement::new([(done, 0.0), (done, top)], GREEN.stroke_width(2))))?
                 .label("every page present")
-                .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], GREEN.stroke_width(2)));
+                .legend(key(GREEN.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(axis_font)
-            .draw()?;
+        legend(&mut chart)?;
     }
 
     // Memory present.
     {
-        let mut chart = ChartBuilder::on(&panels[1])
-            .caption("memory present", ("sans-serif", 17))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
-            .build_cartesian_2d(0.0..end_ms, 0.0..100.0)?;
-        chart
-            .configure_mesh()
-            .x_desc("ms since the handoff")
-            .y_desc("% of pages")
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .y_label_formatter(&|v| format!("{v:.0}"))
-            .label_style(axis_font)
-            .draw()?;
+        let mut chart =
+            panel(&panels[1], "memory present", (0.0..end_ms, 0.0..100.0), ("ms since the handoff", "% of pages"), 0)?;
         chart.draw_series(
             AreaSeries::new(timeline.iter().map(|r| (r[0], r[1] / pages_total * 100.0)), 0.0, GREEN.mix(0.3))
                 .border_style(GREEN.stroke_width(2)),
@@ -129,40 +151,24 @@ pub fn write(path: &std::path::Path, report: &Value) -> Result<()> {
             })
             .collect();
         let top = max_of(rates.iter().flat_map(|r| [r.1, r.2])) * 1.1;
-        let mut chart = ChartBuilder::on(&panels[2])
-            .caption("bandwidth by lane", ("sans-serif", 17))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
-            .build_cartesian_2d(0.0..end_ms, 0.0..top)?;
-        chart
-            .configure_mesh()
-            .x_desc("ms since the handoff")
-            .y_desc("MB/s")
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .y_label_formatter(&|v| format!("{v:.0}"))
-            .label_style(axis_font)
-            .draw()?;
+        let mut chart =
+            panel(&panels[2], "bandwidth by lane", (0.0..end_ms, 0.0..top), ("ms since the handoff", "MB/s"), 0)?;
         chart
             .draw_series(LineSeries::new(rates.iter().map(|r| (r.0, r.2)), BLUE.stroke_width(2)))?
             .label("bulk (pre-paging)")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLUE.stroke_width(2)));
+            .legend(key(BLUE.stroke_width(2)));
         chart
             .draw_series(LineSeries::new(rates.iter().map(|r| (r.0, r.1)), RED.stroke_width(2)))?
             .label("urgent (faults)")
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], RED.stroke_width(2)));
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(axis_font)
-            .draw()?;
+            .legend(key(RED.stroke_width(2)));
+        legend(&mut chart)?;
     }
 
     // Fault latencies, in QEMU's power-of-two buckets.
     {
         let buckets = dist.len().max(1);
-        let top = max_of(dist.iter().copied()) * 1.1;
+        // At least 5 on the axis, so a few faults do not get fractional ticks.
+        let top = (max_of(dist.iter().copied()) * 1.1).max(5.0);
         let mut chart = ChartBuilder::on(&panels[3])
             .caption("network fault latency", ("sans-serif", 17))
             .margin(12)
@@ -178,7 +184,7 @@ pub fn write(path: &std::path::Path, report: &Value) -> Result<()> {
                 _ => String::new(),
             })
             .y_label_formatter(&|v| format!("{v:.0}"))
-            .label_style(axis_font)
+            .label_style(("sans-serif", 14))
             .draw()?;
         chart.draw_series(
             Histogram::vertical(&chart)
