@@ -5,7 +5,8 @@
 //! pre-paging), and the backends that implement it: [`tcp`] (a page server on the source),
 //! [`local`] (same host: the source's sealed memfds mapped read-only, so a read costs the source
 //! nothing), [`snapshot`] (a checksummed memory image written and read through io_uring) and
-//! [`rawfile`] (a flat memory file, as Firecracker saves guest memory).
+//! [`rawfile`] (a flat memory file, as Firecracker saves guest memory). tcp lanes run over TLS 1.3
+//! by default ([`tls`]), authenticated by the pre-shared key.
 //! Raw memory and syscalls are confined to `memory`, `lane::PageBuf`, and the small
 //! `unsafe` helpers of each backend; everything above them is safe Rust.
 

@@ -13,6 +13,14 @@
 //! another writes (the control lane's heartbeats), each direction serialized by its own lock,
 //! and a read waiting on the socket holds neither the connection's state nor the writer up.
 //!
+//! Page lanes (urgent, bulk) leave rustls once the handshake is over (`TlsStream::into_records`):
+//! they take the session's traffic keys and protect TLS 1.3 records themselves with aws-lc-rs's
+//! AES-GCM, as kernel TLS does with keys a TLS library hands it (this crate does not rely on
+//! kernel TLS, which many kernels lack). rustls's buffered API copies each received byte three
+//! times; the records here are sealed in place from guest memory and opened straight into the
+//! page buffer, which is what brings encrypted bulk from about half of plaintext to about 70%.
+//! Interop with rustls is tested both ways.
+//!
 //! [RFC 5705]: https://www.rfc-editor.org/rfc/rfc5705
 //! [RFC 8446 §7.5]: https://www.rfc-editor.org/rfc/rfc8446#section-7.5
 
