@@ -25,6 +25,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Prints a completion script for SHELL (e.g. `ferry-vmm completions bash > /etc/bash_completion.d/ferry-vmm`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Runs the workload for --seconds and has the guest check its memory.
     #[command(args_override_self = true)]
     Run {
@@ -397,6 +402,10 @@ impl MigrationOpts {
 pub fn parse() -> Args {
     let mut a = Args::default();
     match Cli::parse().command {
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "ferry-vmm", &mut std::io::stdout());
+            std::process::exit(0);
+        }
         Command::Run { guest } => {
             a.command = "run".into();
             guest.apply(&mut a);

@@ -48,3 +48,16 @@ fn a_users_mistake_is_one_clear_line_not_a_backtrace() {
         assert!(!err.contains("backtrace") && !err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn completions_cover_every_command_and_option() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = vmm(&["completions", shell]);
+        assert!(out.status.success(), "completions {shell} failed");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for word in ["demo", "receive", "restore", "encryption", "plot", "task-guided"] {
+            assert!(script.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    assert!(!vmm(&["completions", "cmd.exe"]).status.success(), "an unknown shell is a usage error");
+}
