@@ -72,10 +72,18 @@ modes() {
       | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"total_ms": r["total_ms"], "downtime_ms": r["downtime_ms"], "rounds": r["precopy_rounds"], "postcopy_pages": r["postcopy_pages"], "guest_mismatches": r["guest_mismatches"]}))' >> "$f"
   done
   echo "| hybrid, rand-write, 2 GiB, 3 rounds | $(range "$f" total_ms 0.001 2) | $(range "$f" downtime_ms 1 1) | $(range "$f" rounds 1 0) | $(range "$f" postcopy_pages 1 0) pages left for post-copy |"
+  # Encryption's price where rounds race the guest's writes: the same hybrid run in plaintext.
+  f=$out/hybrid-plain.jsonl
+  : > "$f"
+  for _ in $(seq "$runs"); do
+    $vmm demo --mem 2G --workload rand-write --mode hybrid --max-rounds 3 --encryption off --json \
+      | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({"total_ms": r["total_ms"], "downtime_ms": r["downtime_ms"], "rounds": r["precopy_rounds"], "postcopy_pages": r["postcopy_pages"], "guest_mismatches": r["guest_mismatches"]}))' >> "$f"
+  done
+  echo "| hybrid as above, --encryption off | $(range "$f" total_ms 0.001 2) | $(range "$f" downtime_ms 1 1) | $(range "$f" rounds 1 0) | $(range "$f" postcopy_pages 1 0) pages left for post-copy |"
   echo
   echo "commands: $vmm demo --mem 1G --workload rand-write --mode postcopy --transport local --backing memfd;"
   echo "$vmm demo --mem 2G --workload seq-write --rate-mib 256 --mode precopy;"
-  echo "$vmm demo --mem 2G --workload rand-write --mode hybrid --max-rounds 3 (each --json)"
+  echo "$vmm demo --mem 2G --workload rand-write --mode hybrid --max-rounds 3 [--encryption off] (each --json)"
   echo
 }
 
@@ -340,35 +348,41 @@ task() {
   echo "| stop | downtime ms, p50 (min-max) | total s, p50 (min-max) | rounds | stopped in a segment | waited for one ms | wrong pages |"
   echo "| --- | --- | --- | --- | --- | --- | --- |"
   local f
-  for guided in off on; do
-    f=$out/task-$guided.jsonl
+  for run in off on off-plain on-plain; do
+    guided=${run%-plain}
+    encryption=tls
+    [ "$run" = "$guided" ] || encryption=off
+    f=$out/task-$run.jsonl
     : > "$f"
     for _ in $(seq "$n"); do
-      $vmm demo --mem 2G --workload phased --mode precopy --task-guided $guided --json | tail -1 \
+      $vmm demo --mem 2G --workload phased --mode precopy --task-guided $guided --encryption $encryption --json | tail -1 \
         | python3 -c 'import json,sys; r=json.load(sys.stdin); print(json.dumps({k: r[k] for k in ("downtime_ms","total_ms","rounds","stopped_in_segment","task_wait_ms","task_gave_up","guest_mismatches")}))' >> "$f"
     done
-    python3 - "$f" "$guided" <<'PY'
+    python3 - "$f" "$run" <<'PY'
 import json, statistics, sys
 rs = [json.loads(l) for l in open(sys.argv[1])]
 def p50(k, scale=1, d=1):
     v = [r[k] * scale for r in rs]
     return f"{statistics.median(v):.{d}f} ({min(v):.{d}f}-{max(v):.{d}f})"
 rounds = [r["rounds"] for r in rs]
-print(f"| {'task-guided' if sys.argv[2] == 'on' else 'unguided'} | {p50('downtime_ms', 1, 2)} | {p50('total_ms', 0.001, 2)} | "
+label = ('task-guided' if sys.argv[2].startswith('on') else 'unguided') + (', --encryption off' if sys.argv[2].endswith('plain') else '')
+print(f"| {label} | {p50('downtime_ms', 1, 2)} | {p50('total_ms', 0.001, 2)} | "
       f"{min(rounds)}-{max(rounds)} | {sum(r['stopped_in_segment'] for r in rs)}/{len(rs)} (gave up {sum(r['task_gave_up'] for r in rs)}) | "
       f"{p50('task_wait_ms', 1, 0)} | {sum(r['guest_mismatches'] for r in rs)} |")
 PY
   done
-  python3 - "$out/task-off.jsonl" "$out/task-on.jsonl" <<'PY'
+  python3 - "$out" <<'PY'
 import json, statistics, sys
-off, on = ([json.loads(l) for l in open(p)] for p in sys.argv[1:])
-med = lambda rs, k: statistics.median(r[k] for r in rs)
+rs = lambda name: [json.loads(l) for l in open(f"{sys.argv[1]}/task-{name}.jsonl")]
+med = lambda rows, k: statistics.median(r[k] for r in rows)
 print()
-print(f"p50 downtime guided / unguided: {med(on, 'downtime_ms') / med(off, 'downtime_ms'):.3f}; "
-      f"p50 total time guided / unguided: {med(on, 'total_ms') / med(off, 'total_ms'):.3f}")
+for suffix, what in (("", "over TLS"), ("-plain", "in plaintext")):
+    off, on = rs("off" + suffix), rs("on" + suffix)
+    print(f"{what}: p50 downtime guided / unguided: {med(on, 'downtime_ms') / med(off, 'downtime_ms'):.3f}; "
+          f"p50 total time guided / unguided: {med(on, 'total_ms') / med(off, 'total_ms'):.3f}")
 PY
   echo
-  echo "command: $vmm demo --mem 2G --workload phased --mode precopy --task-guided on|off --json"
+  echo "command: $vmm demo --mem 2G --workload phased --mode precopy --task-guided on|off --encryption tls|off --json"
   echo
 }
 
