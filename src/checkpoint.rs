@@ -412,10 +412,21 @@ impl Default for CheckpointConfig {
     }
 }
 
-/// Where a checkpointer sends its epochs and hears their acknowledgements.
+/// Where a checkpointer sends its epochs.
+///
+/// An epoch's messages all travel on one lane: were the rest of an epoch sent on a lane reopened
+/// after its beginning was lost with the old one, the receiver would see pages outside any epoch.
+/// A lane that can be reopened numbers its lanes ([`CheckpointLane::current`]) and refuses a
+/// message of an epoch begun on an earlier one; the epoch then counts as lost and its pages go
+/// with the next, which begins on the new lane.
 pub trait CheckpointLane: Send + Sync {
-    /// Sends one session message (whole).
-    fn send(&self, msg: &[u8]) -> Result<()>;
+    /// Sends one session message (whole) of an epoch begun on lane `on`; fails without sending if
+    /// the lane was reopened since.
+    fn send(&self, on: u64, msg: &[u8]) -> Result<()>;
+    /// The lane messages go on now. Default: a lane never reopened.
+    fn current(&self) -> u64 {
+        0
+    }
 }
 
 /// What a checkpointer measured.
@@ -537,8 +548,11 @@ impl Checkpointer {
                             (_, Err(_)) => break,
                         };
                         unacked = dirty;
-                        let sent = checkpoint.messages(page).iter().try_for_each(|m| lane.send(m));
-                        let acked = sent.is_ok() && wait_ack(&ack_rx, epoch, config.ack_timeout, &shared);
+                        let on = lane.current();
+                        let sent = checkpoint.messages(page).iter().try_for_each(|m| lane.send(on, m));
+                        // An ack that would have come on a lane since reopened never comes.
+                        let still_on = || lane.current() == on;
+                        let acked = sent.is_ok() && wait_ack(&ack_rx, epoch, config.ack_timeout, &shared, still_on);
                         if acked {
                             stats.committed += 1;
                             stats.pages += checkpoint.pages.len() as u64;
@@ -602,11 +616,18 @@ impl CheckpointerShared {
     }
 }
 
-/// Waits for `epoch`'s acknowledgement (older ones are stale); false on timeout or stop.
-fn wait_ack(acks: &mpsc::Receiver<u64>, epoch: u64, timeout: Duration, shared: &CheckpointerShared) -> bool {
+/// Waits for `epoch`'s acknowledgement (older ones are stale); false on timeout, stop, or once
+/// `lane_kept` says the lane it was sent on is gone.
+fn wait_ack(
+    acks: &mpsc::Receiver<u64>,
+    epoch: u64,
+    timeout: Duration,
+    shared: &CheckpointerShared,
+    lane_kept: impl Fn() -> bool,
+) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        if shared.stop.load(Ordering::Acquire) {
+        if shared.stop.load(Ordering::Acquire) || !lane_kept() {
             return false;
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -772,40 +793,72 @@ mod tests {
         }
     }
 
+    /// What goes wrong on the test's lane during one epoch.
+    #[derive(Clone, Copy)]
+    enum Mishap {
+        /// The epoch's end is lost and its sender told so.
+        EndLost(u64),
+        /// The epoch's beginning is lost with its lane, which is reopened before its next message.
+        ReopenedAfterBegin(u64),
+    }
+
     /// The lane of the test: straight into a kept image, acks straight back.
     struct Direct {
         kept: KeptImage,
         acks: Mutex<Option<CheckpointerHandle>>,
-        /// Messages to drop from the 1-based epoch this names (a lane that breaks mid-epoch).
-        cut_epoch: u64,
+        mishap: Mishap,
         epoch: AtomicU64,
+        lane: AtomicU64,
+        /// What the receiver refused: a sound sender gets nothing refused.
+        refused: Mutex<Vec<String>>,
     }
 
     impl CheckpointLane for Direct {
-        fn send(&self, msg: &[u8]) -> Result<()> {
+        fn send(&self, on: u64, msg: &[u8]) -> Result<()> {
+            if on != self.current() {
+                return Err(MigrationError::Transport(ferry_transport::TransportError::PeerClosed));
+            }
             if msg[0] == CKPT_BEGIN {
                 self.epoch.store(u64::from_le_bytes(msg[1..9].try_into().unwrap()), Ordering::Relaxed);
             }
-            if self.epoch.load(Ordering::Relaxed) == self.cut_epoch && msg[0] == CKPT_END {
-                return Err(MigrationError::Transport(ferry_transport::TransportError::PeerClosed));
+            let epoch = self.epoch.load(Ordering::Relaxed);
+            match self.mishap {
+                Mishap::EndLost(e) if e == epoch && msg[0] == CKPT_END => {
+                    return Err(MigrationError::Transport(ferry_transport::TransportError::PeerClosed));
+                }
+                // Written into a socket that then broke: the sender hears nothing of it.
+                Mishap::ReopenedAfterBegin(e) if e == epoch && msg[0] == CKPT_BEGIN => {
+                    self.lane.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                _ => {}
             }
-            if let Some(epoch) = self.kept.accept(msg)? {
-                self.acks.lock().unwrap().as_ref().unwrap().acked(epoch);
+            match self.kept.accept(msg) {
+                Ok(Some(epoch)) => self.acks.lock().unwrap().as_ref().unwrap().acked(epoch),
+                Ok(None) => {}
+                Err(e) => self.refused.lock().unwrap().push(e.to_string()),
             }
             Ok(())
         }
+
+        fn current(&self) -> u64 {
+            self.lane.load(Ordering::Relaxed)
+        }
     }
 
-    #[test]
-    fn a_checkpointer_keeps_the_receiver_in_step_through_a_lost_epoch() {
+    /// Runs a checkpointer over a guest written to in 40 rounds, with `mishap` on its lane, until
+    /// two epochs committed after the writes; the stats, the epochs committed, and the lane.
+    fn checkpoint_through(mishap: Mishap) -> (CheckpointStats, Vec<u64>, Arc<Direct>, bool) {
         let (guest, kept_mem) = (memory(), memory());
         let dirty = Arc::new(Mutex::new(FreePages::new(96)));
         let committed = Arc::new(Mutex::new(Vec::new()));
         let lane = Arc::new(Direct {
             kept: KeptImage::new(kept_mem.clone()),
             acks: Mutex::new(None),
-            cut_epoch: 2,
+            mishap,
             epoch: AtomicU64::new(0),
+            lane: AtomicU64::new(0),
+            refused: Mutex::new(Vec::new()),
         });
         let gate = Arc::new(Gate::default());
         let capture = FakeCapture { gate: gate.clone(), dirty: dirty.clone(), committed: committed.clone() };
@@ -827,9 +880,28 @@ mod tests {
         }
         let (stats, capture) = cp.stop();
         assert!(capture.is_some());
+        let committed = committed.lock().unwrap().clone();
+        let in_step = same(&guest, &kept_mem);
+        (stats, committed, lane, in_step)
+    }
+
+    #[test]
+    fn a_checkpointer_keeps_the_receiver_in_step_through_a_lost_epoch() {
+        let (stats, committed, lane, in_step) = checkpoint_through(Mishap::EndLost(2));
         assert!(stats.failed >= 1, "epoch 2 lost its end: {stats:?}");
-        assert!(!committed.lock().unwrap().contains(&2), "epoch 2 was never committed");
-        assert!(same(&guest, &kept_mem), "the receiver holds every write, epoch 2's included");
-        assert_eq!(lane.kept.last_epoch(), committed.lock().unwrap().last().copied());
+        assert!(!committed.contains(&2), "epoch 2 was never committed");
+        assert!(in_step, "the receiver holds every write, epoch 2's included");
+        assert_eq!(lane.kept.last_epoch(), committed.last().copied());
+        assert_eq!(*lane.refused.lock().unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn an_epoch_whose_lane_is_reopened_is_given_up_not_finished_on_the_new_lane() {
+        let (stats, committed, lane, in_step) = checkpoint_through(Mishap::ReopenedAfterBegin(2));
+        assert_eq!(*lane.refused.lock().unwrap(), Vec::<String>::new(), "the rest of epoch 2 reached the receiver");
+        assert!(stats.failed >= 1, "epoch 2 lost its beginning: {stats:?}");
+        assert!(!committed.contains(&2), "epoch 2 was never committed");
+        assert!(in_step, "the receiver holds every write, epoch 2's included");
+        assert_eq!(lane.kept.last_epoch(), committed.last().copied());
     }
 }

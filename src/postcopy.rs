@@ -79,20 +79,29 @@ impl std::fmt::Debug for Halt {
 }
 
 /// The control lane as the checkpointer writes to it: whichever lane is current (the source
-/// watch swaps in a reopened one).
+/// watch swaps in a reopened one), numbered by how many were set.
 #[derive(Debug, Default)]
-struct CurrentLane(std::sync::Mutex<Option<LiveWriter>>);
+struct CurrentLane(std::sync::Mutex<(Option<LiveWriter>, u64)>);
 
 impl CurrentLane {
     fn set(&self, writer: LiveWriter) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
+        let mut lane = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *lane = (Some(writer), lane.1 + 1);
     }
 }
 
 impl CheckpointLane for CurrentLane {
-    fn send(&self, msg: &[u8]) -> Result<()> {
-        let writer = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        writer.ok_or(MigrationError::Transport(ferry_transport::TransportError::PeerClosed))?.write(msg)
+    fn send(&self, on: u64, msg: &[u8]) -> Result<()> {
+        let writer = match &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            (Some(writer), current) if *current == on => writer.clone(),
+            // Gone with the lane the epoch began on: as lost as the messages that went with it.
+            _ => return Err(MigrationError::Transport(ferry_transport::TransportError::PeerClosed)),
+        };
+        writer.write(msg)
+    }
+
+    fn current(&self) -> u64 {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).1
     }
 }
 
