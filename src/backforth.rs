@@ -58,6 +58,7 @@ const ONTO_PREPARED: u8 = 23;
 /// Which image a retained copy is, or which image a running guest's changes are relative to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageIdentity {
+    /// The VM's name, the same on every host.
     pub vm_id: String,
     /// Migrations the VM had made when this image was left behind.
     pub generation: u64,
@@ -88,6 +89,7 @@ impl RetainedImage {
         RetainedImage { identity, memory }
     }
 
+    /// Which image this is.
     pub fn identity(&self) -> &ImageIdentity {
         &self.identity
     }
@@ -128,6 +130,7 @@ impl<L: DirtyLog> ChangeTracker<L> {
         self.changed.union_with(pages);
     }
 
+    /// The image the changes are relative to.
     pub fn base(&self) -> &ImageIdentity {
         &self.base
     }
@@ -239,7 +242,9 @@ fn layout_digest(layout: &MemoryLayout) -> u32 {
 /// What a returning VM's source claims about the image it left.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BaseOffer {
+    /// The image the source says the VM left.
     pub base: ImageIdentity,
+    /// A digest of the guest's layout (both ends must hold the same).
     pub layout_digest: u32,
     /// Pages that differ from the base.
     pub changed: FreePages,
@@ -260,11 +265,21 @@ pub enum BaseVerdict {
 #[derive(Debug)]
 pub enum Arrival {
     /// Onto its kept image: only `changed` pages are to come.
-    Onto { memory: Arc<GuestMemory>, changed: FreePages },
+    Onto {
+        /// The kept image, which becomes the guest's memory.
+        memory: Arc<GuestMemory>,
+        /// The pages that will arrive.
+        changed: FreePages,
+    },
     /// A full migration into fresh memory. `refused` says why the kept image could not serve
     /// (None: the source had no base to offer); `image` is the kept image, for the host to
     /// keep or drop (it is not the guest's base).
-    Full { refused: Option<String>, image: Option<RetainedImage> },
+    Full {
+        /// Why the kept image was refused, if there was one.
+        refused: Option<String>,
+        /// The kept image, to keep or drop.
+        image: Option<RetainedImage>,
+    },
 }
 
 /// Source side, before the migration proper: offers `offer` (None: this guest has no base to go

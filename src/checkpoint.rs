@@ -65,6 +65,7 @@ fn protocol(why: impl Into<String>) -> MigrationError {
 
 /// Guest memory a checkpoint is captured from or applied to.
 pub trait GuestView: Send + Sync {
+    /// The memory itself.
     fn guest_memory(&self) -> &GuestMemory;
 }
 
@@ -83,11 +84,13 @@ impl GuestView for DestinationMemory {
 /// One epoch: the contents of the pages the guest wrote, and its state blob.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checkpoint {
+    /// The epoch's number: epochs only go up.
     pub epoch: u64,
     /// Global page indices, ascending.
     pub pages: Vec<u64>,
     /// `pages.len()` pages of contents, in the order of `pages`.
     pub contents: Vec<u8>,
+    /// The VMM's state blob at the pause.
     pub state: Vec<u8>,
 }
 
@@ -201,6 +204,7 @@ pub struct CheckpointReceiver {
 }
 
 impl CheckpointReceiver {
+    /// A receiver for a guest of `layout`, at no epoch yet.
     pub fn new(layout: &MemoryLayout) -> Self {
         CheckpointReceiver {
             pages: layout.total_pages(),
@@ -366,6 +370,7 @@ impl KeptImage {
         self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The last epoch applied, if one was.
     pub fn last_epoch(&self) -> Option<u64> {
         self.last.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(e, _)| *e)
     }
@@ -375,6 +380,7 @@ impl KeptImage {
         (self.applied.load(Ordering::Relaxed), self.applied_pages.load(Ordering::Relaxed))
     }
 
+    /// The kept memory, every applied epoch in it.
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.memory
     }
@@ -438,10 +444,13 @@ pub struct CheckpointStats {
     pub failed: u64,
     /// Captures given up because the guest would not pause in time.
     pub skipped: u64,
+    /// Pages the acknowledged epochs carried.
     pub pages: u64,
+    /// Bytes they carried (pages and state).
     pub bytes: u64,
     /// The guest's pauses for captures: total and longest.
     pub paused: Duration,
+    /// The longest pause.
     pub longest_pause: Duration,
 }
 
@@ -570,6 +579,7 @@ impl Checkpointer {
         Ok(Checkpointer { shared, thread: Some(thread) })
     }
 
+    /// A handle for acknowledgements and early-capture requests.
     pub fn handle(&self) -> CheckpointerHandle {
         CheckpointerHandle(self.shared.clone())
     }

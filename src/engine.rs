@@ -30,6 +30,7 @@ const MAX_BULK_RUN_BYTES: u64 = 1 << 20;
 /// What the user chooses for a post-copy destination.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
+    /// How pages the guest has not touched yet are brought. Default: bubbling.
     pub policy: PolicyKind,
     /// Pivots the fault thread may queue for the pre-pager before the oldest are dropped.
     pub fault_queue: usize,
@@ -73,18 +74,23 @@ const MAX_RECORDED_FAULTS: usize = 1 << 22;
 /// What a post-copy destination measured.
 #[derive(Clone, Debug, Default)]
 pub struct DestinationReport {
+    /// The policy that ran.
     pub policy: &'static str,
+    /// Pages in the guest.
     pub pages_total: u64,
     /// From the engine's start (the handoff received) to every page present.
     pub total: Duration,
     /// From receiving the handoff to the guest running (the destination's share of downtime).
     pub resume_latency: Duration,
+    /// Faults the guest took on absent pages.
     pub faults: u64,
+    /// Faults that waited for the network (an urgent read).
     pub network_faults: u64,
     /// Faults on pages already in flight on the bulk lane: pre-paging made them shorter.
     pub inflight_faults: u64,
     /// Faults resolved without the network.
     pub local_faults: u64,
+    /// Pages the urgent lane brought.
     pub urgent_pages: u64,
     /// Pages the pre-pager brought before anyone faulted on them.
     pub bulk_pages: u64,
@@ -102,12 +108,19 @@ pub struct DestinationReport {
     pub paused: Duration,
     /// The pages the guest faulted on, first faults only, in order (when recorded).
     pub first_faults: Vec<u64>,
+    /// Pages that arrived as zero (one bit on the wire, installed as zero pages).
     pub zero_pages: u64,
+    /// Pages the source named free: never read, installed as zero.
     pub skipped_free_pages: u64,
+    /// Pages the guest discarded before they arrived: never read.
     pub discarded_pages: u64,
+    /// Pages installed more than once (a healthy run installs none twice).
     pub pages_installed_twice: u64,
+    /// Median network-fault latency.
     pub fault_p50: Duration,
+    /// 99th percentile network-fault latency.
     pub fault_p99: Duration,
+    /// Longest network fault.
     pub fault_max: Duration,
     /// Counts of network-fault latencies in power-of-two microsecond buckets.
     pub fault_histogram_us: Vec<u64>,
@@ -302,10 +315,12 @@ impl PostcopyEngine {
         Ok(())
     }
 
+    /// The destination's memory.
     pub fn memory(&self) -> &Arc<DestinationMemory> {
         &self.memory
     }
 
+    /// What the fault handler and installers count, live.
     pub fn stats(&self) -> &FaultStats {
         &self.stats
     }
@@ -315,6 +330,7 @@ impl PostcopyEngine {
         self.stats.clone()
     }
 
+    /// The policy the user chose (it runs until every page is present).
     pub fn policy(&self) -> PolicyKind {
         self.config.policy
     }
@@ -438,6 +454,7 @@ pub struct FailureWatch {
 }
 
 impl FailureWatch {
+    /// Why the engine failed, if it did.
     pub fn failure(&self) -> Option<String> {
         self.flags.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }

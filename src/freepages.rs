@@ -10,6 +10,7 @@ pub struct FreePages {
 }
 
 impl FreePages {
+    /// A map of `pages` pages, none marked.
     pub fn new(pages: u64) -> Self {
         FreePages { words: vec![0; pages.div_ceil(64) as usize], pages }
     }
@@ -27,26 +28,31 @@ impl FreePages {
         Some(FreePages { words, pages })
     }
 
+    /// The bitmap's words (page `p` is bit `p % 64` of word `p / 64`), as it travels on the wire.
     pub fn words(&self) -> &[u64] {
         &self.words
     }
 
+    /// Pages the map covers.
     pub fn pages(&self) -> u64 {
         self.pages
     }
 
+    /// Marks page `page`.
     pub fn set(&mut self, page: u64) {
         if page < self.pages {
             self.words[(page / 64) as usize] |= 1 << (page % 64);
         }
     }
 
+    /// Marks `count` pages from `first`.
     pub fn set_range(&mut self, first: u64, count: u64) {
         for p in first..first.saturating_add(count).min(self.pages) {
             self.set(p);
         }
     }
 
+    /// Whether page `page` is marked.
     pub fn is_free(&self, page: u64) -> bool {
         page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
     }
@@ -83,6 +89,7 @@ impl FreePages {
         }
     }
 
+    /// Pages marked.
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }

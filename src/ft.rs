@@ -28,6 +28,7 @@ use crate::liveness::{LiveControl, LiveWriter, Liveness};
 /// How a pair runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FtConfig {
+    /// Heartbeats between primary and backup.
     pub liveness: Liveness,
     /// Epoch length (`period`, 10-100 ms is Remus's range) and how long an epoch waits for its ack.
     pub checkpoints: CheckpointConfig,
@@ -135,9 +136,11 @@ pub struct BackupEnd {
     pub why: String,
     /// Epochs applied, and their pages.
     pub epochs: u64,
+    /// Pages they wrote.
     pub pages: u64,
     /// The last epoch applied, and when: a takeover resumes from it.
     pub last_epoch: Option<u64>,
+    /// When the last epoch was applied.
     pub last_applied_at: Option<Instant>,
 }
 

@@ -43,10 +43,15 @@ pub(crate) const STREAM_SAMPLES: u8 = 5;
 /// What the destination tells the source when every page is present.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DoneCounters {
+    /// Pages present at the destination.
     pub pages_present: u64,
+    /// Faults that waited for the network.
     pub network_faults: u64,
+    /// Pages the urgent lane brought.
     pub urgent_pages: u64,
+    /// Pages pre-paging brought.
     pub bulk_pages: u64,
+    /// Pages the source named free, never read.
     pub skipped_free_pages: u64,
 }
 
@@ -137,9 +142,12 @@ pub enum RoundKind {
     SwitchToPostcopy,
 }
 
+/// A pre-copy round as the destination receives it.
 #[derive(Debug)]
 pub struct Round {
+    /// The pages to pull this round.
     pub dirty: FreePages,
+    /// Whether the guest runs on after it, stops, or switches to post-copy.
     pub kind: RoundKind,
 }
 
@@ -147,6 +155,7 @@ const ROUND_PULL: u8 = 0;
 const ROUND_FINAL: u8 = 1;
 const ROUND_SWITCH: u8 = 2;
 
+/// Source: tells the destination which pages to pull this round (`dirty`) and what follows it.
 pub fn send_round(control: &mut dyn ControlStream, dirty: &FreePages, kind: &RoundKind) -> Result<()> {
     let (tag, state) = match kind {
         RoundKind::Pull => (ROUND_PULL, None),
@@ -165,6 +174,7 @@ pub fn send_round(control: &mut dyn ControlStream, dirty: &FreePages, kind: &Rou
     Ok(())
 }
 
+/// Destination: the next round the source announces.
 pub fn receive_round(control: &mut dyn ControlStream, total_pages: u64) -> Result<Round> {
     let msg = read_message(control)?;
     if msg.first() != Some(&ROUND) || msg.len() != 18 || msg[1] > ROUND_SWITCH {
@@ -189,6 +199,7 @@ pub fn receive_round(control: &mut dyn ControlStream, total_pages: u64) -> Resul
     Ok(Round { dirty, kind })
 }
 
+/// Destination: the round is pulled (`pages` pages in `elapsed_us` microseconds).
 pub fn send_round_done(control: &mut dyn ControlStream, pages: u64, elapsed_us: u64) -> Result<()> {
     let msg = [&[ROUND_DONE][..], &pages.to_le_bytes(), &elapsed_us.to_le_bytes()].concat();
     Ok(write_session(control, &msg)?)
@@ -203,10 +214,12 @@ pub fn expect_round_done(control: &mut dyn ControlStream) -> Result<(u64, u64)> 
     Ok((u64_at(&msg, 1)?, u64_at(&msg, 9)?))
 }
 
+/// Destination: the guest runs here now.
 pub fn send_resumed(control: &mut dyn ControlStream) -> Result<()> {
     Ok(write_session(control, &[RESUMED])?)
 }
 
+/// Destination: every page is present; the counters go with it.
 pub fn send_done(control: &mut dyn ControlStream, c: &DoneCounters) -> Result<()> {
     let mut msg = vec![DONE];
     for v in [c.pages_present, c.network_faults, c.urgent_pages, c.bulk_pages, c.skipped_free_pages] {
@@ -215,12 +228,14 @@ pub fn send_done(control: &mut dyn ControlStream, c: &DoneCounters) -> Result<()
     Ok(write_session(control, &msg)?)
 }
 
+/// Either side: gives up, saying why (best effort: the lane may be gone).
 pub fn send_abort(control: &mut dyn ControlStream, reason: &str) {
     let mut msg = vec![ABORT];
     msg.extend_from_slice(&reason.as_bytes()[..reason.len().min(1024)]);
     let _ = write_session(control, &msg);
 }
 
+/// Source: waits for the destination to say the guest runs there (or why it does not).
 pub fn expect_resumed(control: &mut dyn ControlStream) -> Result<()> {
     match read_message(control)?.as_slice() {
         [RESUMED] => Ok(()),
@@ -228,6 +243,7 @@ pub fn expect_resumed(control: &mut dyn ControlStream) -> Result<()> {
     }
 }
 
+/// Source: waits for the destination to say every page is present.
 pub fn expect_done(control: &mut dyn ControlStream) -> Result<DoneCounters> {
     done_counters(&read_message(control)?)
 }

@@ -75,10 +75,13 @@
 //! # }
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod arbiter;
 pub mod backforth;
 pub mod checkpoint;
 pub mod engine;
+/// Errors of a migration session.
 pub mod error;
 pub mod freepages;
 pub mod ft;

@@ -155,6 +155,7 @@ impl LiveControl {
         TransportError::Silent(format!("nothing on the control lane for {:?}", self.liveness.timeout))
     }
 
+    /// The heartbeat period and timeout this lane runs with.
     pub fn liveness(&self) -> Liveness {
         self.liveness
     }
@@ -165,6 +166,7 @@ impl LiveControl {
 pub struct LiveWriter(Arc<Mutex<Box<dyn ControlStream>>>);
 
 impl LiveWriter {
+    /// Writes one session message.
     pub fn write(&self, payload: &[u8]) -> Result<()> {
         let mut w = self.0.lock().unwrap_or_else(|e| e.into_inner());
         Ok(write_session(&mut **w, payload)?)

@@ -25,12 +25,14 @@ const SEED: u64 = 77;
 /// The page transport a loopback migration uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoopbackTransport {
+    /// A page server over loopback tcp.
     Tcp,
     /// Same host: the source's memfds mapped by the destination; reads are one-sided.
     Local,
 }
 
 impl LoopbackTransport {
+    /// The transport's name in reports.
     pub fn name(self) -> &'static str {
         match self {
             LoopbackTransport::Tcp => "tcp",
@@ -39,20 +41,29 @@ impl LoopbackTransport {
     }
 }
 
+/// One loopback migration: what moves, over what, how the guest walks meanwhile.
 #[derive(Clone, Debug)]
 pub struct LoopbackConfig {
+    /// The page transport.
     pub transport: LoopbackTransport,
+    /// The guest memory's layout.
     pub layout: MemoryLayout,
+    /// What backs the destination's memory (anonymous, memfd, hugetlbfs).
     pub dest_backing: Backing,
+    /// How the guest walks its memory while it arrives.
     pub pattern: Pattern,
+    /// The pre-paging policy.
     pub policy: PolicyKind,
     /// Pages the guest touches while memory arrives.
     pub touches: u64,
 }
 
+/// What a loopback migration measured, at both ends and in the guest.
 #[derive(Clone, Debug)]
 pub struct LoopbackOutcome {
+    /// The destination's report.
     pub dest: DestinationReport,
+    /// The source's report.
     pub source: SourceReport,
     /// The guest's walk while memory arrived.
     pub during: TouchReport,
@@ -63,7 +74,9 @@ pub struct LoopbackOutcome {
     /// Pages the source served (data and zero markers), and of them those served before; `None`
     /// over `local`, where reads are one-sided and the source sees none of them.
     pub served_pages: Option<u64>,
+    /// Pages served more than once (post-copy keeps this at zero); `None` over `local`.
     pub served_twice: Option<u64>,
+    /// Pages the source named free (never sent).
     pub free_pages: u64,
 }
 

@@ -38,6 +38,7 @@ use crate::liveness::{LiveControl, LiveWriter, Liveness};
 pub struct Protection {
     /// Pauses the guest for consistent captures; told when output may leave.
     pub capture: Box<dyn CheckpointCapture>,
+    /// How often the destination checkpoints, and how long an epoch waits for its ack.
     pub checkpoints: CheckpointConfig,
     /// Taken before the guest resumes here, kept while it runs; `None`: no fencing (a partitioned
     /// destination may then run on while the source restarts).
@@ -242,10 +243,12 @@ impl PostcopyDestination {
         Ok(PostcopyDestination { engine, watch, resume_latency, rejoin, guard })
     }
 
+    /// The destination's memory.
     pub fn memory(&self) -> &Arc<DestinationMemory> {
         self.engine.memory()
     }
 
+    /// What the fault handler and installers count, live.
     pub fn stats(&self) -> &FaultStats {
         self.engine.stats()
     }
@@ -480,6 +483,7 @@ pub struct SourceReport {
     pub downtime: Duration,
     /// From the pause to every page present at the destination.
     pub total: Duration,
+    /// What the destination counted when every page was present.
     pub done: DoneCounters,
     /// Times the destination opened the control lane again after it broke.
     pub control_recoveries: u64,
@@ -487,6 +491,7 @@ pub struct SourceReport {
 
 /// Where a source takes a destination's control lane again after it broke: its page server.
 pub trait ControlAcceptor: Sync {
+    /// Waits up to `timeout` for the destination to open the control lane again.
     fn accept_control(&self, timeout: Duration) -> Result<Box<dyn ControlStream>>;
 }
 
@@ -512,6 +517,7 @@ impl ControlAcceptor for ferry_transport::local::LocalPageServer {
 /// How a post-copy source runs its side of the session.
 #[derive(Clone, Copy)]
 pub struct SourceOptions<'a> {
+    /// Heartbeats on the control lane.
     pub liveness: Liveness,
     /// How long to wait for a destination whose control lane broke to open it again (it does,
     /// under the same session, when it can reconnect); zero: a broken control lane ends the

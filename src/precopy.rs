@@ -23,6 +23,7 @@ pub trait DirtyLog {
     fn collect(&mut self) -> Result<FreePages>;
 }
 
+/// How a pre-copy (or hybrid) source decides when to stop.
 #[derive(Clone, Debug)]
 pub struct PrecopyConfig {
     /// Stop when the predicted downtime is at most this.
@@ -50,6 +51,7 @@ impl Default for PrecopyConfig {
     }
 }
 
+/// What a pre-copy source measured.
 #[derive(Clone, Debug, Default)]
 pub struct PrecopyReport {
     /// Rounds before the final one.
@@ -60,6 +62,7 @@ pub struct PrecopyReport {
     pub predicted_downtime: Duration,
     /// Measured: from the pause to the destination's guest running.
     pub downtime: Duration,
+    /// From the start of round 0 to the destination's guest running.
     pub total: Duration,
     /// Last measured pull bandwidth, bytes per second.
     pub bandwidth: f64,

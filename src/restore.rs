@@ -44,7 +44,9 @@ fn zero_pages(image: &SnapshotImage) -> Result<FreePages> {
 /// What an eager restore did.
 #[derive(Clone, Debug, Default)]
 pub struct EagerReport {
+    /// Pages read from the image.
     pub pages_read: u64,
+    /// How long the restore took.
     pub took: Duration,
 }
 
@@ -116,6 +118,7 @@ impl LazyRestore {
 /// count, the pages, crc32c.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkingSet {
+    /// Global page indices, in the order the guest first touched them.
     pub pages: Vec<u64>,
 }
 
@@ -132,6 +135,7 @@ impl WorkingSet {
         PathBuf::from(p)
     }
 
+    /// Writes the working set to `path` (checksummed).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut out = Vec::with_capacity(24 + self.pages.len() * 8);
         out.extend_from_slice(WS_MAGIC);

@@ -45,6 +45,7 @@ pub trait TaskSegments: Send + Sync {
 /// Stop-and-copy inside the guest's marked segments.
 #[derive(Clone)]
 pub struct TaskGuidance {
+    /// Tells whether the guest is inside a marked segment, and holds it there for a pause.
     pub segments: Arc<dyn TaskSegments>,
     /// How long past the first moment the source could have stopped it waits for a segment.
     pub max_wait: Duration,

@@ -14,11 +14,15 @@ use ferry_fault_handler::DestinationMemory;
 /// One reading of the counters, `at` after the timeline started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TimelinePoint {
+    /// When the reading was taken, from the timeline's start.
     pub at: Duration,
+    /// Pages present.
     pub pages_present: u64,
     /// Pages read on the urgent lane (faults) and on the bulk lane (pre-paging), so far.
     pub urgent_pages: u64,
+    /// See `urgent_pages`.
     pub bulk_pages: u64,
+    /// Faults that waited for the network, so far.
     pub network_faults: u64,
     /// Time faulting vCPUs waited, so far.
     pub blocktime: Duration,
@@ -32,6 +36,7 @@ pub struct Timeline {
 }
 
 impl Timeline {
+    /// Reads `stats` and `memory` every `period` on a thread of its own until [`Timeline::stop`].
     pub fn start(memory: Arc<DestinationMemory>, stats: Arc<FaultStats>, period: Duration) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();

@@ -25,8 +25,10 @@ pub enum Pattern {
 }
 
 impl Pattern {
+    /// Every pattern, in the order reports list them.
     pub const ALL: [Pattern; 3] = [Pattern::Sequential, Pattern::Random, Pattern::HotSet];
 
+    /// The pattern's name on command lines and in reports.
     pub fn name(self) -> &'static str {
         match self {
             Pattern::Sequential => "seq",
@@ -49,8 +51,11 @@ impl std::str::FromStr for Pattern {
 /// What a workload saw.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TouchReport {
+    /// Pages touched.
     pub touches: u64,
+    /// Touches that found a page with the wrong contents.
     pub mismatches: u64,
+    /// How long the walk took.
     pub elapsed: Duration,
     /// Latency of each touch that blocked (took at least [`BLOCKED_TOUCH`]): what a fault costs the
     /// guest, delivery and wake-up included. Capped at [`MAX_BLOCKED_SAMPLES`].
@@ -60,9 +65,11 @@ pub struct TouchReport {
 /// A touch slower than this blocked on a fault: reading and checking a present 4 KiB page takes
 /// about 1 us here, the cheapest userfaultfd fault about 10 us.
 pub const BLOCKED_TOUCH: Duration = Duration::from_micros(5);
+/// Most blocked-touch latencies a report keeps.
 pub const MAX_BLOCKED_SAMPLES: usize = 1 << 20;
 
 impl TouchReport {
+    /// Touches per second.
     pub fn rate(&self) -> f64 {
         self.touches as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -118,12 +125,16 @@ impl XorShift {
 /// Where a walk goes: its pattern, its own random seed, and its start (for sequential walks).
 #[derive(Clone, Copy, Debug)]
 pub struct Walk {
+    /// How pages are chosen.
     pub pattern: Pattern,
+    /// The walk's random seed.
     pub seed: u64,
+    /// The first page of a sequential walk.
     pub start: u64,
 }
 
 impl Walk {
+    /// A walk of `pattern` with the default seed, from page 0.
     pub fn new(pattern: Pattern) -> Self {
         Walk { pattern, seed: 0x2545_f491, start: 0 }
     }
@@ -234,6 +245,7 @@ pub struct EngineWatchdog {
 }
 
 impl EngineWatchdog {
+    /// Watches `watch` from a thread of its own until dropped.
     pub fn start(watch: crate::engine::FailureWatch) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let thread = {

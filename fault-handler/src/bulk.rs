@@ -16,7 +16,9 @@ use crate::stats::FaultStats;
 /// One bulk read that completed and is now installed.
 #[derive(Debug)]
 pub struct Installed {
+    /// Pages the read installed.
     pub pages: u32,
+    /// Bytes it moved.
     pub bytes: u64,
     /// Lane time this read accounts for: since the previous completion, or since the lane went
     /// from idle to busy. The pre-pager sizes its runs from it.
@@ -57,6 +59,7 @@ impl BulkInstaller {
         self.lane.in_flight() < self.lane.depth()
     }
 
+    /// Reads submitted and not yet installed.
     pub fn in_flight(&self) -> usize {
         self.lane.in_flight()
     }

@@ -20,22 +20,27 @@ use crate::uffd::Event;
 pub struct FaultQueue(ArrayQueue<u64>);
 
 impl FaultQueue {
+    /// A queue of `capacity` faults (at least one).
     pub fn new(capacity: usize) -> Self {
         FaultQueue(ArrayQueue::new(capacity.max(1)))
     }
 
+    /// Adds a faulting page, dropping the oldest when full.
     pub fn push(&self, page: u64) {
         self.0.force_push(page);
     }
 
+    /// The oldest fault queued.
     pub fn pop(&self) -> Option<u64> {
         self.0.pop()
     }
 
+    /// Faults queued.
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
+    /// Whether no fault is queued.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

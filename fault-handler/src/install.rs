@@ -152,6 +152,7 @@ impl DestinationMemory {
         })
     }
 
+    /// How pages are installed: `UFFDIO_CONTINUE` through an alias, or `UFFDIO_COPY`.
     pub fn mode(&self) -> InstallMode {
         if self.alias.is_some() {
             InstallMode::Continue
@@ -166,14 +167,17 @@ impl DestinationMemory {
         &self.guest
     }
 
+    /// The guest memory.
     pub fn guest(&self) -> &GuestMemory {
         &self.guest
     }
 
+    /// Every page's state.
     pub fn states(&self) -> &PageStates {
         &self.states
     }
 
+    /// Bytes per page.
     pub fn page_size(&self) -> u64 {
         self.page_size
     }

@@ -10,7 +10,10 @@
 //! and asks again what was in flight on it. The raw ioctls live in [`uffd`], the crate's only
 //! syscall place.
 
+#![deny(missing_docs)]
+
 pub mod bulk;
+/// Errors of the fault handler.
 pub mod error;
 pub mod handler;
 pub mod install;

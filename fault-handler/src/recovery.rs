@@ -15,6 +15,7 @@ use crate::error::{FaultError, Result};
 /// How a destination reopens its lanes.
 #[derive(Clone, Debug)]
 pub struct Recovery {
+    /// Reopens the lanes.
     pub reconnect: Arc<dyn Reconnect>,
     /// How long to keep trying; the lane's failure stands after it.
     pub window: Duration,
@@ -43,6 +44,7 @@ impl LaneInterrupts {
         self.0.lock().unwrap_or_else(|e| e.into_inner())[Self::slot(lane)] = interrupter;
     }
 
+    /// Makes every blocked read on the current lanes fail at once.
     pub fn fire(&self) {
         let current = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for interrupt in current.iter().flatten() {

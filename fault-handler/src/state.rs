@@ -19,10 +19,12 @@ pub struct Claim {
 }
 
 impl Claim {
+    /// The claim's first global page.
     pub fn first(&self) -> u64 {
         self.first
     }
 
+    /// Pages in the claim.
     pub fn count(&self) -> u32 {
         self.count
     }
@@ -94,6 +96,7 @@ pub struct PageStates {
 }
 
 impl PageStates {
+    /// Every page of `layout` absent and unclaimed.
     pub fn new(layout: &MemoryLayout) -> Self {
         let mut bounds = vec![0];
         for i in 0..layout.regions().len() as u32 {
@@ -111,6 +114,7 @@ impl PageStates {
         }
     }
 
+    /// Pages tracked.
     pub fn pages(&self) -> u64 {
         self.pages
     }
@@ -183,14 +187,17 @@ impl PageStates {
         self.issue(page, 1)
     }
 
+    /// Whether page `page` is claimed (being fetched or present).
     pub fn is_claimed(&self, page: u64) -> bool {
         self.claimed.get(page)
     }
 
+    /// Whether page `page` is present.
     pub fn is_present(&self, page: u64) -> bool {
         self.present.get(page)
     }
 
+    /// Whether page `page` was discarded by the guest (reads as zero, never fetched).
     pub fn is_discarded(&self, page: u64) -> bool {
         self.discarded.get(page)
     }
@@ -268,14 +275,17 @@ impl PageStates {
         unclaimed
     }
 
+    /// Pages present.
     pub fn present_count(&self) -> u64 {
         self.present_count.load(Ordering::Acquire)
     }
 
+    /// Whether every page is present.
     pub fn all_present(&self) -> bool {
         self.present_count() == self.pages
     }
 
+    /// Pages installed more than once (a healthy run installs none twice).
     pub fn installed_twice(&self) -> u64 {
         self.installed_twice.load(Ordering::Relaxed)
     }

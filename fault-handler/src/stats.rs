@@ -12,12 +12,14 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    /// Counts one fault that took `d`.
     pub fn record(&self, d: Duration) {
         let us = d.as_micros().max(1) as u64;
         let i = (63 - us.leading_zeros() as usize).min(31);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The count of each bucket, up to the last that is not empty: bucket N holds faults of [2^N, 2^(N+1)) us.
     pub fn counts(&self) -> Vec<u64> {
         let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
         let last = counts.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
@@ -25,6 +27,7 @@ impl Histogram {
     }
 }
 
+/// What a destination's fault handler and installers count, readable while they run.
 #[derive(Debug, Default)]
 pub struct FaultStats {
     /// Page-fault events read from the userfaultfd.
@@ -59,10 +62,12 @@ pub struct FaultStats {
 }
 
 impl FaultStats {
+    /// Adds `n` to one of the counters.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Reads one of the counters.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }

@@ -71,14 +71,22 @@ const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, 0x03, std::mem::size_of::<Cop
 const UFFDIO_ZEROPAGE: u64 = ioc(IOC_READ | IOC_WRITE, 0x04, std::mem::size_of::<ZeroArg>());
 const UFFDIO_CONTINUE: u64 = ioc(IOC_READ | IOC_WRITE, 0x07, std::mem::size_of::<ContinueArg>());
 
+/// `UFFD_FEATURE_EVENT_REMOVE`: report ranges the guest discards.
 pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+/// `UFFD_FEATURE_MISSING_HUGETLBFS`: missing faults on hugetlbfs.
 pub const FEATURE_MISSING_HUGETLBFS: u64 = 1 << 4;
+/// `UFFD_FEATURE_MISSING_SHMEM`: missing faults on shmem (memfd).
 pub const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+/// `UFFD_FEATURE_THREAD_ID`: the faulting thread's id with each fault.
 pub const FEATURE_THREAD_ID: u64 = 1 << 8;
+/// `UFFD_FEATURE_MINOR_HUGETLBFS`: minor faults on hugetlbfs.
 pub const FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
+/// `UFFD_FEATURE_MINOR_SHMEM`: minor faults on shmem.
 pub const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 
+/// `UFFDIO_REGISTER_MODE_MISSING`: faults on absent pages.
 pub const MODE_MISSING: u64 = 1 << 0;
+/// `UFFDIO_REGISTER_MODE_MINOR`: faults on pages present in the page cache but not mapped.
 pub const MODE_MINOR: u64 = 1 << 2;
 
 const EVENT_PAGEFAULT: u8 = 0x12;
@@ -92,10 +100,22 @@ const MSG_LEN: usize = 32;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     /// A thread touched an absent page (MISSING) or an unmapped page-cache page (MINOR).
-    PageFault { address: u64, write: bool, minor: bool },
+    PageFault {
+        /// Host address that faulted.
+        address: u64,
+        /// A write fault.
+        write: bool,
+        /// A minor fault (the page is in the page cache).
+        minor: bool,
+    },
     /// The range `start..end` was discarded (`MADV_DONTNEED`, `MADV_REMOVE`): its pages read as
     /// zero from now on and must never be filled from the source.
-    Remove { start: u64, end: u64 },
+    Remove {
+        /// First host address of the range.
+        start: u64,
+        /// One past its last.
+        end: u64,
+    },
     /// An event ferry did not ask for; carried for logging.
     Other(u8),
 }
@@ -154,6 +174,7 @@ impl Userfault {
         Ok(Userfault { fd, features: 0 })
     }
 
+    /// The features the kernel granted.
     pub fn features(&self) -> u64 {
         self.features
     }

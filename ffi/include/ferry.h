@@ -35,6 +35,9 @@
  * Result of every call.
  */
 typedef enum FerryStatus {
+  /**
+   * The call succeeded.
+   */
   FERRY_STATUS_OK = 0,
   /**
    * A null pointer, a bad size, an unknown enum value, a key shorter than 16 bytes.
@@ -79,8 +82,17 @@ typedef enum FerryStatus {
  * error, not undefined behaviour.
  */
 typedef enum FerryPrepager {
+  /**
+   * Faults only.
+   */
   FERRY_PREPAGER_DEMAND = 0,
+  /**
+   * Faults, and a sweep from the first page to the last.
+   */
   FERRY_PREPAGER_PUSH = 1,
+  /**
+   * Faults, and a bubble growing outward both ways from the latest fault.
+   */
   FERRY_PREPAGER_BUBBLING = 2,
 } FerryPrepager;
 
@@ -109,7 +121,13 @@ typedef struct FerrySource FerrySource;
  * Which image: a VM's id (1 to 64 bytes, NUL-terminated) and its generation.
  */
 typedef struct FerryImageId {
+  /**
+   * The VM's id, the same on every host.
+   */
   const char *vm_id;
+  /**
+   * Migrations the VM had made when the image was left.
+   */
   uint64_t generation;
 } FerryImageId;
 
@@ -138,7 +156,13 @@ typedef struct FerryOutcome {
    * the wait ran out and it was stopped outside.
    */
   uint8_t stopped_in_segment;
+  /**
+   * See `stopped_in_segment`.
+   */
   uint8_t task_gave_up;
+  /**
+   * Zero.
+   */
   uint8_t reserved;
   /**
    * Pauses held back because the guest had left its segment.
@@ -162,6 +186,9 @@ typedef struct FerryOutcome {
  * One region of guest memory, as the VMM mapped it.
  */
 typedef struct FerryRegion {
+  /**
+   * Where the region starts in guest-physical memory.
+   */
   uint64_t guest_phys_addr;
   /**
    * Start of the host mapping; page aligned.
@@ -188,22 +215,61 @@ typedef int32_t (*FerryResumeFn)(const uint8_t *state, size_t len, void *user);
  * Counters of a migration. Fields a side does not measure are 0.
  */
 typedef struct FerryStats {
+  /**
+   * Pages in the guest.
+   */
   uint64_t pages_total;
+  /**
+   * Faults that waited for the network.
+   */
   uint64_t network_faults;
+  /**
+   * Faults on pages already on their way (pre-paging made them shorter).
+   */
   uint64_t inflight_faults;
+  /**
+   * Pages brought by faults.
+   */
   uint64_t urgent_pages;
+  /**
+   * Pages brought by pre-paging.
+   */
   uint64_t bulk_pages;
+  /**
+   * Pages that arrived as zero (no data on the wire).
+   */
   uint64_t zero_pages;
+  /**
+   * Pages the source named free, never sent.
+   */
   uint64_t skipped_free_pages;
   /**
    * Pages the source served more than once, or the destination installed more than once.
    */
   uint64_t pages_sent_twice;
+  /**
+   * From the pause to every page present, in microseconds.
+   */
   uint64_t total_us;
+  /**
+   * From the pause to the guest running at the destination, in microseconds.
+   */
   uint64_t downtime_us;
+  /**
+   * Median network-fault latency, in microseconds.
+   */
   uint64_t fault_p50_us;
+  /**
+   * 99th percentile network-fault latency, in microseconds.
+   */
   uint64_t fault_p99_us;
+  /**
+   * Longest network fault, in microseconds.
+   */
   uint64_t fault_max_us;
+  /**
+   * Total time faulting vCPUs waited on the network, in microseconds.
+   */
   uint64_t blocktime_us;
 } FerryStats;
 
@@ -327,14 +393,26 @@ typedef struct FerryCheckpointer {
    * Between checkpoints (0: 100 ms).
    */
   uint32_t period_ms;
+  /**
+   * Stops every vCPU and fills the state blob (see FerryCheckpointPauseFn).
+   */
   FerryCheckpointPauseFn pause;
   /**
    * Pages the guest wrote since the previous call (the first: since it resumed), as for
    * ferry_source_precopy; pages it discarded count as written.
    */
   FerryDirtyLogFn dirty_log;
+  /**
+   * Lets the vCPUs run again.
+   */
   FerryCheckpointResumeFn resume;
+  /**
+   * An epoch is safe: output produced before its pause may leave.
+   */
   FerryCommittedFn committed;
+  /**
+   * This side must stop running the guest for good (the other side may take it).
+   */
   FerryHaltFn halt;
 } FerryCheckpointer;
 
@@ -342,13 +420,25 @@ typedef struct FerryCheckpointer {
  * What an image holds: map guest memory of this shape before restoring it.
  */
 typedef struct FerryImageInfo {
+  /**
+   * Bytes per page.
+   */
   uint32_t page_size;
+  /**
+   * Regions in the image.
+   */
   uint32_t region_count;
+  /**
+   * Bytes of guest memory in all regions.
+   */
   uint64_t total_bytes;
   /**
    * Pages restored as zero without a read (zero when saved, or free).
    */
   uint64_t zero_pages;
+  /**
+   * Bytes of the VMM state blob saved with it.
+   */
   size_t state_len;
   /**
    * 1 if `IMAGE.ws` holds a working set for FERRY_RESTORE_REPLAY.

@@ -10,6 +10,8 @@
 //! a test fails when it is stale. `scripts/install-c.sh PREFIX` installs `libferry.so`,
 //! `libferry.a`, `ferry.h` and `ferry.pc`.
 
+#![deny(missing_docs)]
+
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::os::fd::BorrowedFd;
@@ -42,6 +44,7 @@ pub const FERRY_ABI_VERSION: u32 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FerryStatus {
+    /// The call succeeded.
     Ok = 0,
     /// A null pointer, a bad size, an unknown enum value, a key shorter than 16 bytes.
     ErrInvalidArgument = 1,
@@ -67,6 +70,7 @@ pub enum FerryStatus {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FerryRegion {
+    /// Where the region starts in guest-physical memory.
     pub guest_phys_addr: u64,
     /// Start of the host mapping; page aligned.
     pub host_addr: *mut c_void,
@@ -82,8 +86,11 @@ pub struct FerryRegion {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FerryPrepager {
+    /// Faults only.
     Demand = 0,
+    /// Faults, and a sweep from the first page to the last.
     Push = 1,
+    /// Faults, and a bubble growing outward both ways from the latest fault.
     Bubbling = 2,
 }
 
@@ -91,20 +98,33 @@ pub enum FerryPrepager {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FerryStats {
+    /// Pages in the guest.
     pub pages_total: u64,
+    /// Faults that waited for the network.
     pub network_faults: u64,
+    /// Faults on pages already on their way (pre-paging made them shorter).
     pub inflight_faults: u64,
+    /// Pages brought by faults.
     pub urgent_pages: u64,
+    /// Pages brought by pre-paging.
     pub bulk_pages: u64,
+    /// Pages that arrived as zero (no data on the wire).
     pub zero_pages: u64,
+    /// Pages the source named free, never sent.
     pub skipped_free_pages: u64,
     /// Pages the source served more than once, or the destination installed more than once.
     pub pages_sent_twice: u64,
+    /// From the pause to every page present, in microseconds.
     pub total_us: u64,
+    /// From the pause to the guest running at the destination, in microseconds.
     pub downtime_us: u64,
+    /// Median network-fault latency, in microseconds.
     pub fault_p50_us: u64,
+    /// 99th percentile network-fault latency, in microseconds.
     pub fault_p99_us: u64,
+    /// Longest network fault, in microseconds.
     pub fault_max_us: u64,
+    /// Total time faulting vCPUs waited on the network, in microseconds.
     pub blocktime_us: u64,
 }
 

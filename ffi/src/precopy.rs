@@ -27,7 +27,9 @@ use crate::*;
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FerryImageId {
+    /// The VM's id, the same on every host.
     pub vm_id: *const c_char,
+    /// Migrations the VM had made when the image was left.
     pub generation: u64,
 }
 
@@ -73,7 +75,9 @@ pub struct FerryOutcome {
     /// Task-guided (source): 1 when the guest stopped inside a segment; 1 in task_gave_up when
     /// the wait ran out and it was stopped outside.
     pub stopped_in_segment: u8,
+    /// See `stopped_in_segment`.
     pub task_gave_up: u8,
+    /// Zero.
     pub reserved: u8,
     /// Pauses held back because the guest had left its segment.
     pub task_held_back: u32,

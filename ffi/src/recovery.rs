@@ -99,12 +99,16 @@ pub type FerryHaltFn = Option<unsafe extern "C" fn(user: *mut c_void)>;
 pub struct FerryCheckpointer {
     /// Between checkpoints (0: 100 ms).
     pub period_ms: u32,
+    /// Stops every vCPU and fills the state blob (see FerryCheckpointPauseFn).
     pub pause: FerryCheckpointPauseFn,
     /// Pages the guest wrote since the previous call (the first: since it resumed), as for
     /// ferry_source_precopy; pages it discarded count as written.
     pub dirty_log: FerryDirtyLogFn,
+    /// Lets the vCPUs run again.
     pub resume: FerryCheckpointResumeFn,
+    /// An epoch is safe: output produced before its pause may leave.
     pub committed: FerryCommittedFn,
+    /// This side must stop running the guest for good (the other side may take it).
     pub halt: FerryHaltFn,
 }
 

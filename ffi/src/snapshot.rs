@@ -35,11 +35,15 @@ pub struct FerryImage {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FerryImageInfo {
+    /// Bytes per page.
     pub page_size: u32,
+    /// Regions in the image.
     pub region_count: u32,
+    /// Bytes of guest memory in all regions.
     pub total_bytes: u64,
     /// Pages restored as zero without a read (zero when saved, or free).
     pub zero_pages: u64,
+    /// Bytes of the VMM state blob saved with it.
     pub state_len: usize,
     /// 1 if `IMAGE.ws` holds a working set for FERRY_RESTORE_REPLAY.
     pub has_working_set: u32,

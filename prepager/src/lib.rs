@@ -8,6 +8,8 @@
 //! measured bandwidth. Policies are pure logic over [`PageStates`], so their order is testable
 //! without a transport.
 
+#![deny(missing_docs)]
+
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -15,6 +17,7 @@ use ferry_fault_handler::{Claim, PageStates};
 
 /// Chooses the next pages to fetch.
 pub trait Policy: Send {
+    /// The policy's name in reports (`demand`, `push`, `bubbling`, ...).
     fn name(&self) -> &'static str;
     /// A fault happened on `page` (the fault thread has already claimed or found it).
     fn on_fault(&mut self, page: u64);
@@ -31,16 +34,22 @@ pub trait Policy: Send {
     }
 }
 
+/// The pre-paging policies a user chooses from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PolicyKind {
+    /// Faults only: nothing is fetched that the guest did not touch.
     Demand,
+    /// Faults, and a sweep from the first page to the last.
     Push,
+    /// Faults, and a bubble growing outward both ways from the latest fault (Hines & Gopalan).
     Bubbling,
 }
 
 impl PolicyKind {
+    /// Every policy, in the order reports list them.
     pub const ALL: [PolicyKind; 3] = [PolicyKind::Demand, PolicyKind::Push, PolicyKind::Bubbling];
 
+    /// A fresh policy of this kind.
     pub fn build(self) -> Box<dyn Policy> {
         match self {
             PolicyKind::Demand => Box::new(Demand),
@@ -49,6 +58,7 @@ impl PolicyKind {
         }
     }
 
+    /// The policy's name in reports and on command lines.
     pub fn name(self) -> &'static str {
         match self {
             PolicyKind::Demand => "demand",
@@ -199,6 +209,7 @@ impl std::fmt::Debug for Replay {
 }
 
 impl Replay {
+    /// Claims the pages of `order` first (a recorded working set), then what `then` chooses.
     pub fn new(order: std::sync::Arc<Vec<u64>>, then: Box<dyn Policy>) -> Self {
         let mut position = std::collections::HashMap::with_capacity(order.len());
         for (i, &page) in order.iter().enumerate() {
@@ -268,6 +279,7 @@ pub struct BatchSizer {
 }
 
 impl BatchSizer {
+    /// A sizer for pages of `page_size` bytes, runs of at most `max_pages`.
     pub fn new(page_size: u64, max_pages: u32) -> Self {
         BatchSizer {
             page_size,
@@ -290,6 +302,7 @@ impl BatchSizer {
         });
     }
 
+    /// The bandwidth estimate, in bytes per second, once a read was recorded.
     pub fn bandwidth(&self) -> Option<f64> {
         self.bandwidth
     }

@@ -200,6 +200,7 @@ impl ScratchEtcd {
         panic!("etcd did not come up at {}", etcd.endpoint);
     }
 
+    /// The client URL the scratch etcd listens on.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }

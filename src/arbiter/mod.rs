@@ -38,8 +38,11 @@ use crate::error::{MigrationError, Result};
 /// Who holds the lease, in which epoch, and until when (milliseconds since the Unix epoch).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
+    /// The side that holds it.
     pub holder: String,
+    /// Bumped each time the lease changes hands: a stale holder's writes are refused.
     pub epoch: u64,
+    /// When it lapses unless renewed.
     pub expires_ms: u64,
 }
 
@@ -148,6 +151,7 @@ impl Arbiter for LeaseFile {
 /// Who takes a lease, through which arbiter, for how long at a time.
 #[derive(Clone)]
 pub struct LeaseTerms {
+    /// Where the lease is kept.
     pub arbiter: Arc<dyn Arbiter>,
     /// This side's name (1-256 bytes, no spaces): unique per host and VM.
     pub holder: String,

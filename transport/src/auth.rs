@@ -9,7 +9,9 @@ use crate::wire::{NONCE_LEN, PROOF_LEN};
 
 type HmacSha256 = SimpleHmac<Sha256>;
 
+/// Shortest key accepted, in bytes.
 pub const MIN_KEY_LEN: usize = 16;
+/// Longest key accepted, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
 
 const SERVER_LABEL: &[u8] = b"ferry/1 server proof";
@@ -20,6 +22,7 @@ const CLIENT_LABEL: &[u8] = b"ferry/1 client proof";
 pub struct PreSharedKey(Vec<u8>);
 
 impl PreSharedKey {
+    /// A key of `bytes`; fails if it is shorter than [`MIN_KEY_LEN`] or longer than [`MAX_KEY_LEN`].
     pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Self> {
         let bytes = bytes.into();
         if bytes.len() < MIN_KEY_LEN {

@@ -5,44 +5,110 @@ use crate::wire::RejectReason;
 /// Wire input never panics: every malformed, hostile or truncated message ends as one of these.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// A system call failed.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    /// The peer closed the connection (or it broke).
     #[error("peer closed the connection")]
     PeerClosed,
+    /// A frame did not start with [`crate::wire::MAGIC`].
     #[error("bad magic {0:#010x}: the peer does not speak the ferry protocol")]
     BadMagic(u32),
+    /// The peer speaks another protocol version.
     #[error("protocol version mismatch: we speak version {ours}, the peer speaks {theirs}")]
-    VersionMismatch { ours: u16, theirs: u16 },
+    VersionMismatch {
+        /// [`crate::wire::PROTOCOL_VERSION`].
+        ours: u16,
+        /// The version the peer's frame carried.
+        theirs: u16,
+    },
+    /// A frame announced more payload than its type allows (refused before reading it).
     #[error("frame of type {kind} with {len} bytes exceeds its cap of {cap} bytes")]
-    FrameTooLarge { kind: u16, len: u32, cap: u32 },
+    FrameTooLarge {
+        /// The frame's type.
+        kind: u16,
+        /// The payload length it announced.
+        len: u32,
+        /// The most its type allows.
+        cap: u32,
+    },
+    /// A message did not decode.
     #[error("malformed {what}: {why}")]
-    Malformed { what: &'static str, why: String },
+    Malformed {
+        /// Which message.
+        what: &'static str,
+        /// What was wrong with it.
+        why: String,
+    },
+    /// A message of another type than the protocol allows at this point.
     #[error("unexpected message: expected {expected}, got message type {got}")]
-    Unexpected { expected: &'static str, got: u16 },
+    Unexpected {
+        /// What the protocol allows here.
+        expected: &'static str,
+        /// The type that came.
+        got: u16,
+    },
+    /// The peer's proof did not verify: it does not hold the key.
     #[error("authentication failed: {0}")]
     AuthFailed(&'static str),
+    /// A key too short or too long.
     #[error("invalid key: {0}")]
     InvalidKey(&'static str),
+    /// A memory layout that breaks a rule (page size, region count, alignment, overlap).
     #[error("invalid memory layout: {0}")]
     InvalidLayout(String),
+    /// The two ends hold guests of different layouts.
     #[error("memory layout mismatch: {0}")]
     LayoutMismatch(String),
+    /// The peer refused the connection.
     #[error("the peer refused us ({reason:?}): {detail}")]
-    Refused { reason: RejectReason, detail: String },
+    Refused {
+        /// Why, as the wire names it.
+        reason: RejectReason,
+        /// Why, in the peer's words.
+        detail: String,
+    },
+    /// A run of pages outside the guest.
     #[error("read out of range: {0}")]
     OutOfRange(String),
+    /// A bulk read submitted while the lane's depth is in flight.
     #[error("the bulk lane is full: {0} reads already in flight")]
     LaneFull(usize),
+    /// A buffer of the wrong size for a run.
     #[error("the destination buffer holds {got} bytes, the run needs {need}")]
-    BufferSize { need: usize, got: usize },
+    BufferSize {
+        /// Bytes the run needs.
+        need: usize,
+        /// Bytes the buffer holds.
+        got: usize,
+    },
+    /// Memory a local peer shared cannot be mapped as announced.
     #[error("the peer's shared memory is unusable: {0}")]
     BadSharedMemory(String),
+    /// A snapshot image cannot be read or written, or is not one.
     #[error("snapshot image {path}: {why}")]
-    Snapshot { path: String, why: String },
+    Snapshot {
+        /// The image file.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// An RDMA verb or setup step failed.
     #[error("rdma {op}: {detail}")]
-    Rdma { op: &'static str, detail: String },
+    Rdma {
+        /// The verb or step.
+        op: &'static str,
+        /// What the device or the peer said.
+        detail: String,
+    },
+    /// A snapshot page whose contents do not match its checksum.
     #[error("snapshot checksum mismatch in region {region}, page {page}")]
-    Checksum { region: u32, page: u64 },
+    Checksum {
+        /// The page's region.
+        region: u32,
+        /// The page, counted in its region.
+        page: u64,
+    },
     /// The TLS layer of a tcp lane failed: a handshake the peer broke off or a record that does
     /// not decrypt.
     #[error("tls: {0}")]
@@ -52,6 +118,7 @@ pub enum TransportError {
     Silent(String),
 }
 
+/// A result whose error is a [`TransportError`].
 pub type Result<T, E = TransportError> = std::result::Result<T, E>;
 
 impl TransportError {

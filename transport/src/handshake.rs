@@ -24,7 +24,9 @@ use crate::wire::{read_control, write_control, Challenge, Control, Hello, Lane, 
 /// What the client learns from a successful handshake.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientSession {
+    /// The session joined (new or resumed).
     pub session: SessionId,
+    /// The guest memory layout the server serves.
     pub layout: MemoryLayout,
 }
 

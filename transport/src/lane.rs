@@ -32,6 +32,7 @@ unsafe impl Send for PageBuf {}
 unsafe impl Sync for PageBuf {}
 
 impl PageBuf {
+    /// A zeroed, page-aligned buffer of `len` bytes (at least one).
     pub fn new(len: usize) -> Self {
         let len = len.max(1);
         let layout = Layout::from_size_align(len, PAGE_BUF_ALIGN).expect("page buffer size overflows");
@@ -53,6 +54,7 @@ impl PageBuf {
         self.registration.as_deref()
     }
 
+    /// The buffer's first byte, for a lane that writes into it.
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
     }
@@ -101,6 +103,7 @@ pub struct MappedRange {
 unsafe impl Send for MappedRange {}
 
 impl MappedRange {
+    /// The range's first byte, for a lane that writes into it.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }
@@ -120,7 +123,9 @@ impl MappedRange {
 /// `Buffer` they are zero-filled.
 #[derive(Debug)]
 pub enum BulkTarget {
+    /// A buffer the pages are read into, to be installed from.
     Buffer(PageBuf),
+    /// Memory the pages land in directly (an alias of the guest's).
     Mapped(MappedRange),
 }
 
@@ -164,17 +169,24 @@ impl std::ops::DerefMut for BulkTarget {
 /// A bulk read: fill `buf` (at least the run's size) with `run`. `tag` comes back on completion.
 #[derive(Debug)]
 pub struct BulkRead {
+    /// The pages to read.
     pub run: PageRun,
+    /// Where they go.
     pub buf: BulkTarget,
+    /// The caller's own mark, returned with the completion.
     pub tag: u64,
 }
 
 /// A completed bulk read. Pages marked in `zero` are all zero in `buf`.
 #[derive(Debug)]
 pub struct BulkDone {
+    /// The pages read.
     pub run: PageRun,
+    /// Where they went.
     pub buf: BulkTarget,
+    /// The read's tag, as submitted.
     pub tag: u64,
+    /// Which of them are zero.
     pub zero: ZeroMask,
 }
 
@@ -214,6 +226,7 @@ pub trait UrgentLane: Send {
 pub trait BulkLane: Send {
     /// Most reads that may be in flight at once.
     fn depth(&self) -> usize;
+    /// Reads submitted and not yet completed.
     fn in_flight(&self) -> usize;
     /// Starts a read. Fails with `LaneFull` when `depth` reads are in flight: complete one first.
     fn submit(&mut self, read: BulkRead) -> Result<()>;
@@ -243,9 +256,13 @@ pub trait BulkLane: Send {
 
 /// Both lanes of one session with a source, as the destination holds them.
 pub struct PageSource {
+    /// The session the lanes belong to.
     pub session: SessionId,
+    /// The guest memory layout the source serves.
     pub layout: MemoryLayout,
+    /// For faults: one read at a time, never behind pre-paging.
     pub urgent: Box<dyn UrgentLane>,
+    /// For pre-paging: pipelined reads.
     pub bulk: Box<dyn BulkLane>,
     /// How to reopen a lane of this session after it broke, where the backend can (`tcp`); a
     /// file or a shared mapping does not break.
@@ -255,7 +272,9 @@ pub struct PageSource {
 /// Reopens one lane of an existing session after its connection broke: the same session id,
 /// authenticated again. Reads are idempotent, so what was in flight is simply asked again.
 pub trait Reconnect: Send + Sync + std::fmt::Debug {
+    /// The urgent lane, reopened.
     fn urgent(&self) -> Result<Box<dyn UrgentLane>>;
+    /// The bulk lane, reopened.
     fn bulk(&self) -> Result<Box<dyn BulkLane>>;
     /// The session's control lane, reopened (reads block until a message comes).
     fn control(&self) -> Result<Box<dyn ControlStream>>;

@@ -17,7 +17,9 @@ pub const MAX_RUN_PAGES: u32 = (MAX_RUN_BYTES / MIN_PAGE_SIZE as u64) as u32;
 /// One contiguous range of guest-physical memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RegionLayout {
+    /// Where the region starts in guest-physical memory.
     pub guest_phys_addr: u64,
+    /// Its length in bytes, a multiple of the page size.
     pub size: u64,
 }
 
@@ -67,14 +69,17 @@ impl MemoryLayout {
         Self::new(MIN_PAGE_SIZE, vec![RegionLayout { guest_phys_addr: 0, size }])
     }
 
+    /// Bytes per page: 4 KiB, or a huge page size.
     pub fn page_size(&self) -> u32 {
         self.page_size
     }
 
+    /// The regions, in guest-physical order.
     pub fn regions(&self) -> &[RegionLayout] {
         &self.regions
     }
 
+    /// Pages in region `region`, if there is one.
     pub fn region_pages(&self, region: u32) -> Option<u64> {
         self.regions.get(region as usize).map(|r| r.size / u64::from(self.page_size))
     }
@@ -92,10 +97,12 @@ impl MemoryLayout {
             .collect()
     }
 
+    /// Pages in all regions.
     pub fn total_pages(&self) -> u64 {
         self.regions.iter().map(|r| r.size / u64::from(self.page_size)).sum()
     }
 
+    /// Bytes in all regions.
     pub fn total_bytes(&self) -> u64 {
         self.regions.iter().map(|r| r.size).sum()
     }
@@ -153,12 +160,16 @@ impl MemoryLayout {
 /// A run of consecutive pages inside one region: the unit every read moves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PageRun {
+    /// The region the run lies in.
     pub region: u32,
+    /// Its first page, counted in the region.
     pub first_page: u64,
+    /// How many pages it has.
     pub pages: u32,
 }
 
 impl PageRun {
+    /// The run of `pages` pages from page `first_page` of region `region`.
     pub fn new(region: u32, first_page: u64, pages: u32) -> Self {
         PageRun { region, first_page, pages }
     }

@@ -10,8 +10,11 @@
 //! Raw memory and syscalls are confined to `memory`, `lane::PageBuf`, and the small
 //! `unsafe` helpers of each backend; everything above them is safe Rust.
 
+#![deny(missing_docs)]
+
 mod acceptor;
 pub mod auth;
+/// Errors of every transport.
 pub mod error;
 pub mod handshake;
 pub mod lane;

@@ -104,10 +104,12 @@ impl LocalPageServer {
         crate::lane::receive_control(&self.control_rx, timeout)
     }
 
+    /// The unix socket the server listens on.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The session the server serves.
     pub fn session(&self) -> SessionId {
         self.session
     }

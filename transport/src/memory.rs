@@ -250,10 +250,12 @@ impl RegionMapping {
         self.foreign
     }
 
+    /// Bytes in the mapping.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the mapping holds no bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -263,6 +265,7 @@ impl RegionMapping {
         self.ptr
     }
 
+    /// The file behind the mapping (a memfd or a hugetlbfs file), if it has one.
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
         self.fd.as_ref().map(|f| f.as_fd())
     }
@@ -395,14 +398,17 @@ impl GuestMemory {
         Self::new(layout, regions)
     }
 
+    /// The guest's layout.
     pub fn layout(&self) -> &MemoryLayout {
         &self.layout
     }
 
+    /// Every region's mapping, in layout order.
     pub fn regions(&self) -> &[RegionMapping] {
         &self.regions
     }
 
+    /// The mapping of region `index`, if there is one.
     pub fn region(&self, index: u32) -> Option<&RegionMapping> {
         self.regions.get(index as usize)
     }

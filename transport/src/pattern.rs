@@ -15,6 +15,7 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Whether global page `global_page` is one the test pattern leaves zero (one in every few).
 pub fn page_is_zero(global_page: u64) -> bool {
     global_page % ZERO_EVERY == 3
 }

@@ -51,6 +51,7 @@ impl RawMemoryFile {
         Ok(Arc::new(RawMemoryFile { path: path.to_path_buf(), file, layout, offsets }))
     }
 
+    /// The guest memory layout the file holds.
     pub fn layout(&self) -> &MemoryLayout {
         &self.layout
     }

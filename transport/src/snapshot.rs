@@ -118,11 +118,13 @@ impl ChecksumTable {
 /// What writing an image did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WriteStats {
+    /// Pages written as data.
     pub data_pages: u64,
     /// Pages found zero (free pages not included).
     pub zero_pages: u64,
     /// Pages the VMM named free: neither read nor written.
     pub free_pages: u64,
+    /// Bytes written to the image, headers and checksums included.
     pub bytes_written: u64,
 }
 
@@ -515,6 +517,7 @@ impl SnapshotImage {
             .collect()
     }
 
+    /// The guest memory layout the image holds.
     pub fn layout(&self) -> &MemoryLayout {
         &self.layout
     }

@@ -49,10 +49,15 @@ impl Default for TcpOptions {
 /// Counters a page server keeps, readable while it runs.
 #[derive(Debug, Default)]
 pub struct ServerStats {
+    /// Read requests answered.
     pub requests: AtomicU64,
+    /// Pages sent as data.
     pub data_pages: AtomicU64,
+    /// Pages sent as one bit of a zero mask.
     pub zero_pages: AtomicU64,
+    /// Requests refused (out of range).
     pub refused_reads: AtomicU64,
+    /// Connections refused in the handshake.
     pub failed_handshakes: AtomicU64,
     /// Pages served more than once in this session (a resumed read whose reply was lost, or a
     /// destination that asks twice). Post-copy keeps this at zero.
@@ -125,14 +130,17 @@ impl TcpPageServer {
         self.acceptor.accept_control(timeout)
     }
 
+    /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.acceptor.local_addr()
     }
 
+    /// The session the server serves.
     pub fn session(&self) -> SessionId {
         self.shared.session
     }
 
+    /// What the server counted.
     pub fn stats(&self) -> &ServerStats {
         &self.shared.stats
     }
@@ -354,7 +362,9 @@ fn serve_reads(
 /// Clones share the connection, so one thread may read while another writes.
 #[derive(Debug)]
 pub enum TcpControl {
+    /// Without encryption (`Encryption::Off`).
     Plain(TcpStream),
+    /// Over TLS 1.3.
     Tls(TlsStream),
 }
 

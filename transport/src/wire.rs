@@ -14,12 +14,15 @@ use crate::layout::{MemoryLayout, PageRun, RegionLayout, MAX_REGIONS, MAX_RUN_BY
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRRY");
 /// Bumped on every incompatible change; peers with different versions refuse each other.
 pub const PROTOCOL_VERSION: u16 = 2;
+/// Bytes of a frame header: magic (4), version (2), type (2), payload length (4).
 pub const HEADER_LEN: usize = 12;
 /// Cap for handshake and other control payloads.
 pub const MAX_CONTROL_PAYLOAD: u32 = 16 * 1024;
 /// Longest free-text detail a reject may carry.
 pub const MAX_DETAIL_LEN: usize = 1024;
+/// Bytes of a handshake nonce.
 pub const NONCE_LEN: usize = 32;
+/// Bytes of a handshake proof (an HMAC-SHA256).
 pub const PROOF_LEN: usize = 32;
 
 /// Size of a read request payload.
@@ -29,17 +32,25 @@ pub const READ_REPLY_FIXED_LEN: usize = 16;
 /// Words in a full zero mask: one bit per page of the longest run.
 pub const ZERO_MASK_WORDS: usize = MAX_RUN_PAGES as usize / 64;
 
+/// A frame's type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
 pub enum MessageKind {
+    /// Client to server: which lane and session, the client's nonce and expected layout.
     Hello = 1,
+    /// Server to client: its session, nonce, proof and layout.
     Challenge = 2,
+    /// Client to server: the client's proof.
     Proof = 3,
+    /// Server to client: the handshake passed; the lane is open.
     Welcome = 4,
+    /// Either way: a refusal with its reason; the connection closes after it.
     Reject = 5,
     /// A migration session's own message; its payload belongs to the layer above the transport.
     Session = 8,
+    /// Destination to source: a run of pages wanted.
     ReadRequest = 16,
+    /// Source to destination: a run of pages, or why not.
     ReadReply = 17,
 }
 
@@ -71,10 +82,13 @@ impl MessageKind {
 /// A parsed and checked frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameHeader {
+    /// The frame's type.
     pub kind: MessageKind,
+    /// Payload bytes that follow the header (already checked against the type's cap).
     pub len: u32,
 }
 
+/// The header of a frame of `kind` carrying `len` payload bytes.
 pub fn encode_header(kind: MessageKind, len: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -111,8 +125,11 @@ pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<FrameHeader> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Lane {
+    /// Session messages and the handshake of the session.
     Control = 0,
+    /// Reads a faulting vCPU waits for.
     Urgent = 1,
+    /// Pre-paging reads.
     Bulk = 2,
 }
 
@@ -136,10 +153,12 @@ impl SessionId {
     /// The id a client sends to ask for a new session.
     pub const NEW: SessionId = SessionId([0; 16]);
 
+    /// A fresh id from the system's random source.
     pub fn random() -> Result<Self> {
         Ok(SessionId(crate::auth::random_bytes()?))
     }
 
+    /// Whether this is [`SessionId::NEW`], a request for a new session.
     pub fn is_new(&self) -> bool {
         *self == Self::NEW
     }
@@ -161,11 +180,17 @@ impl std::fmt::Display for SessionId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
 pub enum RejectReason {
+    /// The peers speak different protocol versions.
     Version = 1,
+    /// The peer does not hold the key (its proof did not verify).
     Auth = 2,
+    /// The client expects a different guest memory layout.
     Layout = 3,
+    /// The client names a session the server does not have.
     UnknownSession = 4,
+    /// A handshake message did not decode.
     Malformed = 5,
+    /// Any other reason (the detail says which).
     Other = 6,
     /// The server runs its tcp lanes over TLS and the client spoke in plaintext.
     Encryption = 7,
@@ -188,8 +213,11 @@ impl RejectReason {
 /// First message, client to server.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
+    /// Which lane of the session this connection is.
     pub lane: Lane,
+    /// The session to join, or [`SessionId::NEW`].
     pub session: SessionId,
+    /// The client's nonce, which the server's proof covers.
     pub nonce: [u8; NONCE_LEN],
     /// The layout the client expects, or `None` to learn it from the server.
     pub layout: Option<MemoryLayout>,
@@ -198,22 +226,38 @@ pub struct Hello {
 /// Server's answer: its session, its nonce, its proof that it holds the key, and its layout.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Challenge {
+    /// The session the server opened or joined.
     pub session: SessionId,
+    /// The server's nonce, which the client's proof covers.
     pub nonce: [u8; NONCE_LEN],
+    /// The server's proof over both nonces, the session and the layout.
     pub proof: [u8; PROOF_LEN],
+    /// The guest memory layout the server serves.
     pub layout: MemoryLayout,
 }
 
+/// A handshake message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Control {
+    /// See [`Hello`].
     Hello(Hello),
+    /// See [`Challenge`].
     Challenge(Challenge),
+    /// The client's proof over both nonces, the session and the layout.
     Proof([u8; PROOF_LEN]),
+    /// The handshake passed.
     Welcome,
-    Reject { reason: RejectReason, detail: String },
+    /// The connection is refused.
+    Reject {
+        /// Why, as a code.
+        reason: RejectReason,
+        /// Why, in words (at most [`MAX_DETAIL_LEN`] bytes).
+        detail: String,
+    },
 }
 
 impl Control {
+    /// The frame type this message travels as.
     pub fn kind(&self) -> MessageKind {
         match self {
             Control::Hello(_) => MessageKind::Hello,
@@ -407,6 +451,7 @@ pub fn read_session<R: Read + ?Sized>(r: &mut R) -> Result<Vec<u8>> {
     }
 }
 
+/// Writes `msg` as one frame and flushes.
 pub fn write_control(w: &mut impl Write, msg: &Control) -> Result<()> {
     w.write_all(&msg.encode())?;
     w.flush()?;
@@ -416,13 +461,17 @@ pub fn write_control(w: &mut impl Write, msg: &Control) -> Result<()> {
 /// A request for one run of pages. `id` is echoed in the reply; requests are idempotent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadRequest {
+    /// Echoed in the reply, so a client matches replies to requests.
     pub id: u64,
+    /// The pages wanted.
     pub run: PageRun,
 }
 
+/// Bytes of a whole read request frame, header included.
 pub const READ_REQUEST_FRAME_LEN: usize = HEADER_LEN + READ_REQUEST_LEN;
 
 impl ReadRequest {
+    /// The whole frame (header included).
     pub fn encode(&self) -> [u8; READ_REQUEST_FRAME_LEN] {
         let mut f = [0u8; READ_REQUEST_FRAME_LEN];
         f[..HEADER_LEN].copy_from_slice(&encode_header(MessageKind::ReadRequest, READ_REQUEST_LEN as u32));
@@ -455,7 +504,9 @@ impl ReadRequest {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
 pub enum ReadStatus {
+    /// The pages follow.
     Ok = 0,
+    /// The run lies outside the served memory; no pages follow.
     OutOfRange = 1,
 }
 
@@ -464,16 +515,19 @@ pub enum ReadStatus {
 pub struct ZeroMask(pub [u64; ZERO_MASK_WORDS]);
 
 impl ZeroMask {
+    /// Whether page `page` of the run is all zero.
     pub fn is_zero(&self, page: u32) -> bool {
         let i = page as usize;
         i < MAX_RUN_PAGES as usize && self.0[i / 64] & (1 << (i % 64)) != 0
     }
 
+    /// Marks page `page` of the run as all zero.
     pub fn set(&mut self, page: u32) {
         let i = page as usize;
         self.0[i / 64] |= 1 << (i % 64);
     }
 
+    /// How many pages of the run are zero.
     pub fn count(&self) -> u32 {
         self.0.iter().map(|w| w.count_ones()).sum()
     }
@@ -509,9 +563,13 @@ impl std::fmt::Debug for ZeroMask {
 /// The fixed part of a read reply; `data_len` bytes of page data follow it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadReply {
+    /// The request's id, echoed.
     pub id: u64,
+    /// Whether pages follow.
     pub status: ReadStatus,
+    /// Pages in the run.
     pub pages: u32,
+    /// Which of them are zero (and do not follow as data).
     pub zero: ZeroMask,
 }
 

@@ -13,6 +13,8 @@
 //! restore. The raw socket calls (SCM_RIGHTS) live in `protocol`, on `libc` directly: the two
 //! calls did not justify `nix` or an fd-passing crate beside the workspace's own `libc` wrappers.
 
+#![deny(missing_docs)]
+
 pub mod protocol;
 
 use std::os::unix::net::UnixStream;
@@ -33,18 +35,24 @@ pub use protocol::GuestRegionUffdMapping;
 /// Errors of the handler.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
+    /// Firecracker's handshake was missing, malformed or late.
     #[error("the Firecracker handshake: {0}")]
     Handshake(String),
+    /// A system call failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// Reading the memory file failed.
     #[error("transport: {0}")]
     Transport(#[from] ferry_transport::TransportError),
+    /// Registering or installing pages failed.
     #[error("fault handler: {0}")]
     Fault(#[from] ferry_fault_handler::FaultError),
+    /// The post-copy engine failed.
     #[error("engine: {0}")]
     Engine(#[from] ferry::MigrationError),
 }
 
+/// A result whose error is a [`HandlerError`].
 pub type Result<T, E = HandlerError> = std::result::Result<T, E>;
 
 /// How one restore is served.
@@ -52,6 +60,7 @@ pub type Result<T, E = HandlerError> = std::result::Result<T, E>;
 pub struct ServeConfig {
     /// Firecracker's guest memory file (`mem_file_path` of its snapshot).
     pub mem_file: PathBuf,
+    /// The pre-pager and its settings.
     pub engine: EngineConfig,
     /// Record the order of first faults beside the memory file (`MEMFILE.ws`).
     pub record: bool,
@@ -67,15 +76,20 @@ pub struct ServeConfig {
 /// What a served restore measured.
 #[derive(Debug)]
 pub struct Served {
+    /// Regions Firecracker registered.
     pub regions: usize,
+    /// Bytes per page.
     pub page_size: u64,
     /// From the handshake received to the engine serving faults.
     pub ready: Duration,
     /// The engine's report once every page was present; `None` when Firecracker went away first
     /// (a demand handler serves until then).
     pub report: Option<DestinationReport>,
+    /// Faults the guest took.
     pub faults: u64,
+    /// Faults that waited for the memory file.
     pub network_faults: u64,
+    /// Pages of the working set recorded, when recording.
     pub working_set_pages: Option<usize>,
     /// Removes read by a handler before this one, applied before serving.
     pub removes_replayed: u64,

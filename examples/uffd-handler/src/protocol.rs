@@ -20,6 +20,7 @@ use crate::{HandlerError, Result};
 pub struct GuestRegionUffdMapping {
     /// Where the region lives in Firecracker's address space.
     pub base_host_virt_addr: u64,
+    /// Its length in bytes.
     pub size: u64,
     /// Where the region's bytes are in the memory file.
     pub offset: u64,
@@ -186,6 +187,7 @@ pub struct HangupWatch {
 }
 
 impl HangupWatch {
+    /// Watches `stream` and stops `engine` when Firecracker hangs up.
     pub fn start(stream: &UnixStream, engine: ferry::EngineControl) -> Result<Self> {
         let stream = stream.try_clone()?;
         let stop = Arc::new(AtomicBool::new(false));

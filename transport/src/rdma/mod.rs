@@ -52,6 +52,7 @@ use crate::wire::{read_session, write_session, Lane, SessionId, ZeroMask};
 pub struct RdmaOptions {
     /// Device name (`mlx5_0`, `rxe0`); the first device when `None`.
     pub device: Option<String>,
+    /// Port number on the device (1 on most devices).
     pub port: u8,
     /// GID table index; when `None`, a RoCE v2 IPv4-mapped GID on Ethernet ports, else index 0.
     pub gid_index: Option<u8>,
@@ -66,6 +67,7 @@ pub struct RdmaOptions {
     /// RC transport ACK timeout exponent (4.096 us * 2^n) and retry count: how long a read to a
     /// vanished peer takes to fail.
     pub ack_timeout: u8,
+    /// How many times the RC transport retries before failing a read.
     pub retry_count: u8,
 }
 
@@ -94,23 +96,31 @@ impl RdmaOptions {
 /// A region as the destination reads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RemoteRegion {
+    /// The region's address in the source's address space (what the destination reads from).
     pub addr: u64,
+    /// Its length in bytes.
     pub len: u64,
+    /// The remote key that lets the destination read it.
     pub rkey: u32,
 }
 
 /// The destination's half of the setup exchange.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SetupRequest {
+    /// The queue pair urgent reads go on.
     pub urgent: Endpoint,
+    /// The queue pair bulk reads go on.
     pub bulk: Endpoint,
 }
 
 /// The source's answer: its queue pairs and where every region is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SetupReply {
+    /// The source's urgent queue pair.
     pub urgent: Endpoint,
+    /// The source's bulk queue pair.
     pub bulk: Endpoint,
+    /// Every region of the guest, in layout order.
     pub regions: Vec<RemoteRegion>,
 }
 
@@ -155,6 +165,7 @@ fn decode_endpoint(b: &[u8]) -> Result<Endpoint> {
 }
 
 impl SetupRequest {
+    /// The message as the control lane carries it.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![SETUP_REQUEST_TAG];
         encode_endpoint(&self.urgent, &mut out);
@@ -162,6 +173,7 @@ impl SetupRequest {
         out
     }
 
+    /// Decodes a request, checking every field.
     pub fn decode(b: &[u8]) -> Result<Self> {
         if b.len() != 1 + 2 * ENDPOINT_LEN || b[0] != SETUP_REQUEST_TAG {
             return Err(TransportError::malformed("rdma setup request", format!("{} bytes", b.len())));
@@ -174,6 +186,7 @@ impl SetupRequest {
 }
 
 impl SetupReply {
+    /// The message as the control lane carries it.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![SETUP_REPLY_TAG];
         encode_endpoint(&self.urgent, &mut out);
@@ -228,7 +241,9 @@ impl SetupReply {
 /// What a benchmark reports about the device it ran on.
 #[derive(Clone, Debug)]
 pub struct DeviceInfo {
+    /// The device's name (`rxe0`, `mlx5_0`).
     pub name: String,
+    /// The port the benchmark used.
     pub port: PortInfo,
     /// A software device (soft-RoCE's rxe, soft-iWARP's siw): its figures measure CPU, not a NIC.
     pub software: bool,
@@ -324,8 +339,11 @@ impl Device {
 /// destination counts pages read ([`ReadLedger`]).
 #[derive(Debug, Default)]
 pub struct RdmaServerStats {
+    /// Destinations whose queue pairs were set up.
     pub destinations: AtomicU64,
+    /// Connections refused in the handshake.
     pub failed_handshakes: AtomicU64,
+    /// Setups that failed after the handshake.
     pub failed_setups: AtomicU64,
 }
 
@@ -407,18 +425,22 @@ impl RdmaPageServer {
         self.acceptor.accept_control(timeout)
     }
 
+    /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.acceptor.local_addr()
     }
 
+    /// The session the server serves.
     pub fn session(&self) -> SessionId {
         self.shared.session
     }
 
+    /// What the server counted.
     pub fn stats(&self) -> &RdmaServerStats {
         &self.shared.stats
     }
 
+    /// The device the server registered memory on.
     pub fn device_name(&self) -> &str {
         self.shared.device.pd.context().name()
     }
@@ -480,7 +502,9 @@ fn serve_connection(stream: &TcpStream, shared: &ServerShared, authenticated: &d
 #[derive(Debug)]
 pub struct ReadLedger {
     read: PageBits,
+    /// Pages read, counting each page once.
     pub pages_read: AtomicU64,
+    /// Pages read again after they were read once (a reconnect re-asks; a healthy run reads none twice).
     pub pages_read_twice: AtomicU64,
 }
 
@@ -498,8 +522,11 @@ impl ReadLedger {
 
 /// A destination's connection to an RDMA source: the lanes, the control lane and the ledger.
 pub struct RdmaSession {
+    /// The urgent and bulk lanes.
     pub source: PageSource,
+    /// The session's control lane (plain tcp: RDMA carries pages only).
     pub control: TcpStream,
+    /// What was read, page by page.
     pub ledger: Arc<ReadLedger>,
 }
 

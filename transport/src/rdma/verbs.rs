@@ -52,15 +52,22 @@ pub fn device_names() -> Result<Vec<String>> {
 /// What a port reports that queue pair setup needs.
 #[derive(Clone, Copy, Debug)]
 pub struct PortInfo {
+    /// Local identifier (InfiniBand; 0 on RoCE).
     pub lid: u16,
+    /// Active MTU, as verbs encodes it (1 = 256 B ... 5 = 4 KiB).
     pub active_mtu: u8,
+    /// Entries in the port's GID table.
     pub gid_table_len: u32,
+    /// Largest message the port carries.
     pub max_msg_size: u32,
+    /// An Ethernet (RoCE) link rather than InfiniBand.
     pub ethernet: bool,
+    /// The port is up.
     pub active: bool,
     /// verbs.h's encodings of the link: width (1 = 1x, 2 = 4x, 4 = 8x, 8 = 12x, 16 = 2x) and
     /// speed (1 = SDR ... 128 = NDR).
     pub active_width: u8,
+    /// See `active_width`.
     pub active_speed: u8,
 }
 
@@ -474,10 +481,15 @@ impl Drop for CompletionQueue {
 /// How to reach the other side's queue pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Endpoint {
+    /// Local identifier (InfiniBand; 0 on RoCE).
     pub lid: u16,
+    /// Queue pair number.
     pub qpn: u32,
+    /// First packet sequence number.
     pub psn: u32,
+    /// Global identifier (RoCE routes on it).
     pub gid: [u8; 16],
+    /// Path MTU, as verbs encodes it.
     pub mtu: u8,
     /// RDMA READs this side answers at once (its responder depth): the peer keeps at most this
     /// many outstanding.
