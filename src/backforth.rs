@@ -233,7 +233,7 @@ fn read_page(memory: &GuestMemory, page: u64, out: &mut [u8]) -> Result<()> {
 fn layout_digest(layout: &MemoryLayout) -> u32 {
     let mut bytes = layout.page_size().to_le_bytes().to_vec();
     for r in layout.regions() {
-        bytes.extend_from_slice(&r.guest_phys_addr.to_le_bytes());
+        bytes.extend_from_slice(&r.guest_phys_addr.0.to_le_bytes());
         bytes.extend_from_slice(&r.size.to_le_bytes());
     }
     crc32c::crc32c(&bytes)
@@ -511,6 +511,7 @@ impl OntoKept {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_transport::GuestAddr;
     use ferry_transport::{Backing, RegionLayout};
     use std::os::unix::net::UnixStream;
 
@@ -528,8 +529,8 @@ mod tests {
         MemoryLayout::new(
             4096,
             vec![
-                RegionLayout { guest_phys_addr: 0, size: 64 * 4096 },
-                RegionLayout { guest_phys_addr: 1 << 30, size: 64 * 4096 },
+                RegionLayout { guest_phys_addr: GuestAddr(0), size: 64 * 4096 },
+                RegionLayout { guest_phys_addr: GuestAddr(1 << 30), size: 64 * 4096 },
             ],
         )
         .unwrap()

@@ -658,7 +658,7 @@ mod tests {
     use ferry_transport::{Backing, RegionLayout};
 
     fn two_regions() -> MemoryLayout {
-        let r = |base, size| RegionLayout { guest_phys_addr: base, size };
+        let r = |base, size| RegionLayout { guest_phys_addr: ferry_transport::GuestAddr(base), size };
         MemoryLayout::new(4096, vec![r(0, 64 * 4096), r(1 << 30, 32 * 4096)]).unwrap()
     }
 

@@ -20,8 +20,8 @@ fn layout() -> MemoryLayout {
     MemoryLayout::new(
         4096,
         vec![
-            RegionLayout { guest_phys_addr: 0, size: 24 << 20 },
-            RegionLayout { guest_phys_addr: 1 << 32, size: 8 << 20 },
+            RegionLayout { guest_phys_addr: ferry::transport::GuestAddr(0), size: 24 << 20 },
+            RegionLayout { guest_phys_addr: ferry::transport::GuestAddr(1 << 32), size: 8 << 20 },
         ],
     )
     .unwrap()

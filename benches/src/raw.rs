@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ferry_transport::lane::PageBuf;
-use ferry_transport::GuestMemory;
+use ferry_transport::{GuestMemory, HostAddr};
 use io_uring::{opcode, types, IoUring};
 
 use crate::stats::Latencies;
@@ -169,7 +169,7 @@ pub fn uffd_local_faults(n: usize) -> Result<Latencies> {
     let pages = (n as u64 * 2).next_power_of_two();
     let region = Arc::new(RegionMapping::create(pages as usize * 4096, Backing::Anonymous)?);
     let uffd = Arc::new(Userfault::open(0)?);
-    let base = region.host_addr().as_ptr() as u64;
+    let base = HostAddr::of(region.host_addr().as_ptr());
     // SAFETY: the region is this function's own fresh mapping, reached only through raw copies,
     // and it outlives the handler thread, which is joined before it is dropped.
     unsafe { uffd.register(base, pages * 4096, MODE_MISSING)? };
@@ -183,7 +183,7 @@ pub fn uffd_local_faults(n: usize) -> Result<Latencies> {
                 let n = uffd.read_events(&mut events, 20)?;
                 for e in &events[..n] {
                     if let Event::PageFault { address, .. } = *e {
-                        match uffd.copy(address & !4095, &page, true) {
+                        match uffd.copy(address.align_down(4096), &page, true) {
                             Outcome::Done | Outcome::Exists(_) => {}
                             other => bail!("raw UFFDIO_COPY: {other:?}"),
                         }

@@ -38,7 +38,7 @@ use ferry::prepager::PolicyKind;
 use ferry::restore::{restore_eager, LazyRestore};
 use ferry::{EngineConfig, FreePages};
 use ferry_transport::snapshot::{ImageReads, SnapshotImage};
-use ferry_transport::{Backing, GuestMemory, MemoryLayout, RegionMapping};
+use ferry_transport::{Backing, GuestMemory, HostAddr, MemoryLayout, RegionMapping};
 use serde_json::{json, Value};
 
 use crate::fixtures::{filled_memory, PAGE};
@@ -165,7 +165,7 @@ fn firecracker_example(raw_file: &Path, layout: &MemoryLayout, ws: &Arc<Vec<u64>
     let source: &'static [u8] = unsafe { std::slice::from_raw_parts(map.cast::<u8>(), len) };
     let memory = Arc::new(GuestMemory::create(layout.clone(), Backing::Anonymous)?);
     let region: &RegionMapping = &memory.regions()[0];
-    let base = region.host_addr().as_ptr() as u64;
+    let base = HostAddr::of(region.host_addr().as_ptr());
     let uffd = Arc::new(Userfault::open(0)?);
     // SAFETY: fresh, untouched memory of this function, reached by the guest thread only through
     // reads that fault; it outlives the handler, which is joined before it is dropped.
@@ -181,8 +181,8 @@ fn firecracker_example(raw_file: &Path, layout: &MemoryLayout, ws: &Arc<Vec<u64>
                 for e in &events[..n] {
                     if let Event::PageFault { address, .. } = *e {
                         let t = Instant::now();
-                        let page = address & !(PAGE as u64 - 1);
-                        let off = (page - base) as usize;
+                        let page = address.align_down(PAGE as u64);
+                        let off = page.offset_from(base).expect("a fault in the registered region") as usize;
                         match uffd.copy(page, &source[off..off + PAGE], true) {
                             Outcome::Done | Outcome::Exists(_) => {}
                             other => bail!("UFFDIO_COPY: {other:?}"),

@@ -1,3 +1,5 @@
+use ferry_transport::HostAddr;
+
 /// Errors of the fault handler.
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
@@ -12,12 +14,12 @@ pub enum FaultError {
     Io(#[from] std::io::Error),
     /// A fault at a host address outside every registered region.
     #[error("fault at {0:#x} outside guest memory")]
-    OutsideGuest(u64),
+    OutsideGuest(HostAddr),
     /// Installing a page failed.
     #[error("install failed at {addr:#x}: errno {errno}")]
     Install {
         /// Host address of the page.
-        addr: u64,
+        addr: HostAddr,
         /// The kernel's error.
         errno: i32,
     },
@@ -35,7 +37,7 @@ pub enum FaultError {
     #[error("install at {addr:#x} kept meeting a changing mapping (a remove event is pending)")]
     Busy {
         /// Host address of the page.
-        addr: u64,
+        addr: HostAddr,
     },
 }
 

@@ -12,7 +12,7 @@
 //! serves it as for any untouched memory. On this machine kind a fresh page costs more than a
 //! copy (see shared/notes), so most such pages, which the guest never touches, cost nothing.
 
-use ferry_transport::{BulkTarget, GuestMemory, MappedRange, RegionMapping, ZeroMask};
+use ferry_transport::{BulkTarget, GuestMemory, HostAddr, MappedRange, RegionMapping, ZeroMask};
 
 use crate::error::{FaultError, Result};
 use crate::state::{Claim, PageStates};
@@ -91,7 +91,7 @@ impl DestinationMemory {
             // SAFETY: GuestMemory never exposes its regions as Rust references (every access is a
             // raw copy), and `guest` lives inside the returned value with the userfaultfd, so the
             // range stays mapped while the kernel may write it.
-            unsafe { uffd.register(r.host_addr().as_ptr() as u64, r.len() as u64, modes)? };
+            unsafe { uffd.register(HostAddr::of(r.host_addr().as_ptr()), r.len() as u64, modes)? };
         }
         let alias = match mode {
             InstallMode::Copy => None,
@@ -134,7 +134,7 @@ impl DestinationMemory {
         // A handler that died may have read faults it never served: their threads still sleep.
         // Wake every waiter so each faults again, into this handler's queue.
         for r in guest.regions() {
-            uffd.wake(r.host_addr().as_ptr() as u64, r.len() as u64)?;
+            uffd.wake(HostAddr::of(r.host_addr().as_ptr()), r.len() as u64)?;
         }
         Ok(DestinationMemory {
             guest,
@@ -183,11 +183,10 @@ impl DestinationMemory {
     }
 
     /// Global page index of a faulting address, or `None` outside guest memory.
-    pub fn page_of(&self, addr: u64) -> Option<u64> {
+    pub fn page_of(&self, addr: HostAddr) -> Option<u64> {
         self.guest.regions().iter().enumerate().find_map(|(i, r)| {
-            let start = r.host_addr().as_ptr() as u64;
-            (addr >= start && addr < start + r.len() as u64)
-                .then(|| self.states.global(i as u32, (addr - start) / self.page_size))
+            let offset = addr.offset_from(HostAddr::of(r.host_addr().as_ptr()))?;
+            (offset < r.len() as u64).then(|| self.states.global(i as u32, offset / self.page_size))
         })
     }
 
@@ -274,7 +273,7 @@ impl DestinationMemory {
         zero.for_each_data_run(claim.count(), |first, count| {
             if result.is_ok() {
                 let (a, l) = (addr + u64::from(first) * ps, count as usize * ps as usize);
-                result = self.retrying("UFFDIO_CONTINUE", a, l, |a, l| self.uffd.continue_range(a, l, true));
+                result = self.retrying("UFFDIO_CONTINUE", a, l, |a, l| self.uffd.continue_range(HostAddr(a), l, true));
             }
         });
         result?;
@@ -287,7 +286,7 @@ impl DestinationMemory {
         self.states.mark_present(claim);
         if holes > 0 && !self.is_released() {
             let (_, addr, _, len) = self.span(claim);
-            self.uffd.wake(addr, len as u64)?;
+            self.uffd.wake(HostAddr(addr), len as u64)?;
         }
         Ok(())
     }
@@ -338,14 +337,15 @@ impl DestinationMemory {
             let (start, n) = (first as usize * ps, count as usize * ps);
             let (at, bytes) = (addr + start as u64, &data[start..start + n]);
             result = match &self.alias {
-                Some(alias) => {
-                    alias[region as usize].write(offset + start as u64, bytes).map_err(FaultError::from).and_then(
-                        |()| self.retrying("UFFDIO_CONTINUE", at, n, |a, l| self.uffd.continue_range(a, l, true)),
-                    )
-                }
+                Some(alias) => alias[region as usize]
+                    .write(offset + start as u64, bytes)
+                    .map_err(FaultError::from)
+                    .and_then(|()| {
+                        self.retrying("UFFDIO_CONTINUE", at, n, |a, l| self.uffd.continue_range(HostAddr(a), l, true))
+                    }),
                 None => self.retrying("UFFDIO_COPY", at, n, |a, l| {
                     let from = (a - at) as usize;
-                    self.uffd.copy(a, &bytes[from..from + l as usize], true)
+                    self.uffd.copy(HostAddr(a), &bytes[from..from + l as usize], true)
                 }),
             };
         });
@@ -380,7 +380,7 @@ impl DestinationMemory {
             return Ok(());
         }
         let (_, addr, _, len) = self.span(claim);
-        self.retrying("UFFDIO_CONTINUE", addr, len, |a, l| self.uffd.continue_range(a, l, true))?;
+        self.retrying("UFFDIO_CONTINUE", addr, len, |a, l| self.uffd.continue_range(HostAddr(a), l, true))?;
         self.states.mark_present(claim);
         Ok(())
     }
@@ -405,11 +405,11 @@ impl DestinationMemory {
                     at += done;
                     again += 1;
                     if again > 100 {
-                        return Err(FaultError::Busy { addr: at });
+                        return Err(FaultError::Busy { addr: HostAddr(at) });
                     }
                     std::thread::yield_now();
                 }
-                Outcome::Failed(errno) => return Err(FaultError::Install { addr: at, errno }),
+                Outcome::Failed(errno) => return Err(FaultError::Install { addr: HostAddr(at), errno }),
             }
         }
         Ok(())
@@ -423,24 +423,24 @@ impl DestinationMemory {
         let claim = self.states.present_page(page);
         let (region, addr, offset, len) = self.span(&claim);
         let outcome = match (&self.alias, minor) {
-            (Some(_), true) => self.uffd.continue_range(addr, len as u64, true),
+            (Some(_), true) => self.uffd.continue_range(HostAddr(addr), len as u64, true),
             // A hole of the file (a zero page left absent): allocate it, then map it. Works on
             // hugetlbfs too, which has no UFFDIO_ZEROPAGE.
             (Some(alias), false) => {
                 alias[region as usize].allocate_zeroed(offset, len)?;
-                self.uffd.continue_range(addr, len as u64, true)
+                self.uffd.continue_range(HostAddr(addr), len as u64, true)
             }
             (None, _) => match &self.zero_page {
-                Some(zeros) => self.uffd.copy(addr, &zeros[..len], true),
-                None => self.uffd.zeropage(addr, len as u64, true),
+                Some(zeros) => self.uffd.copy(HostAddr(addr), &zeros[..len], true),
+                None => self.uffd.zeropage(HostAddr(addr), len as u64, true),
             },
         };
         match outcome {
             Outcome::Done => Ok(()),
             // Released meanwhile: unregistering woke the thread, and the kernel serves it now.
             _ if self.unregistering.load(std::sync::atomic::Ordering::Acquire) => Ok(()),
-            Outcome::Exists(_) | Outcome::Again(_) => Ok(self.uffd.wake(addr, len as u64)?),
-            Outcome::Failed(errno) => Err(FaultError::Install { addr, errno }),
+            Outcome::Exists(_) | Outcome::Again(_) => Ok(self.uffd.wake(HostAddr(addr), len as u64)?),
+            Outcome::Failed(errno) => Err(FaultError::Install { addr: HostAddr(addr), errno }),
         }
     }
 
@@ -468,7 +468,7 @@ impl DestinationMemory {
         }
         self.unregistering.store(true, std::sync::atomic::Ordering::Release);
         for r in self.guest.regions() {
-            let (start, len) = (r.host_addr().as_ptr() as u64, r.len() as u64);
+            let (start, len) = (HostAddr::of(r.host_addr().as_ptr()), r.len() as u64);
             // SAFETY: every page is present (checked above, under the release lock; pages only
             // ever become present), so the kernel has nothing left to fill with zeros.
             unsafe { self.uffd.unregister(start, len)? };
@@ -513,8 +513,8 @@ impl DestinationMemory {
         };
         let mut replayed = 0;
         for rec in old.chunks_exact(16) {
-            let start = u64::from_le_bytes(rec[..8].try_into().expect("8 bytes"));
-            let end = u64::from_le_bytes(rec[8..].try_into().expect("8 bytes"));
+            let start = HostAddr(u64::from_le_bytes(rec[..8].try_into().expect("8 bytes")));
+            let end = HostAddr(u64::from_le_bytes(rec[8..].try_into().expect("8 bytes")));
             if let Some((first, count)) = self.removed_pages(start, end) {
                 self.states.discard(first, count);
             }
@@ -525,12 +525,12 @@ impl DestinationMemory {
         Ok(replayed)
     }
 
-    fn journal_remove(&self, start: u64, end: u64) -> Result<()> {
+    fn journal_remove(&self, start: HostAddr, end: HostAddr) -> Result<()> {
         use std::io::Write;
         if let Some(file) = self.remove_journal.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             let mut rec = [0u8; 16];
-            rec[..8].copy_from_slice(&start.to_le_bytes());
-            rec[8..].copy_from_slice(&end.to_le_bytes());
+            rec[..8].copy_from_slice(&start.0.to_le_bytes());
+            rec[8..].copy_from_slice(&end.0.to_le_bytes());
             // In the page cache is enough: it is read back by the next handler, not after a crash
             // of the machine (which takes the guest too).
             file.write_all(&rec)?;
@@ -544,10 +544,10 @@ impl DestinationMemory {
     }
 
     /// Global pages covered by a removed host range, clipped to guest memory.
-    pub fn removed_pages(&self, start: u64, end: u64) -> Option<(u64, u64)> {
+    pub fn removed_pages(&self, start: HostAddr, end: HostAddr) -> Option<(u64, u64)> {
         self.guest.regions().iter().enumerate().find_map(|(i, r)| {
             let base = r.host_addr().as_ptr() as u64;
-            let (s, e) = (start.max(base), end.min(base + r.len() as u64));
+            let (s, e) = (start.0.max(base), end.0.min(base + r.len() as u64));
             (s < e).then(|| {
                 let first = (s - base).div_ceil(self.page_size);
                 let last = (e - base) / self.page_size;

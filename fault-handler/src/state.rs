@@ -294,14 +294,14 @@ impl PageStates {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_transport::RegionLayout;
+    use ferry_transport::{GuestAddr, RegionLayout};
 
     fn two_regions() -> PageStates {
         let l = MemoryLayout::new(
             4096,
             vec![
-                RegionLayout { guest_phys_addr: 0, size: 100 * 4096 },
-                RegionLayout { guest_phys_addr: 1 << 30, size: 50 * 4096 },
+                RegionLayout { guest_phys_addr: GuestAddr(0), size: 100 * 4096 },
+                RegionLayout { guest_phys_addr: GuestAddr(1 << 30), size: 50 * 4096 },
             ],
         )
         .unwrap();
@@ -326,7 +326,8 @@ mod tests {
 
     #[test]
     fn whole_words_are_claimed_and_marked_at_once_but_never_over_a_claimed_page() {
-        let l = MemoryLayout::new(4096, vec![RegionLayout { guest_phys_addr: 0, size: 1000 * 4096 }]).unwrap();
+        let l =
+            MemoryLayout::new(4096, vec![RegionLayout { guest_phys_addr: GuestAddr(0), size: 1000 * 4096 }]).unwrap();
         let s = PageStates::new(&l);
         let _fault = s.claim(200).unwrap();
         let c = s.claim_up(10, 500).unwrap();

@@ -9,6 +9,8 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use ferry_transport::HostAddr;
+
 use crate::error::{FaultError, Result};
 
 const UFFD_API: u64 = 0xAA;
@@ -102,7 +104,7 @@ pub enum Event {
     /// A thread touched an absent page (MISSING) or an unmapped page-cache page (MINOR).
     PageFault {
         /// Host address that faulted.
-        address: u64,
+        address: HostAddr,
         /// A write fault.
         write: bool,
         /// A minor fault (the page is in the page cache).
@@ -112,9 +114,9 @@ pub enum Event {
     /// zero from now on and must never be filled from the source.
     Remove {
         /// First host address of the range.
-        start: u64,
+        start: HostAddr,
         /// One past its last.
-        end: u64,
+        end: HostAddr,
     },
     /// An event ferry did not ask for; carried for logging.
     Other(u8),
@@ -186,8 +188,8 @@ impl Userfault {
     /// `continue_range`, which are safe to call. The range must therefore be memory that no Rust
     /// reference aliases (guest memory reached only through raw copies), and it must stay mapped
     /// while this userfaultfd is open or until it is unregistered.
-    pub unsafe fn register(&self, start: u64, len: u64, mode: u64) -> Result<()> {
-        let mut arg = RegisterArg { range: Range { start, len }, mode, ioctls: 0 };
+    pub unsafe fn register(&self, start: HostAddr, len: u64, mode: u64) -> Result<()> {
+        let mut arg = RegisterArg { range: Range { start: start.0, len }, mode, ioctls: 0 };
         // SAFETY: UFFDIO_REGISTER reads and writes one RegisterArg that lives across the call.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut arg) } < 0 {
             return Err(FaultError::Ioctl("UFFDIO_REGISTER", std::io::Error::last_os_error()));
@@ -201,8 +203,8 @@ impl Userfault {
     /// # Safety
     /// Every page of the range must hold its final contents (present), or a thread blocked on a
     /// missing page, and any later touch of one, reads zeros: a silently corrupted guest.
-    pub unsafe fn unregister(&self, start: u64, len: u64) -> Result<()> {
-        let mut arg = Range { start, len };
+    pub unsafe fn unregister(&self, start: HostAddr, len: u64) -> Result<()> {
+        let mut arg = Range { start: start.0, len };
         // SAFETY: UFFDIO_UNREGISTER reads one Range; unregistering never writes memory.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER as _, &mut arg) } < 0 {
             return Err(FaultError::Ioctl("UFFDIO_UNREGISTER", std::io::Error::last_os_error()));
@@ -213,8 +215,9 @@ impl Userfault {
     /// Copies `src` into the registered range at `dst` (UFFDIO_COPY). Returns bytes copied, which
     /// is less than `src.len()` when the kernel stopped at an already present page (`Exists`) or a
     /// changing mapping (`Again`).
-    pub fn copy(&self, dst: u64, src: &[u8], wake: bool) -> Outcome {
-        let mut arg = CopyArg { dst, src: src.as_ptr() as u64, len: src.len() as u64, mode: dont_wake(wake), copy: 0 };
+    pub fn copy(&self, dst: HostAddr, src: &[u8], wake: bool) -> Outcome {
+        let mut arg =
+            CopyArg { dst: dst.0, src: src.as_ptr() as u64, len: src.len() as u64, mode: dont_wake(wake), copy: 0 };
         // SAFETY: the kernel reads src.len() bytes from src (a live slice) and writes only into
         // registered ranges, which register() made the caller vouch for; dst outside them is EINVAL.
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY as _, &mut arg) };
@@ -222,24 +225,24 @@ impl Userfault {
     }
 
     /// Maps zero pages over `start..start+len` (UFFDIO_ZEROPAGE).
-    pub fn zeropage(&self, start: u64, len: u64, wake: bool) -> Outcome {
-        let mut arg = ZeroArg { range: Range { start, len }, mode: dont_wake(wake), zeropage: 0 };
+    pub fn zeropage(&self, start: HostAddr, len: u64, wake: bool) -> Outcome {
+        let mut arg = ZeroArg { range: Range { start: start.0, len }, mode: dont_wake(wake), zeropage: 0 };
         // SAFETY: writes only into registered ranges (see copy).
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut arg) };
         Outcome::of(rc, arg.zeropage)
     }
 
     /// Maps the page-cache pages already present under `start..start+len` (UFFDIO_CONTINUE).
-    pub fn continue_range(&self, start: u64, len: u64, wake: bool) -> Outcome {
-        let mut arg = ContinueArg { range: Range { start, len }, mode: dont_wake(wake), mapped: 0 };
+    pub fn continue_range(&self, start: HostAddr, len: u64, wake: bool) -> Outcome {
+        let mut arg = ContinueArg { range: Range { start: start.0, len }, mode: dont_wake(wake), mapped: 0 };
         // SAFETY: maps existing page-cache pages into registered ranges only (see copy).
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_CONTINUE as _, &mut arg) };
         Outcome::of(rc, arg.mapped)
     }
 
     /// Wakes threads waiting on faults in the range (after a racing install resolved them).
-    pub fn wake(&self, start: u64, len: u64) -> Result<()> {
-        let mut arg = Range { start, len };
+    pub fn wake(&self, start: HostAddr, len: u64) -> Result<()> {
+        let mut arg = Range { start: start.0, len };
         // SAFETY: UFFDIO_WAKE reads one Range and writes no memory.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE as _, &mut arg) } < 0 {
             return Err(FaultError::Ioctl("UFFDIO_WAKE", std::io::Error::last_os_error()));
@@ -302,11 +305,11 @@ fn parse_msg(m: &[u8]) -> Event {
     let word = |i: usize| u64::from_ne_bytes(m[8 + i * 8..16 + i * 8].try_into().expect("8 bytes"));
     match m[0] {
         EVENT_PAGEFAULT => Event::PageFault {
-            address: word(1),
+            address: HostAddr(word(1)),
             write: word(0) & PAGEFAULT_FLAG_WRITE != 0,
             minor: word(0) & PAGEFAULT_FLAG_MINOR != 0,
         },
-        EVENT_REMOVE => Event::Remove { start: word(0), end: word(1) },
+        EVENT_REMOVE => Event::Remove { start: HostAddr(word(0)), end: HostAddr(word(1)) },
         other => Event::Other(other),
     }
 }

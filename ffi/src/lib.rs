@@ -252,7 +252,10 @@ unsafe fn regions_arg<'a>(
 }
 
 fn layout_of(regions: &[FerryRegion], page_size: u32) -> Result<MemoryLayout, (FerryStatus, String)> {
-    let layout = regions.iter().map(|r| RegionLayout { guest_phys_addr: r.guest_phys_addr, size: r.size }).collect();
+    let layout = regions
+        .iter()
+        .map(|r| RegionLayout { guest_phys_addr: ferry_transport::GuestAddr(r.guest_phys_addr), size: r.size })
+        .collect();
     MemoryLayout::new(page_size, layout).map_err(|e| invalid(e.to_string()))
 }
 

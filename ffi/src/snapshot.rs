@@ -192,7 +192,7 @@ pub unsafe extern "C" fn ferry_image_region(
         let (gpa, len) = gpa.zip(len).ok_or_else(|| invalid("guest_phys_addr or size is null"))?;
         let regions = image.image.layout().regions();
         let r = regions.get(index as usize).ok_or_else(|| invalid(format!("region {index} of {}", regions.len())))?;
-        (*gpa, *len) = (r.guest_phys_addr, r.size);
+        (*gpa, *len) = (r.guest_phys_addr.0, r.size);
         Ok(())
     })
 }

@@ -3,6 +3,7 @@
 
 use ferry_fault_handler::{Claim, PageStates};
 use ferry_prepager::{BatchSizer, Bubbling, Demand, Policy, PolicyKind, Push};
+use ferry_transport::GuestAddr;
 use ferry_transport::{MemoryLayout, RegionLayout};
 use proptest::prelude::*;
 
@@ -66,8 +67,8 @@ fn bubbles_stop_at_region_edges() {
     let layout = MemoryLayout::new(
         4096,
         vec![
-            RegionLayout { guest_phys_addr: 0, size: 10 * 4096 },
-            RegionLayout { guest_phys_addr: 1 << 30, size: 10 * 4096 },
+            RegionLayout { guest_phys_addr: GuestAddr(0), size: 10 * 4096 },
+            RegionLayout { guest_phys_addr: GuestAddr(1 << 30), size: 10 * 4096 },
         ],
     )
     .unwrap();

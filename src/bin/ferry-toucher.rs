@@ -150,7 +150,7 @@ fn key() -> Result<PreSharedKey> {
 fn layout(a: &Args) -> Result<MemoryLayout> {
     Ok(MemoryLayout::new(
         a.page_size,
-        vec![ferry::transport::RegionLayout { guest_phys_addr: 0, size: a.mem_mib << 20 }],
+        vec![ferry::transport::RegionLayout { guest_phys_addr: ferry::transport::GuestAddr(0), size: a.mem_mib << 20 }],
     )?)
 }
 

@@ -1,5 +1,6 @@
 //! Guest memory layout: regions, page size, and runs of pages inside them.
 
+use crate::addr::GuestAddr;
 use crate::error::{Result, TransportError};
 
 /// Smallest page size the transport accepts (x86 base pages).
@@ -18,7 +19,7 @@ pub const MAX_RUN_PAGES: u32 = (MAX_RUN_BYTES / MIN_PAGE_SIZE as u64) as u32;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RegionLayout {
     /// Where the region starts in guest-physical memory.
-    pub guest_phys_addr: u64,
+    pub guest_phys_addr: GuestAddr,
     /// Its length in bytes, a multiple of the page size.
     pub size: u64,
 }
@@ -44,7 +45,7 @@ impl MemoryLayout {
         let ps = u64::from(page_size);
         let mut spans = Vec::with_capacity(regions.len());
         for (i, r) in regions.iter().enumerate() {
-            if r.size == 0 || r.size % ps != 0 || r.guest_phys_addr % ps != 0 {
+            if r.size == 0 || r.size % ps != 0 || r.guest_phys_addr.0 % ps != 0 {
                 return bad(format!(
                     "region {i} ({:#x}+{:#x}) is empty or not page aligned",
                     r.guest_phys_addr, r.size
@@ -66,7 +67,7 @@ impl MemoryLayout {
 
     /// One region of `size` bytes at guest-physical address 0 with 4 KiB pages.
     pub fn single(size: u64) -> Result<Self> {
-        Self::new(MIN_PAGE_SIZE, vec![RegionLayout { guest_phys_addr: 0, size }])
+        Self::new(MIN_PAGE_SIZE, vec![RegionLayout { guest_phys_addr: GuestAddr(0), size }])
     }
 
     /// Bytes per page: 4 KiB, or a huge page size.
@@ -181,7 +182,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_layouts() {
-        let r = |a, s| RegionLayout { guest_phys_addr: a, size: s };
+        let r = |a, s| RegionLayout { guest_phys_addr: GuestAddr(a), size: s };
         assert!(MemoryLayout::new(4096, vec![r(0, 1 << 20)]).is_ok());
         assert!(MemoryLayout::new(4097, vec![r(0, 1 << 20)]).is_err());
         assert!(MemoryLayout::new(1 << 30, vec![r(0, 1 << 30)]).is_err());

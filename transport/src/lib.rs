@@ -6,13 +6,15 @@
 //! [`local`] (same host: the source's sealed memfds mapped read-only, so a read costs the source
 //! nothing), [`snapshot`] (a checksummed memory image written and read through io_uring) and
 //! [`rawfile`] (a flat memory file, as Firecracker saves guest memory). tcp lanes run over TLS 1.3
-//! by default ([`tls`]), authenticated by the pre-shared key.
+//! by default ([`tls`]), authenticated by the pre-shared key. Guest-physical and host addresses
+//! are distinct types ([`GuestAddr`], [`HostAddr`]) wherever the public API takes or gives one.
 //! Raw memory and syscalls are confined to `memory`, `lane::PageBuf`, and the small
 //! `unsafe` helpers of each backend; everything above them is safe Rust.
 
 #![deny(missing_docs)]
 
 mod acceptor;
+pub mod addr;
 pub mod auth;
 /// Errors of every transport.
 pub mod error;
@@ -34,6 +36,7 @@ pub mod tls;
 mod vm_memory;
 pub mod wire;
 
+pub use addr::{GuestAddr, HostAddr};
 pub use auth::PreSharedKey;
 pub use error::{Result, TransportError};
 pub use lane::{

@@ -8,6 +8,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
+use crate::addr::HostAddr;
 use crate::error::{Result, TransportError};
 use crate::layout::{MemoryLayout, PageRun};
 
@@ -238,8 +239,8 @@ impl RegionMapping {
     /// memory of a VMM that registered it with a userfaultfd and handed that over (Firecracker's
     /// UFFD protocol), to be filled through ioctls on that userfaultfd. Nothing here reads or
     /// writes it: every accessor fails, only [`Self::host_addr`] and [`Self::len`] answer.
-    pub fn foreign(addr: u64, len: usize) -> Result<Self> {
-        let ptr = NonNull::new(addr as *mut u8)
+    pub fn foreign(addr: HostAddr, len: usize) -> Result<Self> {
+        let ptr = NonNull::new(addr.0 as *mut u8)
             .filter(|_| len > 0 && addr.checked_add(len as u64).is_some())
             .ok_or_else(|| TransportError::InvalidLayout(format!("a foreign range of {len} bytes at {addr:#x}")))?;
         Ok(RegionMapping { ptr, len, fd: None, owns_mapping: false, writable: false, foreign: true, owner: None })

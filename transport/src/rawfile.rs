@@ -177,6 +177,7 @@ impl BulkLane for RawBulk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addr::GuestAddr;
     use crate::layout::RegionLayout;
 
     #[test]
@@ -193,8 +194,8 @@ mod tests {
         let layout = MemoryLayout::new(
             4096,
             vec![
-                RegionLayout { guest_phys_addr: 0, size: 4 << 20 },
-                RegionLayout { guest_phys_addr: 1 << 32, size: 4 << 20 },
+                RegionLayout { guest_phys_addr: GuestAddr(0), size: 4 << 20 },
+                RegionLayout { guest_phys_addr: GuestAddr(1 << 32), size: 4 << 20 },
             ],
         )
         .unwrap();

@@ -3,6 +3,7 @@
 //! ferry as it is, each region adopted in place, with its backing file when it maps one from
 //! offset 0 (which the local transport and zero-copy installs need).
 
+use crate::addr::GuestAddr;
 use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ impl GuestMemory {
                 _ => None,
             };
             let writable = region.prot() & libc::PROT_WRITE != 0;
-            layout.push(RegionLayout { guest_phys_addr: region.start_addr().0, size: len as u64 });
+            layout.push(RegionLayout { guest_phys_addr: GuestAddr(region.start_addr().0), size: len as u64 });
             // SAFETY: `region` is a live mapping of `len` bytes at `ptr` (readable, and writable
             // when its protection says so); vm-memory never remaps a region, and `owner` keeps
             // it mapped for as long as the RegionMapping lives. The fd backs it from offset 0.
@@ -54,7 +55,7 @@ mod tests {
         let ours = GuestMemory::from_vm_memory(&vmm, 4096).unwrap();
         drop(vmm);
         assert_eq!(ours.layout().regions().len(), 2);
-        assert_eq!(ours.layout().regions()[1].guest_phys_addr, 1 << 32);
+        assert_eq!(ours.layout().regions()[1].guest_phys_addr, GuestAddr(1 << 32));
         let mut buf = [0u8; 18];
         ours.regions()[1].read(4096, &mut buf).unwrap();
         assert_eq!(&buf, b"written by the VMM", "the same memory, still mapped after the VMM's handle went");

@@ -7,6 +7,7 @@
 
 use std::io::{Read, Write};
 
+use crate::addr::GuestAddr;
 use crate::error::{Result, TransportError};
 use crate::layout::{MemoryLayout, PageRun, RegionLayout, MAX_REGIONS, MAX_RUN_BYTES, MAX_RUN_PAGES};
 
@@ -369,7 +370,7 @@ pub(crate) fn encode_layout(l: &MemoryLayout, out: &mut Vec<u8>) {
     out.extend_from_slice(&l.page_size().to_le_bytes());
     out.extend_from_slice(&(l.regions().len() as u16).to_le_bytes());
     for r in l.regions() {
-        out.extend_from_slice(&r.guest_phys_addr.to_le_bytes());
+        out.extend_from_slice(&r.guest_phys_addr.0.to_le_bytes());
         out.extend_from_slice(&r.size.to_le_bytes());
     }
 }
@@ -382,7 +383,7 @@ fn decode_layout(d: &mut Decoder<'_>) -> Result<MemoryLayout> {
     }
     let mut regions = Vec::with_capacity(count);
     for _ in 0..count {
-        regions.push(RegionLayout { guest_phys_addr: d.u64()?, size: d.u64()? });
+        regions.push(RegionLayout { guest_phys_addr: GuestAddr(d.u64()?), size: d.u64()? });
     }
     MemoryLayout::new(page_size, regions)
 }

@@ -2,6 +2,7 @@
 //! runs of random length (urgent and bulk lanes mixed); every byte of every page is verified against
 //! the pattern it was written with, and every page is read exactly once per pass.
 
+use ferry_transport::GuestAddr;
 use std::sync::Arc;
 
 use ferry_transport::lane::{BulkRead, PageBuf, PageSource};
@@ -22,8 +23,8 @@ fn two_regions(total: u64) -> MemoryLayout {
     MemoryLayout::new(
         4096,
         vec![
-            RegionLayout { guest_phys_addr: 0, size: total / 4 * 3 },
-            RegionLayout { guest_phys_addr: 4 << 30, size: total / 4 },
+            RegionLayout { guest_phys_addr: GuestAddr(0), size: total / 4 * 3 },
+            RegionLayout { guest_phys_addr: GuestAddr(4 << 30), size: total / 4 },
         ],
     )
     .unwrap()

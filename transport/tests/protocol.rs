@@ -2,6 +2,7 @@
 //! property tests, and the handshake's refusals (wrong key, version, layout, session), each of
 //! which must end in a typed error on both sides, never a panic or a hang.
 
+use ferry_transport::GuestAddr;
 use std::io::{Cursor, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -36,7 +37,7 @@ fn arb_layout() -> impl Strategy<Value = MemoryLayout> {
                 .into_iter()
                 .enumerate()
                 .map(|(i, (off, pages))| RegionLayout {
-                    guest_phys_addr: ((i as u64) << 40) + off * u64::from(ps),
+                    guest_phys_addr: GuestAddr(((i as u64) << 40) + off * u64::from(ps)),
                     size: pages * u64::from(ps),
                 })
                 .collect();

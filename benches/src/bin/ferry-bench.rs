@@ -387,8 +387,10 @@ fn postcopy(o: &Options) -> Result<()> {
     let memfd_gbps = install(Backing::Memfd, &layout)?;
     // 2 MiB hugetlbfs pages: one page-table update per 2 MiB instead of per 4 KiB. Needs
     // `mem / 2 MiB` free hugepages (scripts/setup.sh reserves them).
-    let huge_layout =
-        MemoryLayout::new(2 << 20, vec![ferry_transport::RegionLayout { guest_phys_addr: 0, size: mem }])?;
+    let huge_layout = MemoryLayout::new(
+        2 << 20,
+        vec![ferry_transport::RegionLayout { guest_phys_addr: ferry_transport::GuestAddr(0), size: mem }],
+    )?;
     let huge_gbps = install(Backing::HugetlbMemfd, &huge_layout).unwrap_or(f64::NAN);
     let install_gbps = huge_gbps;
     let memory = filled_memory(mem, Backing::Anonymous)?;

@@ -204,7 +204,10 @@ fn data_pages(a: &Args) -> u64 {
 /// One region at guest address 0; 2 MiB pages on hugetlbfs, 4 KiB otherwise.
 fn layout(a: &Args) -> Result<MemoryLayout> {
     let page_size = if a.backing == Backing::HugetlbMemfd { 2 << 20 } else { 4096 };
-    Ok(MemoryLayout::new(page_size, vec![ferry_transport::RegionLayout { guest_phys_addr: 0, size: a.mem_mib << 20 }])?)
+    Ok(MemoryLayout::new(
+        page_size,
+        vec![ferry_transport::RegionLayout { guest_phys_addr: ferry_transport::GuestAddr(0), size: a.mem_mib << 20 }],
+    )?)
 }
 
 fn main() -> Result<()> {
@@ -922,7 +925,7 @@ fn destination_half(
     let (peer, rv, backing, prepager) = accept_rendezvous(listener)?;
     let layout = MemoryLayout::new(
         rv.page_size,
-        vec![ferry_transport::RegionLayout { guest_phys_addr: 0, size: rv.mem_mib << 20 }],
+        vec![ferry_transport::RegionLayout { guest_phys_addr: ferry_transport::GuestAddr(0), size: rv.mem_mib << 20 }],
     )?;
     // Memory and VM first: the source may pause its guest as soon as our control lane connects,
     // and nothing slow (mapping, registering, memory slots) belongs in the downtime.

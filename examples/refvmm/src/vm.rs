@@ -553,7 +553,7 @@ fn set_memory_slots(vm: &VmFd, memory: &Memory, flags: u32) -> Result<()> {
         let region = kvm_userspace_memory_region {
             slot: slot as u32,
             flags,
-            guest_phys_addr: layout.guest_phys_addr,
+            guest_phys_addr: layout.guest_phys_addr.0,
             memory_size: r.len() as u64,
             userspace_addr: r.host_addr().as_ptr() as u64,
         };

@@ -104,7 +104,7 @@ pub fn serve(stream: &UnixStream, config: &ServeConfig) -> Result<Served> {
     let layout = protocol::layout_of(&mappings)?;
     let regions = mappings
         .iter()
-        .map(|m| RegionMapping::foreign(m.base_host_virt_addr, m.size as usize))
+        .map(|m| RegionMapping::foreign(ferry::transport::HostAddr(m.base_host_virt_addr), m.size as usize))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let guest = Arc::new(GuestMemory::new(layout.clone(), regions)?);
     // SAFETY: the fd came from the peer with these mappings in one message, as Firecracker's

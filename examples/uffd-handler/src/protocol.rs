@@ -122,8 +122,13 @@ pub fn parse_mappings(body: &[u8]) -> Result<Vec<GuestRegionUffdMapping>> {
 /// memory file, all of one page size.
 pub fn layout_of(mappings: &[GuestRegionUffdMapping]) -> Result<ferry::transport::MemoryLayout> {
     let page_size = page_size_of(mappings)?;
-    let regions =
-        mappings.iter().map(|m| ferry::transport::RegionLayout { guest_phys_addr: m.offset, size: m.size }).collect();
+    let regions = mappings
+        .iter()
+        .map(|m| ferry::transport::RegionLayout {
+            guest_phys_addr: ferry::transport::GuestAddr(m.offset),
+            size: m.size,
+        })
+        .collect();
     ferry::transport::MemoryLayout::new(page_size as u32, regions)
         .map_err(|e| handshake(format!("the regions do not form a layout: {e}")))
 }

@@ -93,7 +93,9 @@ impl Firecracker {
         let uffd = Userfault::open(uffd::FEATURE_EVENT_REMOVE).unwrap();
         for &(p, len) in &regions {
             // SAFETY: this test's own fresh mappings, reached only through raw copies below.
-            unsafe { uffd.register(p.as_ptr() as u64, len as u64, uffd::MODE_MISSING).unwrap() };
+            unsafe {
+                uffd.register(ferry::transport::HostAddr::of(p.as_ptr()), len as u64, uffd::MODE_MISSING).unwrap()
+            };
         }
         let mut offset = 0;
         let mappings: Vec<GuestRegionUffdMapping> = regions
