@@ -168,7 +168,7 @@ two_hosts() {
 toucher() {
   echo "## ferry-bench postcopy (toucher, 1 GiB, tcp loopback, one run)"
   echo
-  $bench postcopy --mem-mib 1024 --json > "$out/postcopy.jsonl"
+  $bench postcopy --mem-mib 1024 --json --plot docs/policies.svg > "$out/postcopy.jsonl"
   echo "| policy | pattern | network faults | total ms | rate during / after | fault p50 us |"
   echo "| --- | --- | --- | --- | --- | --- |"
   python3 - "$out/postcopy.jsonl" <<'EOF'

@@ -18,6 +18,7 @@ use crate::engine::{DestinationReport, EngineConfig};
 use crate::error::{MigrationError, Result};
 use crate::freepages::FreePages;
 use crate::postcopy::{run_source, PostcopyDestination, SourceReport};
+use crate::timeline::{Timeline, TimelinePoint};
 use crate::toucher::{demo_free_pages, prepare_source, touch, verify_all, Pattern, TouchReport, Walk};
 
 const SEED: u64 = 77;
@@ -78,7 +79,13 @@ pub struct LoopbackOutcome {
     pub served_twice: Option<u64>,
     /// Pages the source named free (never sent).
     pub free_pages: u64,
+    /// The destination's counters every [`TIMELINE_PERIOD`], from the guest's resume to every
+    /// page present.
+    pub timeline: Vec<TimelinePoint>,
 }
+
+/// How often a loopback migration samples its destination's counters.
+pub const TIMELINE_PERIOD: Duration = Duration::from_millis(10);
 
 /// Runs one migration. The state blob carries the data seed; free pages follow
 /// [`demo_free_pages`] and hold junk at the source, so a free page that crossed would show.
@@ -130,12 +137,15 @@ pub fn migrate(config: &LoopbackConfig) -> Result<LoopbackOutcome> {
             Ok(())
         },
     )?;
+    let timeline = Timeline::start(memory.clone(), session.engine().stats_handle(), TIMELINE_PERIOD)
+        .map_err(|e| MigrationError::Protocol(format!("spawning the timeline: {e}")))?;
     let walk = Walk::new(config.pattern);
     let watchdog = crate::toucher::EngineWatchdog::start(session.engine().failure_watch());
     let during = touch(memory.guest(), walk, seed, &free, config.touches)?;
     session.finish();
     drop(watchdog);
     let dest = session.wait()?;
+    let timeline = timeline.stop();
     let after = touch(memory.guest(), walk, seed, &free, config.touches)?;
     let verify_mismatches = verify_all(memory.guest(), seed, &free)?;
     let source = source.join().map_err(|_| MigrationError::ThreadPanicked)??;
@@ -158,6 +168,7 @@ pub fn migrate(config: &LoopbackConfig) -> Result<LoopbackOutcome> {
         served_pages,
         served_twice,
         free_pages: free.count(),
+        timeline,
     })
 }
 

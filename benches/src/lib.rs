@@ -6,6 +6,7 @@
 //! for every backend, and the raw-limit measurements.
 
 pub mod fixtures;
+pub mod plot;
 pub mod raw;
 #[cfg(feature = "rdma")]
 pub mod rdma;

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! ferry-bench transport [--json] [--mem-mib N] [--total-mib N] [--samples N] [--reps N] [--dir DIR]
-//! ferry-bench postcopy  [--json] [--mem-mib N] [--samples N] [--transport tcp|local]
+//! ferry-bench postcopy  [--json] [--mem-mib N] [--samples N] [--transport tcp|local] [--plot FILE.svg]
 //! ferry-bench restore   [--json] [--mem-mib N] [--ws-pages N] [--dir DIR] [--scale-gib 1,4,16]
 //! ferry-bench rdma      --device NAME [--listen ADDR | --peer ADDR] [--mem-mib N] [--samples N] [--json] [--quick]
 //! ```
@@ -14,7 +14,7 @@
 //! access pattern and prints network faults, total time and guest-side fault latency beside the
 //! raw limits (a userfaultfd fault resolved from local memory, a TCP round trip), then the
 //! pre-pager's install bandwidth beside the transport's bulk bandwidth. `--json` prints one JSON
-//! object per line.
+//! object per line; `--plot FILE.svg` draws the policies side by side (`ferry_benches::plot`).
 
 use std::path::PathBuf;
 
@@ -71,6 +71,10 @@ struct Options {
     /// Where snapshot images are written.
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     dir: PathBuf,
+    /// postcopy: draw the policies side by side (memory present, network faults and fault
+    /// latency over each pattern) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -319,6 +323,7 @@ fn postcopy(o: &Options) -> Result<()> {
     };
     let (raw_fault_p50, raw_rtt_p50) = (raw_fault.quantile_us(0.5), raw_rtt.quantile_us(0.5));
     let mut network_faults = std::collections::HashMap::new();
+    let mut runs = Vec::new();
     for policy in PolicyKind::ALL {
         for pattern in Pattern::ALL {
             let touches = if pattern == Pattern::Sequential { pages } else { pages / 4 };
@@ -341,6 +346,13 @@ fn postcopy(o: &Options) -> Result<()> {
             let (f50, f99) = (blocked.quantile_us(0.5), blocked.quantile_us(0.99));
             let d = &out.dest;
             network_faults.insert((policy.name(), pattern.name()), d.network_faults);
+            runs.push(ferry_benches::plot::PolicyRun {
+                policy: policy.name(),
+                pattern: pattern.name(),
+                pages_total: d.pages_total,
+                timeline: out.timeline.clone(),
+                fault_histogram_us: d.fault_histogram_us.clone(),
+            });
             let row = json!({
                 "policy": policy.name(), "pattern": pattern.name(), "transport": transport.name(),
                 "pages_total": d.pages_total, "touches": touches,
@@ -368,6 +380,12 @@ fn postcopy(o: &Options) -> Result<()> {
                 );
             }
         }
+    }
+    if let Some(path) = &o.plot {
+        // Patterns as columns: sort the runs by pattern, policies in their order within each.
+        runs.sort_by_key(|r| Pattern::ALL.iter().position(|p| p.name() == r.pattern));
+        ferry_benches::plot::policies(path, &runs)?;
+        eprintln!("ferry-bench: the policies compared in {}", path.display());
     }
     // Bulk install: an idle guest pulled by active push, beside the transport's bulk bandwidth;
     // anonymous memory (UFFDIO_COPY from a buffer) and memfd memory (received in place, CONTINUE).
