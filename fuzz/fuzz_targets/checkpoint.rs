@@ -9,7 +9,7 @@ use ferry_transport::{MemoryLayout, RegionLayout};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let r = |base, size| RegionLayout { guest_phys_addr: base, size };
+    let r = |base, size| RegionLayout { guest_phys_addr: ferry_transport::GuestAddr(base), size };
     let layout = MemoryLayout::new(4096, vec![r(0, 16 * 4096), r(1 << 32, 8 * 4096)]).expect("a sound layout");
     let mut receiver = CheckpointReceiver::new(&layout);
     let mut rest = data;
