@@ -293,6 +293,45 @@ PY
   echo
   echo "command: $vmm demo --mode ft --mem-mib 512 --workload rand-write --seconds 1 --checkpoint-ms 50 [--inject kill-primary=0.5] --json"
   echo
+  echo "## KVM fault-tolerant pair, 1 GiB guest, random writes over 512 MiB, epochs every 25 ms for 2 s ($runs runs each)"
+  echo
+  echo "| writer | epochs | epoch pause p50 / p99 ms | log MiB/s | guest rate protected / unprotected | output latency p50 ms | backup killed 0.5 s in: made anew in ms | new backup's epochs | live primaries | wrong pages | output gaps / regressions |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  for rate in 256 none; do
+    f=$out/ft-rate-$rate.jsonl
+    : > "$f"
+    local limit=()
+    [ $rate = none ] || limit=(--rate-mib "$rate")
+    for _ in $(seq "$runs"); do
+      for inject in none kill-backup=0.5; do
+        local extra=()
+        [ $inject = none ] || extra=(--inject "$inject")
+        $vmm demo --mode ft --mem 1G --workload rand-write "${limit[@]}" --seconds 2 --checkpoint-ms 25 "${extra[@]}" --json 2>/dev/null | slim >> "$f"
+      done
+    done
+    python3 - "$f" "$rate" <<'PY'
+import json, sys
+rs = [json.loads(l) for l in open(sys.argv[1])]
+plain = [r for r in rs if not r.get("backup_killed")]
+killed = [r for r in rs if r.get("backup_killed")]
+def rng(rows, k, d=0, f=lambda r, k: r.get(k)):
+    v = [f(r, k) for r in rows if f(r, k) is not None]
+    if not v: return "-"
+    lo, hi = min(v), max(v)
+    g = lambda x: f"{x:.{d}f}"
+    return g(lo) if g(lo) == g(hi) else f"{g(lo)}-{g(hi)}"
+ratio = lambda r, k: r["rate_protected"] / r["rate_unprotected"] * 100 if r.get("rate_unprotected") else None
+writer = f"{sys.argv[2]} MiB/s" if sys.argv[2] != "none" else "unlimited"
+new_epochs = lambda r, k: (r.get("new_backup") or {}).get("epochs_applied")
+print(f"| {writer} | {rng(plain, 'epochs')} | {rng(plain, 'epoch_pause_p50_ms', 1)} / {rng(plain, 'epoch_pause_p99_ms', 1)} | "
+      f"{rng(plain, 'log_mib_per_s')} | {rng(plain, 'rate_protected', 0, ratio)}% | {rng(plain, 'output_latency_p50_ms', 1)} | "
+      f"{sum(bool(r.get('backup_recreated')) for r in killed)}/{len(killed)}: {rng(killed, 'recreate_ms')} | {rng(killed, None, 0, new_epochs)} | "
+      f"{rng(rs, 'live_primaries')} | {rng(rs, 'primary_guest_mismatches')} | {rng(rs, 'output_gaps')} / {rng(rs, 'output_regressions')} |")
+PY
+  done
+  echo
+  echo "command: $vmm demo --mode ft --mem 1G --workload rand-write [--rate-mib 256] --seconds 2 --checkpoint-ms 25 [--inject kill-backup=0.5] --json"
+  echo
 }
 
 trips() {

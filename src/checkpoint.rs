@@ -452,7 +452,12 @@ pub struct CheckpointStats {
     pub paused: Duration,
     /// The longest pause.
     pub longest_pause: Duration,
+    /// Each capture's pause, in order (the first [`MAX_PAUSE_SAMPLES`]).
+    pub pauses: Vec<Duration>,
 }
+
+/// Most pauses a checkpointer's stats keep one by one (a day of 10 ms epochs is 8.6M).
+pub const MAX_PAUSE_SAMPLES: usize = 1 << 16;
 
 /// The sending side: a thread that captures an epoch every period, sends it, and waits for its
 /// acknowledgement before the next. Pages of an epoch that was not acknowledged go again with the
@@ -545,6 +550,9 @@ impl Checkpointer {
                         let pause = paused_at.elapsed();
                         stats.paused += pause;
                         stats.longest_pause = stats.longest_pause.max(pause);
+                        if stats.pauses.len() < MAX_PAUSE_SAMPLES {
+                            stats.pauses.push(pause);
+                        }
                         let (checkpoint, dirty) = match (captured, resumed) {
                             (Ok(c), Ok(())) => c,
                             // A vCPU that would not stop in time (one waiting for a page while a

@@ -191,7 +191,9 @@ struct MigrationOpts {
     /// kill-destination=F (demo) runs the destination as its own process and SIGKILLs it once
     /// that fraction of the pages has crossed: the source restarts the guest; kill-primary=S
     /// (demo --mode ft) runs the primary as its own process and SIGKILLs it S seconds into
-    /// protection: the backup takes over.
+    /// protection: the backup takes over; kill-backup=S (demo --mode ft) runs each backup as its
+    /// own process and SIGKILLs the first S seconds into protection: the primary makes a new
+    /// backup by a live copy and protection resumes.
     #[arg(long, value_parser = parse_inject)]
     inject: Option<Inject>,
     /// Post-copy: the destination sends reverse checkpoints this often (0: none; a destination
@@ -254,6 +256,7 @@ pub enum Inject {
     CutLanes(u64),
     KillDestination(f64),
     KillPrimary(f64),
+    KillBackup(f64),
 }
 
 #[derive(ClapArgs, Debug)]
@@ -330,7 +333,11 @@ fn parse_inject(s: &str) -> Result<Inject, String> {
             Ok(t) if (0.0..=3600.0).contains(&t) => Ok(Inject::KillPrimary(t)),
             _ => Err(format!("kill-primary={t}: seconds into protection, 0 to 3600")),
         },
-        _ => Err(format!("{s:?}: cut-lanes=N, kill-destination=F or kill-primary=S")),
+        Some(("kill-backup", t)) => match t.parse::<f64>() {
+            Ok(t) if (0.0..=3600.0).contains(&t) => Ok(Inject::KillBackup(t)),
+            _ => Err(format!("kill-backup={t}: seconds into protection, 0 to 3600")),
+        },
+        _ => Err(format!("{s:?}: cut-lanes=N, kill-destination=F, kill-primary=S or kill-backup=S")),
     }
 }
 
@@ -385,6 +392,10 @@ impl MigrationOpts {
         };
         a.kill_primary = match self.inject {
             Some(Inject::KillPrimary(t)) => Some(t),
+            _ => None,
+        };
+        a.kill_backup = match self.inject {
+            Some(Inject::KillBackup(t)) => Some(t),
             _ => None,
         };
         a.checkpoint_ms = self.checkpoint_ms.unwrap_or(if self.trips > 1 { 0 } else { 100 });
@@ -461,7 +472,12 @@ fn combination(a: &Args) -> Result<(), &'static str> {
         if a.command != "demo" {
             return Err("--trips runs in demo (both hosts are this process)");
         }
-        if a.local || a.cut_lanes > 0 || a.kill_destination.is_some() || a.kill_primary.is_some() {
+        if a.local
+            || a.cut_lanes > 0
+            || a.kill_destination.is_some()
+            || a.kill_primary.is_some()
+            || a.kill_backup.is_some()
+        {
             return Err("--trips runs over tcp without fault injection");
         }
         if a.checkpoint_ms > 0 {

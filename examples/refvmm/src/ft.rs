@@ -32,17 +32,29 @@ fn config(checkpoint_ms: u64) -> FtConfig {
     }
 }
 
+/// The primary's side of a pair, the same for each backup it protects the guest with.
+#[derive(Clone, Copy)]
+pub struct PrimarySide<'a> {
+    pub vm: &'a Vm,
+    pub memory: &'a Arc<GuestMemory>,
+    /// Between epochs.
+    pub checkpoint_ms: u64,
+    /// Told when protection starts (a demo that kills the backup times it from then).
+    pub protecting: Option<&'a std::sync::mpsc::Sender<Instant>>,
+}
+
 /// The primary, once a backup connected on `control` and the guest runs: the first copy, then
-/// `seconds` of protection (or less, if the backup is lost), then a clean stop. Fills `report`.
+/// protection for what is `left` of the run's protected time (or less, if the backup is lost:
+/// `left` keeps the rest for a backup made anew), then a clean stop. Fills `report` with what this
+/// backup's term measured; the reason the backup was lost, if it was.
 pub fn run_primary(
-    vm: &Vm,
-    memory: &Arc<GuestMemory>,
+    primary: &PrimarySide<'_>,
     control: &mut dyn ControlStream,
     mut dirty: KvmDirtyLog,
-    checkpoint_ms: u64,
-    seconds: f64,
+    left: &mut Duration,
     report: &mut serde_json::Value,
-) -> Result<()> {
+) -> Result<Option<String>> {
+    let PrimarySide { vm, memory, checkpoint_ms, protecting } = *primary;
     let started = Instant::now();
     let mut paused_for = Duration::ZERO;
     // Heartbeats both ways during the first copy too: a backup gone silent is an error, not a
@@ -76,7 +88,11 @@ pub fn run_primary(
     let capture = VmCapture::new(vm.telemetry.clone(), vm.vcpu_count(), dirty);
     let primary = Primary::start(&*control, memory.clone(), Box::new(capture), &config(checkpoint_ms))?;
     let protected_at = Instant::now();
-    let until = protected_at + Duration::from_secs_f64(seconds);
+    let progress_at_start = vm.telemetry.progress.load(Ordering::Relaxed);
+    if let Some(protecting) = protecting {
+        let _ = protecting.send(protected_at);
+    }
+    let until = protected_at + *left;
     while Instant::now() < until && primary.backup_lost().is_none() {
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -90,14 +106,65 @@ pub fn run_primary(
     if lost.is_none() {
         ferry::handoff::send_abort(control, STOPPED);
     }
-    report["protected_ms"] = json!(protected_at.elapsed().as_secs_f64() * 1e3);
+    *left = left.saturating_sub(protected_at.elapsed());
+    let protected_s = protected_at.elapsed().as_secs_f64();
+    report["protected_ms"] = json!(protected_s * 1e3);
+    // The guest's own rate while protected, epochs' pauses and all.
+    let progress = vm.telemetry.progress.load(Ordering::Relaxed) - progress_at_start;
+    report["rate_protected"] = json!(progress as f64 / protected_s.max(1e-9));
+    report["log_mib_per_s"] = json!(stats.bytes as f64 / f64::from(1 << 20) / protected_s.max(1e-9));
+    report["epoch_pauses_ms"] = json!(stats.pauses.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>());
     report["backup_lost"] = json!(lost);
     report["checkpoints"] = json!(stats.committed);
     report["checkpoints_failed"] = json!(stats.failed);
     report["checkpoint_pages"] = json!(stats.pages);
     report["checkpoint_pause_ms"] = json!(stats.paused.as_secs_f64() * 1e3);
     report["checkpoint_longest_pause_ms"] = json!(stats.longest_pause.as_secs_f64() * 1e3);
-    Ok(())
+    Ok(lost)
+}
+
+/// Sums what each backup's term measured (`terms`, in order) into `report`: the first copy is the
+/// first term's, counts add up, the longest pause is the longest of all.
+pub fn summarize_terms(report: &mut serde_json::Value, mut terms: Vec<serde_json::Value>) {
+    let sum = |k: &str| terms.iter().filter_map(|t| t[k].as_f64()).sum::<f64>();
+    for k in ["first_copy_ms", "first_copy_rounds", "first_copy_pause_ms"] {
+        report[k] = terms.first().map(|t| t[k].clone()).unwrap_or_default();
+    }
+    for k in ["protected_ms", "checkpoint_pause_ms"] {
+        report[k] = json!(sum(k));
+    }
+    for k in ["checkpoints", "checkpoints_failed", "checkpoint_pages"] {
+        report[k] = json!(terms.iter().filter_map(|t| t[k].as_u64()).sum::<u64>());
+    }
+    report["checkpoint_longest_pause_ms"] =
+        json!(terms.iter().filter_map(|t| t["checkpoint_longest_pause_ms"].as_f64()).fold(0.0, f64::max));
+    let mut pauses: Vec<f64> = terms
+        .iter()
+        .flat_map(|t| t["epoch_pauses_ms"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_f64())
+        .collect();
+    pauses.sort_by(f64::total_cmp);
+    let quantile = |q: f64| pauses.get(((pauses.len() as f64 - 1.0) * q).round() as usize).copied();
+    report["epochs"] = report["checkpoints"].clone();
+    report["epoch_pause_p50_ms"] = json!(quantile(0.5));
+    report["epoch_pause_p99_ms"] = json!(quantile(0.99));
+    let protected_s = sum("protected_ms") / 1e3;
+    let weighted = |k: &str| {
+        terms.iter().filter_map(|t| Some(t[k].as_f64()? * t["protected_ms"].as_f64()? / 1e3)).sum::<f64>()
+            / protected_s.max(1e-9)
+    };
+    report["rate_protected"] = json!(weighted("rate_protected"));
+    report["log_mib_per_s"] = json!(weighted("log_mib_per_s"));
+    for t in terms.iter_mut() {
+        // One by one they served the quantiles; the report keeps what a reader wants.
+        if let Some(t) = t.as_object_mut() {
+            t.remove("epoch_pauses_ms");
+        }
+    }
+    report["backup_lost"] = terms.last().map(|t| t["backup_lost"].clone()).unwrap_or_default();
+    report["backups"] = json!(terms.len());
+    report["backup_recreated"] = json!(terms.len() > 1);
+    report["backup_terms"] = json!(terms);
 }
 
 /// What the backup did.

@@ -112,6 +112,7 @@ struct Args {
     kill_destination: Option<f64>,
     /// `--inject kill-primary=S` (ft): SIGKILL the primary process S seconds into protection.
     kill_primary: Option<f64>,
+    kill_backup: Option<f64>,
     /// Reverse checkpoint period in post-copy; 0: none.
     checkpoint_ms: u64,
     recovery_window_ms: u64,
@@ -170,6 +171,7 @@ impl Default for Args {
             cut_lanes: 0,
             kill_destination: None,
             kill_primary: None,
+            kill_backup: None,
             checkpoint_ms: 100,
             recovery_window_ms: 10_000,
             lease_dir: std::env::temp_dir(),
@@ -231,7 +233,7 @@ fn main() -> Result<()> {
         "restore" => restore(&a),
         "migrate" => {
             let to = a.to.clone().ok_or_else(|| anyhow!("migrate needs --to ADDR"))?;
-            print_report(&a, &source_half(&a, &to, &key(&a)?, None)?.report)
+            print_report(&a, &source_half(&a, &to, &key(&a)?, None, None)?.report)
         }
         "receive" => {
             let listener = TcpListener::bind(a.listen.as_deref().unwrap_or("127.0.0.1:7070"))?;
@@ -577,7 +579,30 @@ struct Kill {
     at_fraction: f64,
 }
 
-fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Result<Half> {
+/// How long a primary whose backup was lost waits for a new one before it runs on unprotected.
+const REPLACEMENT_WAIT: Duration = Duration::from_secs(30);
+
+/// A demo that kills an ft primary's backup: the primary says when protection starts, and is
+/// handed where each replacement backup waits.
+struct BackupSwap {
+    protecting: std::sync::mpsc::Sender<Instant>,
+    replacements: std::sync::mpsc::Receiver<String>,
+}
+
+/// Connects to `to`, trying again until `patience` ran out (a process just started may not
+/// listen yet).
+fn connect_retrying(to: &str, patience: Duration) -> Result<TcpStream> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match TcpStream::connect(to) {
+            Ok(s) => return Ok(s),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(e).with_context(|| format!("connecting to {to}")),
+        }
+    }
+}
+
+fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>, swap: Option<BackupSwap>) -> Result<Half> {
     let layout = layout(a)?;
     let mut rendezvous = TcpStream::connect(to).with_context(|| format!("connecting to the destination at {to}"))?;
     let source_mem = Arc::new(GuestMemory::create(layout.clone(), a.backing)?);
@@ -663,8 +688,46 @@ fn source_half(a: &Args, to: &str, key: &PreSharedKey, kill: Option<Kill>) -> Re
     };
     if a.mode == Mode::Ft {
         let mut report = json!({"baseline_rate": baseline_rate, "mode": "ft"});
-        let log = dirty_log.take().ok_or_else(|| anyhow!("no dirty log"))?;
-        ft::run_primary(&source, &source_mem, control.as_mut(), log, a.checkpoint_ms, a.seconds, &mut report)?;
+        // Protected time, however many backups it takes.
+        let mut left = Duration::from_secs_f64(a.seconds);
+        let mut log = dirty_log.take().ok_or_else(|| anyhow!("no dirty log"))?;
+        let mut terms = Vec::new();
+        let swap = swap.as_ref();
+        loop {
+            let mut term = json!({});
+            let side = ft::PrimarySide {
+                vm: &source,
+                memory: &source_mem,
+                checkpoint_ms: a.checkpoint_ms,
+                protecting: swap.map(|s| &s.protecting),
+            };
+            let lost = ft::run_primary(&side, control.as_mut(), log, &mut left, &mut term)?;
+            terms.push(term);
+            // A lost backup is made anew by a live copy, when one comes in time (and protected
+            // time is left); meanwhile the guest runs unprotected (its output leaves at once).
+            let Some(lost_at) = lost.filter(|_| !left.is_zero()).map(|_| Instant::now()) else { break };
+            let next = swap.and_then(|s| s.replacements.recv_timeout(REPLACEMENT_WAIT).ok());
+            let Some(next) = next else { break };
+            let mut rendezvous = connect_retrying(&next, Duration::from_secs(10))?;
+            writeln!(rendezvous, "{}", serde_json::to_string(&hello)?)?;
+            control = match &server {
+                Server::Tcp(s) => Box::new(s.accept_control(Duration::from_secs(30))?),
+                Server::Local(s) => Box::new(s.accept_control(Duration::from_secs(30))?),
+            };
+            // Round 0 of the new backup's first copy pulls every page: the log starts afresh.
+            log = source.dirty_log()?;
+            let connected_ms = lost_at.elapsed().as_secs_f64() * 1e3;
+            report["recreate_connect_ms"] = json!(connected_ms);
+        }
+        let first_copy_of_last = terms.last().and_then(|t| t["first_copy_ms"].as_f64());
+        ft::summarize_terms(&mut report, terms);
+        if let (Some(connect), Some(copy)) = (report["recreate_connect_ms"].as_f64(), first_copy_of_last) {
+            // From the loss noticed to the new backup holding its first copy.
+            report["recreate_ms"] = json!(connect + copy);
+        }
+        report["rate_unprotected"] = json!(baseline_rate);
+        report["output_latency_p50_ms"] =
+            json!(source.telemetry.output.held_latency_p50().map(|d| d.as_secs_f64() * 1e3));
         report["primary_rate_after"] = json!(measure_rate(&source, a.seconds.min(0.5)));
         let running = running.take().ok_or_else(|| anyhow!("the guest is not running"))?;
         let mismatches = self_check(&mut source, running)?;
@@ -1175,6 +1238,9 @@ fn demo(a: &Args) -> Result<()> {
     if let Some(after) = a.kill_primary {
         return demo_killing_the_primary(&a, observer, after);
     }
+    if let Some(after) = a.kill_backup {
+        return demo_killing_the_backup(&a, observer, after);
+    }
     if a.trips > 1 {
         return trips::demo_trips(&a);
     }
@@ -1188,7 +1254,7 @@ fn demo(a: &Args) -> Result<()> {
     };
     // A source that failed may have left the destination waiting for it: report the failure
     // without joining (the process ends with it).
-    let source = source_half(a, &to, &key, None)?;
+    let source = source_half(a, &to, &key, None, None)?;
     let destination = destination.join().map_err(|_| anyhow!("the destination thread panicked"))?;
     if source.report["restarted_on_source"] == json!(true) {
         // The destination failed and the source took the guest back: its report is the one.
@@ -1235,6 +1301,16 @@ fn demo(a: &Args) -> Result<()> {
 /// Adds what the output observer saw (every VMM of the demo has closed its end) and prints.
 fn finish_report(a: &Args, mut report: serde_json::Value, observer: output::Observer) -> Result<()> {
     report["workload"] = json!(a.workload.name());
+    if a.mode == Mode::Ft {
+        // Who runs the guest at the end, as each side's own report says: the primary unless it
+        // was killed, and a backup that took over.
+        let live = |yes: bool| u64::from(yes);
+        report["live_primaries"] = json!(
+            live(report["primary_killed"] != json!(true))
+                + live(report["took_over"] == json!(true))
+                + live(report["new_backup"]["took_over"] == json!(true))
+        );
+    }
     report["rate_before"] = report["baseline_rate"].clone();
     for (k, v) in serde_json::to_value(observer.finish())?.as_object().into_iter().flatten() {
         report[k] = v.clone();
@@ -1302,43 +1378,119 @@ fn demo_killing_the_primary(a: &Args, observer: output::Observer, after: f64) ->
     finish_report(a, report, observer)
 }
 
-/// `demo --inject kill-destination=F`: the destination runs as its own process (`ferry-vmm
-/// receive`), which is SIGKILLed once that fraction of the pages has crossed; the source restarts
-/// the guest from its image and the last reverse checkpoint.
-fn demo_killing_the_destination(a: &Args, observer: output::Observer, at_fraction: f64) -> Result<()> {
-    use std::process::{Command, Stdio};
-    // The kill is timed by the tcp page server's count of pages served, in post-copy.
-    if a.mode != Mode::Postcopy || a.local {
-        bail!("--inject kill-destination needs --mode postcopy over tcp");
-    }
-    let key_hex = random_key_hex()?;
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["receive", "--listen", "127.0.0.1:0", "--json", "--key-hex", &key_hex, "--lease-dir"])
+/// Starts `ferry-vmm receive` as a process of its own (its stdout to `stdout`, its log lines to
+/// ours, prefixed with `who`); the process and the address it waits on.
+fn spawn_receiver(
+    a: &Args,
+    key_hex: &str,
+    observer: &output::Observer,
+    stdout: std::process::Stdio,
+    who: &'static str,
+) -> Result<(std::process::Child, String)> {
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["receive", "--listen", "127.0.0.1:0", "--json", "--key-hex", key_hex, "--lease-dir"])
         .arg(&a.lease_dir)
         .args(a.etcd.as_ref().map(|e| ["--etcd", e.as_str()]).into_iter().flatten())
         .arg("--observe")
         .arg(observer.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stdout(stdout)
+        .stderr(std::process::Stdio::piped())
         .spawn()
-        .context("starting the destination process")?;
+        .with_context(|| format!("starting the {who} process"))?;
     // Its address is on its first line: "ferry-vmm: receiving on ADDR".
     let mut stderr = BufReader::new(child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?);
     let mut line = String::new();
     stderr.read_line(&mut line)?;
     let Some(addr) = line.trim().strip_prefix("ferry-vmm: receiving on ") else {
         let _ = child.kill();
-        bail!("the destination process said {line:?}");
+        bail!("the {who} process said {line:?}");
     };
     let addr = addr.to_string();
-    // The rest of what it says (it dies mid-sentence) goes to ours.
+    // The rest of what it says (it may die mid-sentence) goes to ours.
     std::thread::spawn(move || {
         for line in stderr.lines().map_while(std::result::Result::ok) {
-            eprintln!("destination: {line}");
+            eprintln!("{who}: {line}");
         }
     });
+    Ok((child, addr))
+}
+
+/// `demo --mode ft --inject kill-backup=S`: the primary runs here, each backup as its own process
+/// (`ferry-vmm receive`); the first is SIGKILLed S seconds into protection, and the primary makes
+/// a new one by a live copy while its guest runs on. The report is the primary's, with what the
+/// new backup saw.
+fn demo_killing_the_backup(a: &Args, observer: output::Observer, after: f64) -> Result<()> {
+    use std::process::Stdio;
+    if a.mode != Mode::Ft || a.local {
+        bail!("--inject kill-backup needs --mode ft over tcp");
+    }
+    let key_hex = random_key_hex()?;
+    let (mut first, to) = spawn_receiver(a, &key_hex, &observer, Stdio::null(), "backup")?;
+    let (protecting_tx, protecting) = std::sync::mpsc::channel();
+    let (replacements_tx, replacements) = std::sync::mpsc::channel();
+    let primary = {
+        let (a, key) = (a.clone(), PreSharedKey::from_hex(&key_hex)?);
+        let swap = BackupSwap { protecting: protecting_tx, replacements };
+        std::thread::spawn(move || source_half(&a, &to, &key, None, Some(swap)))
+    };
+    // The first backup dies S seconds into protection; a new one waits for the primary.
+    let killed = protecting.recv().ok().map(|since: Instant| {
+        std::thread::sleep(Duration::from_secs_f64(after).saturating_sub(since.elapsed()));
+        Instant::now()
+    });
+    // Killed on time, or now: a primary that never protected left its backup waiting.
+    let _ = first.kill();
+    let first_status = first.wait()?;
+    let second = match killed {
+        Some(_) => {
+            let (child, addr) = spawn_receiver(a, &key_hex, &observer, Stdio::piped(), "new backup")?;
+            let _ = replacements_tx.send(addr);
+            Some(child)
+        }
+        None => None,
+    };
+    drop(replacements_tx);
+    let primary = primary.join().map_err(|_| anyhow!("the primary thread panicked"));
+    // A primary whose protection ended before the new backup came never connects to it: the new
+    // backup, still waiting, is stopped rather than waited for.
+    let second = second.map(|child| finish_or_kill(child, Duration::from_secs(30))).transpose()?;
+    let mut report = primary??.report;
+    use std::os::unix::process::ExitStatusExt;
+    report["backup_killed"] = json!(first_status.signal() == Some(libc::SIGKILL));
+    report["kill_after_s"] = json!(after);
+    if let Some(out) = second {
+        let said = String::from_utf8_lossy(&out.stdout);
+        let new_backup: serde_json::Value =
+            said.lines().last().and_then(|l| serde_json::from_str(l).ok()).unwrap_or_default();
+        report["new_backup"] = new_backup;
+        report["new_backup_exit"] = json!(out.status.code());
+    }
+    finish_report(a, report, observer)
+}
+
+/// Waits up to `patience` for `child` to end on its own, then kills it; what it printed.
+fn finish_or_kill(mut child: std::process::Child, patience: Duration) -> Result<std::process::Output> {
+    let deadline = Instant::now() + patience;
+    while child.try_wait()?.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    Ok(child.wait_with_output()?)
+}
+
+/// `demo --inject kill-destination=F`: the destination runs as its own process (`ferry-vmm
+/// receive`), which is SIGKILLed once that fraction of the pages has crossed; the source restarts
+/// the guest from its image and the last reverse checkpoint.
+fn demo_killing_the_destination(a: &Args, observer: output::Observer, at_fraction: f64) -> Result<()> {
+    use std::process::Stdio;
+    // The kill is timed by the tcp page server's count of pages served, in post-copy.
+    if a.mode != Mode::Postcopy || a.local {
+        bail!("--inject kill-destination needs --mode postcopy over tcp");
+    }
+    let key_hex = random_key_hex()?;
+    let (mut child, addr) = spawn_receiver(a, &key_hex, &observer, Stdio::null(), "destination")?;
     let kill = Kill { pid: child.id(), at_fraction };
-    let source = source_half(a, &addr, &PreSharedKey::from_hex(&key_hex)?, Some(kill));
+    let source = source_half(a, &addr, &PreSharedKey::from_hex(&key_hex)?, Some(kill), None);
     if source.is_err() {
         let _ = child.kill();
     }

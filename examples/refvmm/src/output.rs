@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One output the guest emitted and the VMM still holds.
 #[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
@@ -28,7 +28,13 @@ pub struct Held {
     /// The epoch whose checkpoint captured it; `None` until one did.
     #[serde(skip)]
     epoch: Option<u64>,
+    /// When the guest emitted it.
+    #[serde(skip)]
+    at: Option<Instant>,
 }
+
+/// Most held-output latencies a device keeps.
+const MAX_LATENCY_SAMPLES: usize = 1 << 20;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -38,6 +44,9 @@ struct Inner {
     held: VecDeque<Held>,
     emitted: u64,
     released: u64,
+    /// From emission to release, of each output that was held (the first
+    /// [`MAX_LATENCY_SAMPLES`]).
+    held_for: Vec<Duration>,
 }
 
 /// The VMM's side of the output device (see the module doc).
@@ -68,7 +77,7 @@ impl OutputDevice {
             return;
         }
         if inner.hold {
-            inner.held.push_back(Held { vcpu, seq, epoch: None });
+            inner.held.push_back(Held { vcpu, seq, epoch: None, at: Some(Instant::now()) });
         } else {
             inner.send('O', vcpu, seq);
         }
@@ -91,6 +100,9 @@ impl OutputDevice {
         while inner.held.front().is_some_and(|h| h.epoch.is_some_and(|e| e <= epoch) || epoch == u64::MAX) {
             let h = inner.held.pop_front().expect("checked");
             inner.send('O', h.vcpu, h.seq);
+            if let (Some(at), true) = (h.at, inner.held_for.len() < MAX_LATENCY_SAMPLES) {
+                inner.held_for.push(at.elapsed());
+            }
         }
         if epoch == u64::MAX {
             inner.hold = false;
@@ -110,6 +122,14 @@ impl OutputDevice {
         let mut inner = self.inner();
         inner.halted = true;
         inner.held.clear();
+    }
+
+    /// The median time held output waited for its release (output commit's latency), if any was
+    /// held.
+    pub fn held_latency_p50(&self) -> Option<Duration> {
+        let mut held_for = self.inner().held_for.clone();
+        held_for.sort_unstable();
+        held_for.get(held_for.len() / 2).copied()
     }
 
     /// (emitted by the guest, released to the observer)

@@ -138,7 +138,28 @@ pub fn summary(command: &str, r: &Value) -> String {
     if let Some(lost) = f("work_lost_ms") {
         line("time lost", format!("{} of guest work (what it would have done at its steady rate)", ms(lost)));
     }
-    if let Some(c) = f("checkpoints").filter(|&c| c > 0.0) {
+    let fault_tolerant = r.get("mode").and_then(Value::as_str) == Some("ft");
+    if let (true, Some(e)) = (fault_tolerant, f("epochs")) {
+        let pauses = match (f("epoch_pause_p50_ms"), f("epoch_pause_p99_ms")) {
+            (Some(p50), Some(p99)) => format!(", guest paused p50 {} p99 {}", ms(p50), ms(p99)),
+            _ => String::new(),
+        };
+        let log = f("log_mib_per_s").map(|m| format!(", {m:.0} MiB/s")).unwrap_or_default();
+        line("epochs", format!("{e:.0} to the backup{pauses}{log}"));
+        if let (Some(p), Some(u)) = (f("rate_protected"), f("rate_unprotected")) {
+            line(
+                "protected",
+                format!("guest {}/s, {:.0}% of its unprotected {}/s", count(p), 100.0 * p / u.max(1e-9), count(u)),
+            );
+        }
+        if let Some(n) = f("backups").filter(|&n| n > 1.0) {
+            let anew = f("recreate_ms").map(|m| format!(", made anew in {}", ms(m))).unwrap_or_default();
+            line("backups", format!("{n:.0} (a lost backup replaced by a live copy{anew})"));
+        }
+        if let Some(l) = f("live_primaries") {
+            line("live primaries", format!("{l:.0}"));
+        }
+    } else if let Some(c) = f("checkpoints").filter(|&c| c > 0.0) {
         let longest =
             f("checkpoint_longest_pause_ms").map(|p| format!(", longest pause {}", ms(p))).unwrap_or_default();
         line(
@@ -150,9 +171,10 @@ pub fn summary(command: &str, r: &Value) -> String {
         line(
             "guest output",
             format!(
-                "{seen:.0} seen outside, {:.0} gaps, {:.0} repeated",
+                "{seen:.0} seen outside, {:.0} gaps, {:.0} repeated{}",
                 f("output_gaps").unwrap_or(0.0),
-                f("output_duplicates").unwrap_or(0.0)
+                f("output_duplicates").unwrap_or(0.0),
+                f("output_latency_p50_ms").map(|l| format!(", held p50 {}", ms(l))).unwrap_or_default()
             ),
         );
     }

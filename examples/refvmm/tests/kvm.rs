@@ -575,6 +575,7 @@ fn a_fault_tolerant_pair_protects_the_guest_and_the_backup_takes_over_when_the_p
     assert!(r["checkpoints"].as_u64().unwrap() >= 2, "{r}");
     assert!(r["epochs_applied"].as_u64().unwrap() >= r["checkpoints"].as_u64().unwrap(), "{r}");
     assert_eq!(r["primary_guest_mismatches"], 0, "{r}");
+    assert_eq!(r["live_primaries"], 1, "{r}");
     assert_output_whole(&r);
     // The primary is SIGKILLed mid-protection: the backup takes over from its last epoch.
     for workload in ["seq-write", "rand-write"] {
@@ -592,9 +593,41 @@ fn a_fault_tolerant_pair_protects_the_guest_and_the_backup_takes_over_when_the_p
         ]);
         assert_eq!(r["primary_killed"], true, "{r}");
         assert_eq!(r["took_over"], true, "{r}");
+        assert_eq!(r["live_primaries"], 1, "{r}");
         assert_eq!(r["guest_mismatches"], 0, "{workload}: {r}");
         assert_output_whole(&r);
     }
+}
+
+#[test]
+fn a_lost_backup_is_made_anew_by_a_live_copy_and_protection_resumes() {
+    if !kvm_available("a_lost_backup_is_made_anew_by_a_live_copy_and_protection_resumes") {
+        return;
+    }
+    let r = demo(&[
+        "--mode",
+        "ft",
+        "--workload",
+        "rand-write",
+        "--seconds",
+        "1.5",
+        "--checkpoint-ms",
+        "20",
+        "--inject",
+        "kill-backup=0.3",
+    ]);
+    assert_eq!(r["backup_killed"], true, "{r}");
+    assert_eq!(r["backup_recreated"], true, "{r}");
+    assert_eq!(r["backups"], 2, "{r}");
+    // The new backup got its first copy while the guest ran, then followed epochs until the
+    // primary ended protection cleanly.
+    let new = &r["new_backup"];
+    assert_eq!(new["took_over"], false, "{r}");
+    assert!(new["epochs_applied"].as_u64().unwrap() >= 1, "{r}");
+    assert!(r["backup_terms"][1]["checkpoints"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(r["live_primaries"], 1, "{r}");
+    assert_eq!(r["primary_guest_mismatches"], 0, "{r}");
+    assert_output_whole(&r);
 }
 
 /// `ferry-vmm demo --trips 3` on a small guest: the guest goes A -> B -> A -> B.
