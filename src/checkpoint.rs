@@ -405,7 +405,10 @@ pub trait CheckpointCapture: Send {
 /// How often and how a checkpointer captures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CheckpointConfig {
-    /// Between the end of one epoch and the next capture. Default 100 ms.
+    /// Between the starts of two captures (an epoch sent and acknowledged within it leaves the
+    /// rest for the guest), but never less than the guest was last paused for after it resumed:
+    /// a guest that writes faster than its epochs can carry still runs at least half the time.
+    /// Default 100 ms.
     pub period: Duration,
     /// How long an epoch may wait for its acknowledgement before its pages go with the next.
     /// Default 5 s.
@@ -531,8 +534,9 @@ impl Checkpointer {
                     // Pages written since the last acknowledged epoch.
                     let mut unacked = FreePages::new(total);
                     let mut epoch = 0;
+                    let mut next_capture = Instant::now() + config.period;
                     loop {
-                        if !shared.sleep(config.period) {
+                        if !shared.sleep_until(next_capture) {
                             break;
                         }
                         epoch += 1;
@@ -548,6 +552,7 @@ impl Checkpointer {
                         // The guest runs again before the epoch travels.
                         let resumed = capture.resume();
                         let pause = paused_at.elapsed();
+                        next_capture = (paused_at + config.period).max(Instant::now() + pause);
                         stats.paused += pause;
                         stats.longest_pause = stats.longest_pause.max(pause);
                         if stats.pauses.len() < MAX_PAUSE_SAMPLES {
@@ -617,10 +622,9 @@ impl Drop for Checkpointer {
 }
 
 impl CheckpointerShared {
-    /// Sleeps a period or until a request; false once stopped.
-    fn sleep(&self, period: Duration) -> bool {
+    /// Sleeps until `deadline` or a request; false once stopped.
+    fn sleep_until(&self, deadline: Instant) -> bool {
         let (flag, cv) = &self.wake;
-        let deadline = Instant::now() + period;
         let mut requested = flag.lock().unwrap_or_else(|e| e.into_inner());
         while !*requested && !self.stop.load(Ordering::Acquire) {
             let left = deadline.saturating_duration_since(Instant::now());
