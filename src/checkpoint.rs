@@ -41,10 +41,11 @@ pub(crate) const CKPT_PAGES: u8 = 11;
 pub(crate) const CKPT_STATE: u8 = 12;
 pub(crate) const CKPT_END: u8 = 13;
 pub(crate) const CKPT_ACK: u8 = 14;
+pub(crate) const CKPT_FINAL: u8 = 15;
 
 /// Whether a session message belongs to the checkpoint stream (sender to receiver).
 pub(crate) fn is_checkpoint_message(msg: &[u8]) -> bool {
-    matches!(msg.first(), Some(&(CKPT_BEGIN | CKPT_PAGES | CKPT_STATE | CKPT_END)))
+    matches!(msg.first(), Some(&(CKPT_BEGIN | CKPT_PAGES | CKPT_STATE | CKPT_END | CKPT_FINAL)))
 }
 
 /// The epoch an acknowledgement names, if `msg` is one.
@@ -92,6 +93,26 @@ pub struct Checkpoint {
     pub contents: Vec<u8>,
     /// The VMM's state blob at the pause.
     pub state: Vec<u8>,
+}
+
+/// crc32c over every region of `memory` in layout order: what a verified stop compares.
+fn memory_digest(memory: &GuestMemory) -> Result<u32> {
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut crc = 0;
+    for region in memory.regions() {
+        let mut offset = 0;
+        while offset < region.len() {
+            let n = chunk.len().min(region.len() - offset);
+            region.read(offset as u64, &mut chunk[..n])?;
+            crc = crc32c::crc32c_append(crc, &chunk[..n]);
+            offset += n;
+        }
+    }
+    Ok(crc)
+}
+
+fn final_message(epoch: u64, digest: u32) -> Vec<u8> {
+    [&[CKPT_FINAL][..], &epoch.to_le_bytes(), &digest.to_le_bytes()].concat()
 }
 
 /// The run of `count` pages from global page `first`, which must lie in one region.
@@ -301,6 +322,8 @@ pub struct KeptImage {
     downtime: Mutex<Option<Duration>>,
     applied: AtomicU64,
     applied_pages: AtomicU64,
+    /// Whether the whole kept memory matched the sender's at its final epoch, once it said.
+    verified: Mutex<Option<bool>>,
 }
 
 impl std::fmt::Debug for KeptImage {
@@ -324,12 +347,17 @@ impl KeptImage {
             downtime: Mutex::new(None),
             applied: AtomicU64::new(0),
             applied_pages: AtomicU64::new(0),
+            verified: Mutex::new(None),
         }
     }
 
     /// Takes one message of the stream; the epoch's number once it was applied (acknowledge it
     /// then, not before).
     pub fn accept(&self, msg: &[u8]) -> Result<Option<u64>> {
+        if msg.first() == Some(&CKPT_FINAL) {
+            self.check_final(msg)?;
+            return Ok(None);
+        }
         let done = self.receiver.lock().unwrap_or_else(|e| e.into_inner()).accept(msg)?;
         let Some(c) = done else { return Ok(None) };
         c.apply(&self.memory)?;
@@ -373,6 +401,35 @@ impl KeptImage {
     /// The last epoch applied, if one was.
     pub fn last_epoch(&self) -> Option<u64> {
         self.last.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(e, _)| *e)
+    }
+
+    /// Compares the kept memory with the sender's digest of its guest at the final epoch, which
+    /// must be the last applied.
+    fn check_final(&self, msg: &[u8]) -> Result<()> {
+        let [CKPT_FINAL, rest @ ..] = msg else { return Err(protocol("not a final check")) };
+        if rest.len() != 12 {
+            return Err(protocol("a final check of the wrong size"));
+        }
+        let epoch = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+        let digest = u32::from_le_bytes(rest[8..].try_into().expect("4 bytes"));
+        if self.receiver.lock().unwrap_or_else(|e| e.into_inner()).staging.is_some() {
+            return Err(protocol("a final check inside an epoch"));
+        }
+        if self.last_epoch() != Some(epoch) {
+            return Err(protocol(format!(
+                "a final check of epoch {epoch}; the last applied is {:?}",
+                self.last_epoch()
+            )));
+        }
+        let matched = memory_digest(&self.memory)? == digest;
+        *self.verified.lock().unwrap_or_else(|e| e.into_inner()) = Some(matched);
+        Ok(())
+    }
+
+    /// Whether the kept memory equalled the sender's guest at its final epoch: `None` until the
+    /// sender ended with a verified stop ([`Checkpointer::stop_verified`]).
+    pub fn verified(&self) -> Option<bool> {
+        *self.verified.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Epochs applied, and pages they wrote.
@@ -457,6 +514,8 @@ pub struct CheckpointStats {
     pub longest_pause: Duration,
     /// Each capture's pause, in order (the first [`MAX_PAUSE_SAMPLES`]).
     pub pauses: Vec<Duration>,
+    /// A verified stop's digest went to the receiver ([`Checkpointer::stop_verified`]).
+    pub verify_sent: bool,
 }
 
 /// Most pauses a checkpointer's stats keep one by one (a day of 10 ms epochs is 8.6M).
@@ -472,6 +531,8 @@ pub struct Checkpointer {
 
 struct CheckpointerShared {
     stop: std::sync::atomic::AtomicBool,
+    /// Take one last epoch, then compare whole memories ([`Checkpointer::stop_verified`]).
+    verify_and_stop: std::sync::atomic::AtomicBool,
     /// Bounded: acks come from the peer, which must not make us queue without end.
     acks: Mutex<mpsc::SyncSender<u64>>,
     wake: (Mutex<bool>, std::sync::Condvar),
@@ -520,6 +581,7 @@ impl Checkpointer {
         let (ack_tx, ack_rx) = mpsc::sync_channel(16);
         let shared = Arc::new(CheckpointerShared {
             stop: std::sync::atomic::AtomicBool::new(false),
+            verify_and_stop: std::sync::atomic::AtomicBool::new(false),
             acks: Mutex::new(ack_tx),
             wake: (Mutex::new(false), std::sync::Condvar::new()),
         });
@@ -539,6 +601,7 @@ impl Checkpointer {
                         if !shared.sleep_until(next_capture) {
                             break;
                         }
+                        let last = shared.verify_and_stop.load(Ordering::Acquire);
                         epoch += 1;
                         let paused_at = Instant::now();
                         let captured = (|| {
@@ -549,8 +612,9 @@ impl Checkpointer {
                                 .map_err(|e| e.to_string())
                                 .map(|c| (c, dirty))
                         })();
-                        // The guest runs again before the epoch travels.
-                        let resumed = capture.resume();
+                        // The guest runs again before the epoch travels; after the last, once the
+                        // memories were compared.
+                        let resumed = if last && captured.is_ok() { Ok(()) } else { capture.resume() };
                         let pause = paused_at.elapsed();
                         next_capture = (paused_at + config.period).max(Instant::now() + pause);
                         stats.paused += pause;
@@ -564,7 +628,10 @@ impl Checkpointer {
                             // lane recovers): the dirty log was not taken, try again next period.
                             (Err(_), Ok(())) => {
                                 stats.skipped += 1;
-                                continue;
+                                match last {
+                                    true => break,
+                                    false => continue,
+                                }
                             }
                             // The VMM cannot run its guest: nothing more to checkpoint.
                             (_, Err(_)) => break,
@@ -584,6 +651,17 @@ impl Checkpointer {
                         } else {
                             stats.failed += 1;
                         }
+                        if last {
+                            // Still paused: the receiver now holds exactly this memory.
+                            if acked {
+                                let check = memory_digest(memory.guest_memory())
+                                    .map(|digest| final_message(epoch, digest))
+                                    .and_then(|msg| lane.send(on, &msg));
+                                stats.verify_sent = check.is_ok();
+                            }
+                            let _ = capture.resume();
+                            break;
+                        }
                     }
                     (stats, capture)
                 })
@@ -601,6 +679,19 @@ impl Checkpointer {
     /// (`None` if its thread panicked).
     pub fn stop(mut self) -> (CheckpointStats, Option<Box<dyn CheckpointCapture>>) {
         self.finish()
+    }
+
+    /// Stops after one last epoch, taken at once: with the guest still paused after its
+    /// acknowledgement, a digest of the whole guest memory goes to the receiver, which compares
+    /// its own ([`KeptImage::verified`]). The guest pauses for that digest (a pass over its
+    /// memory). `verify_sent` in the stats says whether the digest went.
+    pub fn stop_verified(mut self) -> (CheckpointStats, Option<Box<dyn CheckpointCapture>>) {
+        self.shared.verify_and_stop.store(true, Ordering::Release);
+        self.handle().request();
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok((stats, capture))) => (stats, Some(capture)),
+            _ => (CheckpointStats::default(), None),
+        }
     }
 
     fn finish(&mut self) -> (CheckpointStats, Option<Box<dyn CheckpointCapture>>) {
@@ -915,6 +1006,51 @@ mod tests {
         assert!(in_step, "the receiver holds every write, epoch 2's included");
         assert_eq!(lane.kept.last_epoch(), committed.last().copied());
         assert_eq!(*lane.refused.lock().unwrap(), Vec::<String>::new());
+    }
+
+    /// Runs a checkpointer for a few epochs of writes, optionally spoils the receiver's copy, then
+    /// stops it verified: what the receiver concluded.
+    fn verified_stop(spoil_receiver: bool) -> (Option<bool>, CheckpointStats) {
+        let (guest, kept_mem) = (memory(), memory());
+        let dirty = Arc::new(Mutex::new(FreePages::new(96)));
+        let committed = Arc::new(Mutex::new(Vec::new()));
+        let lane = Arc::new(Direct {
+            kept: KeptImage::new(kept_mem.clone()),
+            acks: Mutex::new(None),
+            mishap: Mishap::EndLost(u64::MAX),
+            epoch: AtomicU64::new(0),
+            lane: AtomicU64::new(0),
+            refused: Mutex::new(Vec::new()),
+        });
+        let gate = Arc::new(Gate::default());
+        let capture = FakeCapture { gate: gate.clone(), dirty: dirty.clone(), committed: committed.clone() };
+        let config = CheckpointConfig { period: Duration::from_millis(5), ack_timeout: Duration::from_millis(500) };
+        let cp = Checkpointer::start(guest.clone(), Box::new(capture), lane.clone(), config).unwrap();
+        *lane.acks.lock().unwrap() = Some(cp.handle());
+        for round in 0..10u64 {
+            let pages: Vec<u64> = (0..5).map(|i| (round * 11 + i * 7) % 90).collect();
+            gate.write(|| scribble(&guest, &pages, round as u8, &mut dirty.lock().unwrap()));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        while committed.lock().unwrap().len() < 2 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if spoil_receiver {
+            // A page the guest never writes, changed behind the stream's back.
+            kept_mem.regions()[1].write(0x1000 * 30, &[0xee; 8]).unwrap();
+        }
+        let (stats, _) = cp.stop_verified();
+        assert_eq!(*lane.refused.lock().unwrap(), Vec::<String>::new());
+        (lane.kept.verified(), stats)
+    }
+
+    #[test]
+    fn a_verified_stop_tells_the_receiver_whether_its_copy_is_the_guests() {
+        let (verified, stats) = verified_stop(false);
+        assert!(stats.verify_sent, "{stats:?}");
+        assert_eq!(verified, Some(true));
+        let (verified, _) = verified_stop(true);
+        assert_eq!(verified, Some(false), "a spoilt copy must not pass");
     }
 
     #[test]

@@ -118,6 +118,18 @@ impl Primary {
         }
         self.checkpointer.take().map(Checkpointer::stop).unwrap_or_default()
     }
+
+    /// Stops streaming after one last epoch and a comparison of the whole memories (see
+    /// [`Checkpointer::stop_verified`]): the backup learns whether its copy is the guest's.
+    pub fn stop_verified(mut self) -> (CheckpointStats, Option<Box<dyn CheckpointCapture>>) {
+        // The backup watch still delivers the last epoch's ack.
+        let out = self.checkpointer.take().map(Checkpointer::stop_verified).unwrap_or_default();
+        self.stop.store(true, Ordering::Release);
+        if let Some(w) = self.watch.take() {
+            let _ = w.join();
+        }
+        out
+    }
 }
 
 impl Drop for Primary {
@@ -142,6 +154,9 @@ pub struct BackupEnd {
     pub last_epoch: Option<u64>,
     /// When the last epoch was applied.
     pub last_applied_at: Option<Instant>,
+    /// Whether the copy equalled the primary's guest at its final epoch (a verified stop);
+    /// `None` when the primary did not stop that way.
+    pub verified: Option<bool>,
 }
 
 /// The backup's side: applies the primary's epochs to `kept` (the guest's copy, already holding
@@ -184,5 +199,12 @@ pub fn run_backup(
         }
     };
     let (epochs, pages) = kept.applied();
-    Ok(BackupEnd { why, epochs, pages, last_epoch: kept.last_epoch(), last_applied_at: kept.last_applied_at() })
+    Ok(BackupEnd {
+        why,
+        epochs,
+        pages,
+        last_epoch: kept.last_epoch(),
+        last_applied_at: kept.last_applied_at(),
+        verified: kept.verified(),
+    })
 }

@@ -97,7 +97,12 @@ pub fn run_primary(
         std::thread::sleep(Duration::from_millis(10));
     }
     let lost = primary.backup_lost();
-    let (stats, capture) = primary.stop();
+    // Ending cleanly, the pair compares whole memories once: the backup learns whether its copy
+    // is the guest's.
+    let (stats, capture) = match lost {
+        None => primary.stop_verified(),
+        Some(_) => primary.stop(),
+    };
     // No backup to wait for any more (it is gone, or protection ends): what is held leaves now.
     // This side holds the lease, so it is the one live copy.
     if let Some(mut capture) = capture {
@@ -120,6 +125,7 @@ pub fn run_primary(
     report["checkpoint_pages"] = json!(stats.pages);
     report["checkpoint_pause_ms"] = json!(stats.paused.as_secs_f64() * 1e3);
     report["checkpoint_longest_pause_ms"] = json!(stats.longest_pause.as_secs_f64() * 1e3);
+    report["copy_digest_sent"] = json!(stats.verify_sent);
     Ok(lost)
 }
 
@@ -204,6 +210,7 @@ pub fn run_backup(
         "epochs_applied": end.epochs,
         "epoch_pages_applied": end.pages,
         "primary_lost": end.why,
+        "copy_verified": end.verified,
     });
     if end.why.contains(STOPPED) {
         report["took_over"] = json!(false);

@@ -572,6 +572,7 @@ fn a_fault_tolerant_pair_protects_the_guest_and_the_backup_takes_over_when_the_p
     // Protection ends cleanly: the backup followed every epoch and does not take over.
     let r = demo(&["--mode", "ft", "--workload", "rand-write", "--seconds", "0.5", "--checkpoint-ms", "20"]);
     assert_eq!(r["took_over"], false, "{r}");
+    assert_eq!(r["copy_verified"], true, "the backup's copy is the guest's: {r}");
     assert!(r["checkpoints"].as_u64().unwrap() >= 2, "{r}");
     assert!(r["epochs_applied"].as_u64().unwrap() >= r["checkpoints"].as_u64().unwrap(), "{r}");
     assert_eq!(r["primary_guest_mismatches"], 0, "{r}");
@@ -623,6 +624,7 @@ fn a_lost_backup_is_made_anew_by_a_live_copy_and_protection_resumes() {
     // primary ended protection cleanly.
     let new = &r["new_backup"];
     assert_eq!(new["took_over"], false, "{r}");
+    assert_eq!(new["copy_verified"], true, "the new backup's copy is the guest's: {r}");
     assert!(new["epochs_applied"].as_u64().unwrap() >= 1, "{r}");
     assert!(r["backup_terms"][1]["checkpoints"].as_u64().unwrap() >= 1, "{r}");
     assert_eq!(r["live_primaries"], 1, "{r}");
