@@ -260,8 +260,8 @@ PY
 ft() {
   echo "## KVM fault-tolerant pair, 512 MiB guest, random writes over 256 MiB, epochs every 50 ms ($runs runs each)"
   echo
-  echo "| run | first copy ms (final pause ms) | epochs acked | guest paused for them ms | took over | from epoch | failover ms (SIGKILL to running) | wrong pages | output gaps / regressions / re-released |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| run | first copy ms (final pause ms) | epochs acked | guest paused for them ms | took over | from epoch | failover ms (SIGKILL to running) | wrong pages | backup's copy verified at the end | output gaps / regressions / re-released |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   local f
   for kill in none 0.5; do
     f=$out/ft-$kill.jsonl
@@ -287,7 +287,8 @@ wrong = "primary_guest_mismatches" if not killed else "guest_mismatches"
 print(f"| {'primary SIGKILLed ' + sys.argv[2] + ' s into protection' if killed else 'protection ends cleanly'} | "
       f"{rng('first_copy_ms')} ({rng('first_copy_pause_ms', 2)}) | {rng('checkpoints') if not killed else rng('epochs_applied')} | "
       f"{rng('checkpoint_pause_ms', 1)} | {sum(bool(r.get('took_over')) for r in rs)}/{len(rs)} | {rng('takeover_epoch')} | "
-      f"{rng('failover_ms')} | {rng(wrong)} | {rng('output_gaps')} / {rng('output_regressions')} / {rng('output_duplicates')} |")
+      f"{rng('failover_ms')} | {rng(wrong)} | {'-' if killed else str(sum(r.get('copy_verified') is True for r in rs)) + '/' + str(len(rs))} | "
+      f"{rng('output_gaps')} / {rng('output_regressions')} / {rng('output_duplicates')} |")
 PY
   done
   echo
@@ -295,8 +296,8 @@ PY
   echo
   echo "## KVM fault-tolerant pair, 1 GiB guest, random writes over 512 MiB, epochs every 25 ms for 2 s ($runs runs each)"
   echo
-  echo "| writer | epochs | epoch pause p50 / p99 ms | log MiB/s | guest rate protected / unprotected | output latency p50 ms | backup killed 0.5 s in: made anew in ms | new backup's epochs | live primaries | wrong pages | output gaps / regressions |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| writer | epochs | epoch pause p50 / p99 ms | log MiB/s | guest rate protected / unprotected | output latency p50 ms | backup killed 0.5 s in: made anew in ms | new backup's epochs | copies verified at the end (first / new backup) | live primaries | wrong pages | output gaps / regressions |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   for rate in 256 none; do
     f=$out/ft-rate-$rate.jsonl
     : > "$f"
@@ -326,6 +327,7 @@ new_epochs = lambda r, k: (r.get("new_backup") or {}).get("epochs_applied")
 print(f"| {writer} | {rng(plain, 'epochs')} | {rng(plain, 'epoch_pause_p50_ms', 1)} / {rng(plain, 'epoch_pause_p99_ms', 1)} | "
       f"{rng(plain, 'log_mib_per_s')} | {rng(plain, 'rate_protected', 0, ratio)}% | {rng(plain, 'output_latency_p50_ms', 1)} | "
       f"{sum(bool(r.get('backup_recreated')) for r in killed)}/{len(killed)}: {rng(killed, 'recreate_ms')} | {rng(killed, None, 0, new_epochs)} | "
+      f"{sum(r.get('copy_verified') is True for r in plain)}/{len(plain)} / {sum((r.get('new_backup') or {}).get('copy_verified') is True for r in killed)}/{len(killed)} | "
       f"{rng(rs, 'live_primaries')} | {rng(rs, 'primary_guest_mismatches')} | {rng(rs, 'output_gaps')} / {rng(rs, 'output_regressions')} |")
 PY
   done

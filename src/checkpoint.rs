@@ -95,24 +95,33 @@ pub struct Checkpoint {
     pub state: Vec<u8>,
 }
 
-/// crc32c over every region of `memory` in layout order: what a verified stop compares.
-fn memory_digest(memory: &GuestMemory) -> Result<u32> {
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut crc = 0;
+/// Most digests a verified stop sends: they fit one session message.
+const MAX_DIGESTS: u64 = 2048;
+
+/// crc32c of every chunk of every region of `memory`, in layout order: what a verified stop
+/// compares (chunk by chunk, so a mismatch says where). A chunk is 1 MiB, or larger (a power of
+/// two) for a guest of over [`MAX_DIGESTS`] MiB.
+fn memory_digests(memory: &GuestMemory) -> Result<Vec<u32>> {
+    let chunk_len = (memory.layout().total_bytes() / MAX_DIGESTS).next_power_of_two().max(1 << 20) as usize;
+    let mut chunk = vec![0u8; chunk_len];
+    let mut digests = Vec::new();
     for region in memory.regions() {
         let mut offset = 0;
         while offset < region.len() {
             let n = chunk.len().min(region.len() - offset);
             region.read(offset as u64, &mut chunk[..n])?;
-            crc = crc32c::crc32c_append(crc, &chunk[..n]);
+            digests.push(crc32c::crc32c(&chunk[..n]));
             offset += n;
         }
     }
-    Ok(crc)
+    Ok(digests)
 }
 
-fn final_message(epoch: u64, digest: u32) -> Vec<u8> {
-    [&[CKPT_FINAL][..], &epoch.to_le_bytes(), &digest.to_le_bytes()].concat()
+fn final_message(epoch: u64, digests: &[u32]) -> Vec<u8> {
+    let mut msg = vec![CKPT_FINAL];
+    msg.extend_from_slice(&epoch.to_le_bytes());
+    msg.extend(digests.iter().flat_map(|d| d.to_le_bytes()));
+    msg
 }
 
 /// The run of `count` pages from global page `first`, which must lie in one region.
@@ -322,8 +331,9 @@ pub struct KeptImage {
     downtime: Mutex<Option<Duration>>,
     applied: AtomicU64,
     applied_pages: AtomicU64,
-    /// Whether the whole kept memory matched the sender's at its final epoch, once it said.
-    verified: Mutex<Option<bool>>,
+    /// The chunks (of a verified stop's digests) where the kept memory differed from the sender's
+    /// at its final epoch, once it said: empty when the copy is the guest's.
+    verified: Mutex<Option<Vec<usize>>>,
 }
 
 impl std::fmt::Debug for KeptImage {
@@ -407,11 +417,12 @@ impl KeptImage {
     /// must be the last applied.
     fn check_final(&self, msg: &[u8]) -> Result<()> {
         let [CKPT_FINAL, rest @ ..] = msg else { return Err(protocol("not a final check")) };
-        if rest.len() != 12 {
+        let ours = memory_digests(&self.memory)?;
+        if rest.len() != 8 + 4 * ours.len() {
             return Err(protocol("a final check of the wrong size"));
         }
         let epoch = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
-        let digest = u32::from_le_bytes(rest[8..].try_into().expect("4 bytes"));
+        let theirs = rest[8..].chunks_exact(4).map(|d| u32::from_le_bytes(d.try_into().expect("4 bytes")));
         if self.receiver.lock().unwrap_or_else(|e| e.into_inner()).staging.is_some() {
             return Err(protocol("a final check inside an epoch"));
         }
@@ -421,15 +432,30 @@ impl KeptImage {
                 self.last_epoch()
             )));
         }
-        let matched = memory_digest(&self.memory)? == digest;
-        *self.verified.lock().unwrap_or_else(|e| e.into_inner()) = Some(matched);
+        let differ: Vec<usize> =
+            ours.iter().zip(theirs).enumerate().filter(|(_, (a, b))| *a != b).map(|(i, _)| i).collect();
+        if !differ.is_empty() {
+            tracing::warn!(
+                epoch,
+                chunks = differ.len(),
+                first = ?&differ[..differ.len().min(16)],
+                "checkpoint: the kept copy differs from the sender's guest (chunks in layout order)"
+            );
+        }
+        *self.verified.lock().unwrap_or_else(|e| e.into_inner()) = Some(differ);
         Ok(())
     }
 
     /// Whether the kept memory equalled the sender's guest at its final epoch: `None` until the
     /// sender ended with a verified stop ([`Checkpointer::stop_verified`]).
     pub fn verified(&self) -> Option<bool> {
-        *self.verified.lock().unwrap_or_else(|e| e.into_inner())
+        self.verified.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(Vec::is_empty)
+    }
+
+    /// Where a verified stop found the kept memory different: chunk indices in layout order (1
+    /// MiB each, larger for guests over 2 GiB). `None` before a verified stop.
+    pub fn differing_chunks(&self) -> Option<Vec<usize>> {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Epochs applied, and pages they wrote.
@@ -518,6 +544,9 @@ pub struct CheckpointStats {
     pub verify_sent: bool,
 }
 
+/// How many times a verified stop tries its last capture (a vCPU may not stop in time).
+const MAX_FINAL_ATTEMPTS: u32 = 10;
+
 /// Most pauses a checkpointer's stats keep one by one (a day of 10 ms epochs is 8.6M).
 pub const MAX_PAUSE_SAMPLES: usize = 1 << 16;
 
@@ -597,6 +626,7 @@ impl Checkpointer {
                     let mut unacked = FreePages::new(total);
                     let mut epoch = 0;
                     let mut next_capture = Instant::now() + config.period;
+                    let mut final_attempts = 0;
                     loop {
                         if !shared.sleep_until(next_capture) {
                             break;
@@ -628,7 +658,10 @@ impl Checkpointer {
                             // lane recovers): the dirty log was not taken, try again next period.
                             (Err(_), Ok(())) => {
                                 stats.skipped += 1;
-                                match last {
+                                // The last epoch is tried again a few periods on before the
+                                // stop goes without its comparison.
+                                final_attempts += u32::from(last);
+                                match final_attempts >= MAX_FINAL_ATTEMPTS {
                                     true => break,
                                     false => continue,
                                 }
@@ -654,8 +687,8 @@ impl Checkpointer {
                         if last {
                             // Still paused: the receiver now holds exactly this memory.
                             if acked {
-                                let check = memory_digest(memory.guest_memory())
-                                    .map(|digest| final_message(epoch, digest))
+                                let check = memory_digests(memory.guest_memory())
+                                    .map(|digests| final_message(epoch, &digests))
                                     .and_then(|msg| lane.send(on, &msg));
                                 stats.verify_sent = check.is_ok();
                             }

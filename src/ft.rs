@@ -157,6 +157,8 @@ pub struct BackupEnd {
     /// Whether the copy equalled the primary's guest at its final epoch (a verified stop);
     /// `None` when the primary did not stop that way.
     pub verified: Option<bool>,
+    /// Where it differed, if it did ([`KeptImage::differing_chunks`]).
+    pub differing_chunks: Vec<usize>,
 }
 
 /// The backup's side: applies the primary's epochs to `kept` (the guest's copy, already holding
@@ -206,5 +208,6 @@ pub fn run_backup(
         last_epoch: kept.last_epoch(),
         last_applied_at: kept.last_applied_at(),
         verified: kept.verified(),
+        differing_chunks: kept.differing_chunks().unwrap_or_default(),
     })
 }

@@ -211,6 +211,7 @@ pub fn run_backup(
         "epoch_pages_applied": end.pages,
         "primary_lost": end.why,
         "copy_verified": end.verified,
+        "copy_differing_chunks": end.differing_chunks,
     });
     if end.why.contains(STOPPED) {
         report["took_over"] = json!(false);
