@@ -992,9 +992,20 @@ mod tests {
         }
     }
 
-    /// Runs a checkpointer over a guest written to in 40 rounds, with `mishap` on its lane, until
-    /// two epochs committed after the writes; the stats, the epochs committed, and the lane.
-    fn checkpoint_through(mishap: Mishap) -> (CheckpointStats, Vec<u64>, Arc<Direct>, bool) {
+    /// A checkpointer over a fresh guest, sending straight into a kept image on a lane with
+    /// `mishap`: the guest, the kept memory, the guest's dirty log, the epochs committed, the
+    /// gate its writes pass, the lane, and the checkpointer.
+    struct Rig {
+        guest: Arc<GuestMemory>,
+        kept_mem: Arc<GuestMemory>,
+        dirty: Arc<Mutex<FreePages>>,
+        committed: Arc<Mutex<Vec<u64>>>,
+        gate: Arc<Gate>,
+        lane: Arc<Direct>,
+        cp: Checkpointer,
+    }
+
+    fn rig(mishap: Mishap, ack_timeout: Duration) -> Rig {
         let (guest, kept_mem) = (memory(), memory());
         let dirty = Arc::new(Mutex::new(FreePages::new(96)));
         let committed = Arc::new(Mutex::new(Vec::new()));
@@ -1008,9 +1019,16 @@ mod tests {
         });
         let gate = Arc::new(Gate::default());
         let capture = FakeCapture { gate: gate.clone(), dirty: dirty.clone(), committed: committed.clone() };
-        let config = CheckpointConfig { period: Duration::from_millis(5), ack_timeout: Duration::from_millis(200) };
+        let config = CheckpointConfig { period: Duration::from_millis(5), ack_timeout };
         let cp = Checkpointer::start(guest.clone(), Box::new(capture), lane.clone(), config).unwrap();
         *lane.acks.lock().unwrap() = Some(cp.handle());
+        Rig { guest, kept_mem, dirty, committed, gate, lane, cp }
+    }
+
+    /// Runs a checkpointer over a guest written to in 40 rounds, with `mishap` on its lane, until
+    /// two epochs committed after the writes; the stats, the epochs committed, and the lane.
+    fn checkpoint_through(mishap: Mishap) -> (CheckpointStats, Vec<u64>, Arc<Direct>, bool) {
+        let Rig { guest, kept_mem, dirty, committed, gate, lane, cp } = rig(mishap, Duration::from_millis(200));
         for round in 0..40u64 {
             let pages: Vec<u64> = (0..5).map(|i| (round * 7 + i * 13) % 96).collect();
             gate.write(|| scribble(&guest, &pages, round as u8, &mut dirty.lock().unwrap()));
@@ -1044,22 +1062,8 @@ mod tests {
     /// Runs a checkpointer for a few epochs of writes, optionally spoils the receiver's copy, then
     /// stops it verified: what the receiver concluded.
     fn verified_stop(spoil_receiver: bool) -> (Option<bool>, CheckpointStats) {
-        let (guest, kept_mem) = (memory(), memory());
-        let dirty = Arc::new(Mutex::new(FreePages::new(96)));
-        let committed = Arc::new(Mutex::new(Vec::new()));
-        let lane = Arc::new(Direct {
-            kept: KeptImage::new(kept_mem.clone()),
-            acks: Mutex::new(None),
-            mishap: Mishap::EndLost(u64::MAX),
-            epoch: AtomicU64::new(0),
-            lane: AtomicU64::new(0),
-            refused: Mutex::new(Vec::new()),
-        });
-        let gate = Arc::new(Gate::default());
-        let capture = FakeCapture { gate: gate.clone(), dirty: dirty.clone(), committed: committed.clone() };
-        let config = CheckpointConfig { period: Duration::from_millis(5), ack_timeout: Duration::from_millis(500) };
-        let cp = Checkpointer::start(guest.clone(), Box::new(capture), lane.clone(), config).unwrap();
-        *lane.acks.lock().unwrap() = Some(cp.handle());
+        let Rig { guest, kept_mem, dirty, committed, gate, lane, cp } =
+            rig(Mishap::EndLost(u64::MAX), Duration::from_millis(500));
         for round in 0..10u64 {
             let pages: Vec<u64> = (0..5).map(|i| (round * 11 + i * 7) % 90).collect();
             gate.write(|| scribble(&guest, &pages, round as u8, &mut dirty.lock().unwrap()));
