@@ -102,8 +102,7 @@ const MAX_DIGESTS: u64 = 2048;
 /// compares (chunk by chunk, so a mismatch says where). A chunk is 1 MiB, or larger (a power of
 /// two) for a guest of over [`MAX_DIGESTS`] MiB.
 fn memory_digests(memory: &GuestMemory) -> Result<Vec<u32>> {
-    let chunk_len = (memory.layout().total_bytes() / MAX_DIGESTS).next_power_of_two().max(1 << 20) as usize;
-    let mut chunk = vec![0u8; chunk_len];
+    let mut chunk = vec![0u8; digest_chunk_len(memory.layout())];
     let mut digests = Vec::new();
     for region in memory.regions() {
         let mut offset = 0;
@@ -115,6 +114,18 @@ fn memory_digests(memory: &GuestMemory) -> Result<Vec<u32>> {
         }
     }
     Ok(digests)
+}
+
+/// Bytes each digest of [`memory_digests`] covers for a guest of `layout`.
+fn digest_chunk_len(layout: &MemoryLayout) -> usize {
+    (layout.total_bytes() / MAX_DIGESTS).next_power_of_two().max(1 << 20) as usize
+}
+
+/// How many digests [`memory_digests`] makes for a guest of `layout` (a region's last chunk may
+/// be short).
+fn digest_count(layout: &MemoryLayout) -> usize {
+    let chunk = digest_chunk_len(layout) as u64;
+    layout.regions().iter().map(|r| r.size.div_ceil(chunk) as usize).sum()
 }
 
 fn final_message(epoch: u64, digests: &[u32]) -> Vec<u8> {
@@ -416,13 +427,13 @@ impl KeptImage {
     /// Compares the kept memory with the sender's digest of its guest at the final epoch, which
     /// must be the last applied.
     fn check_final(&self, msg: &[u8]) -> Result<()> {
+        // Every check that costs nothing comes before the pass over the whole memory, which a
+        // sender gets once.
         let [CKPT_FINAL, rest @ ..] = msg else { return Err(protocol("not a final check")) };
-        let ours = memory_digests(&self.memory)?;
-        if rest.len() != 8 + 4 * ours.len() {
+        if rest.len() != 8 + 4 * digest_count(self.memory.layout()) {
             return Err(protocol("a final check of the wrong size"));
         }
         let epoch = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
-        let theirs = rest[8..].chunks_exact(4).map(|d| u32::from_le_bytes(d.try_into().expect("4 bytes")));
         if self.receiver.lock().unwrap_or_else(|e| e.into_inner()).staging.is_some() {
             return Err(protocol("a final check inside an epoch"));
         }
@@ -432,6 +443,11 @@ impl KeptImage {
                 self.last_epoch()
             )));
         }
+        if self.verified.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            return Err(protocol("a second final check"));
+        }
+        let ours = memory_digests(&self.memory)?;
+        let theirs = rest[8..].chunks_exact(4).map(|d| u32::from_le_bytes(d.try_into().expect("4 bytes")));
         let differ: Vec<usize> =
             ours.iter().zip(theirs).enumerate().filter(|(_, (a, b))| *a != b).map(|(i, _)| i).collect();
         if !differ.is_empty() {
@@ -1079,6 +1095,26 @@ mod tests {
         let (stats, _) = cp.stop_verified();
         assert_eq!(*lane.refused.lock().unwrap(), Vec::<String>::new());
         (lane.kept.verified(), stats)
+    }
+
+    #[test]
+    fn hostile_final_checks_are_protocol_errors() {
+        let kept = KeptImage::new(memory());
+        let count = digest_count(kept.memory().layout());
+        assert_eq!(count, 2, "one chunk per region of the test's guest");
+        // Before any epoch, of the wrong size, or a second one: refused.
+        assert!(kept.accept(&final_message(0, &[0; 2])).is_err(), "no epoch applied yet");
+        assert!(kept.accept(&[CKPT_FINAL, 1, 2, 3]).is_err());
+        let source = memory();
+        let good = epoch(1, &source, &[3, 70], 9);
+        for m in good.messages(4096) {
+            kept.accept(&m).unwrap();
+        }
+        assert!(kept.accept(&final_message(1, &[0; 3])).is_err(), "too many digests");
+        assert!(kept.accept(&final_message(2, &[0; 2])).is_err(), "an epoch never applied");
+        kept.accept(&final_message(1, &[0; 2])).unwrap();
+        assert_eq!(kept.verified(), Some(false));
+        assert!(kept.accept(&final_message(1, &[0; 2])).is_err(), "a second final check");
     }
 
     #[test]
