@@ -50,10 +50,10 @@ pub const DEFAULT_SAMPLES: usize = 1024;
 /// guest) takes milliseconds to seconds; past this a silent peer is an error, not a hang.
 pub const PEER_DEADLINE: Duration = Duration::from_secs(60);
 
-const BASE_OFFER: u8 = 20;
-const BASE_VERDICT: u8 = 21;
-const LAST_CHANGES: u8 = 22;
-const ONTO_PREPARED: u8 = 23;
+pub(crate) const BASE_OFFER: u8 = 20;
+pub(crate) const BASE_VERDICT: u8 = 21;
+pub(crate) const LAST_CHANGES: u8 = 22;
+pub(crate) const ONTO_PREPARED: u8 = 23;
 
 /// Which image a retained copy is, or which image a running guest's changes are relative to.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -32,6 +32,7 @@ const DONE: u8 = 4;
 const ABORT: u8 = 5;
 const ROUND: u8 = 6;
 const ROUND_DONE: u8 = 7;
+const DONE_SEEN: u8 = 9;
 
 const STREAM_STATE: u8 = 1;
 const STREAM_FREE: u8 = 2;
@@ -228,6 +229,27 @@ pub fn send_done(control: &mut dyn ControlStream, c: &DoneCounters) -> Result<()
     Ok(write_session(control, &msg)?)
 }
 
+/// Destination: after `Done`, waits for the source to say it heard it (heartbeats, and acks of
+/// epochs the checkpointer no longer waits for, are passed over). Only then does the lane close
+/// with nothing unread on either side: a close over unread bytes resets the connection, and a
+/// reset can take with it a `Done` not yet delivered, which would leave the source believing the
+/// destination failed.
+pub fn expect_done_seen(control: &mut crate::liveness::LiveControl) -> Result<()> {
+    loop {
+        let msg = control.read()?;
+        match msg.as_slice() {
+            [DONE_SEEN] => return Ok(()),
+            _ if crate::checkpoint::ack_epoch(&msg).is_some() => continue,
+            _ => return Err(protocol("expected the source to have seen done")),
+        }
+    }
+}
+
+/// Source: `Done` was heard; the lane's last message (see [`expect_done_seen`]).
+pub fn done_seen_message() -> &'static [u8] {
+    &[DONE_SEEN]
+}
+
 /// Either side: gives up, saying why (best effort: the lane may be gone).
 pub fn send_abort(control: &mut dyn ControlStream, reason: &str) {
     let mut msg = vec![ABORT];
@@ -347,5 +369,56 @@ mod tests {
         assert!(matches!(err, MigrationError::PeerAborted(ref why) if why == "source gave up"), "{err:?}");
         let err = receive(vec![], 100).unwrap_err();
         assert!(matches!(err, MigrationError::Transport(ferry_transport::TransportError::PeerClosed)), "{err:?}");
+    }
+
+    /// A destination's wait for the source to confirm `Done`: over heartbeats and stale epoch
+    /// acks to the confirmation; a source that closes or says something else is an error.
+    #[test]
+    fn the_end_of_a_migration_waits_for_the_source_to_have_heard_done() {
+        let run = |messages: Vec<Vec<u8>>| {
+            let (mut tx, rx) = UnixStream::pair().unwrap();
+            let mut live = crate::liveness::LiveControl::start(&rx, crate::Liveness::default()).unwrap();
+            for m in messages {
+                write_session(&mut tx, &m).unwrap();
+            }
+            drop(tx);
+            expect_done_seen(&mut live)
+        };
+        let heartbeat = vec![crate::liveness::HEARTBEAT];
+        let ack = crate::checkpoint::ack_message(7);
+        run(vec![heartbeat.clone(), ack.clone(), done_seen_message().to_vec()]).unwrap();
+        let err = run(vec![heartbeat, ack]).unwrap_err();
+        assert!(matches!(err, MigrationError::Transport(ferry_transport::TransportError::PeerClosed)), "{err:?}");
+        let err = run(vec![vec![RESUMED]]).unwrap_err();
+        assert!(matches!(err, MigrationError::Protocol(_)), "{err:?}");
+    }
+
+    /// Every session message kind, of every module that shares the control lane, is its own.
+    #[test]
+    fn message_kinds_on_the_control_lane_are_distinct() {
+        use crate::{backforth as b, checkpoint as c};
+        let kinds = [
+            HANDOFF,
+            CHUNK,
+            RESUMED,
+            DONE,
+            ABORT,
+            ROUND,
+            ROUND_DONE,
+            DONE_SEEN,
+            crate::liveness::HEARTBEAT,
+            c::CKPT_BEGIN,
+            c::CKPT_PAGES,
+            c::CKPT_STATE,
+            c::CKPT_END,
+            c::CKPT_ACK,
+            c::CKPT_FINAL,
+            b::BASE_OFFER,
+            b::BASE_VERDICT,
+            b::LAST_CHANGES,
+            b::ONTO_PREPARED,
+        ];
+        let distinct: std::collections::BTreeSet<u8> = kinds.iter().copied().collect();
+        assert_eq!(distinct.len(), kinds.len(), "{kinds:?}");
     }
 }

@@ -155,6 +155,22 @@ impl LiveControl {
         TransportError::Silent(format!("nothing on the control lane for {:?}", self.liveness.timeout))
     }
 
+    /// Stops the heartbeats, then writes `payload` as this side's last message: the peer that
+    /// waits for it finds nothing after it to leave unread.
+    pub fn end_with(mut self, payload: &[u8]) -> Result<()> {
+        self.stop_beating();
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(write_session(&mut **w, payload)?)
+    }
+
+    fn stop_beating(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(beat) = self.beat.take() {
+            beat.thread().unpark();
+            let _ = beat.join();
+        }
+    }
+
     /// The heartbeat period and timeout this lane runs with.
     pub fn liveness(&self) -> Liveness {
         self.liveness
@@ -226,10 +242,6 @@ impl ControlStream for LiveControl {
 
 impl Drop for LiveControl {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(beat) = self.beat.take() {
-            beat.thread().unpark();
-            let _ = beat.join();
-        }
+        self.stop_beating();
     }
 }

@@ -285,17 +285,25 @@ impl PostcopyDestination {
                     bulk_pages: report.bulk_pages,
                     skipped_free_pages: report.skipped_free_pages,
                 };
-                match (handoff::send_done(&mut live, &done), &self.rejoin) {
-                    (Ok(()), _) => Ok(report),
+                let told = match (handoff::send_done(&mut live, &done), &self.rejoin) {
+                    (Ok(()), _) => Ok(live),
                     // The control lane broke just now: say it on a new one.
                     (Err(e), Some(rejoin)) if lane_broke(&e) => {
                         match rejoin.open(Instant::now(), &AtomicBool::new(false)) {
-                            Some(mut again) => handoff::send_done(&mut again, &done).map(|()| report),
+                            Some(mut again) => handoff::send_done(&mut again, &done).map(|()| again),
                             None => Err(e),
                         }
                     }
                     (Err(e), _) => Err(e),
-                }
+                };
+                told.map(|mut live| {
+                    // Every page is here whatever the source says now; one that did not hear
+                    // `Done` finds the lease held if it tries to restart the guest.
+                    if let Err(e) = handoff::expect_done_seen(&mut live) {
+                        tracing::warn!(error = %e, "post-copy: the source did not confirm it heard done");
+                    }
+                    report
+                })
             }
             (Err(e), Ok(mut live)) => {
                 handoff::send_abort(&mut live, &e.to_string());
@@ -630,6 +638,11 @@ pub fn run_source(
         }
         break handoff::done_counters(&msg)?;
     };
+    // Heard: the destination closes once told so, with nothing left unread on the lane. (A lane
+    // that breaks now costs the destination a warning, not the migration.)
+    if let Err(e) = live.end_with(handoff::done_seen_message()) {
+        tracing::warn!(error = %e, "post-copy: telling the destination its done was heard");
+    }
     tracing::info!(total = ?paused_at.elapsed(), "post-copy: the destination holds every page");
     Ok(SourceReport { downtime, total: paused_at.elapsed(), done, control_recoveries })
 }

@@ -902,10 +902,17 @@ fn task_report(report: &mut serde_json::Value, r: &ferry::precopy::PrecopyReport
 }
 
 /// The workload's rate over `seconds`.
+/// The guest's progress per second over `seconds`, or longer (up to 10 s) until it reported some:
+/// a guest on a loaded host reports in bursts, and a window between two bursts would say it
+/// stood still.
 fn measure_rate(vm: &Vm, seconds: f64) -> f64 {
-    let p0 = vm.telemetry.progress.load(Ordering::Relaxed);
-    std::thread::sleep(Duration::from_secs_f64(seconds));
-    (vm.telemetry.progress.load(Ordering::Relaxed) - p0) as f64 / seconds
+    let (started, p0) = (Instant::now(), vm.telemetry.progress.load(Ordering::Relaxed));
+    let (window, longest) = (Duration::from_secs_f64(seconds), Duration::from_secs(10));
+    std::thread::sleep(window);
+    while vm.telemetry.progress.load(Ordering::Relaxed) == p0 && started.elapsed() < longest {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (vm.telemetry.progress.load(Ordering::Relaxed) - p0) as f64 / started.elapsed().as_secs_f64()
 }
 
 /// Destination memory prepared for the source's mode.

@@ -182,11 +182,13 @@ fn one_trip(
         Mode::Precopy => {
             let r = ferry::precopy::run_source(&mut control, page_size, &mut log, &mut pause, &config)?;
             report["rounds"] = json!(r.rounds);
+            report["first_pass_pages"] = json!(r.pages_per_round.first());
             Some(r.pages_per_round.iter().sum::<u64>())
         }
         Mode::Hybrid => {
             let (r, _) = ferry::precopy::run_hybrid_source(&mut control, page_size, &mut log, &mut pause, &config)?;
             report["rounds"] = json!(r.rounds);
+            report["first_pass_pages"] = json!(r.pages_per_round.first());
             // The final set crossed by post-copy: the destination counts those.
             Some(r.pages_per_round[..r.pages_per_round.len() - 1].iter().sum::<u64>())
         }
