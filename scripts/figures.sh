@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the README's figures from the project's own commands and prints each table with the
 # command that made it. Ranges are min-max over RUNS runs (default 3): these machines are noisy.
-#   bash scripts/figures.sh [kvm|modes|failover|ft|trips|task|restore|restore-bench|two-hosts|toucher|transport|all]   (default: all)
+#   bash scripts/figures.sh [kvm|modes|failover|ft|ft-verify|trips|task|restore|restore-bench|two-hosts|toucher|transport|all]   (default: all)
 # Needs /dev/kvm for kvm and restore. Raw JSON goes to target/figures/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -336,6 +336,28 @@ PY
   echo
 }
 
+# The KVM test's fault-tolerant shape, FT_VERIFY_RUNS times (default 30): how often a clean stop
+# finds the backup's copy equal to the guest's memory.
+ft_verify() {
+  local n=${FT_VERIFY_RUNS:-30} f=$out/ft-verify.jsonl
+  : > "$f"
+  for _ in $(seq "$n"); do
+    $vmm demo --mem-mib 256 --data-mib 64 --mode ft --workload rand-write --seconds 0.5 --checkpoint-ms 20 --json 2>/dev/null | slim >> "$f"
+  done
+  echo "## KVM fault-tolerant pair, the test's shape: copies verified at a clean stop"
+  echo
+  python3 - "$f" <<'PY'
+import json, sys
+rs = [json.loads(l) for l in open(sys.argv[1])]
+same = sum(r.get("copy_verified") is True for r in rs)
+differ = sum(r.get("copy_verified") is False for r in rs)
+print(f"{same} of {len(rs)} runs verified equal, {differ} differing, {len(rs) - same - differ} without the check")
+PY
+  echo
+  echo "command: $vmm demo --mem-mib 256 --data-mib 64 --mode ft --workload rand-write --seconds 0.5 --checkpoint-ms 20 --json"
+  echo
+}
+
 trips() {
   echo "## Back-and-forth: a 2 GiB guest moved A -> B -> A -> B, random writes over P% of its memory between trips, tcp loopback ($runs runs each)"
   echo
@@ -430,6 +452,7 @@ PY
 case "$what" in
   kvm) kvm ;;
   ft) ft ;;
+  ft-verify) ft_verify ;;
   failover) failover ;;
   modes) modes ;;
   restore) restore ;;
@@ -439,6 +462,6 @@ case "$what" in
   transport) transport ;;
   trips) trips ;;
   task) task ;;
-  all) kvm; modes; failover; ft; trips; task; restore; restore_bench; two_hosts; toucher; transport ;;
+  all) kvm; modes; failover; ft; ft_verify; trips; task; restore; restore_bench; two_hosts; toucher; transport ;;
   *) echo "usage: $0 [kvm|modes|failover|ft|trips|task|restore|restore-bench|two-hosts|toucher|transport|all]" >&2; exit 2 ;;
 esac

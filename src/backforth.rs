@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_transport::wire::write_session;
-use ferry_transport::{ControlStream, GuestMemory, MemoryLayout, TransportError};
+use ferry_transport::{ControlStream, GuestMemory, MemoryLayout, PageIndex, TransportError};
 
 use crate::error::{MigrationError, Result};
 use crate::freepages::FreePages;
@@ -158,7 +158,7 @@ impl<L: DirtyLog> ChangeTracker<L> {
             let mut rng = Splitmix(seed());
             let mut pick = rng.next() % stride;
             let mut page = vec![0u8; layout.page_size() as usize];
-            for (i, p) in (0..self.changed.pages()).filter(|&p| !self.changed.is_free(p)).enumerate() {
+            for (i, p) in (0..self.changed.pages()).map(PageIndex).filter(|&p| !self.changed.is_free(p)).enumerate() {
                 let i = i as u64;
                 if i != pick {
                     continue;
@@ -221,7 +221,7 @@ impl Splitmix {
     }
 }
 
-fn read_page(memory: &GuestMemory, page: u64, out: &mut [u8]) -> Result<()> {
+fn read_page(memory: &GuestMemory, PageIndex(page): PageIndex, out: &mut [u8]) -> Result<()> {
     let layout = memory.layout();
     let bases = layout.region_bases();
     let region = bases.partition_point(|&b| b <= page) - 1;
@@ -249,7 +249,7 @@ pub struct BaseOffer {
     /// Pages that differ from the base.
     pub changed: FreePages,
     /// (page, crc32c of its contents) for pages that do not.
-    pub samples: Vec<(u64, u32)>,
+    pub samples: Vec<(PageIndex, u32)>,
 }
 
 /// The destination's answer, as the source sees it.
@@ -300,7 +300,7 @@ pub fn propose(control: &mut dyn ControlStream, offer: Option<&BaseOffer>) -> Re
             let bitmap: Vec<u8> = o.changed.words().iter().flat_map(|w| w.to_le_bytes()).collect();
             handoff::send_stream(control, handoff::STREAM_CHANGED, &bitmap)?;
             let samples: Vec<u8> =
-                o.samples.iter().flat_map(|&(p, crc)| p.to_le_bytes().into_iter().chain(crc.to_le_bytes())).collect();
+                o.samples.iter().flat_map(|&(p, crc)| p.0.to_le_bytes().into_iter().chain(crc.to_le_bytes())).collect();
             handoff::send_stream(control, handoff::STREAM_SAMPLES, &samples)?;
         }
         let verdict = handoff::read_message(control)?;
@@ -367,9 +367,7 @@ fn check(offer: &BaseOffer, image: &RetainedImage, layout: &MemoryLayout) -> std
     for &(p, crc) in &offer.samples {
         read_page(&image.memory, p, &mut page).map_err(|e| e.to_string())?;
         if crc32c::crc32c(&page) != crc {
-            return Err(format!(
-                "page {p} of the kept image differs from the guest's base: it changed since the VM left"
-            ));
+            return Err(format!("{p} of the kept image differs from the guest's base: it changed since the VM left"));
         }
     }
     Ok(())
@@ -414,9 +412,9 @@ fn receive_offer(control: &mut dyn ControlStream, total_pages: u64) -> Result<Op
     };
     let mut taken = Vec::with_capacity(samples);
     for s in raw.chunks_exact(12) {
-        let page = u64::from_le_bytes(s[..8].try_into().expect("8 bytes"));
-        if page >= pages || changed.is_free(page) {
-            return Err(protocol(format!("a sample of page {page}, which is not an unchanged page of the guest")));
+        let page = PageIndex(u64::from_le_bytes(s[..8].try_into().expect("8 bytes")));
+        if page.0 >= pages || changed.is_free(page) {
+            return Err(protocol(format!("a sample of {page}, which is not an unchanged page of the guest")));
         }
         taken.push((page, u32::from_le_bytes(s[8..].try_into().expect("4 bytes"))));
     }
@@ -566,7 +564,7 @@ mod tests {
     fn tracker(guest: &GuestMemory, written: &[u64]) -> ChangeTracker<Scripted> {
         let mut dirty = FreePages::new(128);
         for &p in written {
-            dirty.set(p);
+            dirty.set(PageIndex(p));
             let (r, off) = ((p / 64) as usize, (p % 64) * 4096);
             guest.regions()[r].write(off, &[0xee; 4096]).unwrap();
         }
@@ -585,7 +583,7 @@ mod tests {
         let (verdict, arrival) = negotiate(Some(offer), Some(image));
         assert_eq!(verdict, BaseVerdict::Accepted);
         let Arrival::Onto { changed, .. } = arrival else { panic!("{arrival:?}") };
-        assert_eq!(changed.runs(), vec![(5, 1), (70, 1)]);
+        assert_eq!(changed.runs(), vec![(PageIndex(5), 1), (PageIndex(70), 1)]);
     }
 
     #[test]
@@ -627,7 +625,7 @@ mod tests {
         kept.regions()[1].write(3 * 4096, &[0x77; 4096]).unwrap();
         let (mut control, _peer) = UnixStream::pair().unwrap();
         let mut changed = FreePages::new(128);
-        changed.set(64 + 3);
+        changed.set(PageIndex(64 + 3));
         OntoKept::prepare(&mut control, kept.clone(), changed).unwrap();
         let mut page = [0xffu8; 4096];
         kept.regions()[1].read(3 * 4096, &mut page).unwrap();
@@ -643,9 +641,9 @@ mod tests {
         let offer = tracker(&guest, &[]).offer(&guest, 32).unwrap();
         assert_eq!(offer.samples.len(), 32);
         for (i, &(p, _)) in offer.samples.iter().enumerate() {
-            assert_eq!(p / 4, i as u64, "sample {i} at page {p}: one per stretch");
+            assert_eq!(p.0 / 4, i as u64, "sample {i} at {p}: one per stretch");
         }
-        let positions: std::collections::HashSet<u64> = offer.samples.iter().map(|&(p, _)| p % 4).collect();
+        let positions: std::collections::HashSet<u64> = offer.samples.iter().map(|&(p, _)| p.0 % 4).collect();
         assert!(positions.len() > 1, "every sample at position {positions:?} of its stretch");
     }
 
@@ -655,7 +653,7 @@ mod tests {
         let guest = copy(&kept);
         let mut during = FreePages::new(128);
         for p in 0..128 {
-            during.set(p);
+            during.set(PageIndex(p));
         }
         let id = ImageIdentity::new("vm-1", 3).unwrap();
         // The second collection (after the checksums) says every page was written meanwhile.
@@ -696,9 +694,13 @@ mod tests {
         // A sample naming a changed page is a lie about the offer.
         let (mut s, mut d) = UnixStream::pair().unwrap();
         let mut changed = FreePages::new(128);
-        changed.set(9);
-        let offer =
-            BaseOffer { base: ImageIdentity::new("vm", 1).unwrap(), layout_digest: 0, changed, samples: vec![(9, 0)] };
+        changed.set(PageIndex(9));
+        let offer = BaseOffer {
+            base: ImageIdentity::new("vm", 1).unwrap(),
+            layout_digest: 0,
+            changed,
+            samples: vec![(PageIndex(9), 0)],
+        };
         let source = std::thread::spawn(move || {
             let _ = propose(&mut s, Some(&offer));
         });

@@ -30,7 +30,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_fault_handler::DestinationMemory;
-use ferry_transport::{GuestMemory, MemoryLayout, PageRun};
+use ferry_transport::{GuestMemory, MemoryLayout, PageIndex, PageRun};
 
 use crate::error::{MigrationError, Result};
 use crate::freepages::FreePages;
@@ -87,8 +87,8 @@ impl GuestView for DestinationMemory {
 pub struct Checkpoint {
     /// The epoch's number: epochs only go up.
     pub epoch: u64,
-    /// Global page indices, ascending.
-    pub pages: Vec<u64>,
+    /// The pages, ascending.
+    pub pages: Vec<PageIndex>,
     /// `pages.len()` pages of contents, in the order of `pages`.
     pub contents: Vec<u8>,
     /// The VMM's state blob at the pause.
@@ -151,16 +151,16 @@ impl Checkpoint {
         }
         let page = layout.page_size() as usize;
         let bases = layout.region_bases();
-        let pages: Vec<u64> = (0..dirty.pages()).filter(|&p| dirty.is_free(p)).collect();
+        let pages: Vec<PageIndex> = dirty.marked().collect();
         let mut contents = vec![0u8; pages.len() * page];
         // Contiguous dirty pages of one region are copied as one run.
         let mut i = 0;
         while i < pages.len() {
-            let first = pages[i];
+            let first = pages[i].0;
             let region = bases.partition_point(|&b| b <= first) - 1;
             let region_end = bases.get(region + 1).copied().unwrap_or(layout.total_pages());
             let mut n = 1;
-            while i + n < pages.len() && pages[i + n] == first + n as u64 && first + (n as u64) < region_end {
+            while i + n < pages.len() && pages[i + n].0 == first + n as u64 && first + (n as u64) < region_end {
                 n += 1;
             }
             let run = run_of(&bases, first, n as u32);
@@ -175,7 +175,7 @@ impl Checkpoint {
         let layout = memory.layout();
         let page = layout.page_size() as usize;
         let bases = layout.region_bases();
-        for (i, &p) in self.pages.iter().enumerate() {
+        for (i, &PageIndex(p)) in self.pages.iter().enumerate() {
             let run = run_of(&bases, p, 1);
             let (offset, len) = layout.run_bytes(run);
             memory.regions()[run.region as usize].write(offset, &self.contents[i * page..i * page + len])?;
@@ -184,7 +184,7 @@ impl Checkpoint {
     }
 
     fn checksum(&self) -> u32 {
-        let indices: Vec<u8> = self.pages.iter().flat_map(|p| p.to_le_bytes()).collect();
+        let indices: Vec<u8> = self.pages.iter().flat_map(|p| p.0.to_le_bytes()).collect();
         let crc = crc32c::crc32c_append(self.epoch as u32, &indices);
         let crc = crc32c::crc32c_append(crc, &self.contents);
         crc32c::crc32c_append(crc, &self.state)
@@ -205,7 +205,7 @@ impl Checkpoint {
             msg.push(CKPT_PAGES);
             msg.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
             for p in chunk {
-                msg.extend_from_slice(&p.to_le_bytes());
+                msg.extend_from_slice(&p.0.to_le_bytes());
             }
             msg.extend_from_slice(&self.contents[first * page_size..(first + chunk.len()) * page_size]);
             out.push(msg);
@@ -291,8 +291,8 @@ impl CheckpointReceiver {
                     return Err(protocol("more pages than the epoch announced"));
                 }
                 for i in 0..count {
-                    let p = u64_at(5 + 8 * i)?;
-                    if p >= self.pages || st.seen.is_free(p) {
+                    let p = PageIndex(u64_at(5 + 8 * i)?);
+                    if p.0 >= self.pages || st.seen.is_free(p) {
                         return Err(protocol(format!("page {p} out of range or sent twice")));
                     }
                     st.seen.set(p);
@@ -825,7 +825,7 @@ mod tests {
             let run = run_of(&bases, p, 1);
             let (offset, len) = m.layout().run_bytes(run);
             m.regions()[run.region as usize].write(offset, &vec![tag ^ p as u8; len]).unwrap();
-            dirty.set(p);
+            dirty.set(PageIndex(p));
         }
     }
 

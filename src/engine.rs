@@ -19,7 +19,7 @@ use ferry_fault_handler::{
     run_fault_loop, BulkInstaller, DestinationMemory, FaultQueue, FaultStats, LaneInterrupts, Recovery,
 };
 use ferry_prepager::{BatchSizer, Policy, PolicyKind, Push, Replay};
-use ferry_transport::{BulkLane, Lane, PageSource};
+use ferry_transport::{BulkLane, Lane, PageIndex, PageSource};
 
 use crate::error::{MigrationError, Result};
 use crate::freepages::FreePages;
@@ -35,7 +35,7 @@ pub struct EngineConfig {
     /// Pivots the fault thread may queue for the pre-pager before the oldest are dropped.
     pub fault_queue: usize,
     /// A recorded working set to fetch first, in order, before `policy` ([`Replay`]).
-    pub replay: Option<Arc<Vec<u64>>>,
+    pub replay: Option<Arc<Vec<PageIndex>>>,
     /// Record the order of the guest's first faults (`DestinationReport::first_faults`).
     pub record_first_faults: bool,
     /// Heartbeats on a network session's control lane (not used by snapshot restores).
@@ -107,7 +107,7 @@ pub struct DestinationReport {
     /// Time spent reopening lanes.
     pub paused: Duration,
     /// The pages the guest faulted on, first faults only, in order (when recorded).
-    pub first_faults: Vec<u64>,
+    pub first_faults: Vec<PageIndex>,
     /// Pages that arrived as zero (one bit on the wire, installed as zero pages).
     pub zero_pages: u64,
     /// Pages the source named free: never read, installed as zero.
@@ -196,7 +196,7 @@ struct Prepaged {
     pivot_pages: u64,
     swept_pages: u64,
     replayed_pages: u64,
-    first_faults: Vec<u64>,
+    first_faults: Vec<PageIndex>,
 }
 
 /// The bulk side, waiting for [`PostcopyEngine::start_prepaging`].
@@ -582,9 +582,9 @@ fn prepage(
     while !states.all_present() && !flags.abort.load(Ordering::Acquire) {
         while let Some(page) = queue.pop() {
             policy.on_fault(page);
-            if let Some(word) = faulted.get_mut((page / 64) as usize) {
-                if *word & (1 << (page % 64)) == 0 && first_faults.len() < MAX_RECORDED_FAULTS {
-                    *word |= 1 << (page % 64);
+            if let Some(word) = faulted.get_mut((page.0 / 64) as usize) {
+                if *word & (1 << (page.0 % 64)) == 0 && first_faults.len() < MAX_RECORDED_FAULTS {
+                    *word |= 1 << (page.0 % 64);
                     first_faults.push(page);
                 }
             }

@@ -2,6 +2,8 @@
 //! dynamic self-ballooning: they never cross and appear at the destination as zero pages);
 //! pre-copy for the pages dirtied in a round.
 
+use ferry_transport::PageIndex;
+
 /// One bit per global page.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FreePages {
@@ -39,28 +41,28 @@ impl FreePages {
     }
 
     /// Marks page `page`.
-    pub fn set(&mut self, page: u64) {
+    pub fn set(&mut self, PageIndex(page): PageIndex) {
         if page < self.pages {
             self.words[(page / 64) as usize] |= 1 << (page % 64);
         }
     }
 
     /// Marks `count` pages from `first`.
-    pub fn set_range(&mut self, first: u64, count: u64) {
+    pub fn set_range(&mut self, PageIndex(first): PageIndex, count: u64) {
         for p in first..first.saturating_add(count).min(self.pages) {
-            self.set(p);
+            self.set(PageIndex(p));
         }
     }
 
     /// Whether page `page` is marked.
-    pub fn is_free(&self, page: u64) -> bool {
+    pub fn is_free(&self, PageIndex(page): PageIndex) -> bool {
         page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
     }
 
     /// Every page set.
     pub fn all(pages: u64) -> Self {
         let mut b = FreePages::new(pages);
-        b.set_range(0, pages);
+        b.set_range(PageIndex(0), pages);
         b
     }
 
@@ -94,9 +96,16 @@ impl FreePages {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// The marked pages, in order.
+    pub fn marked(&self) -> impl Iterator<Item = PageIndex> + '_ {
+        self.words.iter().enumerate().filter(|(_, &w)| w != 0).flat_map(|(i, &w)| {
+            (0..64).filter(move |bit| w & (1 << bit) != 0).map(move |bit| PageIndex(i as u64 * 64 + bit))
+        })
+    }
+
     /// Maximal runs `(first, count)` of set pages. Skips empty and full 64-page words whole: it
     /// runs inside a migration's downtime, over bitmaps of millions of pages.
-    pub fn runs(&self) -> Vec<(u64, u64)> {
+    pub fn runs(&self) -> Vec<(PageIndex, u64)> {
         let mut runs = Vec::new();
         let mut start: Option<u64> = None;
         for (i, &w) in self.words.iter().enumerate() {
@@ -104,7 +113,7 @@ impl FreePages {
             match (w, start) {
                 (0, None) | (u64::MAX, Some(_)) => continue,
                 (0, Some(s)) => {
-                    runs.push((s, base - s));
+                    runs.push((PageIndex(s), base - s));
                     start = None;
                     continue;
                 }
@@ -119,7 +128,7 @@ impl FreePages {
                 match (set, start) {
                     (true, None) => start = Some(base + bit),
                     (false, Some(s)) => {
-                        runs.push((s, base + bit - s));
+                        runs.push((PageIndex(s), base + bit - s));
                         start = None;
                     }
                     _ => {}
@@ -127,7 +136,7 @@ impl FreePages {
             }
         }
         if let Some(s) = start {
-            runs.push((s, self.pages - s));
+            runs.push((PageIndex(s), self.pages - s));
         }
         runs
     }
@@ -137,19 +146,25 @@ impl FreePages {
 mod tests {
     use super::*;
 
+    fn runs(f: &FreePages) -> Vec<(u64, u64)> {
+        f.runs().into_iter().map(|(p, n)| (p.0, n)).collect()
+    }
+
     #[test]
     fn runs_and_bounds() {
         let mut f = FreePages::new(130);
-        f.set_range(3, 4);
-        f.set_range(127, 10);
-        assert_eq!(f.runs(), vec![(3, 4), (127, 3)]);
+        f.set_range(PageIndex(3), 4);
+        f.set_range(PageIndex(127), 10);
+        assert_eq!(runs(&f), vec![(3, 4), (127, 3)]);
         let mut g = FreePages::new(300);
-        g.set_range(60, 200);
-        g.set(299);
-        assert_eq!(g.runs(), vec![(60, 200), (299, 1)], "runs across full words and to the end");
-        assert_eq!(FreePages::all(130).runs(), vec![(0, 130)]);
-        assert_eq!(FreePages::new(1 << 20).runs(), vec![]);
+        g.set_range(PageIndex(60), 200);
+        g.set(PageIndex(299));
+        assert_eq!(runs(&g), vec![(60, 200), (299, 1)], "runs across full words and to the end");
+        assert_eq!(runs(&FreePages::all(130)), vec![(0, 130)]);
+        assert_eq!(runs(&FreePages::new(1 << 20)), vec![]);
         assert_eq!(f.count(), 7);
+        let marked: Vec<u64> = g.marked().map(|p| p.0).collect();
+        assert_eq!(marked, (60..260).chain([299]).collect::<Vec<_>>());
         assert!(FreePages::from_words(f.words().to_vec(), 130).is_some());
         assert!(FreePages::from_words(vec![0; 2], 130).is_none());
         assert!(FreePages::from_words(vec![0, 0, 1 << 5], 130).is_none(), "bits past the end");

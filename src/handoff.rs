@@ -332,7 +332,7 @@ mod tests {
     fn a_good_handoff_round_trips() {
         let (mut tx, mut rx) = UnixStream::pair().unwrap();
         let mut free = FreePages::new(100);
-        free.set_range(10, 5);
+        free.set_range(ferry_transport::PageIndex(10), 5);
         let state = vec![7u8; 40_000];
         let (s2, f2) = (state.clone(), free.clone());
         let sender = std::thread::spawn(move || send_handoff(&mut tx, &s2, &f2).unwrap());

@@ -102,6 +102,7 @@ pub use error::{MigrationError, Result};
 pub use ferry_fault_handler as fault_handler;
 pub use ferry_prepager as prepager;
 pub use ferry_transport as transport;
+pub use ferry_transport::PageIndex;
 pub use freepages::FreePages;
 pub use liveness::Liveness;
 pub use postcopy::{run_source, ControlAcceptor, PostcopyDestination, Protection, SourceOptions, SourceReport};

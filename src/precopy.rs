@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_transport::{BulkRead, ControlStream, GuestMemory, PageBuf, PageRun, PageSource};
+use ferry_transport::{BulkRead, ControlStream, GuestMemory, PageBuf, PageIndex, PageRun, PageSource};
 
 use crate::error::{MigrationError, Result};
 use crate::freepages::FreePages;
@@ -292,7 +292,7 @@ pub(crate) fn discard(memory: &GuestMemory, pages: &FreePages) -> Result<()> {
     let layout = memory.layout();
     let ps = u64::from(layout.page_size());
     let bases = layout.region_bases();
-    for (first, count) in pages.runs() {
+    for (PageIndex(first), count) in pages.runs() {
         let mut g = first;
         while g < first + count {
             let region = bases.partition_point(|&b| b <= g) - 1;
@@ -318,7 +318,7 @@ pub(crate) fn pull(memory: &GuestMemory, source: &mut PageSource, dirty: &FreePa
     let max = layout.max_run_pages().min(256);
     let bases = layout.region_bases();
     let mut runs = Vec::new();
-    for (first, count) in dirty.runs() {
+    for (PageIndex(first), count) in dirty.runs() {
         let mut g = first;
         while g < first + count {
             let region = bases.partition_point(|&b| b <= g) - 1;

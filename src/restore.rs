@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ferry_fault_handler::DestinationMemory;
 use ferry_prepager::PolicyKind;
 use ferry_transport::snapshot::{write_snapshot, SnapshotImage, WriteStats};
-use ferry_transport::GuestMemory;
+use ferry_transport::{GuestMemory, PageIndex};
 
 use crate::engine::{DestinationReport, EngineConfig, PostcopyEngine};
 use crate::error::{MigrationError, Result};
@@ -30,7 +30,7 @@ pub fn save(path: impl AsRef<Path>, memory: &GuestMemory, state: &[u8], free: &F
             memory.layout().total_pages()
         )));
     }
-    let is_free = |p: u64| free.pages() != 0 && free.is_free(p);
+    let is_free = |p: PageIndex| free.pages() != 0 && free.is_free(p);
     Ok(write_snapshot(path, memory, state, &is_free)?)
 }
 
@@ -118,8 +118,8 @@ impl LazyRestore {
 /// count, the pages, crc32c.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkingSet {
-    /// Global page indices, in the order the guest first touched them.
-    pub pages: Vec<u64>,
+    /// The pages, in the order the guest first touched them.
+    pub pages: Vec<PageIndex>,
 }
 
 const WS_MAGIC: &[u8; 8] = b"FRRYWSET";
@@ -142,7 +142,7 @@ impl WorkingSet {
         out.extend_from_slice(&WS_VERSION.to_le_bytes());
         out.extend_from_slice(&(self.pages.len() as u64).to_le_bytes());
         for p in &self.pages {
-            out.extend_from_slice(&p.to_le_bytes());
+            out.extend_from_slice(&p.0.to_le_bytes());
         }
         out.extend_from_slice(&crc32c::crc32c(&out).to_le_bytes());
         // Written aside and renamed: a crash leaves the old set or the new one, never half.
@@ -171,10 +171,10 @@ impl WorkingSet {
         if count > MAX_WORKING_SET_PAGES || body.len() as u64 != 20 + count * 8 {
             return Err(bad("its length does not match its count"));
         }
-        let pages: Vec<u64> =
-            body[20..].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-        if let Some(p) = pages.iter().find(|&&p| p >= total_pages) {
-            return Err(bad(&format!("page {p} outside a guest of {total_pages} pages")));
+        let pages: Vec<PageIndex> =
+            body[20..].chunks_exact(8).map(|c| PageIndex(u64::from_le_bytes(c.try_into().expect("8 bytes")))).collect();
+        if let Some(p) = pages.iter().find(|p| p.0 >= total_pages) {
+            return Err(bad(&format!("{p} outside a guest of {total_pages} pages")));
         }
         Ok(WorkingSet { pages })
     }
@@ -194,7 +194,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ferry-ws-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("image.ws");
-        let ws = WorkingSet { pages: vec![5, 6, 7, 100, 3] };
+        let ws = WorkingSet { pages: [5, 6, 7, 100, 3].map(PageIndex).to_vec() };
         ws.save(&path).unwrap();
         assert_eq!(WorkingSet::load(&path, 101).unwrap(), ws);
         assert!(WorkingSet::load(&path, 100).is_err(), "page 100 outside a guest of 100 pages");

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use ferry_transport::pattern::{check_page, fill_page};
-use ferry_transport::{GuestMemory, Result};
+use ferry_transport::{GuestMemory, PageIndex, Result};
 
 use crate::freepages::FreePages;
 
@@ -80,7 +80,7 @@ pub fn prepare_source(memory: &GuestMemory, seed: u64, free: &FreePages) -> Resu
     ferry_transport::pattern::fill_memory(memory, seed)?;
     let ps = memory.layout().page_size() as usize;
     let junk = vec![FREE_PAGE_FILL; ps];
-    for (first, count) in free.runs() {
+    for (PageIndex(first), count) in free.runs() {
         for g in first..first + count {
             let (region, offset) = locate(memory, g);
             memory.regions()[region].write(offset, &junk)?;
@@ -103,7 +103,7 @@ fn locate(memory: &GuestMemory, global: u64) -> (usize, u64) {
 }
 
 fn page_ok(page: &[u8], global: u64, seed: u64, free: &FreePages) -> bool {
-    if free.is_free(global) {
+    if free.is_free(PageIndex(global)) {
         page.iter().all(|&b| b == 0)
     } else {
         check_page(page, global, seed)
@@ -209,9 +209,9 @@ pub fn expected_page(page: &mut [u8], global: u64, seed: u64) {
 /// freed a large buffer) plus every 97th page (scattered frees).
 pub fn demo_free_pages(pages: u64) -> FreePages {
     let mut free = FreePages::new(pages);
-    free.set_range(pages / 2, pages / 8);
+    free.set_range(PageIndex(pages / 2), pages / 8);
     for p in (0..pages).step_by(97) {
-        free.set(p);
+        free.set(PageIndex(p));
     }
     free
 }

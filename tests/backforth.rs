@@ -56,7 +56,7 @@ impl Guest {
                     return;
                 }
                 memory.regions()[0].write(page * 4096, &[(x >> 56) as u8 | 1; 4096]).unwrap();
-                g.dirty.lock().unwrap().set(page);
+                g.dirty.lock().unwrap().set(ferry::PageIndex(page));
                 g.writes.fetch_add(1, Ordering::Relaxed);
                 drop(paused);
                 std::thread::sleep(Duration::from_micros(100));

@@ -38,7 +38,7 @@ impl Guest {
             paused = self.resumed.wait(paused).unwrap();
         }
         memory.regions()[0].write(page * 4096, &[value; 4096]).unwrap();
-        self.dirty.lock().unwrap().get_or_insert_with(|| FreePages::new(PAGES)).set(page);
+        self.dirty.lock().unwrap().get_or_insert_with(|| FreePages::new(PAGES)).set(ferry::PageIndex(page));
         self.writes.fetch_add(1, Ordering::Relaxed);
     }
 

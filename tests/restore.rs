@@ -39,7 +39,7 @@ fn saved(name: &str) -> std::path::PathBuf {
     let memory = GuestMemory::create(layout(), Backing::Anonymous).unwrap();
     fill_memory(&memory, SEED).unwrap();
     let mut free = FreePages::new(layout().total_pages());
-    free.set_range(1000, 2000);
+    free.set_range(ferry::PageIndex(1000), 2000);
     let path = dir.join("guest.img");
     let w = save(&path, &memory, b"vcpu state", &free).unwrap();
     assert_eq!(w.free_pages, 2000);

@@ -38,7 +38,7 @@ use ferry::prepager::PolicyKind;
 use ferry::restore::{restore_eager, LazyRestore};
 use ferry::{EngineConfig, FreePages};
 use ferry_transport::snapshot::{ImageReads, SnapshotImage};
-use ferry_transport::{Backing, GuestMemory, HostAddr, MemoryLayout, RegionMapping};
+use ferry_transport::{Backing, GuestMemory, HostAddr, MemoryLayout, PageIndex, RegionMapping};
 use serde_json::{json, Value};
 
 use crate::fixtures::{filled_memory, PAGE};
@@ -224,7 +224,7 @@ fn ferry_lazy(
     config: &EngineConfig,
     mode: &'static str,
     ws: &Arc<Vec<u64>>,
-) -> Result<(Row, Vec<u64>)> {
+) -> Result<(Row, Vec<PageIndex>)> {
     let t0 = Instant::now();
     let image = SnapshotImage::open_with(image_path, None, reads)?;
     let memory =

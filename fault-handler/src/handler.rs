@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
-use ferry_transport::UrgentLane;
+use ferry_transport::{PageIndex, UrgentLane};
 
 use crate::error::{FaultError, Result};
 use crate::install::DestinationMemory;
@@ -17,7 +17,7 @@ use crate::uffd::Event;
 /// Pivots waiting for the pre-pager. When full the oldest pivot is dropped: the newest faults say
 /// most about where the guest is working now.
 #[derive(Debug)]
-pub struct FaultQueue(ArrayQueue<u64>);
+pub struct FaultQueue(ArrayQueue<PageIndex>);
 
 impl FaultQueue {
     /// A queue of `capacity` faults (at least one).
@@ -26,12 +26,12 @@ impl FaultQueue {
     }
 
     /// Adds a faulting page, dropping the oldest when full.
-    pub fn push(&self, page: u64) {
+    pub fn push(&self, page: PageIndex) {
         self.0.force_push(page);
     }
 
     /// The oldest fault queued.
-    pub fn pop(&self) -> Option<u64> {
+    pub fn pop(&self) -> Option<PageIndex> {
         self.0.pop()
     }
 

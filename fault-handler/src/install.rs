@@ -12,7 +12,7 @@
 //! serves it as for any untouched memory. On this machine kind a fresh page costs more than a
 //! copy (see shared/notes), so most such pages, which the guest never touches, cost nothing.
 
-use ferry_transport::{BulkTarget, GuestMemory, HostAddr, MappedRange, RegionMapping, ZeroMask};
+use ferry_transport::{BulkTarget, GuestMemory, HostAddr, MappedRange, PageIndex, RegionMapping, ZeroMask};
 
 use crate::error::{FaultError, Result};
 use crate::state::{Claim, PageStates};
@@ -64,7 +64,7 @@ impl DestinationMemory {
     /// Registers memory that already holds some valid pages (a hybrid migration's pre-copied
     /// pages): `valid(page)` says which; those are present from the start and never fetched. Every
     /// other page must be absent (never touched, or dropped with [`RegionMapping::discard`]).
-    pub fn register_with_valid(guest: std::sync::Arc<GuestMemory>, valid: impl Fn(u64) -> bool) -> Result<Self> {
+    pub fn register_with_valid(guest: std::sync::Arc<GuestMemory>, valid: impl Fn(PageIndex) -> bool) -> Result<Self> {
         if guest.regions().iter().any(|r| r.is_foreign()) {
             return Err(FaultError::InvalidMemory("registering another process's memory here (see adopt)".into()));
         }
@@ -183,7 +183,7 @@ impl DestinationMemory {
     }
 
     /// Global page index of a faulting address, or `None` outside guest memory.
-    pub fn page_of(&self, addr: HostAddr) -> Option<u64> {
+    pub fn page_of(&self, addr: HostAddr) -> Option<PageIndex> {
         self.guest.regions().iter().enumerate().find_map(|(i, r)| {
             let offset = addr.offset_from(HostAddr::of(r.host_addr().as_ptr()))?;
             (offset < r.len() as u64).then(|| self.states.global(i as u32, offset / self.page_size))
@@ -253,7 +253,7 @@ impl DestinationMemory {
         FaultStats::add(&stats.zero_pages, u64::from(zero.count()));
         if self.discarded_in(claim) {
             // Page by page: discarded pages are dropped again, zero pages stay holes.
-            for (i, page) in (claim.first()..claim.first() + u64::from(claim.count())).enumerate() {
+            for (i, page) in claim.pages().enumerate() {
                 let one = self.states.present_page(page);
                 if self.states.is_present(page) && !self.states.is_discarded(page) {
                     // Mapped by an earlier attempt that met a changing mapping.
@@ -308,7 +308,7 @@ impl DestinationMemory {
             // stay zero, so install the others one by one (skipping those an attempt that met a
             // changing mapping already installed: the claim is ours, so only we marked them).
             let ps = self.page_size as usize;
-            for (i, page) in (claim.first()..claim.first() + u64::from(claim.count())).enumerate() {
+            for (i, page) in claim.pages().enumerate() {
                 if !self.states.is_discarded(page) && !self.states.is_present(page) {
                     let mut one_zero = ZeroMask::default();
                     if zero.is_zero(i as u32) {
@@ -360,14 +360,14 @@ impl DestinationMemory {
 
     /// Whether the guest discarded any page of `claim` (UFFD_EVENT_REMOVE) after it was claimed.
     fn discarded_in(&self, claim: &Claim) -> bool {
-        (claim.first()..claim.first() + u64::from(claim.count())).any(|p| self.states.is_discarded(p))
+        claim.pages().any(|p| self.states.is_discarded(p))
     }
 
     fn map_claim(&self, claim: &Claim) -> Result<()> {
         if let (true, Some(alias)) = (self.discarded_in(claim), &self.alias) {
             // The data already landed in the page cache: drop it again for the discarded pages,
             // map the others one by one.
-            for page in claim.first()..claim.first() + u64::from(claim.count()) {
+            for page in claim.pages() {
                 let one = self.states.present_page(page);
                 if self.states.is_discarded(page) {
                     let (region, _, offset, len) = self.span(&one);
@@ -418,7 +418,7 @@ impl DestinationMemory {
     /// Resolves a fault on a page this side already considers present (installed meanwhile, or
     /// discarded by the guest): map what the page cache has (MINOR), else a zero page; a page that
     /// exists already only needs its waiters woken.
-    pub fn resolve_present(&self, page: u64, minor: bool) -> Result<()> {
+    pub fn resolve_present(&self, page: PageIndex, minor: bool) -> Result<()> {
         let _installing = self.installing();
         let claim = self.states.present_page(page);
         let (region, addr, offset, len) = self.span(&claim);
@@ -544,7 +544,7 @@ impl DestinationMemory {
     }
 
     /// Global pages covered by a removed host range, clipped to guest memory.
-    pub fn removed_pages(&self, start: HostAddr, end: HostAddr) -> Option<(u64, u64)> {
+    pub fn removed_pages(&self, start: HostAddr, end: HostAddr) -> Option<(PageIndex, u64)> {
         self.guest.regions().iter().enumerate().find_map(|(i, r)| {
             let base = r.host_addr().as_ptr() as u64;
             let (s, e) = (start.0.max(base), end.0.min(base + r.len() as u64));

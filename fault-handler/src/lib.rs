@@ -24,6 +24,8 @@ pub mod uffd;
 
 pub use bulk::{BulkInstaller, Installed};
 pub use error::{FaultError, Result};
+/// The page numbers of this crate's states and claims (re-exported: its users need no transport).
+pub use ferry_transport::PageIndex;
 pub use handler::{run_fault_loop, FaultQueue};
 pub use install::{DestinationMemory, InstallMode};
 pub use recovery::{LaneInterrupts, Recovery};

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ferry_transport::{MemoryLayout, PageRun};
+use ferry_transport::{MemoryLayout, PageIndex, PageRun};
 
 /// A run of pages this caller has claimed and must install. Only [`PageStates`] creates claims,
 /// and it hands out each page in at most one; a claim remembers which `PageStates` issued it.
@@ -19,9 +19,9 @@ pub struct Claim {
 }
 
 impl Claim {
-    /// The claim's first global page.
-    pub fn first(&self) -> u64 {
-        self.first
+    /// The claim's first page.
+    pub fn first(&self) -> PageIndex {
+        PageIndex(self.first)
     }
 
     /// Pages in the claim.
@@ -29,9 +29,14 @@ impl Claim {
         self.count
     }
 
+    /// The claim's pages, in order.
+    pub fn pages(&self) -> impl Iterator<Item = PageIndex> {
+        (self.first..self.first + u64::from(self.count)).map(PageIndex)
+    }
+
     /// `(first, count)`, for comparisons in tests and logs.
-    pub fn span(&self) -> (u64, u32) {
-        (self.first, self.count)
+    pub fn span(&self) -> (PageIndex, u32) {
+        (PageIndex(self.first), self.count)
     }
 
     pub(crate) fn issued_by(&self, states: &PageStates) -> bool {
@@ -119,8 +124,13 @@ impl PageStates {
         self.pages
     }
 
-    /// The global page range `start..end` of the region holding `page`.
-    pub fn region_span(&self, page: u64) -> (u64, u64) {
+    /// The pages `start..end` of the region holding `page`.
+    pub fn region_span(&self, page: PageIndex) -> (PageIndex, PageIndex) {
+        let (start, end) = self.span_of(page.0);
+        (PageIndex(start), PageIndex(end))
+    }
+
+    fn span_of(&self, page: u64) -> (u64, u64) {
         let i = self.bounds.partition_point(|&b| b <= page) - 1;
         (self.bounds[i], self.bounds[i + 1])
     }
@@ -131,23 +141,23 @@ impl PageStates {
         PageRun::new(i as u32, claim.first - self.bounds[i], claim.count)
     }
 
-    /// Global index of a region's page.
-    pub fn global(&self, region: u32, page: u64) -> u64 {
-        self.bounds[region as usize] + page
+    /// The index of page `page` of region `region` (counted from the region's start).
+    pub fn global(&self, region: u32, page: u64) -> PageIndex {
+        PageIndex(self.bounds[region as usize] + page)
     }
 
     /// Claims one page; `None` if it was already claimed.
-    pub fn claim(&self, page: u64) -> Option<Claim> {
+    pub fn claim(&self, PageIndex(page): PageIndex) -> Option<Claim> {
         (page < self.pages && self.claimed.set(page)).then(|| self.issue(page, 1))
     }
 
     /// Claims up to `max` consecutive pages upward from `start`, stopping at the first page already
     /// claimed or at the end of `start`'s region.
-    pub fn claim_up(&self, start: u64, max: u32) -> Option<Claim> {
+    pub fn claim_up(&self, PageIndex(start): PageIndex, max: u32) -> Option<Claim> {
         if start >= self.pages {
             return None;
         }
-        let (_, end) = self.region_span(start);
+        let (_, end) = self.span_of(start);
         let mut n = 0;
         while n < max && start + u64::from(n) < end {
             let page = start + u64::from(n);
@@ -166,11 +176,11 @@ impl PageStates {
 
     /// Claims up to `max` consecutive pages downward from `start` (inclusive), stopping at the
     /// first page already claimed or at the start of `start`'s region.
-    pub fn claim_down(&self, start: u64, max: u32) -> Option<Claim> {
+    pub fn claim_down(&self, PageIndex(start): PageIndex, max: u32) -> Option<Claim> {
         if start >= self.pages {
             return None;
         }
-        let (begin, _) = self.region_span(start);
+        let (begin, _) = self.span_of(start);
         let mut n = 0u32;
         while n < max && start >= begin + u64::from(n) && self.claimed.set(start - u64::from(n)) {
             n += 1;
@@ -183,28 +193,28 @@ impl PageStates {
     }
 
     /// A view of one page that claims nothing, for resolving faults on pages already present.
-    pub(crate) fn present_page(&self, page: u64) -> Claim {
+    pub(crate) fn present_page(&self, PageIndex(page): PageIndex) -> Claim {
         self.issue(page, 1)
     }
 
     /// Whether page `page` is claimed (being fetched or present).
-    pub fn is_claimed(&self, page: u64) -> bool {
+    pub fn is_claimed(&self, PageIndex(page): PageIndex) -> bool {
         self.claimed.get(page)
     }
 
     /// Whether page `page` is present.
-    pub fn is_present(&self, page: u64) -> bool {
+    pub fn is_present(&self, PageIndex(page): PageIndex) -> bool {
         self.present.get(page)
     }
 
     /// Whether page `page` was discarded by the guest (reads as zero, never fetched).
-    pub fn is_discarded(&self, page: u64) -> bool {
+    pub fn is_discarded(&self, PageIndex(page): PageIndex) -> bool {
         self.discarded.get(page)
     }
 
     /// First unclaimed page at or after `from`, in any region.
-    pub fn next_unclaimed(&self, from: u64) -> Option<u64> {
-        self.claimed.next_clear(from, self.pages)
+    pub fn next_unclaimed(&self, PageIndex(from): PageIndex) -> Option<PageIndex> {
+        self.claimed.next_clear(from, self.pages).map(PageIndex)
     }
 
     /// Records a claim as installed. A page installed twice is counted, never hidden.
@@ -235,11 +245,11 @@ impl PageStates {
 
     /// Marks the pages for which `valid(page)` holds as claimed and present: they arrived before
     /// this state existed (pre-copy rounds of a hybrid migration).
-    pub fn mark_valid(&self, valid: impl Fn(u64) -> bool) {
+    pub fn mark_valid(&self, valid: impl Fn(PageIndex) -> bool) {
         // A word of pages per atomic update, not a page: registering a kept image of 2 GiB with
         // most pages valid took 5 ms of downtime page by page.
         let mut words = vec![0u64; self.present.0.len()];
-        for p in (0..self.pages).filter(|&p| valid(p)) {
+        for p in (0..self.pages).filter(|&p| valid(PageIndex(p))) {
             words[(p / 64) as usize] |= 1 << (p % 64);
         }
         self.mark_present_words(&words);
@@ -261,7 +271,7 @@ impl PageStates {
 
     /// Marks pages the guest discarded: they read as zero and must never be filled from the source.
     /// Returns how many of them were not claimed yet.
-    pub fn discard(&self, first: u64, count: u64) -> u64 {
+    pub fn discard(&self, PageIndex(first): PageIndex, count: u64) -> u64 {
         let mut unclaimed = 0;
         for p in first..(first + count).min(self.pages) {
             self.discarded.set(p);
@@ -311,17 +321,21 @@ mod tests {
     #[test]
     fn claims_are_exclusive_and_stop_at_claimed_pages_and_regions() {
         let s = two_regions();
-        assert_eq!(s.claim(10).map(|c| c.span()), Some((10, 1)));
-        assert_eq!(s.claim(10), None);
-        assert_eq!(s.claim_up(5, 100).map(|c| c.span()), Some((5, 5)));
-        assert_eq!(s.claim_down(20, 100).map(|c| c.span()), Some((11, 10)));
-        assert_eq!(s.claim_up(95, 100).map(|c| c.span()), Some((95, 5)), "stops at region 0's end");
-        let c = s.claim_down(101, 100).unwrap();
-        assert_eq!(c.span(), (100, 2), "stops at region 1's start");
+        assert_eq!(s.claim(PageIndex(10)).map(|c| c.span()), Some((PageIndex(10), 1)));
+        assert_eq!(s.claim(PageIndex(10)), None);
+        assert_eq!(s.claim_up(PageIndex(5), 100).map(|c| c.span()), Some((PageIndex(5), 5)));
+        assert_eq!(s.claim_down(PageIndex(20), 100).map(|c| c.span()), Some((PageIndex(11), 10)));
+        assert_eq!(
+            s.claim_up(PageIndex(95), 100).map(|c| c.span()),
+            Some((PageIndex(95), 5)),
+            "stops at region 0's end"
+        );
+        let c = s.claim_down(PageIndex(101), 100).unwrap();
+        assert_eq!(c.span(), (PageIndex(100), 2), "stops at region 1's start");
         assert_eq!(s.to_run(&c), PageRun::new(1, 0, 2));
-        assert_eq!(s.next_unclaimed(0), Some(0));
-        assert_eq!(s.next_unclaimed(5), Some(21));
-        assert_eq!(s.claim_up(150, 1), None);
+        assert_eq!(s.next_unclaimed(PageIndex(0)), Some(PageIndex(0)));
+        assert_eq!(s.next_unclaimed(PageIndex(5)), Some(PageIndex(21)));
+        assert_eq!(s.claim_up(PageIndex(150), 1), None);
     }
 
     #[test]
@@ -329,16 +343,24 @@ mod tests {
         let l =
             MemoryLayout::new(4096, vec![RegionLayout { guest_phys_addr: GuestAddr(0), size: 1000 * 4096 }]).unwrap();
         let s = PageStates::new(&l);
-        let _fault = s.claim(200).unwrap();
-        let c = s.claim_up(10, 500).unwrap();
-        assert_eq!(c.span(), (10, 190), "words 64..128 and 128..192 at once, then page by page to 200");
-        assert!((10..200).all(|p| s.is_claimed(p)) && !s.is_claimed(201) && !s.is_claimed(9));
+        let _fault = s.claim(PageIndex(200)).unwrap();
+        let c = s.claim_up(PageIndex(10), 500).unwrap();
+        assert_eq!(c.span(), (PageIndex(10), 190), "words 64..128 and 128..192 at once, then page by page to 200");
+        assert!(
+            (10..200).all(|p| s.is_claimed(PageIndex(p)))
+                && !s.is_claimed(PageIndex(201))
+                && !s.is_claimed(PageIndex(9))
+        );
         s.mark_present(&c);
         assert_eq!(s.present_count(), 190);
-        assert!((10..200).all(|p| s.is_present(p)) && !s.is_present(9) && !s.is_present(200));
-        let again = s.claim_up(640, 64).unwrap();
+        assert!(
+            (10..200).all(|p| s.is_present(PageIndex(p)))
+                && !s.is_present(PageIndex(9))
+                && !s.is_present(PageIndex(200))
+        );
+        let again = s.claim_up(PageIndex(640), 64).unwrap();
         s.mark_present(&again);
-        s.mark_present(&s.present_page(700));
+        s.mark_present(&s.present_page(PageIndex(700)));
         s.mark_present(&again);
         assert_eq!(s.installed_twice(), 65, "a word marked twice counts every page in it");
         assert_eq!(s.present_count(), 254);
@@ -347,13 +369,18 @@ mod tests {
     #[test]
     fn known_zero_pages_are_marked_a_word_at_a_time() {
         let s = two_regions();
-        let _fault = s.claim(3).unwrap();
+        let _fault = s.claim(PageIndex(3)).unwrap();
         let mut words = vec![0u64; 3];
         words[0] = 0b1110; // pages 1, 2, 3
         words[2] = 1 << 20; // page 148
         assert_eq!(s.mark_present_words(&words), 4);
-        assert!(s.is_present(1) && s.is_present(3) && s.is_present(148) && !s.is_present(4));
-        assert!(s.is_claimed(2) && s.claim(148).is_none(), "nobody fetches them");
+        assert!(
+            s.is_present(PageIndex(1))
+                && s.is_present(PageIndex(3))
+                && s.is_present(PageIndex(148))
+                && !s.is_present(PageIndex(4))
+        );
+        assert!(s.is_claimed(PageIndex(2)) && s.claim(PageIndex(148)).is_none(), "nobody fetches them");
         assert_eq!(s.mark_present_words(&words), 0, "already present");
         assert_eq!(s.present_count(), 4);
     }
@@ -361,15 +388,15 @@ mod tests {
     #[test]
     fn presence_counts_and_double_installs_are_seen() {
         let s = two_regions();
-        let c = s.claim_up(0, 150).unwrap();
+        let c = s.claim_up(PageIndex(0), 150).unwrap();
         assert_eq!(c.count, 100);
         s.mark_present(&c);
         assert_eq!(s.present_count(), 100);
-        s.mark_present(&s.present_page(0));
+        s.mark_present(&s.present_page(PageIndex(0)));
         assert_eq!(s.installed_twice(), 1);
-        assert_eq!(s.discard(100, 50), 50);
+        assert_eq!(s.discard(PageIndex(100), 50), 50);
         assert!(s.all_present());
-        assert!(s.is_discarded(120));
-        assert_eq!(s.next_unclaimed(0), None);
+        assert!(s.is_discarded(PageIndex(120)));
+        assert_eq!(s.next_unclaimed(PageIndex(0)), None);
     }
 }

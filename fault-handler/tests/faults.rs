@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ferry_fault_handler::{run_fault_loop, DestinationMemory, FaultQueue, FaultStats, InstallMode};
 use ferry_transport::pattern::{check_page, fill_memory};
 use ferry_transport::tcp::{self, TcpOptions, TcpPageServer};
-use ferry_transport::{Backing, GuestMemory, MemoryLayout, PreSharedKey};
+use ferry_transport::{Backing, GuestMemory, MemoryLayout, PageIndex, PreSharedKey};
 use rand::{Rng, SeedableRng};
 
 fn key() -> PreSharedKey {
@@ -116,13 +116,13 @@ fn pages_discarded_while_in_flight_stay_zero() {
         };
         let states = dest.states();
         // Pages 100..108 are claimed and read on the bulk lane ...
-        let claim = states.claim_up(100, 8).unwrap();
+        let claim = states.claim_up(PageIndex(100), 8).unwrap();
         let run = states.to_run(&claim);
         bulk.submit(ferry_transport::BulkRead { run, buf: ferry_transport::PageBuf::new(8 * 4096).into(), tag: 0 })
             .unwrap();
         let done = bulk.complete().unwrap().unwrap();
         // ... and while the read was in flight the guest discarded pages 102 and 103.
-        assert_eq!(states.discard(102, 2), 0, "already claimed: nothing new to claim");
+        assert_eq!(states.discard(PageIndex(102), 2), 0, "already claimed: nothing new to claim");
         dest.install(&claim, &done.buf, &done.zero, &stats).unwrap();
         let region = &dest.guest().regions()[0];
         let mut page = vec![0u8; 4096];
@@ -162,7 +162,7 @@ fn zero_pages_left_absent(backing: Backing) {
         std::thread::spawn(move || run_fault_loop(&dest, &mut lanes.urgent, None, &FaultQueue::new(8), &stats, &stop))
     };
     let pages = dest.states().pages();
-    let zero = dest.states().claim_up(0, (pages / 2) as u32).unwrap();
+    let zero = dest.states().claim_up(PageIndex(0), (pages / 2) as u32).unwrap();
     // A thread that faults on a claimed page waits for its install.
     let waiter = {
         let dest = dest.clone();
@@ -180,7 +180,7 @@ fn zero_pages_left_absent(backing: Backing) {
     assert!(b.iter().all(|&x| x == 0), "touched before release: a zero page");
     dest.guest().regions()[0].write(9 * 4096, &[3u8; 4096]).unwrap();
     assert!(matches!(dest.release(), Err(ferry_fault_handler::FaultError::InvalidMemory(_))), "pages are missing");
-    let rest = dest.states().claim_up(pages / 2, (pages / 2) as u32).unwrap();
+    let rest = dest.states().claim_up(PageIndex(pages / 2), (pages / 2) as u32).unwrap();
     dest.install_zero(&rest).unwrap();
     dest.release().unwrap();
     dest.release().unwrap();

@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         rest = tail;
         match receiver.accept(msg) {
             Ok(Some(epoch)) => {
-                assert!(epoch.pages.iter().all(|&p| p < layout.total_pages()));
+                assert!(epoch.pages.iter().all(|&p| p.0 < layout.total_pages()));
                 assert_eq!(epoch.contents.len(), epoch.pages.len() * 4096);
             }
             Ok(None) => {}

@@ -24,7 +24,7 @@ fn sound_image() -> &'static [u8] {
         let memory = GuestMemory::create(MemoryLayout::single(24 * 4096).unwrap(), Backing::Anonymous).unwrap();
         ferry_transport::pattern::fill_memory(&memory, 3).unwrap();
         let path = dir().join("sound");
-        write_snapshot(&path, &memory, b"vcpu state", &|p| (20..22).contains(&p)).unwrap();
+        write_snapshot(&path, &memory, b"vcpu state", &|p| (20..22).contains(&p.0)).unwrap();
         std::fs::read(&path).unwrap()
     })
 }

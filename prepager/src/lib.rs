@@ -13,14 +13,14 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use ferry_fault_handler::{Claim, PageStates};
+use ferry_fault_handler::{Claim, PageIndex, PageStates};
 
 /// Chooses the next pages to fetch.
 pub trait Policy: Send {
     /// The policy's name in reports (`demand`, `push`, `bubbling`, ...).
     fn name(&self) -> &'static str;
     /// A fault happened on `page` (the fault thread has already claimed or found it).
-    fn on_fault(&mut self, page: u64);
+    fn on_fault(&mut self, page: PageIndex);
     /// Claims the next run of at most `max_pages` pages, or `None` when this policy has nothing
     /// more to fetch now.
     fn next(&mut self, states: &PageStates, max_pages: u32) -> Option<Claim>;
@@ -86,7 +86,7 @@ impl Policy for Demand {
     fn name(&self) -> &'static str {
         "demand"
     }
-    fn on_fault(&mut self, _page: u64) {}
+    fn on_fault(&mut self, _page: PageIndex) {}
     fn next(&mut self, _states: &PageStates, _max_pages: u32) -> Option<Claim> {
         None
     }
@@ -95,19 +95,19 @@ impl Policy for Demand {
 /// Active push: every page in address order, skipping pages already claimed.
 #[derive(Debug, Default)]
 pub struct Push {
-    cursor: u64,
+    cursor: PageIndex,
 }
 
 impl Policy for Push {
     fn name(&self) -> &'static str {
         "push"
     }
-    fn on_fault(&mut self, _page: u64) {}
+    fn on_fault(&mut self, _page: PageIndex) {}
     fn next(&mut self, states: &PageStates, max_pages: u32) -> Option<Claim> {
         loop {
-            let page = states.next_unclaimed(self.cursor).or_else(|| states.next_unclaimed(0))?;
+            let page = states.next_unclaimed(self.cursor).or_else(|| states.next_unclaimed(PageIndex(0)))?;
             if let Some(claim) = states.claim_up(page, max_pages) {
-                self.cursor = claim.first() + u64::from(claim.count());
+                self.cursor = PageIndex(claim.first().0 + u64::from(claim.count()));
                 return Some(claim);
             }
             // Claimed by the fault thread between the scan and the claim: look again.
@@ -116,15 +116,20 @@ impl Policy for Push {
     }
 }
 
+/// The page before `page`, if there is one.
+fn below(page: PageIndex) -> Option<PageIndex> {
+    page.0.checked_sub(1).map(PageIndex)
+}
+
 /// Most bubbles tracked at once; a newer fault evicts the oldest bubble.
 pub const MAX_BUBBLES: usize = 64;
 
 #[derive(Debug)]
 struct Bubble {
     /// Next page to take below the pivot, if that side is still growing.
-    down: Option<u64>,
+    down: Option<PageIndex>,
     /// Next page to take above the pivot, if that side is still growing.
-    up: Option<u64>,
+    up: Option<PageIndex>,
     next_up: bool,
 }
 
@@ -142,11 +147,11 @@ impl Policy for Bubbling {
         "bubbling"
     }
 
-    fn on_fault(&mut self, page: u64) {
+    fn on_fault(&mut self, page: PageIndex) {
         if self.bubbles.len() == MAX_BUBBLES {
             self.bubbles.pop_front();
         }
-        self.bubbles.push_back(Bubble { down: page.checked_sub(1), up: Some(page + 1), next_up: true });
+        self.bubbles.push_back(Bubble { down: below(page), up: page.checked_add(1), next_up: true });
     }
 
     fn next(&mut self, states: &PageStates, max_pages: u32) -> Option<Claim> {
@@ -167,8 +172,8 @@ impl Policy for Bubbling {
                         let full = c.count() == max_pages;
                         *side = match (full, up) {
                             (false, _) => None,
-                            (true, true) => Some(c.first() + u64::from(c.count())),
-                            (true, false) => c.first().checked_sub(1),
+                            (true, true) => c.first().checked_add(u64::from(c.count())),
+                            (true, false) => below(c.first()),
                         };
                         self.pivot_pages += u64::from(c.count());
                         return Some(c);
@@ -194,9 +199,9 @@ impl Policy for Bubbling {
 /// page, so what it fetches next is what the guest needs next, not what it already passed.
 /// Faults also go to `then`, whose bubbles grow once the set is in.
 pub struct Replay {
-    order: std::sync::Arc<Vec<u64>>,
+    order: std::sync::Arc<Vec<PageIndex>>,
     /// Where each page first appears in `order`.
-    position: std::collections::HashMap<u64, usize>,
+    position: std::collections::HashMap<PageIndex, usize>,
     next: usize,
     then: Box<dyn Policy>,
     replayed: u64,
@@ -210,7 +215,7 @@ impl std::fmt::Debug for Replay {
 
 impl Replay {
     /// Claims the pages of `order` first (a recorded working set), then what `then` chooses.
-    pub fn new(order: std::sync::Arc<Vec<u64>>, then: Box<dyn Policy>) -> Self {
+    pub fn new(order: std::sync::Arc<Vec<PageIndex>>, then: Box<dyn Policy>) -> Self {
         let mut position = std::collections::HashMap::with_capacity(order.len());
         for (i, &page) in order.iter().enumerate() {
             position.entry(page).or_insert(i);
@@ -229,7 +234,7 @@ impl Policy for Replay {
         "replay"
     }
 
-    fn on_fault(&mut self, page: u64) {
+    fn on_fault(&mut self, page: PageIndex) {
         if let Some(&at) = self.position.get(&page) {
             self.next = self.next.max(at + 1);
         }
@@ -239,11 +244,11 @@ impl Policy for Replay {
     fn next(&mut self, states: &PageStates, max_pages: u32) -> Option<Claim> {
         while let Some(&first) = self.order.get(self.next) {
             self.next += 1;
-            if first >= states.pages() || states.is_claimed(first) {
+            if first.0 >= states.pages() || states.is_claimed(first) {
                 continue;
             }
             let mut n = 1u32;
-            while n < max_pages && self.order.get(self.next) == Some(&(first + u64::from(n))) {
+            while n < max_pages && self.order.get(self.next) == Some(&PageIndex(first.0 + u64::from(n))) {
                 n += 1;
                 self.next += 1;
             }

@@ -1,7 +1,7 @@
 //! The order each policy fetches in, checked page by page, and the property that every policy,
 //! under any interleaving of faults, claims every page exactly once.
 
-use ferry_fault_handler::{Claim, PageStates};
+use ferry_fault_handler::{Claim, PageIndex, PageStates};
 use ferry_prepager::{BatchSizer, Bubbling, Demand, Policy, PolicyKind, Push};
 use ferry_transport::GuestAddr;
 use ferry_transport::{MemoryLayout, RegionLayout};
@@ -12,7 +12,7 @@ fn states(pages: u64) -> PageStates {
 }
 
 fn spans(policy: &mut dyn Policy, s: &PageStates, max: u32, n: usize) -> Vec<(u64, u32)> {
-    (0..n).filter_map(|_| policy.next(s, max).map(|c| c.span())).collect()
+    (0..n).filter_map(|_| policy.next(s, max).map(|c| (c.first().0, c.count()))).collect()
 }
 
 #[test]
@@ -24,7 +24,7 @@ fn demand_fetches_nothing() {
 #[test]
 fn push_sweeps_in_address_order_around_claimed_pages() {
     let s = states(20);
-    let _fault = s.claim(5).unwrap();
+    let _fault = s.claim(PageIndex(5)).unwrap();
     let mut p = Push::default();
     assert_eq!(spans(&mut p, &s, 4, 10), vec![(0, 4), (4, 1), (6, 4), (10, 4), (14, 4), (18, 2)]);
 }
@@ -32,10 +32,10 @@ fn push_sweeps_in_address_order_around_claimed_pages() {
 #[test]
 fn a_bubble_grows_both_ways_from_its_pivot_and_stops_at_claimed_pages() {
     let s = states(100);
-    let _sent = s.claim_up(40, 5).unwrap(); // pages 40..45 already sent
-    let _fault = s.claim(50).unwrap();
+    let _sent = s.claim_up(PageIndex(40), 5).unwrap(); // pages 40..45 already sent
+    let _fault = s.claim(PageIndex(50)).unwrap();
     let mut b = Bubbling::default();
-    b.on_fault(50);
+    b.on_fault(PageIndex(50));
     assert_eq!(
         spans(&mut b, &s, 4, 4),
         vec![(51, 4), (46, 4), (55, 4), (45, 1)],
@@ -49,12 +49,12 @@ fn newest_pivot_first_then_older_bubbles_then_push() {
     let s = states(64);
     let mut b = Bubbling::default();
     for pivot in [10, 40] {
-        let _fault = s.claim(pivot).unwrap();
-        b.on_fault(pivot);
+        let _fault = s.claim(PageIndex(pivot)).unwrap();
+        b.on_fault(PageIndex(pivot));
     }
     assert_eq!(spans(&mut b, &s, 2, 2), vec![(41, 2), (38, 2)], "the newest pivot (40) grows first");
-    let _fault = s.claim(60).unwrap();
-    b.on_fault(60);
+    let _fault = s.claim(PageIndex(60)).unwrap();
+    b.on_fault(PageIndex(60));
     assert_eq!(spans(&mut b, &s, 8, 2), vec![(61, 3), (52, 8)]);
     // Bubble 60 finishes (its down side meets 43.. after two more steps), then 40 resumes, then 10.
     let rest = spans(&mut b, &s, 8, 64);
@@ -73,9 +73,9 @@ fn bubbles_stop_at_region_edges() {
     )
     .unwrap();
     let s = PageStates::new(&layout);
-    let _fault = s.claim(8).unwrap();
+    let _fault = s.claim(PageIndex(8)).unwrap();
     let mut b = Bubbling::default();
-    b.on_fault(8);
+    b.on_fault(PageIndex(8));
     assert_eq!(spans(&mut b, &s, 4, 3), vec![(9, 1), (4, 4), (0, 4)], "the up side stops at region 0's end");
 }
 
@@ -103,17 +103,17 @@ proptest! {
         let mut policy = kind.build();
         let mut owner = vec![0u32; pages as usize];
         let take = |c: Claim, owner: &mut Vec<u32>| {
-            for p in c.first()..c.first() + u64::from(c.count()) {
-                owner[p as usize] += 1;
+            for p in c.pages() {
+                owner[p.0 as usize] += 1;
             }
         };
         for (fault, at, max) in steps {
             if fault {
                 let page = at % pages;
-                if let Some(c) = s.claim(page) {
+                if let Some(c) = s.claim(PageIndex(page)) {
                     take(c, &mut owner);
                 }
-                policy.on_fault(page);
+                policy.on_fault(PageIndex(page));
             } else if let Some(c) = policy.next(&s, max) {
                 prop_assert!(c.count() >= 1 && c.count() <= max);
                 take(c, &mut owner);
@@ -130,8 +130,8 @@ proptest! {
 #[test]
 fn replay_fetches_the_working_set_in_order_coalescing_runs_then_defers() {
     let s = states(100);
-    let _fault = s.claim(31).unwrap();
-    let order = std::sync::Arc::new(vec![30, 31, 32, 33, 7, 8, 90, 91, 92, 93, 94, 200]);
+    let _fault = s.claim(PageIndex(31)).unwrap();
+    let order = std::sync::Arc::new([30, 31, 32, 33, 7, 8, 90, 91, 92, 93, 94, 200].map(PageIndex).to_vec());
     let mut r = ferry_prepager::Replay::new(order, Box::new(Push::default()));
     assert_eq!(
         spans(&mut r, &s, 4, 6),
@@ -146,15 +146,15 @@ fn replay_fetches_the_working_set_in_order_coalescing_runs_then_defers() {
 #[test]
 fn replay_jumps_past_a_fault_further_along_the_set() {
     let s = states(100);
-    let order = std::sync::Arc::new(vec![10, 20, 30, 40, 50, 60]);
+    let order = std::sync::Arc::new([10, 20, 30, 40, 50, 60].map(PageIndex).to_vec());
     let mut r = ferry_prepager::Replay::new(order, Box::new(Demand));
     assert_eq!(spans(&mut r, &s, 1, 1), vec![(10, 1)]);
     // The guest overtook the replay: it faulted on 40 (claimed by the fault thread).
-    let _fault = s.claim(40).unwrap();
-    r.on_fault(40);
+    let _fault = s.claim(PageIndex(40)).unwrap();
+    r.on_fault(PageIndex(40));
     // 20 and 30 are behind the guest now: the replay goes on from 50.
     assert_eq!(spans(&mut r, &s, 1, 3), vec![(50, 1), (60, 1)]);
     // A fault behind the replay's position moves nothing.
-    r.on_fault(10);
+    r.on_fault(PageIndex(10));
     assert_eq!(spans(&mut r, &s, 1, 1), Vec::<(u64, u32)>::new());
 }

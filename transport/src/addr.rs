@@ -1,7 +1,8 @@
 //! Addresses of two spaces that a fault handler and a VMM hold side by side: where a page is in
-//! the guest ([`GuestAddr`]) and where it is mapped in a process ([`HostAddr`]). Both are plain
-//! numbers, so a raw `u64` would let one pass for the other; these types keep them apart, as
-//! vm-memory's `GuestAddress` does for the guest's side.
+//! the guest ([`GuestAddr`]) and where it is mapped in a process ([`HostAddr`]); and the number a
+//! page goes by in ferry's bitmaps and pre-pagers ([`PageIndex`]). All are plain numbers, so a raw
+//! `u64` would let one pass for another; these types keep them apart, as vm-memory's
+//! `GuestAddress` does for the guest's side.
 
 use std::fmt;
 
@@ -64,6 +65,36 @@ impl HostAddr {
     }
 }
 
+/// A page's number in a guest's layout: region 0's pages first, then region 1's, and so on, from
+/// 0 (the order of [`crate::MemoryLayout::regions`]). Not an address: page `n` of a guest whose
+/// regions have holes between them is not at `n * page_size`.
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PageIndex(pub u64);
+
+impl PageIndex {
+    /// The page `pages` further on, or `None` past the last number.
+    pub fn checked_add(self, pages: u64) -> Option<Self> {
+        self.0.checked_add(pages).map(Self)
+    }
+
+    /// Pages from `base` to this one, or `None` if it comes before `base`.
+    pub fn offset_from(self, base: Self) -> Option<u64> {
+        self.0.checked_sub(base.0)
+    }
+}
+
+impl fmt::Debug for PageIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PageIndex({})", self.0)
+    }
+}
+
+impl fmt::Display for PageIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "page {}", self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +107,13 @@ mod tests {
         assert_eq!(GuestAddr(0x3000).offset_from(GuestAddr(0x1000)), Some(0x2000));
         assert_eq!(GuestAddr(0x1000).offset_from(GuestAddr(0x3000)), None);
         assert_eq!(HostAddr(0x1fff).align_down(4096), HostAddr(0x1000));
+    }
+
+    #[test]
+    fn page_indices_print_as_pages_and_count_without_wrapping() {
+        assert_eq!(format!("{:?}, {}", PageIndex(7), PageIndex(7)), "PageIndex(7), page 7");
+        assert_eq!(PageIndex(u64::MAX).checked_add(1), None);
+        assert_eq!(PageIndex(9).offset_from(PageIndex(4)), Some(5));
+        assert_eq!(PageIndex(4).offset_from(PageIndex(9)), None);
     }
 }

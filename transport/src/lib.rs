@@ -36,7 +36,7 @@ pub mod tls;
 mod vm_memory;
 pub mod wire;
 
-pub use addr::{GuestAddr, HostAddr};
+pub use addr::{GuestAddr, HostAddr, PageIndex};
 pub use auth::PreSharedKey;
 pub use error::{Result, TransportError};
 pub use lane::{

@@ -31,6 +31,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 
+use crate::addr::PageIndex;
 use crate::error::{Result, TransportError};
 use crate::lane::{run_dst, BulkDone, BulkLane, BulkRead, PageBuf, PageSource, UrgentLane, PAGE_BUF_ALIGN};
 use crate::layout::{MemoryLayout, PageRun};
@@ -148,14 +149,14 @@ pub fn write_image(path: impl AsRef<Path>, memory: &GuestMemory) -> Result<Write
 }
 
 /// Writes a paused guest as an image at `path` (replacing any file there): its memory (pages for
-/// which `free(global page)` holds are neither read nor stored, and restore as zero) and the
+/// which `free(page)` holds are neither read nor stored, and restore as zero) and the
 /// VMM's `state` blob. The image is a consistent copy of each chunk, not of the whole memory at
 /// one instant: the guest must be paused. Crash-safe: the header is written and synced last.
 pub fn write_snapshot(
     path: impl AsRef<Path>,
     memory: &GuestMemory,
     state: &[u8],
-    free: &dyn Fn(u64) -> bool,
+    free: &dyn Fn(PageIndex) -> bool,
 ) -> Result<WriteStats> {
     let path = path.as_ref();
     if state.len() as u64 > MAX_STATE_BYTES {
@@ -183,8 +184,8 @@ pub fn write_snapshot(
             let mut i = 0;
             while i < n {
                 let start = i;
-                let is_free = free(global_page + i as u64);
-                while i < n && free(global_page + i as u64) == is_free {
+                let is_free = free(PageIndex(global_page + i as u64));
+                while i < n && free(PageIndex(global_page + i as u64)) == is_free {
                     i += 1;
                 }
                 let (at, len) = ((page + start as u64) * ps as u64, (i - start) * ps);
@@ -199,7 +200,7 @@ pub fn write_snapshot(
             for (i, z) in zero.iter_mut().enumerate() {
                 let bytes = &buf[i * ps..(i + 1) * ps];
                 let g = (global_page + i as u64) as usize;
-                if free(g as u64) {
+                if free(PageIndex(g as u64)) {
                     *z = true;
                     metadata[bitmap_at + g / 8] |= 1 << (g % 8);
                 } else if bytes.iter().all(|&x| x == 0) {

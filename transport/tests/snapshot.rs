@@ -114,7 +114,7 @@ fn state_blob_and_free_pages_round_trip_and_a_corrupt_blob_is_refused() {
     let path = dir.join("image");
     let state: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
     // Pages 100..200 are free: never read, restored as zero whatever they held.
-    let stats = write_snapshot(&path, &memory, &state, &|p| (100..200).contains(&p)).unwrap();
+    let stats = write_snapshot(&path, &memory, &state, &|p| (100..200).contains(&p.0)).unwrap();
     assert_eq!(stats.free_pages, 100);
     let img = SnapshotImage::open(&path, Some(&layout)).unwrap();
     assert_eq!(img.state(), &state[..]);

@@ -197,7 +197,7 @@ impl Telemetry {
             let start = (guest::DATA_GPA / guest::PAGE + first).div_ceil(small_per_page);
             let end = (guest::DATA_GPA / guest::PAGE + first + count) / small_per_page;
             if end > start {
-                free.set_range(start, end - start);
+                free.set_range(ferry::PageIndex(start), end - start);
             }
         }
         free
@@ -595,7 +595,7 @@ impl ferry::precopy::DirtyLog for KvmDirtyLog {
                 let mut w = *w;
                 while w != 0 {
                     let bit = w.trailing_zeros() as u64;
-                    dirty.set(base + (i as u64 * 64 + bit) / self.small_per_page);
+                    dirty.set(ferry::PageIndex(base + (i as u64 * 64 + bit) / self.small_per_page));
                     w &= w - 1;
                 }
             }

@@ -568,20 +568,11 @@ fn the_source_restarts_the_guest_holding_an_etcd_lease() {
 /// The fault-tolerant pairs run one at a time (two at once on 2 cores stretch their epochs).
 static FT_ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Whether a clean stop's comparison of whole memories ran, and what it found. Known defect
-/// (open, README "Fault-tolerant VMs"): with 20 ms epochs and an unlimited writer, the backup's
-/// copy differs from the guest's at the verified stop in about a quarter of runs (the last
-/// epoch's dirty pages, all over the written data); memory does not change while the guest is
-/// paused for the comparison. Until it is found, a run says what it found instead of failing.
+/// A clean stop compared whole memories, and the backup's copy was the guest's. (At an earlier
+/// commit this found copies that differed in about a quarter of runs of this shape; since, none
+/// has in the runs `bash scripts/figures.sh ft-verify` counts, cause not identified: see the README.)
 fn copy_check(r: &serde_json::Value) {
-    assert!(r["copy_verified"].is_boolean(), "the verified stop did not run: {r}");
-    if r["copy_verified"] == false {
-        let _ = writeln!(
-            std::io::stderr(),
-            "KNOWN DEFECT: the backup's copy differs in chunks {}",
-            r["copy_differing_chunks"]
-        );
-    }
+    assert_eq!(r["copy_verified"], true, "the backup's copy differs in chunks {}: {r}", r["copy_differing_chunks"]);
 }
 
 #[test]
