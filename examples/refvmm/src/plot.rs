@@ -51,6 +51,15 @@ fn panel<'a>(
     Ok(chart)
 }
 
+/// Decimals that tell apart the ticks of an axis from 0 to `top` (about ten of them): with one
+/// decimal, a guest at 0.26 M writes/s had ticks 0.05 apart print as 0.1, 0.1, 0.2, 0.2.
+fn digits_for(top: f64) -> usize {
+    if top <= 0.0 || !top.is_finite() {
+        return 1;
+    }
+    (-(top / 10.0).log10()).ceil().clamp(0.0, 6.0) as usize
+}
+
 /// A legend entry's line in `style`.
 fn key(style: ShapeStyle) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
     move |(x, y)| PathElement::new([(x, y), (x + 18, y)], style)
@@ -105,7 +114,7 @@ pub fn write(path: &std::path::Path, report: &Value) -> Result<()> {
             "guest writes over time (resumed at 0)",
             (-end_ms * 0.03..end_ms, 0.0..top),
             ("ms since the guest resumed here", "M writes/s"),
-            1,
+            digits_for(top),
         )?;
         let grey = RGBColor(150, 150, 150).stroke_width(1);
         chart
@@ -195,4 +204,17 @@ pub fn write(path: &std::path::Path, report: &Value) -> Result<()> {
     }
     root.present().with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::digits_for;
+
+    #[test]
+    fn axis_labels_get_the_decimals_their_ticks_need() {
+        assert_eq!(digits_for(0.26), 2, "ticks 0.05 apart");
+        assert_eq!(digits_for(2.2), 1);
+        assert_eq!(digits_for(25.0), 0);
+        assert_eq!(digits_for(0.0), 1, "an empty axis");
+    }
 }
