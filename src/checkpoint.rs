@@ -293,7 +293,7 @@ impl CheckpointReceiver {
                 for i in 0..count {
                     let p = PageIndex(u64_at(5 + 8 * i)?);
                     if p.0 >= self.pages || st.seen.is_free(p) {
-                        return Err(protocol(format!("page {p} out of range or sent twice")));
+                        return Err(protocol(format!("{p} out of range or sent twice")));
                     }
                     st.seen.set(p);
                     st.checkpoint.pages.push(p);

@@ -233,14 +233,26 @@ pub fn send_done(control: &mut dyn ControlStream, c: &DoneCounters) -> Result<()
 /// epochs the checkpointer no longer waits for, are passed over). Only then does the lane close
 /// with nothing unread on either side: a close over unread bytes resets the connection, and a
 /// reset can take with it a `Done` not yet delivered, which would leave the source believing the
-/// destination failed.
+/// destination failed. Waits at most the lane's liveness timeout in all: a source that keeps
+/// beating (or acking) without confirming does not hold the destination.
 pub fn expect_done_seen(control: &mut crate::liveness::LiveControl) -> Result<()> {
+    let wait = control.liveness().timeout;
+    let deadline = std::time::Instant::now() + wait;
+    let mut last_heard = std::time::Instant::now();
     loop {
-        let msg = control.read()?;
-        match msg.as_slice() {
-            [DONE_SEEN] => return Ok(()),
-            _ if crate::checkpoint::ack_epoch(&msg).is_some() => continue,
-            _ => return Err(protocol("expected the source to have seen done")),
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(MigrationError::Transport(ferry_transport::TransportError::Silent(format!(
+                "no confirmation of done within {wait:?}"
+            ))));
+        }
+        match control.poll(left, &mut last_heard)? {
+            Some(msg) if msg.as_slice() == [DONE_SEEN] => return Ok(()),
+            Some(msg) if crate::checkpoint::ack_epoch(&msg).is_none() => {
+                return Err(protocol("expected the source to have seen done"))
+            }
+            // A heartbeat, a stale ack, or nothing yet.
+            _ => {}
         }
     }
 }
@@ -391,6 +403,17 @@ mod tests {
         assert!(matches!(err, MigrationError::Transport(ferry_transport::TransportError::PeerClosed)), "{err:?}");
         let err = run(vec![vec![RESUMED]]).unwrap_err();
         assert!(matches!(err, MigrationError::Protocol(_)), "{err:?}");
+        // A source that beats on and never confirms: a typed error once the timeout has passed.
+        let liveness = crate::Liveness {
+            interval: std::time::Duration::from_millis(10),
+            timeout: std::time::Duration::from_millis(150),
+            ..Default::default()
+        };
+        let (tx, rx) = UnixStream::pair().unwrap();
+        let mut live = crate::liveness::LiveControl::start(&rx, liveness).unwrap();
+        let _beating = crate::liveness::LiveControl::start(&tx, liveness).unwrap();
+        let err = expect_done_seen(&mut live).unwrap_err();
+        assert!(matches!(err, MigrationError::Transport(ferry_transport::TransportError::Silent(_))), "{err:?}");
     }
 
     /// Every session message kind, of every module that shares the control lane, is its own.

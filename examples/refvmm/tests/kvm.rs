@@ -572,7 +572,11 @@ static FT_ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// commit this found copies that differed in about a quarter of runs of this shape; since, none
 /// has in the runs `bash scripts/figures.sh ft-verify` counts, cause not identified: see the README.)
 fn copy_check(r: &serde_json::Value) {
-    assert_eq!(r["copy_verified"], true, "the backup's copy differs in chunks {}: {r}", r["copy_differing_chunks"]);
+    assert_eq!(
+        r["copy_verified"], true,
+        "the verified stop did not find the backup's copy equal (differing chunks: {}): {r}",
+        r["copy_differing_chunks"]
+    );
 }
 
 #[test]
